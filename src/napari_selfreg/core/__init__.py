@@ -1,0 +1,1 @@
+"""The engine: numpy + torch only. Never imports Qt or napari."""

@@ -1,0 +1,172 @@
+"""Settings as dataclasses that round-trip through JSON (model files, CLI, widgets)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class _JsonMixin:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        """Build from a dict, ignoring unknown keys so older/newer files still load."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls: type[T], text: str) -> T:
+        return cls.from_dict(json.loads(text))  # type: ignore[attr-defined]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls: type[T], path: str | Path) -> T:
+        return cls.from_json(Path(path).read_text())  # type: ignore[attr-defined]
+
+
+@dataclass
+class ModelConfig(_JsonMixin):
+    """The SelfReg UNet's architecture.
+
+    Channels follow METHOD.md's 64-128-256-512-512 pattern scaled by ``base_channels``:
+    encoder ``base * 2**min(i, depth - 1)``; ``depth`` is the number of down-samplings
+    (4 in the paper). ``base_channels=16`` keeps interactive CPU training useful within
+    a minute (see BENCHMARKS.md); 64 is the paper's full width.
+    """
+
+    in_channels: int = 3
+    num_classes: int = 2
+    base_channels: int = 16
+    depth: int = 4
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ValueError("depth must be at least 1")
+        if self.base_channels < 2:
+            raise ValueError("base_channels must be at least 2")
+        if self.num_classes < 2:
+            raise ValueError("a model needs at least 2 classes (background and one structure)")
+
+    @property
+    def encoder_channels(self) -> list[int]:
+        """Output channels of E1..E(depth+1)."""
+        widths = [self.base_channels * 2**i for i in range(self.depth)]
+        return [*widths, widths[-1]]
+
+    @property
+    def decoder_channels(self) -> list[int]:
+        """Output channels of D(depth)..D1 (deepest first)."""
+        widths = [self.base_channels * 2**i for i in range(self.depth)]
+        return [*widths[: self.depth - 1][::-1], widths[0]]
+
+    @property
+    def divisor(self) -> int:
+        """Input sides must be a multiple of this (the network pads otherwise)."""
+        return 2**self.depth
+
+
+@dataclass
+class TrainConfig(_JsonMixin):
+    """Training settings; the defaults work on a 2-core CPU laptop."""
+
+    steps: int = 300
+    time_budget: float | None = None  # seconds; when set, training stops at whichever comes first
+    patch_size: int = 128
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    ce_weight: float = 0.4
+    dice_weight: float = 0.6
+    selfreg: bool = True
+    lambda_scr: float = 0.015
+    lambda_ifd: float = 0.015
+    scr_pairing: str = "random"  # "random" (the paper) or "mean" (lower variance)
+    validation_fraction: float = 0.2  # share of connected strokes held out
+    validation_every: int = 25
+    augment: bool = True
+    device: str = "auto"
+    precision: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError("steps must be at least 1")
+        if self.patch_size < 16:
+            raise ValueError("patch size must be at least 16 pixels")
+        if self.batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+        if self.scr_pairing not in ("random", "mean"):
+            raise ValueError("scr_pairing must be 'random' or 'mean'")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError("validation_fraction must be in [0, 1)")
+
+
+@dataclass
+class PredictConfig(_JsonMixin):
+    """Tiled inference settings."""
+
+    tile_size: int = 512
+    overlap: float = 0.25  # fraction of the tile shared with each neighbour
+    batch_size: int = 4
+    device: str = "auto"
+    precision: str = "auto"  # "auto" -> bfloat16 on CPUs that have fast bf16, float16 on CUDA
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 16:
+            raise ValueError("tile size must be at least 16 pixels")
+        if not 0.0 <= self.overlap < 0.9:
+            raise ValueError("overlap must be in [0, 0.9)")
+
+
+@dataclass
+class Normalization(_JsonMixin):
+    """How raw pixels become network input; stored with the model so prediction matches.
+
+    ``mode``: "uint8" divides by 255; "percentile" maps the image's own low/high
+    percentiles to 0/1 (16-bit, float). Per image, the same in training and prediction.
+    """
+
+    mode: str = "uint8"
+    low_percentile: float = 0.5
+    high_percentile: float = 99.8
+    channels: int = 3
+
+
+@dataclass
+class ModelInfo(_JsonMixin):
+    """Everything a model file records beside its weights."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    class_names: list[str] = field(default_factory=lambda: ["background", "foreground"])
+    normalization: Normalization = field(default_factory=Normalization)
+    training: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    package_version: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
+        return cls(
+            model=ModelConfig.from_dict(data.get("model", {})),
+            class_names=list(data.get("class_names", ["background", "foreground"])),
+            normalization=Normalization.from_dict(data.get("normalization", {})),
+            training=dict(data.get("training", {})),
+            history=list(data.get("history", [])),
+            package_version=str(data.get("package_version", "")),
+        )
+
+    @property
+    def label_ids(self) -> list[int]:
+        """Painting ids of the classes: 1 = background, 2.. = structures."""
+        return list(range(1, len(self.class_names) + 1))

@@ -1,0 +1,290 @@
+"""Image normalisation, input checks, stroke hold-out and sparse-label patch sampling.
+
+Every user mistake raises ``InputError`` with a one-line message that says what to do;
+the CLI and the widgets show that message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .config import Normalization
+
+
+class InputError(ValueError):
+    """A problem with the user's images, labels or settings (not a bug)."""
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def as_channels_last(image: np.ndarray) -> np.ndarray:
+    """View an image as (H, W, C): gray gains a channel axis, RGBA loses its alpha.
+
+    Channel-first images (C, H, W) with C in 1..4 and larger H, W are moved last.
+    A 3-D stack is refused: predict its slices one by one.
+    """
+    image = np.asarray(image) if not hasattr(image, "shape") else image
+    if image.ndim == 2:
+        return image[..., None]
+    if image.ndim == 3:
+        if image.shape[-1] in (1, 3, 4):
+            c = image.shape[-1]
+        elif image.shape[0] in (1, 3, 4) and min(image.shape[1:]) > 4:
+            image = np.moveaxis(np.asarray(image), 0, -1)
+            c = image.shape[-1]
+        else:
+            raise InputError(
+                f"image of shape {tuple(image.shape)} looks like a 3-D stack; "
+                "select one 2-D slice (or an RGB image) and try again"
+            )
+        if c == 4:
+            image = image[..., :3]
+        return image
+    raise InputError(
+        f"image has {image.ndim} dimensions {tuple(image.shape)}; a 2-D gray or RGB(A) image is needed "
+        "(split stacks and time series into 2-D slices)"
+    )
+
+
+def normalization_for(image: np.ndarray) -> Normalization:
+    """The normalisation a model trained on this image should use."""
+    image = as_channels_last(image)
+    mode = "uint8" if image.dtype == np.uint8 else "percentile"
+    return Normalization(mode=mode, channels=int(image.shape[-1]))
+
+
+def _sample_for_percentiles(image: np.ndarray, max_pixels: int = 2_000_000) -> np.ndarray:
+    h, w = image.shape[:2]
+    step = max(1, int(np.ceil(np.sqrt(h * w / max_pixels))))
+    return np.asarray(image[::step, ::step])
+
+
+def intensity_range(image: np.ndarray, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (low, high) used to scale an image; computed on a subsample of big images."""
+    image = as_channels_last(image)
+    c = image.shape[-1]
+    if norm.mode == "uint8":
+        return np.zeros(c, np.float32), np.full(c, 255.0, np.float32)
+    sample = _sample_for_percentiles(image).astype(np.float32).reshape(-1, c)
+    low = np.percentile(sample, norm.low_percentile, axis=0).astype(np.float32)
+    high = np.percentile(sample, norm.high_percentile, axis=0).astype(np.float32)
+    high = np.where(high - low < 1e-6, low + 1.0, high)
+    return low, high
+
+
+def check_finite(image: np.ndarray) -> None:
+    if np.issubdtype(np.asarray(image[:1, :1]).dtype, np.floating):
+        sample = np.asarray(image) if image.size <= 50_000_000 else _sample_for_percentiles(image, 10_000_000)
+        if not np.isfinite(sample).all():
+            raise InputError("the image contains NaN or infinite values; replace them (e.g. with 0) and try again")
+
+
+def normalize(
+    image: np.ndarray,
+    norm: Normalization,
+    value_range: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """(H, W, C) float32 in about [0, 1], the network's input, for a whole image or a tile.
+
+    Tiles of a large image must pass the whole image's ``value_range`` so that every tile
+    is scaled alike.
+    """
+    image = as_channels_last(image)
+    if image.shape[-1] != norm.channels:
+        if norm.channels == 3 and image.shape[-1] == 1:
+            image = np.repeat(np.asarray(image), 3, axis=-1)
+        elif norm.channels == 1 and image.shape[-1] == 3:
+            image = np.asarray(image, np.float32).mean(axis=-1, keepdims=True)
+        else:
+            raise InputError(
+                f"the model expects {norm.channels} channel(s) but the image has {image.shape[-1]}"
+            )
+    low, high = value_range if value_range is not None else intensity_range(image, norm)
+    out = (np.asarray(image, np.float32) - low) / (high - low)
+    if norm.mode == "percentile":
+        np.clip(out, -0.5, 1.5, out=out)
+    return out
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def check_pair(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Validate one painted image; return the labels as int64 (H, W)."""
+    image = as_channels_last(image)
+    labels = np.asarray(labels)
+    if labels.ndim == 3 and labels.shape[-1] == 1:
+        labels = labels[..., 0]
+    if labels.shape != image.shape[:2]:
+        raise InputError(
+            f"labels have shape {labels.shape} but the image is {image.shape[:2]}; "
+            "paint on a labels layer created for this image"
+        )
+    if np.issubdtype(labels.dtype, np.floating):
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise InputError("labels must be whole numbers (0 = not painted, 1 = background, 2.. = structures)")
+    labels = labels.astype(np.int64)
+    if labels.min() < 0:
+        raise InputError("labels must not be negative (0 = not painted, 1 = background, 2.. = structures)")
+    check_finite(image)
+    return labels
+
+
+def check_painted(labels_list: list[np.ndarray], num_classes: int | None = None) -> int:
+    """Check that background and at least one structure are painted; return the class count."""
+    present: set[int] = set()
+    for labels in labels_list:
+        present.update(int(v) for v in np.unique(labels))
+    present.discard(0)
+    if not present:
+        raise InputError("nothing is painted; paint background (label 1) and at least one structure (label 2)")
+    if 1 not in present:
+        raise InputError("no background is painted; paint some background with label 1")
+    if len(present) < 2:
+        raise InputError("only background is painted; paint at least one structure with label 2")
+    highest = max(present)
+    if num_classes is not None and highest > num_classes:
+        raise InputError(
+            f"label {highest} is painted but the model knows only {num_classes} classes (1..{num_classes}); "
+            "train a new model or use fewer classes"
+        )
+    return highest if num_classes is None else num_classes
+
+
+def split_strokes(
+    labels: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out whole connected strokes (per class) for validation.
+
+    Returns (train, validation) label images. A class with a single stroke keeps it in
+    training, so holding out never removes a class altogether.
+    """
+    train = labels.copy()
+    val = np.zeros_like(labels)
+    if fraction <= 0:
+        return train, val
+    for cls in np.unique(labels):
+        if cls == 0:
+            continue
+        components, n = ndimage.label(labels == cls, structure=np.ones((3, 3)))
+        if n < 2:
+            continue
+        count = max(1, int(round(n * fraction)))
+        count = min(count, n - 1)
+        held = rng.choice(np.arange(1, n + 1), size=count, replace=False)
+        mask = np.isin(components, held)
+        val[mask] = cls
+        train[mask] = 0
+    return train, val
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class PatchSet:
+    """Normalised images with their sparse labels, ready to be sampled from."""
+
+    images: list[np.ndarray]  # (H, W, C) float32
+    labels: list[np.ndarray]  # (H, W) int64, 0 = not painted
+
+    def painted_coordinates(self) -> list[np.ndarray]:
+        return [np.argwhere(lbl > 0) for lbl in self.labels]
+
+
+def pad_to(image: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad an image smaller than a patch (reflect) with unpainted labels."""
+    h, w = labels.shape
+    ph, pw = max(0, size - h), max(0, size - w)
+    if not (ph or pw):
+        return image, labels
+    mode = "reflect" if ph < h and pw < w else "edge"
+    image = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode=mode)
+    labels = np.pad(labels, ((0, ph), (0, pw)), constant_values=0)
+    return image, labels
+
+
+class PatchSampler:
+    """Draws training patches centred near painted pixels, balanced across classes.
+
+    Augmentation: flips, rot90, small rotations (±20°), and an H&E-minded colour jitter
+    (brightness, contrast, per-channel gain, a little gamma). Returns numpy batches
+    (B, C, P, P) float32 and (B, P, P) int64.
+    """
+
+    def __init__(
+        self, patches: PatchSet, patch_size: int, rng: np.random.Generator, augment: bool = True
+    ) -> None:
+        self.size = patch_size
+        self.rng = rng
+        self.augment = augment
+        self.images = []
+        self.labels = []
+        for image, labels in zip(patches.images, patches.labels, strict=True):
+            image, labels = pad_to(image, labels, patch_size)
+            self.images.append(image)
+            self.labels.append(labels)
+        # index painted pixels by class so that rare classes are drawn as often as common ones
+        self.by_class: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for index, labels in enumerate(self.labels):
+            for cls in np.unique(labels):
+                if cls == 0:
+                    continue
+                self.by_class.setdefault(int(cls), []).append((index, np.argwhere(labels == cls)))
+        if not self.by_class:
+            raise InputError("nothing is painted; paint background (label 1) and at least one structure")
+        self.classes = sorted(self.by_class)
+
+    def _centre(self) -> tuple[int, int, int]:
+        cls = self.classes[self.rng.integers(len(self.classes))]
+        entries = self.by_class[cls]
+        weights = np.array([len(c) for _, c in entries], np.float64)
+        index, coords = entries[self.rng.choice(len(entries), p=weights / weights.sum())]
+        y, x = coords[self.rng.integers(len(coords))]
+        return index, int(y), int(x)
+
+    def _crop(self, index: int, y: int, x: int) -> tuple[np.ndarray, np.ndarray]:
+        image, labels = self.images[index], self.labels[index]
+        h, w = labels.shape
+        s = self.size
+        jitter = self.rng.integers(-s // 3, s // 3 + 1, size=2)
+        top = int(np.clip(y - s // 2 + jitter[0], 0, h - s))
+        left = int(np.clip(x - s // 2 + jitter[1], 0, w - s))
+        return image[top : top + s, left : left + s], labels[top : top + s, left : left + s]
+
+    def _augment(self, image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rng = self.rng
+        k = int(rng.integers(4))
+        image, labels = np.rot90(image, k), np.rot90(labels, k)
+        if rng.random() < 0.5:
+            image, labels = image[:, ::-1], labels[:, ::-1]
+        if rng.random() < 0.3:
+            angle = float(rng.uniform(-20, 20))
+            image = ndimage.rotate(image, angle, axes=(0, 1), reshape=False, order=1, mode="reflect")
+            labels = ndimage.rotate(labels, angle, axes=(0, 1), reshape=False, order=0, mode="constant", cval=0)
+        image = np.ascontiguousarray(image, np.float32)
+        c = image.shape[-1]
+        gain = rng.uniform(0.9, 1.1, size=c).astype(np.float32) if c == 3 else np.float32(1.0)
+        contrast = np.float32(rng.uniform(0.8, 1.2))
+        brightness = np.float32(rng.uniform(-0.08, 0.08))
+        mean = image.mean(axis=(0, 1), keepdims=True)
+        image = (image - mean) * contrast + mean
+        image = image * gain + brightness
+        if rng.random() < 0.3:
+            gamma = np.float32(rng.uniform(0.8, 1.25))
+            image = np.clip(image, 0, None) ** gamma
+        return image, np.ascontiguousarray(labels)
+
+    def batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = [], []
+        for _ in range(batch_size):
+            image, lbl = self._crop(*self._centre())
+            if self.augment:
+                image, lbl = self._augment(image, lbl)
+            images.append(np.moveaxis(image, -1, 0))
+            labels.append(lbl)
+        return np.stack(images).astype(np.float32), np.stack(labels).astype(np.int64)

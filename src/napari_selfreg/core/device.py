@@ -1,0 +1,79 @@
+"""One place that turns "auto" into a torch device and decides on mixed precision."""
+
+from __future__ import annotations
+
+import contextlib
+from functools import lru_cache
+
+import torch
+
+
+def available_devices() -> list[str]:
+    """Device names usable on this machine, best first ("cpu" always last)."""
+    names = []
+    if torch.cuda.is_available():
+        names.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    names.append("cpu")
+    return names
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" picks CUDA, then MPS, then CPU; an unavailable explicit choice is an error."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device(available_devices()[0])
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("CUDA was requested but no CUDA GPU is available; use --device auto or cpu")
+    if name == "mps" and "mps" not in available_devices():
+        raise ValueError("MPS was requested but is not available; use --device auto or cpu")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bfloat16() -> bool:
+    """True when the CPU runs bfloat16 matmuls natively (AVX512-BF16 / AMX).
+
+    Without such support bfloat16 is emulated and slower than float32, so "auto"
+    precision stays float32 there.
+    """
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # older torch
+        capability = ""
+    if "AVX512" not in capability.upper() and "AMX" not in capability.upper():
+        return False
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The dtype for autocast, or None for plain float32."""
+    precision = (precision or "auto").lower()
+    if precision == "float32":
+        return None
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if precision == "float16":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r}; choose auto, float32, bfloat16, float16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_fast_bfloat16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """A context manager for mixed precision, or a no-op for float32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,127 @@
+"""SelfReg's two label-free regularisers (METHOD.md §1): SCR and IFD.
+
+They read block outputs by name, so they attach to any network: our UNet hands its
+blocks over directly (``forward_blocks``); any other ``nn.Module`` can be tapped with
+``BlockTap``, which records the named sub-modules' outputs through forward hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BlockRoles:
+    """Which block outputs take part: students of the encoder and decoder, and the teacher."""
+
+    encoder: tuple[str, ...]
+    decoder: tuple[str, ...]
+    teacher: str
+
+    @classmethod
+    def for_unet(cls, depth: int) -> BlockRoles:
+        """E2..E(depth+1) and D(depth)..D2 are students; D1 (the final features) teaches."""
+        return cls(
+            encoder=tuple(f"E{i}" for i in range(2, depth + 2)),
+            decoder=tuple(f"D{i}" for i in range(depth, 1, -1)),
+            teacher="D1",
+        )
+
+    @property
+    def students(self) -> tuple[str, ...]:
+        return self.encoder + self.decoder
+
+
+def scr_term(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    pairing: str = "random",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Semantic consistency of one student map with the detached, pooled teacher."""
+    pooled = F.adaptive_avg_pool2d(teacher.detach(), student.shape[-2:]).to(student.dtype)
+    if pairing == "mean":
+        return F.mse_loss(student, pooled.mean(dim=1, keepdim=True).expand_as(student))
+    cs, ct = student.shape[1], pooled.shape[1]
+    k = min(cs, ct)
+    cpu = torch.device("cpu")
+    s_idx = torch.randperm(cs, generator=generator, device=cpu)[:k].to(student.device)
+    t_idx = torch.randperm(ct, generator=generator, device=cpu)[:k].to(student.device)
+    return F.mse_loss(student.index_select(1, s_idx), pooled.index_select(1, t_idx))
+
+
+def channel_scores(feature: torch.Tensor) -> torch.Tensor:
+    """Per-channel score: the mean of its L2-normalised spatial maps over batch and space."""
+    flat = feature.detach().float().flatten(2)  # B, C, HW
+    flat = F.normalize(flat, dim=2)
+    return flat.mean(dim=(0, 2))
+
+
+def ifd_term(feature: torch.Tensor) -> torch.Tensor:
+    """Internal feature distillation: the top-scored half of the channels teaches the bottom half."""
+    c = feature.shape[1]
+    half = c // 2
+    if half == 0:
+        return feature.new_zeros(())
+    order = torch.argsort(channel_scores(feature), descending=True)
+    top = feature.index_select(1, order[:half])
+    bottom = feature.index_select(1, order[half : 2 * half])
+    return F.mse_loss(top, bottom)
+
+
+def scr_loss(
+    blocks: Mapping[str, torch.Tensor],
+    roles: BlockRoles,
+    pairing: str = "random",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    teacher = blocks[roles.teacher]
+    terms = [scr_term(blocks[name], teacher, pairing, generator) for name in roles.students]
+    return torch.stack([t.float() for t in terms]).mean()
+
+
+def ifd_loss(blocks: Mapping[str, torch.Tensor], roles: BlockRoles) -> torch.Tensor:
+    parts = []
+    for names in (roles.encoder, roles.decoder):
+        if names:
+            parts.append(torch.stack([ifd_term(blocks[n]).float() for n in names]).mean())
+    return torch.stack(parts).sum() if parts else torch.zeros(())
+
+
+class BlockTap:
+    """Records the outputs of named sub-modules of any network during a forward pass.
+
+    >>> with BlockTap(net, ["enc.1", "enc.2", "dec.0", "dec.1"]) as tap:
+    ...     logits = net(x)
+    ...     blocks = tap.outputs
+    """
+
+    def __init__(self, network: nn.Module, names: Sequence[str]) -> None:
+        modules = dict(network.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise KeyError(f"the network has no sub-module named {missing}")
+        self._modules = {n: modules[n] for n in names}
+        self._handles: list = []
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> BlockTap:
+        for name, module in self._modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str):
+        def record(_module, _inputs, output):
+            self.outputs[name] = output
+
+        return record
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

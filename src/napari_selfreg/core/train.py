@@ -1,0 +1,342 @@
+"""Training as a generator: one ``TrainReport`` per step, the result as the return value.
+
+``train(...)`` is what the widget runs in a thread worker and the CLI drains with a
+progress bar; ``train_to_end(...)`` drains it for scripts and tests. A stop request is
+checked before every step; the best and the last weights are kept either way.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, ModelInfo, TrainConfig
+from .data import (
+    InputError,
+    PatchSampler,
+    PatchSet,
+    check_painted,
+    check_pair,
+    intensity_range,
+    normalization_for,
+    normalize,
+    split_strokes,
+)
+from .device import autocast, autocast_dtype, resolve_device
+from .losses import selfreg_total
+from .model import SegmentationModel
+from .selfreg import BlockRoles
+
+StopRequest = Callable[[], bool] | threading.Event | None
+
+VALIDATION_WINDOW = 768
+
+
+@dataclass
+class TrainReport:
+    """What one training step did."""
+
+    step: int
+    total_steps: int
+    ce: float
+    dice: float
+    scr: float
+    ifd: float
+    loss: float
+    learning_rate: float
+    seconds_per_step: float
+    elapsed: float
+    eta_seconds: float
+    val_dice: float | None = None
+    best_val_dice: float | None = None
+    stopped: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    best: SegmentationModel
+    last: SegmentationModel
+    history: list[TrainReport] = field(default_factory=list)
+    stopped: bool = False
+
+    @property
+    def steps(self) -> int:
+        return self.history[-1].step if self.history else 0
+
+
+def default_class_names(num_classes: int) -> list[str]:
+    if num_classes == 2:
+        return ["background", "foreground"]
+    return ["background", *[f"class {i}" for i in range(2, num_classes + 1)]]
+
+
+def _stop_requested(stop: StopRequest) -> bool:
+    if stop is None:
+        return False
+    if isinstance(stop, threading.Event):
+        return stop.is_set()
+    return bool(stop())
+
+
+def _seed_everything(seed: int | None) -> np.random.Generator:
+    if seed is not None:
+        torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+@dataclass
+class _ValidationCrop:
+    image: torch.Tensor  # 1, C, h, w
+    labels: np.ndarray  # h, w painting ids, 0 = not held out
+
+
+def _validation_crops(images: Sequence[np.ndarray], val_labels: Sequence[np.ndarray]) -> list[_ValidationCrop]:
+    """Windows (at most VALIDATION_WINDOW wide) around the held-out strokes."""
+    crops = []
+    for image, labels in zip(images, val_labels, strict=True):
+        coords = np.argwhere(labels > 0)
+        if len(coords) == 0:
+            continue
+        h, w = labels.shape
+        y0, x0 = np.maximum(coords.min(0) - 32, 0)
+        y1, x1 = np.minimum(coords.max(0) + 33, (h, w))
+        for top in range(y0, y1, VALIDATION_WINDOW):
+            for left in range(x0, x1, VALIDATION_WINDOW):
+                bottom, right = min(top + VALIDATION_WINDOW, y1), min(left + VALIDATION_WINDOW, x1)
+                lbl = labels[top:bottom, left:right]
+                if not (lbl > 0).any():
+                    continue
+                tile = np.ascontiguousarray(np.moveaxis(image[top:bottom, left:right], -1, 0))
+                crops.append(_ValidationCrop(torch.from_numpy(tile)[None], lbl))
+    return crops
+
+
+def painted_dice(predicted: np.ndarray, painted: np.ndarray) -> float:
+    """Mean Dice over the classes painted in ``painted`` (only painted pixels count)."""
+    scores = []
+    mask = painted > 0
+    for cls in np.unique(painted[mask]):
+        p = (predicted == cls) & mask
+        g = painted == cls
+        denom = p.sum() + g.sum()
+        scores.append(2.0 * (p & g).sum() / denom if denom else 1.0)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def _validate(network, crops, device, dtype, memory_format) -> float | None:
+    if not crops:
+        return None
+    network.eval()
+    predicted, painted = [], []
+    with torch.no_grad(), autocast(device, dtype):
+        for crop in crops:
+            x = crop.image.to(device).contiguous(memory_format=memory_format)
+            labels = network(x).argmax(1)[0].cpu().numpy() + 1
+            predicted.append(labels[crop.labels > 0])
+            painted.append(crop.labels[crop.labels > 0])
+    network.train()
+    return painted_dice(np.concatenate(predicted), np.concatenate(painted))
+
+
+def _learning_rate(config: TrainConfig, step: int, elapsed: float) -> float:
+    """Short warm-up, then cosine decay to a tenth over the step or time budget."""
+    warmup = min(10, max(1, config.steps // 20))
+    if step < warmup:
+        return config.learning_rate * (step + 1) / warmup
+    progress = step / config.steps
+    if config.time_budget:
+        progress = max(progress, elapsed / config.time_budget)
+    progress = min(progress, 1.0)
+    low = config.learning_rate * 0.1
+    return low + 0.5 * (config.learning_rate - low) * (1 + math.cos(math.pi * progress))
+
+
+def prepare_training_data(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    info: ModelInfo,
+    validation_fraction: float,
+    rng: np.random.Generator,
+) -> tuple[PatchSet, list[np.ndarray], list[np.ndarray]]:
+    """Normalise images, check labels, hold out whole strokes. Returns (train set, val images, val labels)."""
+    normalized, train_labels, val_labels = [], [], []
+    for image, lbl in zip(images, labels, strict=True):
+        lbl = check_pair(image, lbl)
+        image = np.asarray(image)
+        x = normalize(image, info.normalization, intensity_range(image, info.normalization))
+        train, val = split_strokes(lbl, validation_fraction, rng)
+        normalized.append(x)
+        train_labels.append(train)
+        val_labels.append(val)
+    return PatchSet(normalized, train_labels), normalized, val_labels
+
+
+def train(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    config: TrainConfig | None = None,
+    model_config: ModelConfig | None = None,
+    class_names: Sequence[str] | None = None,
+    initial: SegmentationModel | None = None,
+    stop: StopRequest = None,
+) -> Generator[TrainReport, None, TrainResult]:
+    """Fine-tune a SelfReg UNet on painted strokes (0 = unpainted, 1 = background, 2.. = structures).
+
+    ``initial`` continues training from a loaded model (its classes and normalisation are kept).
+    Raises ``InputError`` before the first step for anything the user must fix.
+    """
+    config = config or TrainConfig()
+    images = list(images)
+    labels = list(labels)
+    if not images:
+        raise InputError("no image given; choose at least one image with painted labels")
+    if len(images) != len(labels):
+        raise InputError(f"{len(images)} images but {len(labels)} label images; give one labels per image")
+
+    rng = _seed_everything(config.seed)
+    checked = [check_pair(img, lbl) for img, lbl in zip(images, labels, strict=True)]
+    if initial is not None:
+        model = initial.clone()
+        num_classes = check_painted(checked, model.config.num_classes)
+        info = model.info
+    else:
+        num_classes = check_painted(checked)
+        norm = normalization_for(images[0])
+        mc = ModelConfig(**{**(model_config or ModelConfig()).to_dict(), "num_classes": num_classes})
+        mc.in_channels = norm.channels
+        names = list(class_names) if class_names else default_class_names(num_classes)
+        if len(names) < num_classes:
+            names += default_class_names(num_classes)[len(names):]
+        info = ModelInfo(model=mc, class_names=names[:num_classes], normalization=norm)
+        model = SegmentationModel.create(info)
+    info.training = {**config.to_dict(), "images": len(images)}
+
+    train_set, val_images, val_labels = prepare_training_data(
+        images, checked, info, config.validation_fraction, rng
+    )
+    if all(not (t > 0).any() for t in train_set.labels):
+        raise InputError("nothing is painted; paint background (label 1) and at least one structure (label 2)")
+    sampler = PatchSampler(train_set, config.patch_size, rng, augment=config.augment)
+    crops = _validation_crops(val_images, val_labels)
+
+    device = resolve_device(config.device)
+    dtype = autocast_dtype(device, config.precision)
+    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    network = model.network.to(device).to(memory_format=memory_format)
+    network.train()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    roles = BlockRoles.for_unet(model.config.depth) if config.selfreg else None
+    generator = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)
+
+    history: list[TrainReport] = []
+    best_state = model.clone()
+    best_score = -math.inf
+    best_val: float | None = None
+    start = time.perf_counter()
+    stopped = False
+    step = 0
+    while step < config.steps:
+        elapsed = time.perf_counter() - start
+        if _stop_requested(stop):
+            stopped = True
+            break
+        if config.time_budget and elapsed >= config.time_budget:
+            break
+        step_start = time.perf_counter()
+        lr = _learning_rate(config, step, elapsed)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x_np, y_np = sampler.batch(config.batch_size)
+        x = torch.from_numpy(x_np).to(device).contiguous(memory_format=memory_format)
+        y = torch.from_numpy(y_np).to(device)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            if roles is not None:
+                logits, blocks = network.forward_blocks(x)
+            else:
+                logits, blocks = network(x), None
+            terms = selfreg_total(
+                logits, y, blocks, roles,
+                ce_weight=config.ce_weight, dice_weight=config.dice_weight,
+                lambda_scr=config.lambda_scr, lambda_ifd=config.lambda_ifd,
+                scr_pairing=config.scr_pairing, generator=generator,
+            )
+        if not torch.isfinite(terms.total):
+            raise InputError(
+                "training diverged (the loss became NaN/inf); lower the learning rate or check the image"
+            )
+        if scaler is not None:
+            scaler.scale(terms.total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            terms.total.backward()
+            optimizer.step()
+        step += 1
+
+        loss = float(terms.total.detach())
+        val = None
+        if crops and (step % config.validation_every == 0 or step == config.steps):
+            val = _validate(network, crops, device, dtype, memory_format)
+        if val is not None:
+            if val > best_score:
+                best_score, best_val = val, val
+                best_state = model.clone()
+
+        now = time.perf_counter()
+        elapsed = now - start
+        per_step = now - step_start
+        remaining = (config.steps - step) * (elapsed / step)
+        if config.time_budget:
+            remaining = min(remaining, max(0.0, config.time_budget - elapsed))
+        report = TrainReport(
+            step=step, total_steps=config.steps,
+            ce=float(terms.ce.detach()), dice=float(terms.dice.detach()),
+            scr=float(terms.scr.detach()), ifd=float(terms.ifd.detach()), loss=loss,
+            learning_rate=lr, seconds_per_step=per_step, elapsed=elapsed, eta_seconds=remaining,
+            val_dice=val, best_val_dice=best_val,
+        )
+        history.append(report)
+        yield report
+
+    if crops and (not history or history[-1].val_dice is None) and step > 0:
+        val = _validate(network, crops, device, dtype, memory_format)
+        if val is not None and val > best_score:
+            best_score, best_val = val, val
+            best_state = model.clone()
+        if history:
+            history[-1].val_dice = val
+            history[-1].best_val_dice = best_val
+    if history:
+        history[-1].stopped = stopped
+    network.eval()
+    network.to(memory_format=torch.contiguous_format)
+    last = model.clone()
+    if not crops:  # no held-out strokes: nothing to choose the best weights by
+        best_state = last
+    record = [r.to_dict() for r in history]
+    last.info.history = record
+    best_state.info.history = record
+    last.network.eval()
+    best_state.network.eval()
+    return TrainResult(best=best_state, last=last, history=history, stopped=stopped)
+
+
+def train_to_end(*args, **kwargs) -> TrainResult:
+    """Run ``train`` to completion and return its result."""
+    gen = train(*args, **kwargs)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as done:
+            return done.value

@@ -1,0 +1,144 @@
+"""Reading and writing images and labels: TIFF (tifffile), PNG/JPEG (Pillow), and the
+medical formats SimpleITK reads (.nii, .nii.gz, .mha, .nrrd).
+
+Used by the command line and, through the npe2 manifest, by napari's reader/writer hooks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+ITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+
+
+class ImageFileError(ValueError):
+    """A file that cannot be read or written as an image."""
+
+
+def suffix_of(path: str | Path) -> str:
+    name = str(path).lower()
+    for suffix in (*TIFF_SUFFIXES, *PIL_SUFFIXES, *ITK_SUFFIXES):
+        if name.endswith(suffix):
+            return suffix
+    return Path(name).suffix
+
+
+def _tiff_to_yx(data: np.ndarray, axes: str) -> np.ndarray:
+    """Drop singleton axes and put samples/channels last, using the file's own axes string."""
+    axes = axes.upper()
+    keep = [i for i, a in enumerate(axes) if data.shape[i] > 1 or a in "YX"]
+    data = data.reshape([data.shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    for channel_axis in ("S", "C"):
+        if channel_axis in axes and data.shape[axes.index(channel_axis)] <= 4 and axes[-1] != channel_axis:
+            i = axes.index(channel_axis)
+            data = np.moveaxis(data, i, -1)
+            axes = axes[:i] + axes[i + 1 :] + channel_axis
+    return data
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """The pixel array of an image file (H, W) or (H, W, C); stacks keep their leading axes."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageFileError(f"{path} does not exist")
+    suffix = suffix_of(path)
+    try:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                return _tiff_to_yx(series.asarray(), series.axes)
+        if suffix in PIL_SUFFIXES:
+            from PIL import Image
+
+            with Image.open(path) as img:
+                if img.mode in ("P", "CMYK", "YCbCr", "LA"):
+                    img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+                return np.array(img)
+        if suffix in ITK_SUFFIXES:
+            import SimpleITK as sitk
+
+            data = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+            return np.squeeze(data) if data.ndim > 2 else data
+    except ImageFileError:
+        raise
+    except Exception as error:  # corrupt files of any kind
+        raise ImageFileError(f"could not read {path.name}: {error}") from None
+    raise ImageFileError(
+        f"{path.name}: unsupported format; use TIFF, PNG, JPEG or a SimpleITK format (.nii, .nii.gz, .mha, .nrrd)"
+    )
+
+
+def write_image(path: str | Path, data: np.ndarray) -> Path:
+    """Write labels or images; integer labels keep their ids (no scaling)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.asarray(data)
+    suffix = suffix_of(path)
+    if suffix in TIFF_SUFFIXES:
+        import tifffile
+
+        tifffile.imwrite(path, data, compression="zlib" if data.dtype != np.float32 else None)
+    elif suffix in PIL_SUFFIXES:
+        from PIL import Image
+
+        if data.dtype not in (np.uint8, np.uint16) and np.issubdtype(data.dtype, np.integer):
+            if data.max(initial=0) > 65535 or data.min(initial=0) < 0:
+                raise ImageFileError("labels above 65535 or below 0 do not fit a PNG; save as TIFF")
+            data = data.astype(np.uint16 if data.max(initial=0) > 255 else np.uint8)
+        if suffix in (".jpg", ".jpeg") and np.issubdtype(data.dtype, np.integer) and data.ndim == 2:
+            raise ImageFileError("JPEG is lossy and would change label ids; save labels as TIFF or PNG")
+        Image.fromarray(data).save(path)
+    elif suffix in ITK_SUFFIXES:
+        import SimpleITK as sitk
+
+        sitk.WriteImage(sitk.GetImageFromArray(data), str(path))
+    else:
+        raise ImageFileError(f"{path.name}: unsupported format for writing; use .tif, .png or .nii.gz")
+    return path
+
+
+# ------------------------------------------------------------------ npe2 reader / writer hooks
+
+
+def napari_get_reader(path):
+    """Reader contribution: TIFF with its axes handled, and the SimpleITK formats."""
+    if isinstance(path, list):
+        if not path:
+            return None
+        path = path[0]
+    if suffix_of(path) not in (*TIFF_SUFFIXES, *ITK_SUFFIXES):
+        return None
+    return _read_layers
+
+
+def _read_layers(path):
+    paths = path if isinstance(path, list) else [path]
+    layers = []
+    for p in paths:
+        data = read_image(p)
+        rgb = data.ndim == 3 and data.shape[-1] in (3, 4)
+        kind = "labels" if _looks_like_labels(p, data) else "image"
+        meta = {"name": Path(p).name.split(".")[0]}
+        if kind == "image":
+            meta["rgb"] = rgb
+        layers.append((data, meta, kind))
+    return layers
+
+
+def _looks_like_labels(path, data: np.ndarray) -> bool:
+    name = Path(path).name.lower()
+    return np.issubdtype(data.dtype, np.integer) and any(
+        word in name for word in ("label", "mask", "seg", "anno")
+    )
+
+
+def write_labels(path: str, data, attributes: dict) -> list[str]:
+    """Writer contribution: a Labels layer to TIFF, PNG or NIfTI, ids unchanged."""
+    return [str(write_image(path, np.asarray(data)))]

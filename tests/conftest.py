@@ -1,0 +1,48 @@
+"""Shared fixtures: the real data in ../shared/data (skipped cleanly when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(os.environ.get("SELFREG_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "monuseg").is_dir():
+        pytest.skip(f"real benchmark data not found at {SHARED_DATA} (set SELFREG_SHARED_DATA)")
+    return SHARED_DATA.resolve()
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.array(img.convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def monuseg_pair(shared_data):
+    """One real MoNuSeg training image (1000x1000 RGB) and its binary nuclei mask."""
+    from PIL import Image
+
+    stem = "TCGA-A7-A13E-01Z-00-DX1"
+    image = _read_rgb(shared_data / "monuseg" / "train" / "images" / f"{stem}.png")
+    with Image.open(shared_data / "monuseg" / "train" / "masks" / f"{stem}.png") as m:
+        mask = np.array(m) > 0
+    return image, mask
+
+
+@pytest.fixture(scope="session")
+def glas_pair(shared_data):
+    """One real GlaS test A image and its binary gland mask."""
+    from PIL import Image
+
+    image = _read_rgb(shared_data / "glas" / "test" / "images" / "testA_1.png")
+    with Image.open(shared_data / "glas" / "test" / "masks" / "testA_1_anno.png") as m:
+        mask = np.array(m) > 0
+    return image, mask
