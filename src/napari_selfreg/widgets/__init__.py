@@ -1,0 +1,1 @@
+"""Qt/magicgui dock widgets: thin adapters from napari layers to the core."""
