@@ -52,8 +52,10 @@ def _open(path: Path) -> tuple[ModelInfo, dict]:
     if not path.exists():
         raise ModelFileError(f"model file {path} does not exist")
     with open(path, "rb") as handle:
-        head = handle.read(16)
-    if head[:2] == b"\x80\x02" or head[:1] == b"\x80" or head[:2] == b"PK":
+        head = handle.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    is_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if not is_safetensors and (head[:1] == b"\x80" or head[:2] == b"PK"):
         raise ModelFileError(
             f"{path.name} is a pickle/torch.save file, which could run code when loaded; "
             "napari-selfreg only loads its own .safetensors model files"

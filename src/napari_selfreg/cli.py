@@ -1,0 +1,275 @@
+"""`napari-selfreg train | predict | evaluate | inspect | bench | demo`.
+
+User errors (bad files, shapes, nothing painted...) print one line and exit with code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .core.checkpoint import ModelFileError
+    from .core.data import InputError
+    from .io import ImageFileError
+
+    return (InputError, ModelFileError, ImageFileError, FileNotFoundError)
+
+
+def _progress(total: int, desc: str, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=None)
+
+
+# ------------------------------------------------------------------------------------ train
+
+
+def _stop_on_first_interrupt(stop: threading.Event):
+    """Ctrl-C asks training to stop after the current step (weights are saved); twice aborts."""
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+    return handler
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .core.checkpoint import load_model, save_model
+    from .core.config import ModelConfig, TrainConfig
+    from .core.data import InputError
+    from .core.train import train
+    from .io import read_image
+
+    if len(args.image) != len(args.labels):
+        raise InputError(f"{len(args.image)} --image but {len(args.labels)} --labels; give one --labels per --image")
+    images = [read_image(p) for p in args.image]
+    labels = [read_image(p) for p in args.labels]
+    steps = args.steps if args.steps is not None else (10**9 if args.time_budget else TrainConfig.steps)
+    config = TrainConfig(
+        steps=steps,
+        time_budget=args.time_budget,
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        selfreg=not args.no_selfreg,
+        lambda_scr=args.lambda_scr,
+        lambda_ifd=args.lambda_ifd,
+        device=args.device,
+        seed=args.seed,
+    )
+    initial = load_model(args.resume) if args.resume else None
+    model_config = ModelConfig(base_channels=args.width, depth=args.depth)
+    names = args.class_names.split(",") if args.class_names else None
+    stop = threading.Event()
+    run = train(images, labels, config, model_config, class_names=names, initial=initial, stop=stop)
+    total = steps if args.steps is not None or not args.time_budget else int(args.time_budget)
+    bar = _progress(total, "training", "step" if args.steps is not None or not args.time_budget else "s")
+    result = None
+    previous_handler = signal.signal(signal.SIGINT, _stop_on_first_interrupt(stop))
+    try:
+        while True:
+            report = next(run)
+            if args.time_budget and args.steps is None:
+                bar.n = min(int(report.elapsed), total)
+                bar.refresh()
+            else:
+                bar.update(1)
+            postfix = {"loss": f"{report.loss:.3f}"}
+            if report.val_dice is not None:
+                postfix["val_dice"] = f"{report.val_dice:.3f}"
+            bar.set_postfix(postfix, refresh=False)
+    except StopIteration as done:
+        result = done.value
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        bar.close()
+    if result.stopped:
+        print("stopped: saving the weights trained so far", file=sys.stderr)
+    model = result.last if args.keep == "last" else result.best
+    path = save_model(model, args.out)
+    last = result.history[-1] if result.history else None
+    summary = {
+        "model": str(path),
+        "steps": result.steps,
+        "seconds": round(last.elapsed, 2) if last else 0.0,
+        "final_loss": round(last.loss, 4) if last else None,
+        "best_val_dice": last.best_val_dice if last else None,
+        "kept": args.keep,
+        "stopped": result.stopped,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- predict
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .core.checkpoint import load_model
+    from .core.config import PredictConfig
+    from .core.predict import predict_tiled
+    from .io import read_image, write_image
+
+    model = load_model(args.model)
+    image = read_image(args.image)
+    config = PredictConfig(tile_size=args.tile_size, overlap=args.overlap, device=args.device, precision=args.precision)
+    run = predict_tiled(model, image, config, probabilities=args.probabilities is not None)
+    bar = None
+    try:
+        while True:
+            progress = next(run)
+            if bar is None:
+                bar = _progress(progress.total, "predicting", "tile")
+            bar.update(progress.done - bar.n)
+    except StopIteration as done:
+        prediction = done.value
+    finally:
+        if bar is not None:
+            bar.close()
+    write_image(args.out, prediction.labels)
+    if args.probabilities is not None:
+        import numpy as np
+
+        write_image(args.probabilities, np.asarray(prediction.probabilities, np.float32))
+    counts = {str(i): int((prediction.labels == i).sum()) for i in model.info.label_ids}
+    print(json.dumps({"labels": str(args.out), "classes": model.class_names, "pixels_per_label": counts}))
+    return 0
+
+
+# --------------------------------------------------------------------------------- evaluate
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .core.data import InputError
+    from .core.metrics import per_class_overlap
+    from .io import read_image
+
+    prediction = read_image(args.prediction)
+    mask = read_image(args.mask)
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    if prediction.shape != mask.shape:
+        raise InputError(f"prediction {prediction.shape} and mask {mask.shape} differ in shape")
+    scores = per_class_overlap(prediction, mask)
+    print(json.dumps({"classes": {k: {"dice": v.dice, "iou": v.iou} for k, v in scores.items()}}, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------- delegated commands
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect_report import run_inspect
+
+    out = run_inspect(args.model, args.image, args.out, compare_path=args.compare, device=args.device)
+    print(json.dumps({"out": str(out)}))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.__main__ import main as bench_main
+
+    return int(bench_main(args.rest) or 0)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return int(demo_main(args.rest) or 0)
+
+
+# ----------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-selfreg",
+        description="Train a SelfReg UNet on painted strokes, predict, evaluate, inspect. "
+        "Labels: 0 = not painted, 1 = background, 2.. = structures.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or continue training) a model on painted strokes")
+    p.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
+    p.add_argument("--labels", action="append", required=True, help="painted labels for the --image in the same place")
+    p.add_argument("--out", required=True, type=Path, help="model file to write (.safetensors)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="number of training steps (default 300)")
+    budget.add_argument("--time-budget", type=float, help="train for this many seconds")
+    p.add_argument("--no-selfreg", action="store_true", help="train without the SCR and IFD terms")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", type=Path, help="continue training from this model file (fine-tuning)")
+    p.add_argument("--width", type=int, default=16, help="base channels of the UNet (64 = the paper's width)")
+    p.add_argument("--depth", type=int, default=4, help="number of down-samplings")
+    p.add_argument("--patch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--lambda-scr", type=float, default=0.015)
+    p.add_argument("--lambda-ifd", type=float, default=0.015)
+    p.add_argument("--class-names", help="comma-separated names for labels 1, 2, ... (e.g. background,nuclei)")
+    p.add_argument("--keep", choices=("best", "last"), default="best",
+                   help="which weights to save: best validation Dice (default) or the last step")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment an image with a trained model")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--image", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="labels file (1 = background, 2.. = structures)")
+    p.add_argument("--probabilities", type=Path, help="also write per-class probabilities (K, H, W) float32")
+    p.add_argument("--tile-size", type=int, default=512)
+    p.add_argument("--overlap", type=float, default=0.25)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice and IoU per class of a prediction against a mask (JSON)")
+    p.add_argument("--prediction", required=True, type=Path)
+    p.add_argument("--mask", required=True, type=Path, help="0/255, 0/1 or instance ids: non-zero = structure")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("inspect", help="per-block feature redundancy maps and indices")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--image", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--compare", type=Path, help="a second model to compare (e.g. trained without SelfReg)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="benchmarks (see `napari-selfreg bench --help`)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="open napari with the sample data and the widgets docked", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as error:
+        print(f"napari-selfreg {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ValueError as error:  # settings out of range (dataclass checks)
+        print(f"napari-selfreg {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

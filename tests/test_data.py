@@ -1,0 +1,140 @@
+"""Input handling: every user mistake is an InputError with a message that says what to do."""
+
+import numpy as np
+import pytest
+
+from napari_selfreg.core.config import TrainConfig
+from napari_selfreg.core.data import (
+    InputError,
+    PatchSampler,
+    PatchSet,
+    as_channels_last,
+    normalization_for,
+    normalize,
+    split_strokes,
+)
+from napari_selfreg.core.train import train_to_end
+
+TINY = dict(steps=2, patch_size=32, batch_size=2, validation_every=1, seed=0)
+
+
+def _painted(shape=(40, 48)):
+    labels = np.zeros(shape, np.uint8)
+    labels[5:8, 5:20] = 1
+    labels[25:28, 10:30] = 2
+    return labels
+
+
+def _train(image, labels, **kw):
+    from napari_selfreg.core.config import ModelConfig
+
+    return train_to_end([image], [labels], TrainConfig(**{**TINY, **kw}), ModelConfig(base_channels=4, depth=2))
+
+
+def test_channels_last_conversions():
+    assert as_channels_last(np.zeros((5, 6))).shape == (5, 6, 1)
+    assert as_channels_last(np.zeros((5, 6, 4))).shape == (5, 6, 3)  # alpha dropped
+    assert as_channels_last(np.zeros((3, 50, 60))).shape == (50, 60, 3)  # channel-first
+    with pytest.raises(InputError, match="3-D stack"):
+        as_channels_last(np.zeros((12, 50, 60)))
+    with pytest.raises(InputError, match="2-D slices"):
+        as_channels_last(np.zeros((2, 3, 50, 60)))
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8),
+        np.random.default_rng(0).integers(0, 255, (40, 48, 4), dtype=np.uint8),
+        np.random.default_rng(0).integers(0, 255, (40, 48), dtype=np.uint8),
+        np.random.default_rng(0).integers(0, 4000, (40, 48), dtype=np.uint16),
+        np.random.default_rng(0).normal(100, 20, (40, 48, 3)).astype(np.float32),
+    ],
+    ids=["rgb8", "rgba8", "gray8", "gray16", "float"],
+)
+def test_every_input_kind_trains(image):
+    result = _train(image, _painted())
+    assert result.steps == 2
+    norm = result.last.info.normalization
+    assert norm.mode == ("uint8" if image.dtype == np.uint8 else "percentile")
+    assert norm.channels == (1 if image.ndim == 2 else 3)
+
+
+def test_normalization_is_the_same_for_a_tile_given_the_image_range():
+    from napari_selfreg.core.data import intensity_range
+
+    image = np.random.default_rng(1).integers(0, 60000, (64, 64), dtype=np.uint16)
+    norm = normalization_for(image)
+    whole = normalize(image, norm)
+    tile = normalize(image[10:30, 5:40], norm, intensity_range(image, norm))
+    np.testing.assert_allclose(tile, whole[10:30, 5:40])
+    u8 = normalize(np.full((2, 2, 3), 255, np.uint8), normalization_for(np.zeros((2, 2, 3), np.uint8)))
+    assert u8.max() == 1.0
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.zeros((40, 48), np.uint8), "nothing is painted"),
+        (np.where(_painted() == 2, 0, _painted()), "only background"),
+        (np.where(_painted() == 1, 0, _painted()), "no background"),
+        (np.zeros((41, 48), np.uint8), "shape"),
+        (np.full((40, 48), -1, np.int32), "negative"),
+        (np.full((40, 48), 1.5, np.float32), "whole numbers"),
+    ],
+    ids=["nothing", "only-background", "no-background", "shape", "negative", "fractional"],
+)
+def test_label_mistakes_give_clear_errors(labels, message):
+    image = np.zeros((40, 48, 3), np.uint8)
+    with pytest.raises(InputError, match=message):
+        _train(image, labels)
+
+
+def test_nan_image_is_refused():
+    image = np.zeros((40, 48), np.float32)
+    image[3, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        _train(image, _painted())
+
+
+def test_stack_is_refused_clearly():
+    with pytest.raises(InputError, match="2-D"):
+        _train(np.zeros((8, 40, 48), np.uint8), _painted())
+
+
+def test_image_smaller_than_patch_is_padded_not_refused():
+    image = np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+    labels = np.zeros((20, 24), np.uint8)
+    labels[2:4, 2:20] = 1
+    labels[12:14, 4:20] = 2
+    result = _train(image, labels, patch_size=64)
+    assert result.steps == 2
+
+
+def test_split_strokes_holds_out_whole_strokes_and_keeps_every_class():
+    labels = np.zeros((50, 50), np.int64)
+    for i in range(5):
+        labels[i * 10 : i * 10 + 2, 2:20] = 1
+        labels[i * 10 : i * 10 + 2, 30:45] = 2
+    labels[45:47, 25:28] = 3  # a single stroke of class 3 stays in training
+    train, val = split_strokes(labels, 0.4, np.random.default_rng(0))
+    assert set(np.unique(train)) == {0, 1, 2, 3}
+    assert set(np.unique(val)) == {0, 1, 2}
+    assert not np.any((train > 0) & (val > 0))
+    np.testing.assert_array_equal(np.where(val > 0, val, train), labels)
+    # strokes are never cut: every held-out pixel's stroke row is entirely held out
+    for i in range(5):
+        row = val[i * 10 : i * 10 + 2, 2:20]
+        assert row.all() or not row.any()
+
+
+def test_sampler_balances_classes_and_patches_have_the_right_shape():
+    image = np.random.default_rng(0).random((100, 100, 3)).astype(np.float32)
+    labels = np.zeros((100, 100), np.int64)
+    labels[:, :60] = 1  # a lot of background
+    labels[80:82, 80:82] = 2  # four structure pixels
+    sampler = PatchSampler(PatchSet([image], [labels]), 32, np.random.default_rng(0), augment=True)
+    x, y = sampler.batch(64)
+    assert x.shape == (64, 3, 32, 32) and y.shape == (64, 32, 32)
+    with_structure = np.mean([(yy == 2).any() for yy in y])
+    assert with_structure > 0.35  # about half the patches are centred on the rare class

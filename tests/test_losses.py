@@ -1,0 +1,137 @@
+"""Losses against values computed by hand on small tensors."""
+
+import math
+
+import pytest
+import torch
+
+from napari_selfreg.core.losses import (
+    IGNORE,
+    painted_cross_entropy,
+    painted_dice_loss,
+    selfreg_total,
+    targets_from_labels,
+)
+from napari_selfreg.core.selfreg import BlockRoles, channel_scores, ifd_loss, ifd_term, scr_loss, scr_term
+
+
+def test_targets_shift_painting_ids_and_ignore_unpainted():
+    labels = torch.tensor([[0, 1, 2, 3]])
+    assert targets_from_labels(labels).tolist() == [[IGNORE, 0, 1, 2]]
+
+
+def test_cross_entropy_counts_painted_pixels_only():
+    # two pixels: painted background with logits (2, 0); unpainted pixel with huge wrong logits
+    logits = torch.tensor([[[[2.0, -50.0]], [[0.0, 50.0]]]])  # B=1, K=2, H=1, W=2
+    labels = torch.tensor([[[1, 0]]])
+    expected = -math.log(math.exp(2) / (math.exp(2) + 1))
+    assert painted_cross_entropy(logits, targets_from_labels(labels)).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dice_loss_by_hand():
+    # 3 pixels, K=2; probabilities chosen through logits (0, log(p1/p0))
+    p1 = torch.tensor([0.8, 0.3, 0.6])
+    logits = torch.stack([torch.zeros(3), torch.log(p1 / (1 - p1))]).reshape(1, 2, 1, 3)
+    labels = torch.tensor([[[2, 1, 0]]])  # third pixel unpainted
+    p = [[0.2, 0.7], [0.8, 0.3]]  # class x painted pixel
+    t = [[0, 1], [1, 0]]
+    smooth = 1e-5
+    dices = []
+    for c in range(2):
+        inter = sum(pi * ti for pi, ti in zip(p[c], t[c], strict=True))
+        denom = sum(pi * pi for pi in p[c]) + sum(ti * ti for ti in t[c])
+        dices.append((2 * inter + smooth) / (denom + smooth))
+    expected = 1 - sum(dices) / 2
+    got = painted_dice_loss(logits, targets_from_labels(labels)).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_perfect_prediction_has_near_zero_dice_loss():
+    labels = torch.tensor([[[1, 2], [2, 1]]])
+    logits = torch.stack([(labels == 1).float(), (labels == 2).float()], 1) * 40
+    assert painted_dice_loss(logits, targets_from_labels(labels)).item() < 1e-6
+
+
+def test_scr_mean_pairing_by_hand():
+    student = torch.tensor([[[[1.0, 3.0]], [[5.0, 7.0]]]])  # B1, C2, 1x2
+    teacher = torch.tensor([[[[0.0, 2.0, 4.0, 6.0]], [[2.0, 2.0, 2.0, 2.0]]]])  # B1, C2, 1x4
+    # pooled teacher over width 4 -> 2: ch0 (1, 5), ch1 (2, 2); channel mean (1.5, 3.5)
+    diffs = [1 - 1.5, 3 - 3.5, 5 - 1.5, 7 - 3.5]
+    expected = sum(d * d for d in diffs) / 4
+    assert scr_term(student, teacher, pairing="mean").item() == pytest.approx(expected)
+
+
+def test_scr_random_pairing_uses_min_channels_and_detaches_teacher():
+    torch.manual_seed(0)
+    student = torch.randn(2, 3, 4, 4, requires_grad=True)
+    teacher = torch.randn(2, 5, 8, 8, requires_grad=True)
+    gen = torch.Generator().manual_seed(1)
+    loss = scr_term(student, teacher, "random", gen)
+    # recompute the same pairing by hand
+    gen = torch.Generator().manual_seed(1)
+    s_idx = torch.randperm(3, generator=gen)[:3]
+    t_idx = torch.randperm(5, generator=gen)[:3]
+    pooled = torch.nn.functional.adaptive_avg_pool2d(teacher.detach(), (4, 4))
+    expected = ((student[:, s_idx] - pooled[:, t_idx]) ** 2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+def test_scr_random_equals_mean_variant_in_expectation_plus_constant():
+    torch.manual_seed(0)
+    student = torch.randn(1, 4, 3, 3)
+    teacher = torch.randn(1, 4, 3, 3)
+    gen = torch.Generator().manual_seed(0)
+    random_mean = torch.stack([scr_term(student, teacher, "random", gen) for _ in range(4000)]).mean()
+    # E over pairings = mean over all (s, t) channel pairs of MSE
+    all_pairs = ((student[:, :, None] - teacher[:, None]) ** 2).mean()
+    assert random_mean.item() == pytest.approx(all_pairs.item(), rel=0.02)
+
+
+def test_channel_scores_and_ifd_by_hand():
+    # channel maps over 1x2 pixels; L2-normalised means: c0 (3,4)->(0.6,0.8) mean 0.7;
+    # c1 (1,0) -> 0.5; c2 (1,1) -> 0.7071; c3 (0,2) -> 0.5 (tie with c1, order by argsort)
+    feature = torch.tensor([[[[3.0, 4.0]], [[1.0, 0.0]], [[1.0, 1.0]], [[0.0, 2.0]]]])
+    scores = channel_scores(feature)
+    assert scores.tolist() == pytest.approx([0.7, 0.5, 0.70710678, 0.5])
+    order = torch.argsort(scores, descending=True)
+    top, bottom = feature[:, order[:2]], feature[:, order[2:4]]
+    expected = ((top - bottom) ** 2).mean()
+    assert ifd_term(feature).item() == pytest.approx(expected.item())
+    # c2 (top) pairs with rank 3, c0 with rank 4: both bottom channels are c1/c3
+    assert set(order[:2].tolist()) == {0, 2}
+
+
+def test_ifd_loss_is_encoder_mean_plus_decoder_mean():
+    torch.manual_seed(0)
+    blocks = {n: torch.randn(1, 4, 4, 4) for n in ("E2", "E3", "D2", "D1")}
+    roles = BlockRoles(encoder=("E2", "E3"), decoder=("D2",), teacher="D1")
+    expected = (ifd_term(blocks["E2"]) + ifd_term(blocks["E3"])) / 2 + ifd_term(blocks["D2"])
+    assert ifd_loss(blocks, roles).item() == pytest.approx(expected.item(), rel=1e-6)
+    mean_scr = scr_loss(blocks, roles, "mean")
+    each = [scr_term(blocks[n], blocks["D1"], "mean") for n in roles.students]
+    assert mean_scr.item() == pytest.approx(torch.stack(each).mean().item(), rel=1e-6)
+
+
+def test_total_weights_terms_and_switch_off():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 4, 4)
+    labels = torch.randint(0, 3, (2, 4, 4))
+    blocks = {n: torch.randn(2, 4, 4, 4) for n in ("E2", "D2", "D1")}
+    roles = BlockRoles(encoder=("E2",), decoder=("D2",), teacher="D1")
+    terms = selfreg_total(logits, labels, blocks, roles, 0.4, 0.6, 0.015, 0.015, "mean")
+    expected = 0.4 * terms.ce + 0.6 * terms.dice + 0.015 * terms.scr + 0.015 * terms.ifd
+    assert terms.total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert terms.scr.item() > 0 and terms.ifd.item() > 0
+    plain = selfreg_total(logits, labels, None, None)
+    assert plain.scr.item() == 0 and plain.ifd.item() == 0
+    assert plain.total.item() == pytest.approx((0.4 * plain.ce + 0.6 * plain.dice).item())
+
+
+def test_blockroles_for_paper_unet():
+    roles = BlockRoles.for_unet(4)
+    assert roles.encoder == ("E2", "E3", "E4", "E5")
+    assert roles.decoder == ("D4", "D3", "D2")
+    assert roles.teacher == "D1"
+    assert len(roles.students) == 7

@@ -1,0 +1,149 @@
+"""The training generator: reports, stop, best/last, seeds, time budget, fine-tuning."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from napari_selfreg.core.config import ModelConfig, TrainConfig
+from napari_selfreg.core.data import InputError
+from napari_selfreg.core.train import train, train_to_end
+
+SMALL = ModelConfig(base_channels=4, depth=2)
+
+
+def _scene(seed=0, size=96):
+    """Bright discs on a dark background, with strokes in a few discs and in the background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    mask = np.zeros((size, size), bool)
+    for _ in range(8):
+        cy, cx = rng.integers(10, size - 10, 2)
+        mask |= (yy - cy) ** 2 + (xx - cx) ** 2 < 36
+    image = np.where(mask[..., None], [180, 60, 150], [230, 200, 220]).astype(np.float32)
+    image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+    labels = np.zeros((size, size), np.uint8)
+    labels[mask & (rng.random(mask.shape) < 0.08)] = 2
+    labels[~mask & (rng.random(mask.shape) < 0.01)] = 1
+    return image, labels, mask
+
+
+def test_reports_carry_every_field_and_training_learns():
+    image, labels, mask = _scene()
+    config = TrainConfig(steps=40, patch_size=48, batch_size=4, validation_every=10, seed=0, learning_rate=3e-3)
+    reports = []
+    run = train([image], [labels], config, SMALL)
+    while True:
+        try:
+            reports.append(next(run))
+        except StopIteration as done:
+            result = done.value
+            break
+    assert [r.step for r in reports] == list(range(1, 41))
+    last = reports[-1]
+    for field in ("ce", "dice", "scr", "ifd", "loss", "learning_rate", "seconds_per_step", "eta_seconds"):
+        assert np.isfinite(getattr(last, field))
+    assert last.scr > 0 and last.ifd > 0
+    assert last.eta_seconds == 0
+    vals = [r.val_dice for r in reports if r.val_dice is not None]
+    assert len(vals) == 4 and last.best_val_dice == max(vals)
+    assert np.mean([r.loss for r in reports[-10:]]) < np.mean([r.loss for r in reports[:5]])
+    assert result.best is not result.last and result.last.info.history[-1]["step"] == 40
+
+
+def test_no_selfreg_switch_zeroes_the_terms():
+    image, labels, _ = _scene()
+    result = train_to_end([image], [labels], TrainConfig(steps=3, patch_size=32, selfreg=False), SMALL)
+    assert all(r.scr == 0 and r.ifd == 0 for r in result.history)
+
+
+def test_stop_ends_within_one_step_and_keeps_best_and_last():
+    image, labels, _ = _scene()
+    stop = threading.Event()
+    config = TrainConfig(steps=10_000, patch_size=48, batch_size=2, validation_every=2, seed=0)
+    run = train([image], [labels], config, SMALL, stop=stop)
+    for _ in range(5):
+        report = next(run)
+    stop.set()
+    t0 = time.perf_counter()
+    with pytest.raises(StopIteration) as done:
+        next(run)
+    waited = time.perf_counter() - t0
+    result = done.value.value
+    assert waited < max(2.0, 3 * report.seconds_per_step + 1.0)
+    assert result.stopped and result.steps == 5 and result.history[-1].stopped
+    assert result.best is not None and result.last is not None
+    # the last weights are those trained for five steps, not the initial ones
+    fresh = train_to_end([image], [labels], TrainConfig(steps=1, patch_size=48, seed=0), SMALL)
+    diff = [
+        (a - b).abs().max().item()
+        for a, b in zip(fresh.last.network.state_dict().values(), result.last.network.state_dict().values(), strict=True)
+        if a.dtype.is_floating_point
+    ]
+    assert max(diff) > 0
+
+
+def test_a_callable_stop_works_before_the_first_step():
+    image, labels, _ = _scene()
+    result = train_to_end([image], [labels], TrainConfig(steps=50, patch_size=32), SMALL, stop=lambda: True)
+    assert result.stopped and result.steps == 0
+
+
+def test_seed_makes_a_cpu_run_repeatable():
+    image, labels, _ = _scene()
+    config = TrainConfig(steps=4, patch_size=32, batch_size=2, seed=7, device="cpu", precision="float32")
+    a = train_to_end([image], [labels], config, SMALL)
+    b = train_to_end([image], [labels], config, SMALL)
+    assert [r.loss for r in a.history] == [r.loss for r in b.history]
+    for x, y in zip(a.last.network.state_dict().values(), b.last.network.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
+    c = train_to_end([image], [labels], TrainConfig(**{**config.to_dict(), "seed": 8}), SMALL)
+    assert [r.loss for r in a.history] != [r.loss for r in c.history]
+
+
+def test_time_budget_stops_training():
+    image, labels, _ = _scene()
+    t0 = time.perf_counter()
+    result = train_to_end([image], [labels], TrainConfig(steps=10**6, time_budget=1.5, patch_size=32), SMALL)
+    assert time.perf_counter() - t0 < 10
+    assert 1 <= result.steps < 10**6 and result.history[-1].elapsed < 1.5 + 2 * result.history[-1].seconds_per_step
+
+
+def test_fine_tuning_continues_from_a_saved_model(tmp_path):
+    from napari_selfreg.core.checkpoint import load_model, save_model
+
+    image, labels, _ = _scene()
+    first = train_to_end([image], [labels], TrainConfig(steps=3, patch_size=32, seed=0), SMALL, class_names=["bg", "disc"])
+    path = save_model(first.last, tmp_path / "round1")
+    loaded = load_model(path)
+    second = train_to_end([image], [labels], TrainConfig(steps=2, patch_size=32, seed=1), initial=loaded)
+    assert second.last.class_names == ["bg", "disc"]
+    assert second.last.config == first.last.config
+    # the loaded model itself is left untouched
+    for a, b in zip(loaded.network.state_dict().values(), first.last.network.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # a new class beyond the model's classes is refused
+    more = labels.copy()
+    more[:2, :10] = 3
+    with pytest.raises(InputError, match="knows only 2 classes"):
+        train_to_end([image], [more], TrainConfig(steps=1, patch_size=32), initial=loaded)
+
+
+def test_several_image_label_pairs_and_three_classes():
+    image, labels, _ = _scene(0)
+    image2, labels2, _ = _scene(1)
+    labels2 = labels2.copy()
+    labels2[0:3, 0:30] = 3
+    result = train_to_end(
+        [image, image2], [labels, labels2], TrainConfig(steps=3, patch_size=32), SMALL
+    )
+    assert result.last.config.num_classes == 3
+    assert result.last.class_names == ["background", "class 2", "class 3"]
+
+
+def test_mismatched_pair_counts():
+    image, labels, _ = _scene()
+    with pytest.raises(InputError, match="one labels per image"):
+        train_to_end([image, image], [labels], TrainConfig(steps=1), SMALL)
