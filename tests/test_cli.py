@@ -1,0 +1,116 @@
+"""The command line end to end on a real image, and its one-line user errors (exit code 2)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_selfreg.cli import main
+
+
+def _strokes(mask: np.ndarray, seed: int = 0) -> np.ndarray:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(mask.shape, np.uint8)
+    for cls, region in ((2, ndimage.binary_erosion(mask, iterations=2)), (1, ndimage.binary_erosion(~mask, iterations=4))):
+        ys, xs = np.nonzero(region)
+        for i in rng.choice(len(ys), 12, replace=False):
+            y, x = ys[i], xs[i]
+            window = (slice(max(0, y - 2), y + 3), slice(max(0, x - 6), x + 7))
+            labels[window][region[window]] = cls
+    return labels
+
+
+@pytest.mark.data
+def test_train_predict_evaluate_on_a_real_image(tmp_path, monuseg_pair, capsys):
+    image, mask = monuseg_pair
+    image, mask = image[:384, :384], mask[:384, :384]
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    tifffile.imwrite(tmp_path / "labels.tif", _strokes(mask))
+    tifffile.imwrite(tmp_path / "mask.tif", (mask * 255).astype(np.uint8))
+    rc = main([
+        "train", "--image", str(tmp_path / "image.tif"), "--labels", str(tmp_path / "labels.tif"),
+        "--out", str(tmp_path / "model"), "--steps", "25", "--seed", "0", "--device", "cpu",
+        "--class-names", "background,nuclei",
+    ])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 25 and (tmp_path / "model.safetensors").exists()
+
+    rc = main([
+        "predict", "--model", str(tmp_path / "model.safetensors"), "--image", str(tmp_path / "image.tif"),
+        "--out", str(tmp_path / "pred.tif"), "--probabilities", str(tmp_path / "prob.tif"), "--tile-size", "256",
+    ])
+    assert rc == 0
+    capsys.readouterr()
+    labels = tifffile.imread(tmp_path / "pred.tif")
+    probs = tifffile.imread(tmp_path / "prob.tif")
+    assert labels.shape == (384, 384) and set(np.unique(labels)) <= {1, 2}
+    assert probs.shape == (2, 384, 384) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(labels, probs.argmax(0) + 1)
+
+    rc = main(["evaluate", "--prediction", str(tmp_path / "pred.tif"), "--mask", str(tmp_path / "mask.tif")])
+    assert rc == 0
+    scores = json.loads(capsys.readouterr().out)["classes"]
+    predicted, truth = labels == 2, mask
+    expected = 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())
+    assert scores["2"]["dice"] == pytest.approx(expected)
+    assert scores["2"]["dice"] > 0.5  # 25 steps on ~0.2 % painted pixels already finds nuclei
+
+
+def test_evaluate_instance_mask_counts_every_nonzero_pixel(tmp_path, capsys):
+    from PIL import Image
+
+    prediction = np.ones((10, 10), np.uint8)
+    prediction[:5] = 2
+    mask = np.zeros((10, 10), np.uint8)
+    mask[:5, :5] = 3  # instance ids
+    mask[:5, 5:] = 7
+    Image.fromarray(prediction).save(tmp_path / "p.png")
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    assert main(["evaluate", "--prediction", str(tmp_path / "p.png"), "--mask", str(tmp_path / "m.png")]) == 0
+    scores = json.loads(capsys.readouterr().out)["classes"]
+    assert scores["2"] == {"dice": 1.0, "iou": 1.0} and scores["1"]["dice"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["predict", "--model", "{tmp}/missing.safetensors", "--image", "{tmp}/img.tif", "--out", "{tmp}/o.tif"],
+         "does not exist"),
+        (["predict", "--model", "{tmp}/img.tif", "--image", "{tmp}/img.tif", "--out", "{tmp}/o.tif"],
+         "not a readable napari-selfreg model"),
+        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m", "--steps", "1"],
+         "nothing is painted"),
+        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/small.tif", "--out", "{tmp}/m", "--steps", "1"],
+         "shape"),
+        (["train", "--image", "{tmp}/img.tif", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif",
+          "--out", "{tmp}/m"], "one --labels per --image"),
+        (["train", "--image", "{tmp}/nope.xyz", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"], "does not exist"),
+        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m", "--device", "cuda"],
+         "nothing is painted|CUDA"),
+        (["evaluate", "--prediction", "{tmp}/img.tif", "--mask", "{tmp}/small.tif"], "differ in shape"),
+    ],
+    ids=["missing-model", "not-a-model", "nothing-painted", "shape", "pair-count", "missing-image", "cuda", "eval-shape"],
+)
+def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    import re
+
+    tifffile.imwrite(tmp_path / "img.tif", np.zeros((32, 32, 3), np.uint8))
+    tifffile.imwrite(tmp_path / "empty.tif", np.zeros((32, 32), np.uint8))
+    tifffile.imwrite(tmp_path / "small.tif", np.zeros((16, 16), np.uint8))
+    rc = main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert "Traceback" not in err[0]
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "napari_selfreg.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout and "predict" in out.stdout
