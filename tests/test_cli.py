@@ -16,7 +16,8 @@ def _strokes(mask: np.ndarray, seed: int = 0) -> np.ndarray:
 
     rng = np.random.default_rng(seed)
     labels = np.zeros(mask.shape, np.uint8)
-    for cls, region in ((2, ndimage.binary_erosion(mask, iterations=2)), (1, ndimage.binary_erosion(~mask, iterations=4))):
+    regions = ((2, ndimage.binary_erosion(mask, iterations=2)), (1, ndimage.binary_erosion(~mask, iterations=4)))
+    for cls, region in regions:
         ys, xs = np.nonzero(region)
         for i in rng.choice(len(ys), 12, replace=False):
             y, x = ys[i], xs[i]
@@ -96,7 +97,7 @@ def test_evaluate_instance_mask_counts_every_nonzero_pixel(tmp_path, capsys):
          "nothing is painted|CUDA"),
         (["evaluate", "--prediction", "{tmp}/img.tif", "--mask", "{tmp}/small.tif"], "differ in shape"),
     ],
-    ids=["missing-model", "not-a-model", "nothing-painted", "shape", "pair-count", "missing-image", "cuda", "eval-shape"],
+    ids=["no-model", "not-a-model", "unpainted", "shape", "pair-count", "no-image", "cuda", "eval-shape"],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     import re
