@@ -1,0 +1,76 @@
+"""The simulated user: sparse, inside the right region, reproducible."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_selfreg.bench.strokes import StrokeConfig, coverage, instances_of, simulate_strokes
+
+
+def _blobs(shape=(300, 400), count=20, seed=1) -> np.ndarray:
+    """An instance mask of round objects of a few sizes (like nuclei and small glands)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    mask = np.zeros(shape, np.int32)
+    for i in range(1, count + 1):
+        cy, cx = rng.integers(20, shape[0] - 20), rng.integers(20, shape[1] - 20)
+        r = rng.integers(6, 18)
+        mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+    return mask
+
+
+def test_strokes_are_sparse_and_on_the_right_side():
+    mask = _blobs()
+    labels = simulate_strokes(mask, seed=0)
+    assert set(np.unique(labels)) == {0, 1, 2}
+    assert 0 < coverage(labels) < 0.01
+    assert np.all(mask[labels == 2] > 0), "structure strokes leave the objects"
+    assert np.all(mask[labels == 1] == 0), "background strokes enter an object"
+
+
+def test_strokes_spread_over_many_objects():
+    mask = _blobs(count=30)
+    labels = simulate_strokes(mask, seed=3)
+    touched = np.unique(mask[labels == 2])
+    assert len(touched) >= 8
+
+
+def test_binary_mask_works_like_instances():
+    mask = _blobs() > 0
+    labels = simulate_strokes(mask, seed=0)
+    assert np.all(mask[labels == 2]) and not np.any(mask[labels == 1])
+    assert instances_of(mask).max() >= 2
+
+
+def test_reproducible_and_seed_dependent():
+    mask = _blobs()
+    a = simulate_strokes(mask, seed=5)
+    b = simulate_strokes(mask, seed=5)
+    c = simulate_strokes(mask, seed=6)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_coverage_cap_holds_on_small_images():
+    mask = _blobs(shape=(128, 128), count=6)
+    labels = simulate_strokes(mask, seed=0, config=StrokeConfig(max_fraction=0.008))
+    assert coverage(labels) < 0.01
+    assert (labels == 1).any() and (labels == 2).any()
+
+
+def test_rejects_bad_input():
+    with pytest.raises(ValueError):
+        simulate_strokes(np.zeros((4, 4, 4)), seed=0)
+    with pytest.raises(ValueError):
+        StrokeConfig(width=0)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("pair", ["monuseg_pair", "glas_pair"])
+def test_real_masks(pair, request):
+    _image, mask = request.getfixturevalue(pair)
+    labels = simulate_strokes(mask, seed=0)
+    assert 0 < coverage(labels) < 0.01
+    assert np.all(mask[labels == 2]) and not np.any(mask[labels == 1])
+    assert len(np.unique(instances_of(mask)[labels == 2])) >= 6
