@@ -1,0 +1,176 @@
+"""``python -m napari_selfreg.bench`` / ``napari-selfreg bench``: the two benchmark protocols.
+
+    python -m napari_selfreg.bench interactive --dataset monuseg --budgets 60 --images all \\
+        --methods selfreg,unet,rf,otsu --out benchmarks/results/interactive.json
+    python -m napari_selfreg.bench paper --dataset monuseg --seeds 0 1 2 --epochs 20 \\
+        --out benchmarks/results/paper_protocol.json
+    python -m napari_selfreg.bench interactive --smoke    # two cropped images, tiny budgets
+
+Runs resume: finished runs are kept in a state file (``--state``; by default
+benchmarks/runs/<out name>.state.jsonl) and skipped when the command is repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .datasets import DATASETS, SharedDataMissing
+from .harness import StateFile, default_state_path
+
+SMOKE_CROP = 256
+
+
+def _datasets(value: str) -> list[str]:
+    names = list(DATASETS) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown dataset(s) {unknown}; choose from {', '.join(DATASETS)} or all")
+    return names
+
+
+def _images(value: str) -> int | None:
+    if value == "all":
+        return None
+    count = int(value)
+    if count < 1:
+        raise argparse.ArgumentTypeError("--images must be 'all' or a positive number")
+    return count
+
+
+def _methods(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="napari-selfreg bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="protocol", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dataset", type=_datasets, default=["monuseg"], help="monuseg, glas, a comma list or all")
+    common.add_argument("--out", type=Path, default=None, help="result JSON")
+    common.add_argument("--state", type=Path, default=None, help="resume file (JSON lines)")
+    common.add_argument("--data", type=Path, default=None, help="shared data folder (default: ../shared/data)")
+    common.add_argument("--device", default=None, help="auto, cpu, cuda")
+    common.add_argument("--smoke", action="store_true", help="two cropped images, a few steps, output in a temp dir")
+    common.add_argument("--no-progress", action="store_true")
+
+    inter = sub.add_parser("interactive", parents=[common], help="strokes + fixed CPU budget per test image")
+    inter.add_argument("--budgets", nargs="+", default=["30s", "60s", "120s"],
+                       help="training budgets: seconds (60 or 60s) or steps (200steps)")
+    inter.add_argument("--images", type=_images, default=None, help="'all' or the first N test images")
+    inter.add_argument("--methods", type=_methods, default=["selfreg", "unet", "rf", "otsu"],
+                       help="comma list of selfreg, unet, transfer, rf, otsu")
+    inter.add_argument("--seeds", type=int, nargs="+", default=[0])
+    inter.add_argument("--base-channels", type=int, default=16)
+    inter.add_argument("--patch-size", type=int, default=128)
+    inter.add_argument("--learning-rate", type=float, default=1e-3)
+    inter.add_argument("--transfer-steps", type=int, default=1000, help="pretraining steps on the other dataset")
+    inter.add_argument("--crop", type=int, default=None, help="central crop of every image (pixels)")
+
+    paper = sub.add_parser("paper", parents=[common], help="UNet vs SelfReg-UNet, full masks, 224x224, 3 seeds")
+    paper.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    paper.add_argument("--models", type=_methods, default=["unet", "selfreg_unet"])
+    schedule = paper.add_argument_group("schedule (default: up to 1000 epochs on a GPU, 20 epochs on a CPU)")
+    schedule.add_argument("--epochs", type=int, default=None)
+    schedule.add_argument("--steps", type=int, default=None)
+    schedule.add_argument("--time-budget", type=float, default=None, help="seconds of training per run")
+    paper.add_argument("--patience", type=int, default=50, help="early stopping, in epochs")
+    paper.add_argument("--base-channels", type=int, default=64)
+    paper.add_argument("--image-size", type=int, default=224)
+    return parser
+
+
+def _out_paths(args, default_name: str) -> tuple[Path, Path]:
+    if args.smoke and args.out is None:
+        folder = Path(tempfile.mkdtemp(prefix="selfreg-bench-smoke-"))
+        out = folder / default_name
+    else:
+        out = args.out or Path("benchmarks/results") / default_name
+    state = args.state or default_state_path(out)
+    return out, state
+
+
+def _interactive(args) -> int:
+    from .interactive import InteractiveConfig, run_interactive
+
+    out, state = _out_paths(args, "interactive.json")
+    config = InteractiveConfig(
+        datasets=args.dataset, budgets=args.budgets, methods=args.methods, images=args.images, seeds=args.seeds,
+        base_channels=args.base_channels, patch_size=args.patch_size, learning_rate=args.learning_rate,
+        transfer_steps=args.transfer_steps, crop=args.crop, device=args.device or "cpu",
+        data_root=str(args.data) if args.data else None, cache_dir=str(state.parent / "cache"),
+    )
+    if args.smoke:
+        config.images = min(config.images or 2, 2)
+        config.budgets = ["2s"]
+        config.crop = args.crop or SMOKE_CROP
+        config.transfer_steps = min(args.transfer_steps, 3)
+        config.transfer_images = 2
+        config.base_channels = min(args.base_channels, 8)
+        config.patch_size = min(args.patch_size, 64)
+    document = run_interactive(config, out, StateFile(state), progress=not args.no_progress)
+    _print_interactive(document)
+    print(f"wrote {out} (state: {state})")
+    return 0
+
+
+def _print_interactive(document: dict) -> None:
+    for entry in document["means"]:
+        print(f"{entry['dataset']:8s} {entry['method']:9s} {entry['budget']:>6s}  "
+              f"Dice {100 * entry['dice']:5.1f} ± {100 * entry['dice_std']:4.1f}  (n={entry['n']})")
+    for goal in document["goal"]:
+        verdict = "met" if goal["met"] else "NOT met"
+        print(f"goal {goal['dataset']} {goal['budget']}: selfreg {100 * goal['selfreg_dice']:.1f} vs "
+              f"{goal['best_baseline']} {100 * goal['best_baseline_dice']:.1f} -> margin "
+              f"{100 * goal['margin']:+.1f} points ({verdict}; needs +5.0)")
+
+
+def _paper(args) -> int:
+    from .paper_protocol import PaperConfig, run_paper
+
+    out, state = _out_paths(args, "paper_protocol.json")
+    config = PaperConfig(
+        datasets=args.dataset, models=args.models, seeds=args.seeds, image_size=args.image_size,
+        base_channels=args.base_channels, patience=args.patience, epochs=args.epochs, steps=args.steps,
+        time_budget=args.time_budget, device=args.device or "auto",
+        data_root=str(args.data) if args.data else None,
+    )
+    if args.smoke:
+        config.seeds = config.seeds[:1]
+        config.steps = min(args.steps or 2, 2)
+        config.epochs = 1
+        config.base_channels = min(args.base_channels, 8)
+        config.image_size = min(args.image_size, 64)
+        config.limit_images = 2
+        config.crop = SMOKE_CROP
+    document = run_paper(config, out, StateFile(state), progress=not args.no_progress)
+    for r in document["results"]:
+        print(f"{r['dataset']:8s} {r['model']:13s} {r['resolution']:>6s}  Dice {100 * r['dice']:5.2f} ± "
+              f"{100 * r['dice_std']:4.2f}  IoU {100 * r['iou']:5.2f} ± {100 * r['iou_std']:4.2f}  "
+              f"({r['seeds']} seeds, {r['device']})")
+    print(f"wrote {out} (state: {state})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for ``napari-selfreg bench ARGS...``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        if args.protocol == "interactive":
+            return _interactive(args)
+        return _paper(args)
+    except SharedDataMissing as error:
+        print(f"skipped: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Unattended, resumable benchmark runs with wall time and peak memory per run.
+
+Benchmarks here take hours on a CPU; a crash or a reboot must not lose what is done.
+Every finished run is appended (and flushed) as one JSON line to a state file, keyed by
+(protocol, dataset, image, method, budget, seed); a rerun skips the keys it finds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+KEY_FIELDS = ("protocol", "dataset", "image", "method", "budget", "seed")
+
+
+@dataclass(frozen=True)
+class RunKey:
+    protocol: str
+    dataset: str
+    image: str
+    method: str
+    budget: str  # "60s", "500steps", ... (a string so that step and time budgets share the field)
+    seed: int
+
+    def id(self) -> str:
+        return "|".join(str(getattr(self, f)) for f in KEY_FIELDS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Task:
+    """One run: its key and the function that performs it (returns the metrics as a dict)."""
+
+    key: RunKey
+    run: Callable[[], dict[str, Any]]
+
+
+class StateFile:
+    """Append-only JSONL of finished runs; a torn last line (a crash mid-write) is ignored."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        done: dict[str, dict[str, Any]] = {}
+        if not self.path.is_file():
+            return done
+        for line in self.path.read_text().splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "error" not in row:
+                done[RunKey(**{f: row[f] for f in KEY_FIELDS}).id()] = row
+        return done
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _rss_bytes() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.Process().memory_info().rss)
+
+
+def _max_rss_bytes() -> int:
+    """The process's lifetime peak RSS (never decreases, so it bounds but does not isolate a run)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class PeakMemory:
+    """Samples the RSS in a background thread, so each run gets its own peak.
+
+    Falls back to ``getrusage``'s lifetime peak when psutil is missing (then the peak
+    of a run is an upper bound that includes earlier runs).
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.source = "psutil" if _rss_bytes() is not None else "getrusage"
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            rss = _rss_bytes()
+            if rss is not None:
+                self.peak = max(self.peak, rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        if self.source == "psutil":
+            self.peak = _rss_bytes() or 0
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes() or 0)
+        else:
+            self.peak = _max_rss_bytes()
+
+
+def measure(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run and add wall time, process CPU time and peak RSS to its metrics."""
+    cpu_start = time.process_time()
+    start = time.perf_counter()
+    with PeakMemory() as memory:
+        metrics = run()
+    return {
+        **metrics,
+        "wall_s": round(time.perf_counter() - start, 3),
+        "cpu_s": round(time.process_time() - cpu_start, 3),
+        "peak_rss_mb": round(memory.peak / 2**20, 1),
+        "memory_source": memory.source,
+    }
+
+
+def environment() -> dict[str, Any]:
+    """Where the figures come from: they mean little without the machine."""
+    import torch
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        from .. import __version__
+
+        info["napari_selfreg"] = __version__
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def run_tasks(
+    tasks: Iterable[Task], state: StateFile, progress: bool = True, description: str = "bench"
+) -> list[dict[str, Any]]:
+    """Run every task whose key is not yet in ``state``; return all rows of these tasks (old and new).
+
+    A failing run is recorded with its error (so an unattended run goes on); rows with an
+    error do not count as finished, so the next invocation retries them.
+    """
+    from tqdm.auto import tqdm
+
+    tasks = list(tasks)
+    done = state.load()
+    rows: list[dict[str, Any]] = []
+    todo = [t for t in tasks if t.key.id() not in done]
+    skipped = len(tasks) - len(todo)
+    bar = tqdm(total=len(tasks), initial=skipped, desc=description, disable=not progress, dynamic_ncols=True)
+    finished: dict[str, dict[str, Any]] = {}
+    for task in todo:
+        bar.set_postfix_str(f"{task.key.dataset}/{task.key.image[:16]}/{task.key.method}/{task.key.budget}")
+        try:
+            result = measure(task.run)
+        except Exception as error:  # recorded; the next runs go on
+            result = {"error": f"{type(error).__name__}: {error}"}
+        row = {**task.key.to_dict(), **result, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        state.append(row)
+        finished[task.key.id()] = row
+        bar.update(1)
+    bar.close()
+    for task in tasks:
+        rows.append(done.get(task.key.id()) or finished[task.key.id()])
+    return rows
+
+
+def write_json(path: str | Path, document: dict[str, Any]) -> Path:
+    """Write through a temporary file so an interrupted write never leaves half a result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def default_state_path(out: str | Path) -> Path:
+    """benchmarks/results/X.json keeps its state in benchmarks/runs/X.state.jsonl (git-ignored)."""
+    out = Path(out)
+    if out.parent.name == "results":
+        return out.parent.parent / "runs" / f"{out.stem}.state.jsonl"
+    return out.with_name(f"{out.stem}.state.jsonl")

@@ -1,0 +1,106 @@
+"""The benchmark harness works and resumes (CPU smoke runs; the figures are not checked here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from napari_selfreg.bench.__main__ import main
+from napari_selfreg.bench.harness import RunKey, StateFile, Task, default_state_path, measure, run_tasks
+
+
+def _task(name: str, calls: list[str], fail: bool = False) -> Task:
+    def run():
+        calls.append(name)
+        if fail:
+            raise RuntimeError("boom")
+        return {"dice": 0.5}
+
+    return Task(RunKey("interactive", "monuseg", name, "otsu", "none", 0), run)
+
+
+def test_harness_records_and_resumes(tmp_path):
+    state = StateFile(tmp_path / "state.jsonl")
+    calls: list[str] = []
+    rows = run_tasks([_task("a", calls), _task("b", calls, fail=True)], state, progress=False)
+    assert calls == ["a", "b"]
+    assert rows[0]["dice"] == 0.5 and {"wall_s", "cpu_s", "peak_rss_mb"} <= rows[0].keys()
+    assert "boom" in rows[1]["error"]
+    # a torn last line (crash mid-write) is ignored
+    with state.path.open("a") as handle:
+        handle.write('{"protocol": "interac')
+    calls.clear()
+    rows = run_tasks([_task("a", calls), _task("b", calls)], state, progress=False)
+    assert calls == ["b"], "finished runs must be skipped and failed ones retried"
+    assert all("error" not in r for r in rows)
+
+
+def test_measure_and_state_path(tmp_path):
+    result = measure(lambda: {"x": 1})
+    assert result["x"] == 1 and result["wall_s"] >= 0 and result["peak_rss_mb"] > 0
+    assert default_state_path("benchmarks/results/interactive.json").as_posix() == \
+        "benchmarks/runs/interactive.state.jsonl"
+    assert default_state_path(tmp_path / "x.json") == tmp_path / "x.state.jsonl"
+
+
+def test_missing_data_skips_cleanly(tmp_path, capsys):
+    code = main(["interactive", "--smoke", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "i.json"),
+                 "--no-progress"])
+    assert code == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_interactive_smoke_and_resume(shared_data, tmp_path):
+    out, state = tmp_path / "interactive.json", tmp_path / "interactive.state.jsonl"
+    argv = ["interactive", "--smoke", "--dataset", "monuseg", "--methods", "selfreg,transfer,rf,otsu",
+            "--data", str(shared_data), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    document = json.loads(out.read_text())
+    assert {"rows", "means", "goal", "config", "environment"} <= document.keys()
+    rows = [r for r in document["rows"] if r["method"] != "pretrain"]
+    assert len({r["image"] for r in rows}) == 2
+    assert {r["method"] for r in rows} == {"selfreg", "transfer", "rf", "otsu"}
+    for row in rows:
+        assert 0.0 <= row["dice"] <= 1.0 and row["wall_s"] > 0 and row["peak_rss_mb"] > 0
+        assert row["stroke_fraction"] < 0.01
+    assert {(m["method"], m["budget"]) for m in document["means"]} >= {("selfreg", "2s"), ("rf", "none")}
+    assert document["goal"] and document["goal"][0]["budget"] == "2s"
+
+    first = _lines(state)
+    assert main(argv) == 0  # everything finished: nothing runs again
+    assert _lines(state) == first
+
+    state.write_text("\n".join(json.dumps(r) for r in first[:-1]) + "\n")  # forget the last run
+    assert main(argv) == 0
+    again = _lines(state)
+    assert again[:-1] == first[:-1] and len(again) == len(first)
+    key = ("image", "method", "budget", "seed")
+    assert tuple(again[-1][k] for k in key) == tuple(first[-1][k] for k in key)
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_paper_smoke_and_resume(shared_data, tmp_path):
+    out, state = tmp_path / "paper_protocol.json", tmp_path / "paper_protocol.state.jsonl"
+    argv = ["paper", "--smoke", "--dataset", "monuseg", "--data", str(shared_data), "--out", str(out),
+            "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert {(r["model"], r["resolution"]) for r in results} == {
+        (m, res) for m in ("unet", "selfreg_unet") for res in ("224", "native")
+    }
+    for r in results:
+        assert {"dataset", "dice", "dice_std", "iou", "iou_std", "seeds", "schedule", "device"} <= r.keys()
+        assert r["dataset"] == "monuseg" and r["device"] == "cpu" and r["cpu_schedule"]
+        assert 0.0 <= r["dice"] <= 1.0
+    first = _lines(state)
+    assert len(first) == 2
+    assert main(argv) == 0
+    assert _lines(state) == first
