@@ -1,0 +1,391 @@
+"""Feature-redundancy dock widget: per-block maps over the image, the index chart, the heatmap.
+
+A thin adapter: it gathers a model (or two, to compare), an image layer and settings, runs
+``core.redundancy.compute_redundancy`` in a napari thread worker, and turns the reports
+into Image layers and a matplotlib chart. torch is imported only inside the worker, so
+docking the widget is fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .model_registry import model_registry
+
+if TYPE_CHECKING:
+    import napari
+
+KIND_LABELS = {"redundancy": "redundancy", "scr": "SCR", "ifd": "IFD", "features": "features"}
+COLORMAP = "magma"
+OPACITY = 0.6
+
+
+@dataclass
+class LayerSpec:
+    """One layer to add or update: built in the worker, applied on the main thread."""
+
+    name: str
+    data: np.ndarray
+    rgb: bool = False
+    visible: bool = False
+
+
+@dataclass
+class ComputeResult:
+    reports: list
+    labels: list[str]
+    region: tuple[int, int, int, int]
+    layers: list[LayerSpec] = field(default_factory=list)
+    scales: dict = field(default_factory=dict)
+
+
+def layer_name(tag: str, block: str, kind: str) -> str:
+    """'<model>: E3 redundancy' - the model tag is the common prefix of a group of layers."""
+    return f"{tag}: {block} {KIND_LABELS[kind]}"
+
+
+def redundancy_job(models, labels, image, similarity, kinds, region, window=16):
+    """Generator run in the worker: yields (done, total, text); returns a ``ComputeResult``."""
+    from ..core.redundancy import RedundancyConfig, compute_redundancy, map_scale
+
+    config = RedundancyConfig(similarity=similarity, window=window, render_features="features" in kinds)
+    reports = []
+    for i, (model, label) in enumerate(zip(models, labels, strict=True)):
+        gen = compute_redundancy(model, image, config, region)
+        while True:
+            try:
+                step = next(gen)
+            except StopIteration as done:
+                reports.append(done.value)
+                break
+            yield i * step.total + step.done, len(models) * step.total, f"{label}: {step.stage}"
+    if len(reports) == 2 and reports[0].names != reports[1].names:
+        from ..core.data import InputError
+
+        raise InputError("the two models have different blocks; compare models of the same depth")
+    result = ComputeResult(reports, list(labels), reports[0].region)
+    names = reports[0].names
+    for kind in ("scr", "ifd"):
+        result.scales[kind] = {n: map_scale(reports, n, kind) for n in names}
+    for name in names:  # block by block, then map kind, then model: paired layers sit together
+        for kind in kinds:
+            for report, label in zip(reports, labels, strict=True):
+                if kind == "features":
+                    data, rgb = report.features_image(name), True
+                else:
+                    scale = result.scales[kind][name] if kind in result.scales else None
+                    data, rgb = report.image_map(name, kind, scale), False
+                result.layers.append(LayerSpec(layer_name(label, name, kind), data, rgb))
+    yield len(models), len(models), "done"
+    return result
+
+
+class RedundancyWidget(QWidget):
+    """Pick a model (and optionally a second one to compare) and an image layer; Compute adds
+    one layer per block and map kind and draws the index per block and a block's heatmap."""
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.registry = model_registry()
+        self.worker = None
+        self.result: ComputeResult | None = None
+
+        form = QFormLayout()
+        self.model_box = QComboBox()
+        self.load_button = QPushButton("Load…")
+        self.load_button.setToolTip("Load a napari-selfreg .safetensors model file")
+        row = QHBoxLayout()
+        row.addWidget(self.model_box, 1)
+        row.addWidget(self.load_button)
+        form.addRow("Model", row)
+        self.compare_check = QCheckBox("Compare with")
+        self.compare_box = QComboBox()
+        self.compare_box.setEnabled(False)
+        form.addRow(self.compare_check, self.compare_box)
+        self.image_box = QComboBox()
+        form.addRow("Image", self.image_box)
+        self.similarity_box = QComboBox()
+        self.similarity_box.addItems(["cosine", "pearson"])
+        self.similarity_box.setToolTip("Pearson centres each channel first (ignores a shared offset)")
+        form.addRow("Similarity", self.similarity_box)
+        kinds = QHBoxLayout()
+        self.kind_checks = {}
+        for kind, checked in (("redundancy", True), ("scr", True), ("ifd", True), ("features", False)):
+            box = QCheckBox(KIND_LABELS[kind])
+            box.setChecked(checked)
+            self.kind_checks[kind] = box
+            kinds.addWidget(box)
+        form.addRow("Maps", kinds)
+        self.view_only = QCheckBox("Only the region in view (large images)")
+        form.addRow(self.view_only)
+
+        self.run_button = QPushButton("Compute")
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.block_box = QComboBox()
+        self.block_box.setEnabled(False)
+
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(4.5, 5.5), layout="constrained")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Expanding)
+        self.canvas.setMinimumHeight(360)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.run_button)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        heat = QHBoxLayout()
+        heat.addWidget(QLabel("Heatmap of block"))
+        heat.addWidget(self.block_box, 1)
+        layout.addLayout(heat)
+        layout.addWidget(self.canvas, 1)
+
+        self.load_button.clicked.connect(self._choose_file)
+        self.compare_check.toggled.connect(self.compare_box.setEnabled)
+        self.run_button.clicked.connect(self._run_or_stop)
+        self.block_box.currentTextChanged.connect(self._draw)
+        self.registry.changed.connect(self._refresh_models)
+        self.viewer.layers.events.inserted.connect(self._refresh_images)
+        self.viewer.layers.events.removed.connect(self._refresh_images)
+        self._refresh_models()
+        self._refresh_images()
+
+    # ------------------------------------------------------------------ choices
+
+    def _refresh_models(self, *_) -> None:
+        names = self.registry.names()
+        for box in (self.model_box, self.compare_box):
+            current = box.currentText()
+            box.blockSignals(True)
+            box.clear()
+            box.addItems(names)
+            if current in names:
+                box.setCurrentText(current)
+            box.blockSignals(False)
+        if len(names) > 1 and self.compare_box.currentText() == self.model_box.currentText():
+            self.compare_box.setCurrentIndex(1 if self.model_box.currentIndex() == 0 else 0)
+
+    def _image_layers(self) -> list:
+        from napari.layers import Image
+
+        return [
+            layer for layer in self.viewer.layers
+            if isinstance(layer, Image) and not layer.metadata.get("napari_selfreg_redundancy")
+        ]
+
+    def _refresh_images(self, *_) -> None:
+        current = self.image_box.currentText()
+        names = [layer.name for layer in self._image_layers()]
+        self.image_box.blockSignals(True)
+        self.image_box.clear()
+        self.image_box.addItems(names)
+        if current in names:
+            self.image_box.setCurrentText(current)
+        self.image_box.blockSignals(False)
+
+    def _choose_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load model", "", "napari-selfreg models (*.safetensors)")
+        if path:
+            self.load_model_file(path)
+
+    def load_model_file(self, path: str | Path) -> str | None:
+        """Load a model file into the shared registry and select it; errors go to the status line."""
+        from ..core.checkpoint import ModelFileError, load_model
+
+        try:
+            model = load_model(path)
+        except ModelFileError as error:
+            self.status.setText(str(error))
+            return None
+        name = self.registry.add(Path(path).stem, model)
+        self.model_box.setCurrentText(name)
+        return name
+
+    def view_region(self, layer) -> tuple[int, int, int, int] | None:
+        """The image pixels (top, left, bottom, right) in view, or None if the view shows it all."""
+        zoom = max(self.viewer.camera.zoom, 1e-9)
+        half = max(self.viewer.canvas.size) / zoom / 2  # generous: the longer side in both directions
+        centre = np.asarray(self.viewer.camera.center)[-2:]
+        corners = [centre + np.array([dy, dx]) * half for dy in (-1, 1) for dx in (-1, 1)]
+        points = np.array([np.asarray(layer.world_to_data(c))[-2:] for c in corners])
+        h, w = _spatial_shape(layer)
+        top, left = np.floor(points.min(0)).astype(int)
+        bottom, right = np.ceil(points.max(0)).astype(int) + 1
+        region = (max(0, top), max(0, left), min(h, bottom), min(w, right))
+        if region == (0, 0, h, w):
+            return None
+        return region
+
+    # ------------------------------------------------------------------ running
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def _run_or_stop(self) -> None:
+        if self.worker is not None:
+            self.worker.quit()
+            self.status.setText("stopping…")
+            return
+        self.compute()
+
+    def compute(self):
+        """Start the computation in a thread worker and return the worker (None if inputs are missing)."""
+        from napari.qt.threading import create_worker
+
+        names = [self.model_box.currentText()]
+        if self.compare_check.isChecked():
+            names.append(self.compare_box.currentText())
+        if not all(names) or any(n not in self.registry for n in names):
+            self.status.setText("choose a model: train one, or load a model file with 'Load…'")
+            return None
+        if len(names) == 2 and names[0] == names[1]:
+            self.status.setText("choose two different models to compare")
+            return None
+        layer = next((lay for lay in self._image_layers() if lay.name == self.image_box.currentText()), None)
+        if layer is None:
+            self.status.setText("choose an image layer")
+            return None
+        kinds = [k for k, box in self.kind_checks.items() if box.isChecked()]
+        if not kinds:
+            self.status.setText("tick at least one kind of map")
+            return None
+        image = layer.data[0] if layer.multiscale else layer.data
+        region = self.view_region(layer) if self.view_only.isChecked() else None
+        models = [self.registry.get(n) for n in names]
+        labels = _short_labels(names)
+        self._image_layer = layer
+        worker = create_worker(
+            redundancy_job, models, labels, image, self.similarity_box.currentText(), kinds, region,
+            _start_thread=False,
+        )
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_result)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self.run_button.setText("Stop")
+        self.status.setText("computing…")
+        self.progress.setRange(0, 0)
+        worker.start()
+        return worker
+
+    def _on_progress(self, step) -> None:
+        done, total, text = step
+        self.progress.setRange(0, max(total, 1))
+        self.progress.setValue(done)
+        self.status.setText(text)
+
+    def _on_error(self, error: Exception) -> None:
+        from ..core.checkpoint import ModelFileError
+        from ..core.data import InputError
+
+        if isinstance(error, InputError | ModelFileError):
+            self.status.setText(str(error))
+        elif isinstance(error, MemoryError):
+            self.status.setText("out of memory: tick 'Only the region in view' and zoom in, then compute again")
+        else:
+            self.status.setText(f"redundancy failed: {type(error).__name__}: {error}")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.run_button.setText("Compute")
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1 if self.result is not None else 0)
+
+    def _on_result(self, result: ComputeResult) -> None:
+        self.result = result
+        self._apply_layers(result)
+        names = result.reports[0].names
+        self.block_box.blockSignals(True)
+        current = self.block_box.currentText()
+        self.block_box.clear()
+        self.block_box.addItems(names)
+        self.block_box.setCurrentText(current if current in names else names[len(names) // 2])
+        self.block_box.setEnabled(True)
+        self.block_box.blockSignals(False)
+        self._draw()
+        seconds = sum(r.seconds for r in result.reports)
+        self.status.setText(f"{len(result.layers)} layers from {len(names)} blocks in {seconds:.1f} s")
+
+    def _apply_layers(self, result: ComputeResult) -> None:
+        """Add (or update in place) the layers, aligned with the image layer, kept adjacent."""
+        image = self._image_layer
+        top, left = result.region[:2]
+        scale = np.asarray(image.scale[-2:], float)
+        translate = np.asarray(image.translate[-2:], float) + scale * np.array([top, left], float)
+        first = True
+        for spec in result.layers:
+            visible = first and not spec.rgb
+            first = first and spec.rgb
+            if spec.name in self.viewer.layers:
+                layer = self.viewer.layers[spec.name]
+                layer.data = spec.data
+                layer.scale = scale
+                layer.translate = translate
+                continue
+            kwargs = {"rgb": True} if spec.rgb else {
+                "colormap": COLORMAP, "contrast_limits": (0.0, 1.0), "interpolation2d": "nearest"
+            }
+            self.viewer.add_image(
+                spec.data, name=spec.name, scale=scale, translate=translate, opacity=OPACITY,
+                blending="translucent", visible=visible, metadata={"napari_selfreg_redundancy": True}, **kwargs,
+            )
+
+    # ------------------------------------------------------------------ chart
+
+    def _draw(self, *_) -> None:
+        from ..inspect_report import plot_index_bars, plot_similarity
+
+        self.figure.clear()
+        if self.result is None:
+            self.canvas.draw_idle()
+            return
+        reports, labels = self.result.reports, self.result.labels
+        grid = self.figure.add_gridspec(2, len(reports), height_ratios=[1, 1.3])
+        plot_index_bars(self.figure.add_subplot(grid[0, :]), reports, labels)
+        name = self.block_box.currentText() or reports[0].names[0]
+        for i, (report, label) in enumerate(zip(reports, labels, strict=True)):
+            block = report.block(name)
+            title = f"{label}: {name} ({block.channels} ch), index {block.redundancy_index:.2f}"
+            ax = self.figure.add_subplot(grid[1, i])
+            plot_similarity(ax, block.similarity, title, colorbar=i == len(reports) - 1)
+        self.canvas.draw_idle()
+
+
+def _spatial_shape(layer) -> tuple[int, int]:
+    data = layer.data[0] if layer.multiscale else layer.data
+    shape = data.shape[:-1] if layer.rgb else data.shape
+    return int(shape[-2]), int(shape[-1])
+
+
+def _short_labels(names: list[str]) -> list[str]:
+    labels = [n if len(n) <= 28 else n[:27] + "…" for n in names]
+    if len(labels) == 2 and labels[0] == labels[1]:
+        labels = [f"{labels[0]} (A)", f"{labels[1]} (B)"]
+    return labels

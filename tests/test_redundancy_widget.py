@@ -1,0 +1,118 @@
+"""The redundancy dock widget adds aligned, grouped layers and draws the chart."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+
+BLOCKS = ["E1", "E2", "E3", "D2", "D1"]
+
+
+@pytest.fixture
+def registry_models():
+    import torch
+
+    from napari_selfreg.core.config import ModelConfig, ModelInfo
+    from napari_selfreg.core.model import SegmentationModel
+    from napari_selfreg.widgets.model_registry import model_registry
+
+    registry = model_registry()
+    names = []
+    for seed, name in ((0, "plain"), (1, "selfreg")):
+        torch.manual_seed(seed)
+        model = SegmentationModel.create(ModelInfo(model=ModelConfig(base_channels=4, depth=2)))
+        names.append(registry.add(name, model, replace=True))
+    yield names
+    for name in names:
+        registry.remove(name)
+
+
+def _wait(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert widget.result is not None, widget.status.text()
+
+
+def _viewer_with_image(make_napari_viewer):
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(57, 75, 3)).astype(np.uint8)
+    viewer.add_image(image, name="tissue", rgb=True, scale=(0.5, 0.5), translate=(10.0, -4.0))
+    return viewer
+
+
+def test_compute_adds_aligned_layers_and_chart(make_napari_viewer, qtbot, registry_models):
+    from napari_selfreg.widgets.redundancy_widget import RedundancyWidget
+
+    viewer = _viewer_with_image(make_napari_viewer)
+    widget = RedundancyWidget(viewer)
+    widget.model_box.setCurrentText(registry_models[0])
+    widget.image_box.setCurrentText("tissue")
+    assert widget.compute() is not None
+    _wait(qtbot, widget)
+
+    added = [layer for layer in viewer.layers if layer.name != "tissue"]
+    assert len(added) == len(BLOCKS) * 3
+    expected = [f"plain: {b} {k}" for b in BLOCKS for k in ("redundancy", "SCR", "IFD")]
+    assert [layer.name for layer in added] == expected  # grouped, in block order
+    for layer in added:
+        assert layer.data.shape == (57, 75)
+        np.testing.assert_allclose(layer.scale, (0.5, 0.5))
+        np.testing.assert_allclose(layer.translate, (10.0, -4.0))
+        assert tuple(layer.contrast_limits) == (0.0, 1.0)
+        assert layer.colormap.name == "magma"
+        assert 0 < layer.opacity < 1
+        assert 0.0 <= float(layer.data.min()) and float(layer.data.max()) <= 1.0
+    assert sum(layer.visible for layer in added) == 1
+
+    bars, heatmap = widget.figure.axes[0], widget.figure.axes[1]
+    assert len(bars.patches) == len(BLOCKS)
+    assert widget.block_box.currentText() == "E3"  # the middle block is selected first
+    assert heatmap.images[0].get_array().shape == (8, 8)  # E3 of this model has 8 channels
+    widget.block_box.setCurrentText("D1")
+    assert widget.figure.axes[1].images[0].get_array().shape == (4, 4)
+
+    # computing again updates the layers in place
+    widget.compute()
+    _wait(qtbot, widget)
+    assert len(viewer.layers) == 1 + len(BLOCKS) * 3
+
+
+def test_compare_two_models_pairs_the_layers(make_napari_viewer, qtbot, registry_models):
+    from napari_selfreg.widgets.redundancy_widget import RedundancyWidget
+
+    viewer = _viewer_with_image(make_napari_viewer)
+    widget = RedundancyWidget(viewer)
+    widget.model_box.setCurrentText(registry_models[0])
+    widget.compare_check.setChecked(True)
+    widget.compare_box.setCurrentText(registry_models[1])
+    for kind in ("scr", "ifd"):
+        widget.kind_checks[kind].setChecked(False)
+    widget.view_only.setChecked(True)
+    viewer.camera.zoom = 200.0  # zoomed far in: only part of the image is computed
+    viewer.camera.center = (0, 20.0, 10.0)
+    widget.compute()
+    _wait(qtbot, widget)
+
+    added = [layer.name for layer in viewer.layers if layer.name != "tissue"]
+    assert added == [f"{m}: {b} redundancy" for b in BLOCKS for m in ("plain", "selfreg")]
+    top, left, bottom, right = widget.result.region
+    assert (bottom - top, right - left) != (57, 75)
+    layer = viewer.layers["selfreg: E1 redundancy"]
+    assert layer.data.shape == (bottom - top, right - left)
+    np.testing.assert_allclose(layer.translate, (10.0 + 0.5 * top, -4.0 + 0.5 * left))
+    assert len(widget.figure.axes[0].patches) == 2 * len(BLOCKS)
+    assert len([ax for ax in widget.figure.axes if ax.images]) == 2
+
+
+def test_missing_inputs_and_bad_model_file(make_napari_viewer, tmp_path):
+    from napari_selfreg.widgets.redundancy_widget import RedundancyWidget
+
+    viewer = make_napari_viewer()
+    widget = RedundancyWidget(viewer)
+    assert widget.compute() is None
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nope")
+    assert widget.load_model_file(bad) is None
+    assert "bad.safetensors" in widget.status.text()
