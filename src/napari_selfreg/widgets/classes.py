@@ -1,0 +1,33 @@
+"""Class names on Labels layers, Qt-free so sample data and tests can use them.
+
+Names live in the layer's ``features`` table (column ``class``, one row per id, row 0 =
+"not painted"), so napari shows them in the status bar while painting and they travel
+with the layer to whichever widget reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+NOT_PAINTED = "not painted"
+DEFAULT_CLASSES = ("background", "nucleus")
+
+
+def class_features(class_names: Sequence[str]) -> dict[str, list]:
+    """Features table for a Labels layer: id 0 = not painted, 1.. = the given classes."""
+    names = [NOT_PAINTED, *class_names]
+    return {"index": list(range(len(names))), "class": names}
+
+
+def class_names_of(layer) -> list[str] | None:
+    """Class names stored on a Labels layer (ids 1..), or None when it has none."""
+    features = getattr(layer, "features", None)
+    if features is None or "class" not in getattr(features, "columns", ()):
+        return None
+    rows = dict(zip(features.get("index", features.index), features["class"], strict=True))
+    names = []
+    for label_id in range(1, len(rows)):
+        if label_id not in rows:
+            break
+        names.append(str(rows[label_id]))
+    return names or None
