@@ -31,7 +31,7 @@ def _scene(seed=0, size=96):
 
 
 def test_reports_carry_every_field_and_training_learns():
-    image, labels, mask = _scene()
+    image, labels, _ = _scene()
     config = TrainConfig(steps=40, patch_size=48, batch_size=4, validation_every=10, seed=0, learning_rate=3e-3)
     reports = []
     run = train([image], [labels], config, SMALL)
@@ -77,11 +77,8 @@ def test_stop_ends_within_one_step_and_keeps_best_and_last():
     assert result.best is not None and result.last is not None
     # the last weights are those trained for five steps, not the initial ones
     fresh = train_to_end([image], [labels], TrainConfig(steps=1, patch_size=48, seed=0), SMALL)
-    diff = [
-        (a - b).abs().max().item()
-        for a, b in zip(fresh.last.network.state_dict().values(), result.last.network.state_dict().values(), strict=True)
-        if a.dtype.is_floating_point
-    ]
+    pairs = zip(fresh.last.network.state_dict().values(), result.last.network.state_dict().values(), strict=True)
+    diff = [(a - b).abs().max().item() for a, b in pairs if a.dtype.is_floating_point]
     assert max(diff) > 0
 
 
@@ -115,7 +112,8 @@ def test_fine_tuning_continues_from_a_saved_model(tmp_path):
     from napari_selfreg.core.checkpoint import load_model, save_model
 
     image, labels, _ = _scene()
-    first = train_to_end([image], [labels], TrainConfig(steps=3, patch_size=32, seed=0), SMALL, class_names=["bg", "disc"])
+    config = TrainConfig(steps=3, patch_size=32, seed=0)
+    first = train_to_end([image], [labels], config, SMALL, class_names=["bg", "disc"])
     path = save_model(first.last, tmp_path / "round1")
     loaded = load_model(path)
     second = train_to_end([image], [labels], TrainConfig(steps=2, patch_size=32, seed=1), initial=loaded)
