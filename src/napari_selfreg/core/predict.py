@@ -1,24 +1,37 @@
 """Tiled sliding-window inference for images of any size (numpy, dask or zarr).
 
-Tiles overlap and are blended with a smooth window, so tiled and whole-image
-predictions agree. Memory stays bounded: only one band of tile rows is accumulated at a
-time, and finished rows are written straight into the outputs (which may be zarr
-arrays or memory maps for huge images).
+Tiles overlap and are blended with a smooth window that falls towards the tile edges,
+where the network's zero padding makes its output least reliable, so tiled and
+whole-image predictions agree. Memory stays bounded by one band of tile rows plus the
+outputs: finished rows are written straight into the outputs, which may be zarr arrays
+or memory maps (``allocate_outputs``) for images that do not fit in memory.
+
+Speed (see BENCHMARKS.md): the network used for inference is a copy with BatchNorm
+folded into the convolutions, in channels-last layout, run under ``inference_mode`` and
+bfloat16 autocast on CPUs with native bfloat16; tiles shrink to the smallest size that
+covers the image with the same number of tiles, so a 1000 x 1000 image with the default
+1024-pixel tile is a single forward pass.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 from collections.abc import Generator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from .config import PredictConfig
-from .data import as_channels_last, check_finite, intensity_range, normalize
+from .config import Normalization, PredictConfig
+from .data import InputError, intensity_range, normalize
 from .device import autocast, autocast_dtype, resolve_device
 from .model import SegmentationModel
 from .train import StopRequest, _stop_requested
+
+FINITE_CHECK_PIXELS = 50_000_000  # images up to this size are checked for NaN/inf before the first tile
 
 
 @dataclass
@@ -36,30 +49,218 @@ class Prediction:
     complete: bool = True
 
 
+# ----------------------------------------------------------------------------- tile geometry
+
+
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Start offsets covering [0, length) with tiles of ``tile`` pixels."""
+    """Start offsets covering [0, length) with tiles of ``tile`` pixels at most ``stride`` apart."""
     if length <= tile:
         return [0]
-    starts = list(range(0, length - tile, stride))
-    starts.append(length - tile)
-    return sorted(set(starts))
+    count = 1 + int(np.ceil((length - tile) / stride))
+    return [int(round(i * (length - tile) / (count - 1))) for i in range(count)]
 
 
-def blend_window(tile: int, overlap: int) -> np.ndarray:
-    """Separable weights: 1 in the middle, a raised-cosine ramp over the overlap, never 0."""
-    ramp = np.ones(tile, np.float32)
+def tile_layout(length: int, tile: int, overlap: int, divisor: int) -> tuple[int, list[int]]:
+    """(tile size, start offsets) for one axis.
+
+    The number of tiles is what ``tile`` with ``overlap`` needs; the tile then shrinks to
+    the smallest multiple of ``divisor`` that still covers ``length`` with that many
+    tiles overlapping by at least ``overlap``, which wastes less work on the margins.
+    An axis shorter than a tile gets one tile rounded up to ``divisor`` (padded input).
+    """
+    if length <= tile:
+        return min(tile, _round_up(length, divisor)), [0]
+    count = 1 + int(np.ceil((length - tile) / (tile - overlap)))
+    size = min(tile, _round_up(int(np.ceil((length + (count - 1) * overlap) / count)), divisor))
+    return size, tile_starts(length, size, size - overlap)
+
+
+def blend_ramp(size: int, overlap: int) -> np.ndarray:
+    """1 in the middle, a raised-cosine ramp over ``overlap`` pixels at both ends, never 0."""
+    ramp = np.ones(size, np.float32)
+    overlap = min(overlap, size // 2)
     if overlap > 0:
         t = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap
         edge = 0.5 - 0.5 * np.cos(np.pi * t)
         ramp[:overlap] = edge
         ramp[-overlap:] = np.minimum(ramp[-overlap:], edge[::-1])
-    ramp = np.maximum(ramp, 1e-3)
+    return np.maximum(ramp, 1e-3)
+
+
+def blend_window(tile: int, overlap: int) -> np.ndarray:
+    """Separable 2-D blending weights of a square tile."""
+    ramp = blend_ramp(tile, overlap)
     return np.outer(ramp, ramp)
 
 
-def _network_input(tiles: list[np.ndarray], device, memory_format) -> torch.Tensor:
-    batch = np.stack([np.moveaxis(t, -1, 0) for t in tiles])
-    return torch.from_numpy(batch).to(device).contiguous(memory_format=memory_format)
+def _round_up(value: int, divisor: int) -> int:
+    return int(np.ceil(value / divisor) * divisor)
+
+
+# ----------------------------------------------------------------------------- lazy input
+
+
+class _TileReader:
+    """Reads (H, W, C) regions of a numpy, dask or zarr image without loading all of it.
+
+    Mirrors ``data.as_channels_last``: gray gains a channel axis, RGBA loses alpha, and
+    channel-first (C, H, W) is moved last, but per region, so a 20000 x 20000 zarr array
+    is never read whole.
+    """
+
+    def __init__(self, image) -> None:
+        if not hasattr(image, "shape") or not hasattr(image, "__getitem__"):
+            image = np.asarray(image)
+        self.image = image
+        shape = tuple(int(s) for s in image.shape)
+        self.channel_first = False
+        if len(shape) == 2:
+            h, w, c = *shape, 1
+        elif len(shape) == 3 and shape[-1] in (1, 3, 4):
+            h, w, c = shape
+        elif len(shape) == 3 and shape[0] in (1, 3, 4) and min(shape[1:]) > 4:
+            c, h, w = shape
+            self.channel_first = True
+        elif len(shape) == 3:
+            raise InputError(
+                f"image of shape {shape} looks like a 3-D stack; select one 2-D slice (or an RGB image) and try again"
+            )
+        else:
+            raise InputError(
+                f"image has {len(shape)} dimensions {shape}; a 2-D gray or RGB(A) image is needed "
+                "(split stacks and time series into 2-D slices)"
+            )
+        self.height, self.width = h, w
+        self.channels = 3 if c == 4 else c
+        self.ndim = len(shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.image.dtype)
+
+    def read(self, rows: slice, cols: slice) -> np.ndarray:
+        if self.ndim == 2:
+            region = np.asarray(self.image[rows, cols])[..., None]
+        elif self.channel_first:
+            region = np.moveaxis(np.asarray(self.image[:, rows, cols]), 0, -1)
+        else:
+            region = np.asarray(self.image[rows, cols])
+        return region[..., :3] if region.shape[-1] == 4 else region
+
+    def sample(self, max_pixels: int) -> np.ndarray:
+        """A strided subsample with at most about ``max_pixels`` pixels (the whole image if smaller)."""
+        step = max(1, int(np.ceil(np.sqrt(self.height * self.width / max_pixels))))
+        return self.read(slice(None, None, step), slice(None, None, step))
+
+
+def _check_finite(region: np.ndarray) -> None:
+    if np.issubdtype(region.dtype, np.floating) and not np.isfinite(region).all():
+        raise InputError("the image contains NaN or infinite values; replace them (e.g. with 0) and try again")
+
+
+def _value_range(reader: _TileReader, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
+    """``data.intensity_range`` of the whole image, computed from the same subsample it would take."""
+    if norm.mode == "uint8":
+        return intensity_range(np.zeros((1, 1, reader.channels), np.uint8), norm)
+    return intensity_range(reader.sample(2_000_000), norm)
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def inference_network(network: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of ``network`` for inference: BatchNorm folded into the preceding conv.
+
+    Folding removes one memory-bound pass per conv (about 20 % of CPU inference time);
+    it works on a copy so the stored model and its state dict never change.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = copy.deepcopy(network).eval()
+    for module in list(fused.modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules)
+        for first, second in itertools.pairwise(names):
+            conv, norm = module._modules[first], module._modules[second]
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats:
+                module._modules[first] = fuse_conv_bn_eval(conv, norm)
+                module._modules[second] = nn.Identity()
+    for parameter in fused.parameters():
+        parameter.requires_grad_(False)
+    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    return fused.to(device).to(memory_format=memory_format)
+
+
+def _forward_probabilities(network: nn.Module, batch: np.ndarray, device, dtype) -> torch.Tensor:
+    """Softmax probabilities (B, K, h, w) float32 of a (B, h, w, C) float32 batch.
+
+    A channels-last (B, h, w, C) array viewed as (B, C, h, w) is already channels-last
+    memory, so the tiles go to the network without a transposing copy.
+    """
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(device)
+    if device.type != "cpu":
+        x = x.contiguous()
+    with torch.inference_mode(), autocast(device, dtype):
+        logits = network(x)
+    with torch.inference_mode():
+        return torch.softmax(logits.float(), dim=1)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def allocate_outputs(
+    shape: tuple[int, int],
+    num_classes: int,
+    store: str | Path | None = None,
+    probabilities: bool = True,
+    kind: str = "zarr",
+    chunk: int = 1024,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(labels (H, W) uint8, probabilities (K, H, W) float32 or None) to pass to ``predict_tiled``.
+
+    ``store=None`` gives in-memory numpy arrays. Otherwise ``kind="zarr"`` creates a zarr
+    group at ``store`` with arrays "labels" and "probabilities" (chunked ``chunk`` pixels
+    square, a napari-friendly layout); ``kind="memmap"`` creates ``labels.u8`` and
+    ``probabilities.f32`` raw memory maps in the folder ``store``. Either way the outputs
+    live on disk, so a 20000 x 20000 prediction needs little RAM.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    if store is None:
+        labels = np.zeros((h, w), np.uint8)
+        probs = np.zeros((num_classes, h, w), np.float32) if probabilities else None
+        return labels, probs
+    if kind == "memmap":
+        folder = Path(store)
+        folder.mkdir(parents=True, exist_ok=True)
+        labels = np.lib.format.open_memmap(folder / "labels.npy", mode="w+", dtype=np.uint8, shape=(h, w))
+        probs = None
+        if probabilities:
+            probs = np.lib.format.open_memmap(
+                folder / "probabilities.npy", mode="w+", dtype=np.float32, shape=(num_classes, h, w)
+            )
+        return labels, probs
+    if kind != "zarr":
+        raise ValueError("kind must be 'zarr' or 'memmap'")
+    import zarr
+
+    group = zarr.open_group(str(store), mode="w")
+    c = max(16, min(chunk, max(h, w)))
+    labels = group.create_array("labels", shape=(h, w), chunks=(min(c, h), min(c, w)), dtype="uint8", fill_value=0)
+    probs = None
+    if probabilities:
+        probs = group.create_array(
+            "probabilities",
+            shape=(num_classes, h, w),
+            chunks=(1, min(c, h), min(c, w)),
+            dtype="float32",
+            fill_value=0.0,
+        )
+    return labels, probs
+
+
+# ----------------------------------------------------------------------------- prediction
 
 
 def predict_tiled(
@@ -73,78 +274,105 @@ def predict_tiled(
 ) -> Generator[PredictProgress, None, Prediction]:
     """Yield progress per batch of tiles; return the ``Prediction``.
 
-    ``out_labels`` (H, W) and ``out_probabilities`` (K, H, W) may be preallocated arrays
-    (numpy, memmap, zarr) for outputs that do not fit in memory.
+    ``image``: (H, W), (H, W, C) or (C, H, W) numpy, dask or zarr array. ``out_labels``
+    (H, W) and ``out_probabilities`` (K, H, W) may be preallocated arrays (numpy, memmap,
+    zarr; see ``allocate_outputs``) for outputs that do not fit in memory. A stop
+    request is honoured between batches; the rows finished so far are then in the
+    outputs and ``complete`` is False.
     """
     config = config or PredictConfig()
-    image = as_channels_last(image)
-    check_finite(image)
-    h, w = image.shape[:2]
+    reader = _TileReader(image)
+    h, w = reader.height, reader.width
     norm = model.info.normalization
-    value_range = intensity_range(image, norm)
+    if reader.dtype.kind == "f" and h * w <= FINITE_CHECK_PIXELS:
+        _check_finite(reader.sample(FINITE_CHECK_PIXELS))
+    check_tiles = reader.dtype.kind == "f" and h * w > FINITE_CHECK_PIXELS
+    value_range = _value_range(reader, norm)
     k = model.config.num_classes
     device = resolve_device(config.device)
     dtype = autocast_dtype(device, config.precision)
-    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    network = model.network.to(device).to(memory_format=memory_format).eval()
+    network = inference_network(model.network, device)
 
     divisor = model.config.divisor
-    tile = max(divisor, int(np.ceil(config.tile_size / divisor) * divisor))
+    tile = max(divisor, _round_up(config.tile_size, divisor))
     overlap = min(int(round(tile * config.overlap)), tile // 2)
-    stride = tile - overlap
-    th, tw = min(tile, _round_up(h, divisor)), min(tile, _round_up(w, divisor))
-    ys, xs = tile_starts(h, th, stride), tile_starts(w, tw, stride)
-    window = blend_window(tile, overlap)[:th, :tw]
+    th, ys = tile_layout(h, tile, overlap, divisor)
+    tw, xs = tile_layout(w, tile, overlap, divisor)
+    ramp_y = blend_ramp(th, overlap) if len(ys) > 1 else np.ones(th, np.float32)
+    ramp_x = blend_ramp(tw, overlap) if len(xs) > 1 else np.ones(tw, np.float32)
+    # The tiles form a product grid, so the summed weights are separable: dividing each
+    # tile's ramps by the row and column sums beforehand makes the band hold final values.
+    norm_y = _normalized_ramps(ramp_y, ys, h)
+    norm_x = _normalized_ramps(ramp_x, xs, w)
 
     labels_out = out_labels if out_labels is not None else np.zeros((h, w), np.uint8)
     probs_out = None
     if probabilities:
         probs_out = out_probabilities if out_probabilities is not None else np.zeros((k, h, w), np.float32)
+    if tuple(labels_out.shape) != (h, w):
+        raise ValueError(f"out_labels has shape {tuple(labels_out.shape)}, expected {(h, w)}")
+    if probs_out is not None and tuple(probs_out.shape) != (k, h, w):
+        raise ValueError(f"out_probabilities has shape {tuple(probs_out.shape)}, expected {(k, h, w)}")
 
-    total = len(ys) * len(xs)
-    done = 0
+    batch_size = max(1, int(config.batch_size))
+    tiles = [(row, col) for row in range(len(ys)) for col in range(len(xs))]
+    total = len(tiles)
+    band = torch.zeros((k, th, w), dtype=torch.float32)  # blended rows [band_top, band_top + th)
     band_top = 0
-    band = np.zeros((k, th + stride, w), np.float32)
-    weight = np.zeros((th + stride, w), np.float32)
-    for row, top in enumerate(ys):
-        # shift the band so that it starts at `top`
-        shift = top - band_top
-        if shift:
-            band = np.roll(band, -shift, axis=1)
-            weight = np.roll(weight, -shift, axis=0)
-            band[:, -shift:] = 0
-            weight[-shift:] = 0
-            band_top = top
-        for first in range(0, len(xs), config.batch_size):
-            if _stop_requested(stop):
-                return Prediction(labels_out, probs_out, complete=False)
-            lefts = xs[first : first + config.batch_size]
-            tiles = [
-                _pad_tile(normalize(np.asarray(image[top : top + th, left : left + tw]), norm, value_range), th, tw)
-                for left in lefts
-            ]
-            with torch.no_grad(), autocast(device, dtype):
-                logits = network(_network_input(tiles, device, memory_format))
-            probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
-            for left, p in zip(lefts, probs, strict=True):
-                vh, vw = min(th, h - top), min(tw, w - left)
-                win = window[:vh, :vw]
-                band[:, :vh, left : left + vw] += p[:, :vh, :vw] * win
-                weight[:vh, left : left + vw] += win
-            done += len(lefts)
-            yield PredictProgress(done, total)
-        # rows above the next tile row are final
-        next_top = ys[row + 1] if row + 1 < len(ys) else h
-        final = next_top - top
-        block = band[:, :final] / weight[None, :final]
-        labels_out[top:next_top] = (block.argmax(0) + 1).astype(np.uint8)
-        if probs_out is not None:
-            probs_out[:, top:next_top] = block
+    done = 0
+    for first in range(0, total, batch_size):
+        if _stop_requested(stop):
+            return Prediction(labels_out, probs_out, complete=False)
+        chunk = tiles[first : first + batch_size]
+        batch = np.empty((len(chunk), th, tw, norm.channels), np.float32)
+        for i, (row, col) in enumerate(chunk):
+            region = reader.read(slice(ys[row], ys[row] + th), slice(xs[col], xs[col] + tw))
+            if check_tiles:
+                _check_finite(region)
+            batch[i] = _pad_tile(normalize(region, norm, value_range), th, tw)
+        probs = _forward_probabilities(network, batch, device, dtype).cpu()
+        for (row, col), p in zip(chunk, probs, strict=True):
+            top, left = ys[row], xs[col]
+            if top != band_top:
+                # every tile of the rows above `top` is done (row-major order): those rows are final
+                _flush(band, band_top, top, labels_out, probs_out)
+                shift = top - band_top
+                keep = th - shift
+                if keep > 0:
+                    band[:, :keep] = band[:, shift:].clone()
+                band[:, max(keep, 0) :] = 0
+                band_top = top
+            vh, vw = min(th, h - top), min(tw, w - left)
+            win = torch.outer(norm_y[row][:vh], norm_x[col][:vw])
+            band[:, :vh, left : left + vw].addcmul_(p[:, :vh, :vw], win)
+        done += len(chunk)
+        yield PredictProgress(done, total)
+    _flush(band, band_top, h, labels_out, probs_out)
     return Prediction(labels_out, probs_out)
 
 
-def _round_up(value: int, divisor: int) -> int:
-    return int(np.ceil(value / divisor) * divisor)
+def _normalized_ramps(ramp: np.ndarray, starts: list[int], length: int) -> list[torch.Tensor]:
+    """Each tile's ramp divided by the sum of all ramps at the same image positions."""
+    total = np.zeros(length, np.float64)
+    for start in starts:
+        n = min(len(ramp), length - start)
+        total[start : start + n] += ramp[:n]
+    out = []
+    for start in starts:
+        n = min(len(ramp), length - start)
+        out.append(torch.from_numpy((ramp[:n] / total[start : start + n]).astype(np.float32)))
+    return out
+
+
+def _flush(band: torch.Tensor, band_top: int, end: int, labels_out, probs_out, columns: int = 4096) -> None:
+    """Write the finished rows [band_top, end) into the outputs, a few columns at a time
+    so that the temporaries stay small for very wide images."""
+    rows = end - band_top
+    for left in range(0, band.shape[-1], columns):
+        block = band[:, :rows, left : left + columns]
+        labels_out[band_top:end, left : left + columns] = (block.argmax(0) + 1).to(torch.uint8).numpy()
+        if probs_out is not None:
+            probs_out[:, band_top:end, left : left + columns] = block.numpy()
 
 
 def _pad_tile(tile: np.ndarray, th: int, tw: int) -> np.ndarray:
@@ -166,10 +394,10 @@ def predict(model: SegmentationModel, image, config: PredictConfig | None = None
 
 
 def predict_whole(model: SegmentationModel, image, device: str = "cpu", precision: str = "float32") -> np.ndarray:
-    """Probabilities (K, H, W) from one forward pass over the whole image (reference for tests)."""
-    image = as_channels_last(image)
+    """Probabilities (K, H, W) from one plain forward pass over the whole image (reference for tests)."""
+    reader = _TileReader(image)
     norm = model.info.normalization
-    x = normalize(np.asarray(image), norm)
+    x = normalize(reader.read(slice(None), slice(None)), norm, _value_range(reader, norm))
     dev = resolve_device(device)
     dtype = autocast_dtype(dev, precision)
     network = model.network.to(dev).eval()

@@ -44,7 +44,17 @@ def scr_term(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Semantic consistency of one student map with the detached, pooled teacher."""
-    pooled = F.adaptive_avg_pool2d(teacher.detach(), student.shape[-2:]).to(student.dtype)
+    return _scr_pooled(student, _pool_teacher(teacher, student), pairing, generator)
+
+
+def _pool_teacher(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    return F.adaptive_avg_pool2d(teacher.detach(), student.shape[-2:]).to(student.dtype)
+
+
+def _scr_pooled(
+    student: torch.Tensor, pooled: torch.Tensor, pairing: str, generator: torch.Generator | None
+) -> torch.Tensor:
+    """SCR of one student against the teacher already pooled to its size."""
     if pairing == "mean":
         return F.mse_loss(student, pooled.mean(dim=1, keepdim=True).expand_as(student))
     cs, ct = student.shape[1], pooled.shape[1]
@@ -56,10 +66,16 @@ def scr_term(
 
 
 def channel_scores(feature: torch.Tensor) -> torch.Tensor:
-    """Per-channel score: the mean of its L2-normalised spatial maps over batch and space."""
-    flat = feature.detach().float().flatten(2)  # B, C, HW
-    flat = F.normalize(flat, dim=2)
-    return flat.mean(dim=(0, 2))
+    """Per-channel score: the mean of its L2-normalised spatial maps over batch and space.
+
+    Computed as (sum of the map) / max(its L2 norm, 1e-12), which is ``F.normalize``
+    followed by the mean, without materialising the normalised copy (the feature maps
+    are channels-last bfloat16 while training on a CPU, so that copy was a full cast).
+    """
+    f = feature.detach()
+    total = f.sum(dim=(2, 3), dtype=torch.float32)  # B, C
+    norm = torch.linalg.vector_norm(f, dim=(2, 3), dtype=torch.float32)
+    return (total / norm.clamp_min(1e-12)).mean(dim=0) / (f.shape[2] * f.shape[3])
 
 
 def ifd_term(feature: torch.Tensor) -> torch.Tensor:
@@ -81,7 +97,14 @@ def scr_loss(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     teacher = blocks[roles.teacher]
-    terms = [scr_term(blocks[name], teacher, pairing, generator) for name in roles.students]
+    pooled: dict[tuple, torch.Tensor] = {}  # the teacher pooled once per student size and dtype
+    terms = []
+    for name in roles.students:
+        student = blocks[name]
+        key = (*student.shape[-2:], student.dtype)
+        if key not in pooled:
+            pooled[key] = _pool_teacher(teacher, student)
+        terms.append(_scr_pooled(student, pooled[key], pairing, generator))
     return torch.stack([t.float() for t in terms]).mean()
 
 
