@@ -19,6 +19,7 @@ from napari_selfreg.core.redundancy import (
     RedundancyConfig,
     RedundancyProgress,
     RedundancyReport,
+    block_features,
     channel_similarity,
     compute_redundancy,
     map_scale,
@@ -229,3 +230,14 @@ def test_user_errors_are_input_errors(odd_image):
 def test_receptive_radius_of_the_paper_unet():
     assert receptive_radius(4) == 137
     assert receptive_radius(1) == 11
+
+
+def test_block_features_and_their_index(odd_image):
+    model = _tiny_model()
+    features = block_features(model, odd_image, device="cpu")
+    assert list(features) == ["E1", "E2", "E3", "D2", "D1"]
+    assert features["E1"].shape == (4, 101, 87) and features["E3"].shape == (8, 26, 22)
+    report = redundancy_report(model, odd_image, RedundancyConfig(device="cpu"))
+    for name, f in features.items():  # the report's index is the index of these very features
+        s = channel_similarity(f)
+        assert redundancy_index(s) == pytest.approx(report.block(name).redundancy_index, abs=1e-6)

@@ -480,6 +480,26 @@ def _window_index(core: torch.Tensor, window: int, centered: bool) -> tuple[np.n
     return index.reshape(nr, nc).numpy().astype(np.float32), counts.reshape(nr, nc).numpy()
 
 
+def block_features(model: SegmentationModel, image, device: str = "auto") -> dict[str, np.ndarray]:
+    """Every block's output for a (small) image or crop, as float32 (C, ceil(H/s), ceil(W/s)) arrays
+    named E1..E(depth+1), D(depth)..D1 (D1: the final features). For scripts and inspection;
+    the maps above never hold all of them for a large image."""
+    image = as_channels_last(image)
+    check_finite(image)
+    h, w = image.shape[:2]
+    dev = resolve_device(device)
+    network = model.network.to(dev).eval()
+    x = normalize(np.asarray(image), model.info.normalization)
+    x = _pad_input(torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0)))[None].to(dev), model.config.divisor)
+    with torch.no_grad():
+        _, blocks = network.forward_blocks(x)
+    out = {}
+    for name, value in blocks.items():
+        s = x.shape[-2] // value.shape[-2]
+        out[name] = value[0, :, : -(-h // s), : -(-w // s)].float().cpu().numpy()
+    return out
+
+
 def compute_redundancy(
     model: SegmentationModel,
     image,
