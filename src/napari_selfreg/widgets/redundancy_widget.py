@@ -178,6 +178,12 @@ class RedundancyWidget(QWidget):
     # ------------------------------------------------------------------ choices
 
     def _refresh_models(self, *_) -> None:
+        try:
+            self._fill_model_boxes()
+        except RuntimeError:  # the dock was closed: its Qt widgets are gone
+            self.registry.changed.disconnect(self._refresh_models)
+
+    def _fill_model_boxes(self) -> None:
         names = self.registry.names()
         for box in (self.model_box, self.compare_box):
             current = box.currentText()
