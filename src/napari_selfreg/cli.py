@@ -258,7 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DELEGATED = {"bench": cmd_bench, "demo": cmd_demo}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        # these parse their own options (argparse would swallow a leading --help)
+        return DELEGATED[argv[0]](argparse.Namespace(command=argv[0], rest=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
