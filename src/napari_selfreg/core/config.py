@@ -117,9 +117,9 @@ class TrainConfig(_JsonMixin):
 class PredictConfig(_JsonMixin):
     """Tiled inference settings."""
 
-    tile_size: int = 512
+    tile_size: int = 1024  # a 1000 x 1000 image is one forward pass; tiles shrink to fit smaller images
     overlap: float = 0.25  # fraction of the tile shared with each neighbour
-    batch_size: int = 4
+    batch_size: int = 2
     device: str = "auto"
     precision: str = "auto"  # "auto" -> bfloat16 on CPUs that have fast bf16, float16 on CUDA
 

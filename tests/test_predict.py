@@ -1,0 +1,266 @@
+"""Tiled prediction: agreement with whole-image prediction, any size and input kind, outputs on disk.
+
+Tolerances were measured on this project's 2-core CPU (see benchmarks/sections/speed.md):
+the UNet zero-pads at every tile border, so tiles and the whole image differ near tile
+edges; the overlap and the blending window keep that within the bounds below.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from napari_selfreg.core.config import ModelConfig, ModelInfo, Normalization, PredictConfig, TrainConfig
+from napari_selfreg.core.model import SegmentationModel
+from napari_selfreg.core.predict import (
+    allocate_outputs,
+    inference_network,
+    predict,
+    predict_tiled,
+    predict_whole,
+    tile_layout,
+)
+
+F32 = dict(precision="float32", device="cpu")
+
+
+def _calibrated(model: SegmentationModel, seed: int = 0) -> SegmentationModel:
+    """Random weights with BatchNorm statistics from a few inputs, so outputs are not degenerate."""
+    torch.manual_seed(seed)
+    net = model.network.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.rand(2, model.config.in_channels, 64, 64))
+    net.eval()
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread in this module: on a shared, busy 2-core CI machine two spinning
+    OpenMP threads made these tests 5-10x slower; one thread costs little when idle."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def random_model() -> SegmentationModel:
+    info = ModelInfo(model=ModelConfig(num_classes=3), class_names=["background", "a", "b"])
+    return _calibrated(SegmentationModel.create(info))
+
+
+@pytest.fixture(scope="module")
+def gray16_model() -> SegmentationModel:
+    info = ModelInfo(
+        model=ModelConfig(in_channels=1, num_classes=2),
+        normalization=Normalization(mode="percentile", channels=1),
+    )
+    return _calibrated(SegmentationModel.create(info), seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained_model(monuseg_pair) -> SegmentationModel:
+    """A model fitted briefly to simulated strokes on a real MoNuSeg image (confident outputs)."""
+    from napari_selfreg.bench.strokes import simulate_strokes
+    from napari_selfreg.core.train import train_to_end
+
+    image, mask = monuseg_pair
+    strokes = simulate_strokes(mask, seed=0)
+    config = TrainConfig(steps=30, patch_size=96, batch_size=4, validation_fraction=0.0, seed=0)
+    return train_to_end([image], [strokes], config).last
+
+
+def _image(h: int, w: int, c: int = 3, seed: int = 0) -> np.ndarray:
+    """Smooth random blobs (not white noise), so the network sees structure at every scale."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    noise = rng.random((h, w, c))
+    smooth = ndimage.gaussian_filter(noise, (4, 4, 0))
+    smooth = (smooth - smooth.min()) / (np.ptp(smooth) + 1e-9)
+    return (smooth * 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 100, 255, 256, 257, 300, 511, 1000, 1025, 4097])
+def test_tile_layout_covers_with_overlap(length):
+    tile, overlap, divisor = 256, 64, 16
+    size, starts = tile_layout(length, tile, overlap, divisor)
+    assert size % divisor == 0 and size <= tile
+    assert starts[0] == 0
+    assert starts[-1] + size >= length
+    if len(starts) > 1:
+        assert starts[-1] + size == length  # last tile ends on the image edge (no padding)
+        gaps = np.diff(starts)
+        assert (size - gaps >= overlap).all()  # neighbours overlap at least as asked
+
+
+# ----------------------------------------------------------------------------- agreement
+
+
+def test_single_tile_equals_whole_image(random_model):
+    image = _image(37, 50)  # smaller than one tile and not a multiple of 16
+    whole = predict_whole(random_model, image)
+    tiled = predict(random_model, image, PredictConfig(tile_size=256, **F32))
+    assert tiled.complete
+    assert tiled.probabilities.shape == (3, 37, 50)
+    np.testing.assert_allclose(tiled.probabilities, whole, atol=1e-4)
+    np.testing.assert_array_equal(tiled.labels, whole.argmax(0) + 1)
+
+
+@pytest.mark.parametrize("shape", [(203, 331), (97, 64), (65, 257), (130, 1)])
+def test_odd_sizes_and_one_pixel_remainders(random_model, shape):
+    image = _image(*shape, seed=shape[0])
+    whole = predict_whole(random_model, image)
+    tiled = predict(random_model, image, PredictConfig(tile_size=64, overlap=0.25, batch_size=3, **F32))
+    assert tiled.labels.shape == shape and tiled.labels.dtype == np.uint8
+    assert set(np.unique(tiled.labels)) <= {1, 2, 3}
+    np.testing.assert_allclose(tiled.probabilities.sum(0), 1.0, atol=1e-5)
+    # small random model, 64-pixel tiles: border effects stay small on average
+    assert np.abs(tiled.probabilities - whole).mean() < 0.02
+
+
+def test_tiled_agrees_with_whole_on_real_image(trained_model, monuseg_pair):
+    """Tile 256 / overlap 0.25 on a 512 x 512 real crop: labels agree on >= 99 % of pixels."""
+    image = monuseg_pair[0][:512, :512]
+    whole = predict_whole(trained_model, image)
+    tiled = predict(trained_model, image, PredictConfig(tile_size=256, overlap=0.25, **F32))
+    agree = (tiled.labels == whole.argmax(0) + 1).mean()
+    delta = np.abs(tiled.probabilities - whole).mean()
+    assert agree >= 0.99, agree
+    assert delta <= 0.015, delta
+
+
+def test_bfloat16_agrees_with_float32_on_real_image(trained_model, monuseg_pair):
+    """The fast path (bf16 autocast, BatchNorm folded) against float32 on a full 1000 x 1000 image."""
+    image = monuseg_pair[0]
+    fast = predict(trained_model, image, PredictConfig(precision="bfloat16", device="cpu"))
+    exact = predict(trained_model, image, PredictConfig(**F32))
+    agree = (fast.labels == exact.labels).mean()
+    delta = np.abs(fast.probabilities - exact.probabilities)
+    assert agree >= 0.995, agree
+    assert delta.mean() <= 5e-3, delta.mean()
+    assert delta.max() <= 0.15, delta.max()
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def test_dask_and_zarr_inputs_match_numpy(random_model, tmp_path):
+    da = pytest.importorskip("dask.array")
+    zarr = pytest.importorskip("zarr")
+    image = _image(150, 170)
+    config = PredictConfig(tile_size=64, **F32)
+    reference = predict(random_model, image, config)
+    lazy = da.from_array(image, chunks=(64, 64, 3))
+    stored = zarr.open_array(str(tmp_path / "image.zarr"), mode="w", shape=image.shape, chunks=(50, 50, 3), dtype="u1")
+    stored[:] = image
+    for source in (lazy, stored):
+        result = predict(random_model, source, config)
+        np.testing.assert_array_equal(result.labels, reference.labels)
+        np.testing.assert_allclose(result.probabilities, reference.probabilities, atol=1e-6)
+
+
+def test_grayscale_16bit_channel_first_and_rgba(gray16_model, random_model):
+    rng = np.random.default_rng(3)
+    gray16 = (_image(90, 120, c=1)[..., 0].astype(np.uint16) * 200 + rng.integers(0, 50, (90, 120))).astype(np.uint16)
+    result = predict(gray16_model, gray16, PredictConfig(tile_size=64, **F32))
+    assert result.labels.shape == (90, 120)
+    assert np.isfinite(result.probabilities).all()
+    whole = predict_whole(gray16_model, gray16)
+    assert np.abs(result.probabilities - whole).mean() < 0.02
+
+    # a gray image given to an RGB model is repeated to three channels
+    gray8 = _image(70, 80, c=1)[..., 0]
+    rgb = np.repeat(gray8[..., None], 3, axis=-1)
+    np.testing.assert_allclose(
+        predict(random_model, gray8, PredictConfig(**F32)).probabilities,
+        predict(random_model, rgb, PredictConfig(**F32)).probabilities,
+        atol=1e-6,
+    )
+    # channel-first and RGBA give the same as channels-last RGB
+    image = _image(70, 80)
+    reference = predict(random_model, image, PredictConfig(**F32)).probabilities
+    channel_first = np.ascontiguousarray(np.moveaxis(image, -1, 0))
+    rgba = np.concatenate([image, np.full((70, 80, 1), 255, np.uint8)], axis=-1)
+    for variant in (channel_first, rgba):
+        np.testing.assert_allclose(predict(random_model, variant, PredictConfig(**F32)).probabilities, reference)
+
+
+def test_nan_image_is_refused(gray16_model):
+    from napari_selfreg.core.data import InputError
+
+    image = np.ones((40, 40), np.float32)
+    image[3, 4] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        predict(gray16_model, image)
+
+
+# ----------------------------------------------------------------------------- outputs and control
+
+
+@pytest.mark.parametrize("kind", ["zarr", "memmap"])
+def test_outputs_on_disk(random_model, tmp_path, kind):
+    if kind == "zarr":
+        pytest.importorskip("zarr")
+    image = _image(140, 200)
+    config = PredictConfig(tile_size=64, **F32)
+    reference = predict(random_model, image, config)
+    labels, probs = allocate_outputs((140, 200), 3, store=tmp_path / "out", kind=kind, chunk=64)
+    result = predict(random_model, image, config, out_labels=labels, out_probabilities=probs)
+    assert result.labels is labels and result.probabilities is probs
+    np.testing.assert_array_equal(np.asarray(labels[:]), reference.labels)
+    np.testing.assert_allclose(np.asarray(probs[:]), reference.probabilities, atol=1e-6)
+
+
+def test_labels_only(random_model):
+    result = predict(random_model, _image(80, 90), PredictConfig(tile_size=64, **F32), probabilities=False)
+    assert result.probabilities is None and result.labels.shape == (80, 90)
+
+
+def test_progress_counts_tiles_and_batches(random_model):
+    image = _image(200, 300)
+    config = PredictConfig(tile_size=64, overlap=0.25, batch_size=4, **F32)
+    _, ys = tile_layout(200, 64, 16, 16)
+    _, xs = tile_layout(300, 64, 16, 16)
+    run = predict_tiled(random_model, image, config)
+    reports = []
+    while True:
+        try:
+            reports.append(next(run))
+        except StopIteration as done:
+            result = done.value
+            break
+    total = len(ys) * len(xs)
+    assert [r.done for r in reports] == [*range(4, total, 4), total]
+    assert all(r.total == total for r in reports)
+    assert result.complete
+
+
+def test_stop_ends_early(random_model):
+    stop = threading.Event()
+    run = predict_tiled(random_model, _image(200, 300), PredictConfig(tile_size=64, batch_size=2, **F32), stop=stop)
+    first = next(run)
+    stop.set()
+    with pytest.raises(StopIteration) as done:
+        next(run)
+    assert first.done == 2 and first.done < first.total
+    assert done.value.value.complete is False
+
+
+def test_inference_network_folds_batchnorm_without_touching_the_model(random_model):
+    before = {k: v.clone() for k, v in random_model.network.state_dict().items()}
+    fused = inference_network(random_model.network, torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.rand(1, 3, 64, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), random_model.network(x), atol=1e-4, rtol=1e-4)
+    after = random_model.network.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
