@@ -1,0 +1,271 @@
+"""Pieces shared by the dock widgets: layer pickers, device picker, error messages, loss plot.
+
+Nothing here imports torch at module level, so opening a dock widget stays fast; the
+device list is filled in the background, where torch is imported once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_warning
+from qtpy.QtWidgets import QComboBox, QSizePolicy, QVBoxLayout, QWidget
+
+from ..core.data import InputError
+
+DEVICE_TOOLTIP = (
+    "Where the network runs. 'auto' picks a CUDA or Apple GPU when there is one, else the CPU. "
+    "Only devices present on this machine are listed."
+)
+
+
+def connect_while_alive(widget, *pairs) -> None:
+    """Connect (signal, slot) pairs and disconnect them when the Qt widget is destroyed.
+
+    The viewer and the model registry outlive dock widgets; without this, a signal
+    after the widget was closed would call into deleted Qt objects.
+    """
+    for signal, slot in pairs:
+        signal.connect(slot)
+
+    def disconnect(*_):
+        for signal, slot in pairs:
+            try:
+                signal.disconnect(slot)
+            except (RuntimeError, TypeError, ValueError):
+                pass
+
+    widget.destroyed.connect(disconnect)
+
+
+def layer_data(layer) -> object:
+    """The full-resolution array of a layer (level 0 of a multiscale pyramid)."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+def image_shape_2d(layer) -> tuple[int, int]:
+    """(H, W) of an image layer, RGB or gray."""
+    shape = tuple(layer_data(layer).shape)
+    if getattr(layer, "rgb", False):
+        shape = shape[:-1]
+    return int(shape[-2]), int(shape[-1])
+
+
+class LayerCombo(QComboBox):
+    """A combo box of the viewer's layers of one kind, kept in step with the layer list."""
+
+    def __init__(self, viewer, layer_type, none_text: str | None = None, parent=None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.layer_type = layer_type
+        self.none_text = none_text
+        self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.setMinimumContentsLength(12)
+        self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        events = viewer.layers.events
+        connect_while_alive(self, (events.inserted, self.refresh), (events.removed, self.refresh),
+                            (events.moved, self.refresh))
+        self.refresh()
+
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.viewer.layers if isinstance(layer, self.layer_type)]
+
+    def refresh(self, *_) -> None:
+        """Rebuild the list, keeping the current choice when it still exists."""
+        current = self.currentText()
+        names = self.names()
+        self.blockSignals(True)
+        self.clear()
+        if self.none_text is not None:
+            self.addItem(self.none_text)
+        self.addItems(names)
+        if current in names:
+            self.setCurrentText(current)
+        elif self.none_text is None and names:
+            # prefer the layer the user selected last
+            active = self.viewer.layers.selection.active
+            if active is not None and active.name in names:
+                self.setCurrentText(active.name)
+        self.blockSignals(False)
+        if self.currentText() != current:
+            self.currentTextChanged.emit(self.currentText())
+
+    def showPopup(self) -> None:  # layer renames emit no list event: refresh when opened
+        self.refresh()
+        super().showPopup()
+
+    def layer(self):
+        """The chosen layer, or None (nothing chosen, or it was removed)."""
+        name = self.currentText()
+        if not name or name == self.none_text or name not in self.viewer.layers:
+            return None
+        layer = self.viewer.layers[name]
+        return layer if isinstance(layer, self.layer_type) else None
+
+    def select(self, name: str) -> None:
+        self.refresh()
+        self.setCurrentText(name)
+
+
+class NameCombo(QComboBox):
+    """A combo box of names (e.g. session models) that keeps the user's choice across refreshes."""
+
+    def set_names(self, names: list[str]) -> None:
+        current = self.currentText()
+        self.blockSignals(True)
+        self.clear()
+        self.addItems(names)
+        if current in names:
+            self.setCurrentText(current)
+        self.blockSignals(False)
+        if self.currentText() != current:
+            self.currentTextChanged.emit(self.currentText())
+
+
+_DEVICES: list[str] = []  # found once per session
+
+
+class DeviceCombo(QComboBox):
+    """'auto' plus the devices torch finds; the list is filled off the main thread, once."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.addItems(["auto", "cpu"])
+        self.setToolTip(DEVICE_TOOLTIP)
+        self.worker = None
+        if _DEVICES:
+            self._fill(_DEVICES)
+            return
+        self.worker = create_worker(_list_devices, _ignore_errors=True)
+        self.worker.returned.connect(self._fill)
+        self.worker.finished.connect(self._done)
+        self.worker.start()
+
+    def _done(self) -> None:
+        self.worker = None
+
+    def _fill(self, devices: list[str]) -> None:
+        _DEVICES[:] = devices
+        current = self.currentText()
+        self.clear()
+        self.addItems(["auto", *devices])
+        self.setCurrentText(current if current in ("auto", *devices) else "auto")
+        self.setToolTip(f"{DEVICE_TOOLTIP}\nFound here: {', '.join(devices)} ('auto' = {devices[0]}).")
+
+
+def _list_devices() -> list[str]:
+    from ..core.device import available_devices
+
+    return available_devices()
+
+
+def explain(error: BaseException) -> str:
+    """A message for the user that says what to do, without a traceback."""
+    error = getattr(error, "error", error)  # unwrap a WorkerError
+    text = str(error) or type(error).__name__
+    if isinstance(error, InputError):
+        return text
+    if type(error).__name__ == "ModelFileError":
+        return text
+    lowered = text.lower()
+    if "out of memory" in lowered or type(error).__name__ == "OutOfMemoryError":
+        return (
+            "the GPU ran out of memory; lower the batch size, the patch size or the tile size, "
+            "or choose device 'cpu', and start again"
+        )
+    if isinstance(error, ValueError):
+        return text
+    return f"{type(error).__name__}: {text}"
+
+
+def notify_error(error: BaseException, what: str) -> None:
+    show_error(f"{what}: {explain(error)}")
+
+
+def notify_warning(message: str) -> None:
+    show_warning(message)
+
+
+class LossPlot(QWidget):
+    """Live curves of CE, Dice, SCR and IFD losses and the validation Dice.
+
+    Lines are created once and only their data change; redraws come at most every
+    ``interval`` seconds, so a fast training loop cannot flood the main thread.
+    """
+
+    CURVES = (("ce", "CE"), ("dice", "Dice loss"), ("scr", "SCR"), ("ifd", "IFD"))
+    COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+
+    def __init__(self, parent=None, interval: float = 1.0) -> None:
+        super().__init__(parent)
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.interval = interval
+        self._last_draw = 0.0
+        self.figure = Figure(figsize=(3.2, 2.2), dpi=90)
+        self.figure.subplots_adjust(left=0.16, right=0.84, bottom=0.2, top=0.95)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(170)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.canvas)
+        ax = self.axes = self.figure.add_subplot(111)
+        vax = self.val_axes = ax.twinx()
+        self.lines = {
+            key: ax.plot([], [], label=label, color=colour, lw=1)[0]
+            for (key, label), colour in zip(self.CURVES, self.COLOURS, strict=True)
+        }
+        self.val_line = vax.plot([], [], "k.-", label="val Dice", lw=1)[0]
+        ax.set_yscale("log")
+        vax.set_ylim(0, 1)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
+        vax.set_ylabel("validation Dice", fontsize=8)
+        ax.tick_params(labelsize=7)
+        vax.tick_params(labelsize=7)
+        ax.legend(handles=[*self.lines.values(), self.val_line], fontsize=6, loc="lower left", framealpha=0.6)
+        self.clear()
+
+    def clear(self) -> None:
+        self.steps: list[int] = []
+        self.values: dict[str, list[float]] = {key: [] for key, _ in self.CURVES}
+        self.val_steps: list[int] = []
+        self.val_dice: list[float] = []
+        self.offset = 0
+        self._draw(force=True)
+
+    def start_round(self) -> None:
+        """Continue the x axis when a new training round starts (correction loop)."""
+        self.offset = self.steps[-1] if self.steps else 0
+
+    def add(self, report) -> None:
+        step = self.offset + report.step
+        self.steps.append(step)
+        for key, _ in self.CURVES:
+            self.values[key].append(float(getattr(report, key)))
+        if report.val_dice is not None:
+            self.val_steps.append(step)
+            self.val_dice.append(float(report.val_dice))
+        self._draw()
+
+    def flush(self) -> None:
+        self._draw(force=True)
+
+    def _draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_draw < self.interval:
+            return
+        self._last_draw = now
+        for key, line in self.lines.items():
+            values = np.asarray(self.values[key], float)
+            shown = values > 0  # a log axis: a switched-off term (SelfReg off) is not drawn
+            line.set_data(np.asarray(self.steps)[shown], values[shown])
+        self.val_line.set_data(self.val_steps, self.val_dice)
+        if self.steps:
+            self.axes.relim()
+            self.axes.autoscale_view()
+            self.val_axes.set_xlim(self.axes.get_xlim())
+        self.canvas.draw_idle()

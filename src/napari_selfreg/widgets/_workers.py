@@ -1,0 +1,165 @@
+"""Generators the widgets run in napari thread workers (Qt-free, so they are testable alone).
+
+They wrap the core generators: training reports pass straight through, and at most every
+``preview_every`` seconds a cheap prediction of the visible region is computed on a
+snapshot of the weights, so the user sees the model learn while training goes on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Generator
+
+import numpy as np
+
+PREVIEW_MAX_SIDE = 384
+PREVIEW_TILE = 128  # small tiles: a stop request is seen between them
+PREVIEW_SHARE = 0.2  # previews may take at most this share of the training time
+
+
+def visible_box(corners, shape: tuple[int, int], max_side: int = PREVIEW_MAX_SIDE) -> tuple[slice, slice]:
+    """The visible part of the image (from napari's ``corner_pixels``), at most ``max_side`` wide.
+
+    A view larger than that is cut to its central part: the preview must stay cheap.
+    """
+    h, w = shape
+    if corners is None or np.asarray(corners).size < 4:
+        y0, x0, y1, x1 = 0, 0, h, w
+    else:
+        corners = np.asarray(corners)[:, -2:]
+        y0, x0 = np.clip(corners[0], 0, (h, w))
+        y1, x1 = np.clip(corners[1] + 1, 0, (h, w))
+        if y1 - y0 < 16 or x1 - x0 < 16:
+            y0, x0, y1, x1 = 0, 0, h, w
+    spans = []
+    for low, high, size in ((y0, y1, h), (x0, x1, w)):
+        low, high = int(low), int(high)
+        if high - low > max_side:
+            centre = (low + high) // 2
+            low = max(0, centre - max_side // 2)
+            high = min(size, low + max_side)
+        spans.append(slice(low, high))
+    return spans[0], spans[1]
+
+
+def live_model(generator):
+    """The model a suspended core ``train`` generator is updating (not a copy), or None.
+
+    The core's TrainReport carries no weights, so the worker looks into the generator's
+    frame for its SegmentationModel; if the core stops exposing one, previews are skipped.
+    """
+    from ..core.model import SegmentationModel
+
+    frame = getattr(generator, "gi_frame", None)
+    if frame is None:
+        return None
+    local = frame.f_locals
+    candidate = local.get("model")
+    if isinstance(candidate, SegmentationModel):
+        return candidate
+    for value in local.values():
+        if isinstance(value, SegmentationModel):
+            return value
+    return None
+
+
+class WorkerError(Exception):
+    """An error raised in a worker generator, with the model trained so far when there is one.
+
+    Deliberately not a RuntimeError: superqt's GeneratorWorker takes a RuntimeError from
+    the generator for "worker deleted" and drops it silently (no errored, no finished),
+    and torch raises RuntimeError for CUDA out-of-memory and many other failures.
+    """
+
+    def __init__(self, error: BaseException, partial=None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.partial = partial
+
+
+def run_training(
+    images: list,
+    labels: list,
+    config,
+    model_config,
+    class_names: list[str],
+    initial,
+    stop: threading.Event,
+    view: Callable[[], tuple[slice, slice] | None] | None = None,
+    preview_image=None,
+    preview_every: float = 3.0,
+) -> Generator[tuple[str, object], None, object]:
+    """Yield ("report", TrainReport) per step and ("preview", (box, labels)) now and then.
+
+    Previews come at most every ``preview_every`` seconds, and never take more than
+    ``PREVIEW_SHARE`` of the time: on a slow CPU they thin out on their own.
+    Returns the core's TrainResult. On Stop the core generator is closed at once (its
+    final validation would delay the stop by seconds on a slow CPU) and the result holds
+    the weights trained so far. An error after the first step is re-raised as
+    ``WorkerError`` carrying a copy of the model trained so far, so nothing is lost.
+    """
+    from ..core.config import PredictConfig
+    from ..core.predict import predict
+    from ..core.train import train
+
+    generator = train(images, labels, config, model_config, class_names, initial, stop)
+    last_preview = time.monotonic()
+    interval = preview_every
+    model = None
+    history = []
+    while True:
+        if stop.is_set() and model is not None:
+            generator.close()
+            return stopped_result(model, history)
+        try:
+            report = next(generator)
+        except StopIteration as done:
+            return done.value
+        except Exception as error:
+            raise WorkerError(error, model.clone() if model is not None else None) from error
+        history.append(report)
+        model = live_model(generator) or model
+        yield "report", report
+        if preview_image is None or view is None or stop.is_set() or model is None:
+            continue
+        if time.monotonic() - last_preview < interval:
+            continue
+        box = view()
+        began = time.monotonic()
+        if box is not None:
+            snapshot = model.clone()
+            crop = np.asarray(preview_image[box[0], box[1]])
+            settings = PredictConfig(tile_size=PREVIEW_TILE, overlap=0.0, batch_size=1, device=config.device)
+            prediction = predict(snapshot, crop, settings, probabilities=False, stop=stop)
+            if prediction.complete:
+                yield "preview", (box, prediction.labels)
+        last_preview = time.monotonic()
+        interval = max(preview_every, (last_preview - began) / PREVIEW_SHARE)
+
+
+def stopped_result(model, history):
+    """A TrainResult for a run stopped by the user: the weights as they are now."""
+    from ..core.train import TrainResult
+
+    if history:
+        history[-1].stopped = True
+    last = model.clone()
+    last.info.history = [report.to_dict() for report in history]
+    last.network.eval()
+    return TrainResult(best=last, last=last, history=list(history), stopped=True)
+
+
+def run_prediction(model, image, config, probabilities: bool, out_labels, out_probabilities, stop):
+    """The core's tiled prediction: yields PredictProgress, returns Prediction; errors as WorkerError."""
+    from ..core.predict import predict_tiled
+
+    try:
+        return (
+            yield from predict_tiled(
+                model, image, config, probabilities=probabilities,
+                out_labels=out_labels, out_probabilities=out_probabilities, stop=stop,
+            )
+        )
+    except Exception as error:
+        raise WorkerError(error) from error

@@ -1,0 +1,298 @@
+"""The "Segment" dock widget: a trained or loaded model + an image layer -> Labels layers.
+
+The core's tiled prediction runs in a thread worker; the output layer is added first and
+refreshed as rows of tiles finish, so large images (dask, zarr) fill in while the viewer
+stays responsive. Outputs that would not fit comfortably in memory are memory maps.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core.config import PredictConfig
+from ._common import DeviceCombo, LayerCombo, NameCombo, connect_while_alive, explain, image_shape_2d, layer_data
+from ._workers import run_prediction
+from .classes import class_features
+from .model_registry import model_registry
+
+MEMMAP_PIXELS = 64_000_000  # outputs above this many pixels go to memory-mapped files
+INSTANCE_PIXELS = 64_000_000  # largest image the watershed instance split runs on
+REFRESH_SECONDS = 0.5
+
+
+class SegmentWidget(QWidget):
+    """Dock widget: choose a model and an image; get class labels, instances and probabilities."""
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.registry = model_registry()
+        self.worker = None
+        self.instance_worker = None
+        self.stop_event = threading.Event()
+        self.output_layer = None
+        self.prediction = None
+        self._last_refresh = 0.0
+        self._tempdir: tempfile.TemporaryDirectory | None = None
+        self._build()
+        connect_while_alive(self, (self.registry.changed, self._refresh_models))
+        self._refresh_models()
+
+    def _build(self) -> None:
+        layout = QVBoxLayout(self)
+        form = QFormLayout()
+        self.model_combo = NameCombo()
+        self.model_combo.setToolTip("A model trained in this viewer (Train widget) or loaded from a file.")
+        row = QHBoxLayout()
+        row.addWidget(self.model_combo, 1)
+        load = QPushButton("Load…")
+        load.setToolTip("Load a napari-selfreg .safetensors model file.")
+        load.clicked.connect(self._load_dialog)
+        row.addWidget(load)
+        form.addRow("Model", row)
+        self.image_combo = LayerCombo(self.viewer, Image)
+        self.image_combo.setToolTip("The image to segment (any size; dask and zarr images are read tile by tile).")
+        form.addRow("Image", self.image_combo)
+        defaults = PredictConfig()
+        self.tile_size = QSpinBox()
+        self.tile_size.setRange(64, 4096)
+        self.tile_size.setSingleStep(64)
+        self.tile_size.setValue(defaults.tile_size)
+        self.tile_size.setToolTip(
+            "Side of the square tiles the image is cut into; larger is faster but needs more memory."
+        )
+        form.addRow("Tile size", self.tile_size)
+        self.overlap = QDoubleSpinBox()
+        self.overlap.setRange(0.0, 0.5)
+        self.overlap.setSingleStep(0.05)
+        self.overlap.setValue(defaults.overlap)
+        self.overlap.setToolTip("Share of a tile overlapping its neighbours; tiles are blended so seams vanish.")
+        form.addRow("Overlap", self.overlap)
+        self.device = DeviceCombo()
+        form.addRow("Device", self.device)
+        self.instances = QCheckBox("Separate touching objects (instances)")
+        self.instances.setToolTip(
+            "Also add a labels layer with one id per object, splitting touching nuclei by a distance-transform "
+            "watershed."
+        )
+        form.addRow(self.instances)
+        self.probabilities = QCheckBox("Probability map")
+        self.probabilities.setToolTip("Also add the per-class probabilities as an image layer (0..1).")
+        form.addRow(self.probabilities)
+        layout.addLayout(form)
+        self.run_button = QPushButton("Segment")
+        self.run_button.setToolTip("Segment the image; while it runs, the same button stops it.")
+        self.run_button.clicked.connect(self.toggle)
+        layout.addWidget(self.run_button)
+        self.progress = QProgressBar()
+        self.progress.setToolTip("Tiles done.")
+        layout.addWidget(self.progress)
+        self.status = QLabel("Train a model (or load one), choose an image, press Segment.")
+        self.status.setWordWrap(True)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+    # ------------------------------------------------------------------ models
+
+    def _refresh_models(self) -> None:
+        names = self.registry.names()
+        grew = len(names) > self.model_combo.count()
+        self.model_combo.set_names(names)
+        if names and grew:  # a model just trained or loaded is the likely next choice
+            self.model_combo.setCurrentText(names[-1])
+
+    def load_model(self, path: str | Path) -> str | None:
+        from ..core.checkpoint import ModelFileError, load_model
+
+        try:
+            model = load_model(path)
+        except ModelFileError as error:
+            show_error(f"Could not load the model: {error}")
+            return None
+        name = self.registry.add(Path(path).name.split(".")[0], model)
+        self.model_combo.setCurrentText(name)
+        return name
+
+    def _load_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load model", "", "napari-selfreg model (*.safetensors)")
+        if path:
+            self.load_model(path)
+
+    # ------------------------------------------------------------------ run
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def toggle(self) -> None:
+        if self.running:
+            self.stop()
+        else:
+            self.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.status.setText("Stopping…")
+
+    def _outputs(self, shape: tuple[int, int], classes: int, probabilities: bool):
+        """Output arrays: in memory, or memory-mapped files for very large images."""
+        h, w = shape
+        if h * w <= MEMMAP_PIXELS:
+            labels = np.zeros(shape, np.uint8)
+            probs = np.zeros((classes, h, w), np.float32) if probabilities else None
+            return labels, probs
+        self._tempdir = tempfile.TemporaryDirectory(prefix="napari-selfreg-")
+        folder = Path(self._tempdir.name)
+        labels = np.memmap(folder / "labels.u8", np.uint8, "w+", shape=shape)
+        probs = None
+        if probabilities:
+            probs = np.memmap(folder / "probabilities.f16", np.float16, "w+", shape=(classes, h, w))
+        show_info(f"The image is large: outputs are kept in memory-mapped files under {folder}.")
+        return labels, probs
+
+    def start(self):
+        name = self.model_combo.currentText()
+        if name not in self.registry:
+            show_error("Choose a model: train one with 'Train SelfReg UNet' or Load… a model file.")
+            return None
+        image = self.image_combo.layer()
+        if image is None:
+            show_error("Choose an image layer to segment.")
+            return None
+        model = self.registry.get(name)
+        try:
+            config = PredictConfig(
+                tile_size=self.tile_size.value(), overlap=self.overlap.value(), device=self.device.currentText()
+            )
+        except ValueError as error:
+            show_error(f"Check the settings: {error}")
+            return None
+        shape = image_shape_2d(image)
+        data = layer_data(image)
+        labels, probs = self._outputs(shape, model.config.num_classes, self.probabilities.isChecked())
+        layer_name = f"{image.name} segmentation"
+        if layer_name in self.viewer.layers:
+            self.viewer.layers.remove(layer_name)
+        self.output_layer = self.viewer.add_labels(
+            labels,
+            name=layer_name,
+            features=class_features(model.class_names),
+            scale=image.scale[-2:],
+            translate=image.translate[-2:],
+            opacity=0.6,
+        )
+        self._image = image
+        self._model = model
+        self.stop_event = threading.Event()
+        self.worker = create_worker(
+            run_prediction, model, data, config, probs is not None, labels, probs, self.stop_event,
+            _ignore_errors=True,
+        )
+        self.worker.yielded.connect(self._on_progress)
+        self.worker.returned.connect(self._on_returned)
+        self.worker.errored.connect(self._on_errored)
+        self.worker.finished.connect(self._on_finished)
+        self.run_button.setText("Stop")
+        self.progress.setValue(0)
+        self.status.setText(f"Segmenting {image.name} with {name}…")
+        self._started = time.perf_counter()
+        self.worker.start()
+        return self.worker
+
+    def _on_progress(self, progress) -> None:
+        self.progress.setRange(0, progress.total)
+        self.progress.setValue(progress.done)
+        now = time.monotonic()
+        if now - self._last_refresh >= REFRESH_SECONDS and self.output_layer in self.viewer.layers:
+            self._last_refresh = now
+            self.output_layer.refresh()
+
+    def _on_returned(self, prediction) -> None:
+        self.prediction = prediction
+        if self.output_layer is not None and self.output_layer in self.viewer.layers:
+            self.output_layer.refresh()
+        else:
+            show_warning("The segmentation layer was removed; press Segment again to remake it.")
+            return
+        seconds = time.perf_counter() - self._started
+        if not prediction.complete:
+            self.status.setText("Stopped; the rows finished so far are kept in the segmentation layer.")
+            show_info("Segmentation stopped; the part done so far is kept.")
+            return
+        self.status.setText(f"Done in {seconds:.1f} s: '{self.output_layer.name}'.")
+        image = self._image
+        if prediction.probabilities is not None:
+            probs = prediction.probabilities[1:]
+            self.viewer.add_image(
+                probs[0] if len(probs) == 1 else probs,
+                name=f"{image.name} probabilities",
+                colormap="magma",
+                contrast_limits=(0.0, 1.0),
+                blending="additive",
+                scale=image.scale[-2:] if len(probs) == 1 else (1.0, *image.scale[-2:]),
+                translate=image.translate[-2:] if len(probs) == 1 else (0.0, *image.translate[-2:]),
+                visible=False,
+            )
+        if self.instances.isChecked():
+            self._start_instances(prediction.labels)
+
+    def _start_instances(self, labels) -> None:
+        h, w = labels.shape
+        if h * w > INSTANCE_PIXELS:
+            show_warning(
+                "The image is too large for the instance split in one go; segment a cropped region for instances."
+            )
+            return
+        from .instances import separate_instances
+
+        self.status.setText(self.status.text() + " Separating touching objects…")
+        worker = create_worker(separate_instances, np.asarray(labels), _ignore_errors=True)
+        worker.returned.connect(self._add_instances)
+        worker.errored.connect(self._on_instances_error)
+        worker.finished.connect(self._on_instances_finished)
+        self.instance_worker = worker
+        worker.start()
+
+    def _on_instances_error(self, error) -> None:
+        show_error(f"Instance separation failed: {explain(error)}")
+
+    def _on_instances_finished(self) -> None:
+        self.instance_worker = None
+
+    def _add_instances(self, instances) -> None:
+        image = self._image
+        name = f"{image.name} instances"
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        self.viewer.add_labels(instances, name=name, scale=image.scale[-2:], translate=image.translate[-2:])
+        self.status.setText(f"Done: '{self.output_layer.name}' and '{name}' ({int(instances.max())} objects).")
+
+    def _on_errored(self, error: BaseException) -> None:
+        message = explain(error)
+        show_error(f"Segmentation failed: {message}")
+        self.status.setText(f"Segmentation failed: {message}")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.run_button.setText("Segment")

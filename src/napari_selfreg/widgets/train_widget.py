@@ -1,0 +1,694 @@
+"""The "Train SelfReg UNet" dock widget: paint strokes, train, watch, correct, train again.
+
+A thin adapter: it copies arrays and settings out of layers, runs the core ``train``
+generator in a napari thread worker, and updates layers from the worker's signals on
+the main thread. Torch is imported only when training starts (or, for the device list,
+in the background).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt import QCollapsible
+
+from ..core.config import ModelConfig, TrainConfig
+from ._common import (
+    DeviceCombo,
+    LayerCombo,
+    LossPlot,
+    NameCombo,
+    connect_while_alive,
+    explain,
+    image_shape_2d,
+    layer_data,
+    notify_error,
+)
+from ._workers import WorkerError, run_training, visible_box
+from .classes import DEFAULT_CLASSES, class_features, class_names_of
+from .model_registry import model_registry
+
+NEW_MODEL = "new model"
+FULL_PREVIEW_PIXELS = 4_000_000  # after training, predict the whole image when it is at most this big
+
+
+def _spin(value: int, low: int, high: int, tip: str, step: int = 1, suffix: str = "") -> QSpinBox:
+    box = QSpinBox()
+    box.setRange(low, high)
+    box.setSingleStep(step)
+    box.setValue(value)
+    box.setToolTip(tip)
+    if suffix:
+        box.setSuffix(suffix)
+    return box
+
+
+def _dspin(value: float, low: float, high: float, tip: str, decimals: int = 4, step: float = 0.001) -> QDoubleSpinBox:
+    box = QDoubleSpinBox()
+    box.setDecimals(decimals)
+    box.setRange(low, high)
+    box.setSingleStep(step)
+    box.setValue(value)
+    box.setToolTip(tip)
+    return box
+
+
+class _PairRow(QWidget):
+    """One extra (image, labels) pair for training on several images at once."""
+
+    def __init__(self, viewer, on_remove) -> None:
+        super().__init__()
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.image = LayerCombo(viewer, Image)
+        self.image.setToolTip("Another image to train on")
+        self.labels = LayerCombo(viewer, Labels)
+        self.labels.setToolTip("The strokes painted on that image")
+        remove = QPushButton("✕")
+        remove.setFixedWidth(28)
+        remove.setToolTip("Do not train on this pair")
+        remove.clicked.connect(lambda: on_remove(self))
+        layout.addWidget(self.image)
+        layout.addWidget(self.labels)
+        layout.addWidget(remove)
+
+
+class TrainWidget(QWidget):
+    """Dock widget: pick image and strokes, set a few options, Start/Stop, see losses and a live preview."""
+
+    def __init__(self, napari_viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.registry = model_registry()
+        self.worker = None
+        self.final_worker = None
+        self.stop_event = threading.Event()
+        self.result = None
+        self._run_layers: list = []
+        self._run_image = None
+        self._prediction_name: str | None = None
+        self._view_box = None
+        self._stop_requested_at: float | None = None
+        self.last_stop_latency: float | None = None
+        self._build()
+        connect_while_alive(
+            self,
+            (self.registry.changed, self._refresh_models),
+            (self.viewer.layers.events.removed, self._on_layer_removed),
+        )
+        self.labels_combo.currentTextChanged.connect(self._show_classes_of_layer)
+        self._refresh_models()
+        self._show_classes_of_layer()
+
+    # ------------------------------------------------------------------ layout
+
+    def _build(self) -> None:
+        layout = QVBoxLayout(self)
+
+        data = QGroupBox("Image and strokes")
+        form = QFormLayout(data)
+        self.image_combo = LayerCombo(self.viewer, Image)
+        self.image_combo.setToolTip("The image to learn from (RGB H&E, gray or 16-bit).")
+        form.addRow("Image", self.image_combo)
+        self.labels_combo = LayerCombo(self.viewer, Labels)
+        self.labels_combo.setToolTip(
+            "The labels layer with your strokes: 1 = background, 2, 3, ... = structures, 0 = not painted."
+        )
+        form.addRow("Strokes", self.labels_combo)
+        self.new_labels_button = QPushButton("New labels layer for painting")
+        self.new_labels_button.setToolTip(
+            "Add an empty labels layer the size of the image, with the classes below, and select the brush."
+        )
+        self.new_labels_button.clicked.connect(self.new_labels_layer)
+        form.addRow(self.new_labels_button)
+        self.pairs_box = QVBoxLayout()
+        form.addRow(self.pairs_box)
+        self.extra_pairs: list[_PairRow] = []
+        add_pair = QPushButton("+ another image / strokes pair")
+        add_pair.setToolTip("Train on several painted images at once.")
+        add_pair.clicked.connect(self.add_pair)
+        form.addRow(add_pair)
+        layout.addWidget(data)
+
+        classes = QGroupBox("Classes (double-click a name to rename)")
+        cl = QVBoxLayout(classes)
+        self.class_table = QTableWidget(0, 2)
+        self.class_table.setHorizontalHeaderLabels(["id", "class"])
+        self.class_table.verticalHeader().setVisible(False)
+        self.class_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeToContents)
+        self.class_table.horizontalHeader().setStretchLastSection(True)
+        self.class_table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.class_table.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.class_table.setMaximumHeight(120)
+        self.class_table.setToolTip(
+            "1 = background; 2, 3, ... = structures. Click a row to paint with that class; "
+            "double-click a name to rename it."
+        )
+        self.class_table.itemChanged.connect(self._class_renamed)
+        self.class_table.itemSelectionChanged.connect(self._class_selected)
+        cl.addWidget(self.class_table)
+        add_class = QPushButton("Add class")
+        add_class.setToolTip("Add a structure class with the next id.")
+        add_class.clicked.connect(lambda: self.add_class())
+        cl.addWidget(add_class)
+        layout.addWidget(classes)
+
+        model = QGroupBox("Model")
+        mf = QFormLayout(model)
+        self.model_combo = NameCombo()
+        self.model_combo.setToolTip(
+            "'new model' trains from scratch; a trained or loaded model continues training "
+            "(same classes) - use it for the next round after correcting the prediction."
+        )
+        mf.addRow("Start from", self.model_combo)
+        row = QHBoxLayout()
+        self.load_button = QPushButton("Load…")
+        self.load_button.setToolTip("Load a napari-selfreg .safetensors model file to continue training or segment.")
+        self.load_button.clicked.connect(self._load_dialog)
+        self.save_button = QPushButton("Save…")
+        self.save_button.setToolTip("Save the model chosen above (weights, classes and settings in one file).")
+        self.save_button.clicked.connect(self._save_dialog)
+        row.addWidget(self.load_button)
+        row.addWidget(self.save_button)
+        mf.addRow(row)
+        layout.addWidget(model)
+
+        settings = QGroupBox("Training")
+        sf = QFormLayout(settings)
+        defaults = TrainConfig()
+        self.steps = _spin(defaults.steps, 1, 1_000_000, "Number of optimisation steps (one batch of patches each).")
+        sf.addRow("Steps", self.steps)
+        self.time_budget = _spin(
+            0, 0, 86_400, "Stop after this many seconds even if steps remain (0 = no time limit).", suffix=" s"
+        )
+        self.time_budget.setSpecialValueText("no limit")
+        sf.addRow("Time budget", self.time_budget)
+        self.selfreg = QCheckBox("SelfReg (SCR + IFD)")
+        self.selfreg.setChecked(defaults.selfreg)
+        self.selfreg.setToolTip(
+            "Add the SelfReg losses: semantic consistency (SCR) and internal feature distillation (IFD). "
+            "No cost at prediction time."
+        )
+        sf.addRow(self.selfreg)
+        self.device = DeviceCombo()
+        sf.addRow("Device", self.device)
+        layout.addWidget(settings)
+
+        advanced = QCollapsible("Advanced")
+        inner = QWidget()
+        af = QFormLayout(inner)
+        self.patch_size = _spin(defaults.patch_size, 32, 1024, "Side of the square training patches, in pixels.", 16)
+        af.addRow("Patch size", self.patch_size)
+        self.batch_size = _spin(defaults.batch_size, 1, 256, "Patches per step; lower it if memory runs out.")
+        af.addRow("Batch size", self.batch_size)
+        self.learning_rate = _dspin(
+            defaults.learning_rate, 1e-6, 1.0, "Peak learning rate (AdamW, warm-up then cosine decay).", 5, 1e-4
+        )
+        af.addRow("Learning rate", self.learning_rate)
+        self.lambda_scr = _dspin(defaults.lambda_scr, 0.0, 10.0, "Weight of the SCR loss (paper: 0.015).")
+        af.addRow("SCR weight", self.lambda_scr)
+        self.lambda_ifd = _dspin(defaults.lambda_ifd, 0.0, 10.0, "Weight of the IFD loss (paper: 0.015).")
+        af.addRow("IFD weight", self.lambda_ifd)
+        self.base_channels = _spin(
+            ModelConfig().base_channels, 4, 128,
+            "Channels of the first block (doubling per level); 16 trains quickly on a CPU, 64 is the paper's.", 4,
+        )
+        af.addRow("Model width", self.base_channels)
+        self.seed = _spin(0, -1, 2**31 - 1, "Random seed for reproducible runs (-1 = a different run each time).")
+        self.seed.setSpecialValueText("random")
+        af.addRow("Seed", self.seed)
+        self.validation_every = _spin(
+            defaults.validation_every, 1, 100_000, "Measure the Dice on held-out strokes every this many steps."
+        )
+        af.addRow("Validate every", self.validation_every)
+        self.preview_every = _dspin(
+            3.0, 0.0, 600.0, "Seconds between live previews of the visible region (0 = no preview).", 1, 1.0
+        )
+        af.addRow("Preview every (s)", self.preview_every)
+        advanced.addWidget(inner)
+        layout.addWidget(advanced)
+
+        self.start_button = QPushButton("Start training")
+        self.start_button.setToolTip("Start training; while it runs, the same button stops it (the model is kept).")
+        self.start_button.clicked.connect(self.toggle)
+        layout.addWidget(self.start_button)
+        self.progress = QProgressBar()
+        self.progress.setToolTip("Steps done (or time used, with a time budget).")
+        layout.addWidget(self.progress)
+        self.status = QLabel("Paint strokes, then press Start.")
+        self.status.setWordWrap(True)
+        layout.addWidget(self.status)
+        self.plot = LossPlot()
+        self.plot.setToolTip("Training losses (log scale, left) and Dice on held-out strokes (right, 0..1).")
+        layout.addWidget(self.plot)
+
+        self.correct_button = QPushButton("Use prediction as labels for the next round")
+        self.correct_button.setToolTip(
+            "Copy the prediction (with your brush corrections) into a new labels layer, your strokes on top, "
+            "and choose it for training. Then press Start again."
+        )
+        self.correct_button.clicked.connect(self.use_prediction_as_labels)
+        layout.addWidget(self.correct_button)
+        layout.addStretch(1)
+
+    # ------------------------------------------------------------------ classes
+
+    def class_names(self) -> list[str]:
+        return [self.class_table.item(row, 1).text() for row in range(self.class_table.rowCount())]
+
+    def set_class_names(self, names) -> None:
+        self.class_table.blockSignals(True)
+        self.class_table.setRowCount(0)
+        for name in names:
+            self._append_class_row(name)
+        self.class_table.blockSignals(False)
+
+    def _append_class_row(self, name: str) -> None:
+        row = self.class_table.rowCount()
+        self.class_table.insertRow(row)
+        id_item = QTableWidgetItem(str(row + 1))
+        id_item.setFlags(id_item.flags() & ~Qt.ItemIsEditable)
+        self.class_table.setItem(row, 0, id_item)
+        self.class_table.setItem(row, 1, QTableWidgetItem(name))
+
+    def add_class(self, name: str | None = None) -> None:
+        """Add a structure class with the next id and write the names to the strokes layer."""
+        self.class_table.blockSignals(True)
+        self._append_class_row(name or f"structure {self.class_table.rowCount()}")
+        self.class_table.blockSignals(False)
+        self._write_classes()
+
+    def _class_renamed(self, *_) -> None:
+        self._write_classes()
+
+    def _write_classes(self) -> None:
+        layer = self.labels_combo.layer()
+        if layer is not None:
+            layer.features = class_features(self.class_names())
+
+    def _class_selected(self) -> None:
+        rows = self.class_table.selectionModel().selectedRows()
+        layer = self.labels_combo.layer()
+        if rows and layer is not None:
+            layer.selected_label = rows[0].row() + 1
+
+    def _show_classes_of_layer(self, *_) -> None:
+        layer = self.labels_combo.layer()
+        names = class_names_of(layer) if layer is not None else None
+        if names is None and self.class_table.rowCount() == 0:
+            names = list(DEFAULT_CLASSES)
+        if names is not None:
+            self.set_class_names(names)
+
+    # ------------------------------------------------------------------ layers
+
+    def new_labels_layer(self):
+        """An empty uint8 labels layer the size of the image, ready for the brush."""
+        image = self.image_combo.layer()
+        if image is None:
+            show_error("Open or choose an image first; the labels layer is made to fit it.")
+            return None
+        shape = image_shape_2d(image)
+        layer = self.viewer.add_labels(
+            np.zeros(shape, np.uint8),
+            name=f"{image.name} strokes",
+            features=class_features(self.class_names()),
+            scale=image.scale[-2:],
+            translate=image.translate[-2:],
+            opacity=0.9,
+        )
+        layer.brush_size = max(3, min(shape) // 100)
+        layer.selected_label = 2
+        layer.mode = "paint"
+        self.labels_combo.select(layer.name)
+        self.viewer.layers.selection.active = layer
+        show_info("Paint background with label 1 and each structure with 2, 3, ...; then press Start.")
+        return layer
+
+    def add_pair(self) -> _PairRow:
+        row = _PairRow(self.viewer, self._remove_pair)
+        self.extra_pairs.append(row)
+        self.pairs_box.addWidget(row)
+        return row
+
+    def _remove_pair(self, row: _PairRow) -> None:
+        self.extra_pairs.remove(row)
+        row.setParent(None)
+        row.deleteLater()
+
+    def _pairs(self) -> list[tuple]:
+        pairs = [(self.image_combo.layer(), self.labels_combo.layer())]
+        pairs += [(row.image.layer(), row.labels.layer()) for row in self.extra_pairs]
+        return pairs
+
+    # ------------------------------------------------------------------ models
+
+    def _refresh_models(self) -> None:
+        self.model_combo.set_names([NEW_MODEL, *self.registry.names()])
+
+    def selected_model(self):
+        name = self.model_combo.currentText()
+        return self.registry.get(name) if name in self.registry else None
+
+    def load_model(self, path: str | Path) -> str | None:
+        """Load a model file into the session and choose it for continuing training."""
+        from ..core.checkpoint import ModelFileError, load_model
+
+        try:
+            model = load_model(path)
+        except ModelFileError as error:
+            show_error(f"Could not load the model: {error}")
+            return None
+        name = self.registry.add(Path(path).name.split(".")[0], model)
+        self.model_combo.setCurrentText(name)
+        self.set_class_names(model.class_names)
+        self._write_classes()
+        show_info(f"Loaded {name}: classes {', '.join(model.class_names)}. Start continues training it.")
+        return name
+
+    def save_model(self, path: str | Path) -> Path | None:
+        """Save the chosen model (weights + classes + settings, no pickle)."""
+        model = self.selected_model()
+        if model is None:
+            show_error("Train or load a model first, then choose it under 'Start from' to save it.")
+            return None
+        from ..core.checkpoint import save_model
+
+        try:
+            written = save_model(model, path)
+        except OSError as error:
+            show_error(f"Could not save the model: {error}; choose another folder.")
+            return None
+        show_info(f"Model saved to {written}")
+        return written
+
+    def _load_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load model", "", "napari-selfreg model (*.safetensors)")
+        if path:
+            self.load_model(path)
+
+    def _save_dialog(self) -> None:
+        name = self.model_combo.currentText()
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save model", f"{name}.safetensors", "napari-selfreg model (*.safetensors)"
+        )
+        if path:
+            self.save_model(path)
+
+    # ------------------------------------------------------------------ settings
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps.value(),
+            time_budget=float(self.time_budget.value()) or None,
+            patch_size=self.patch_size.value(),
+            batch_size=self.batch_size.value(),
+            learning_rate=self.learning_rate.value(),
+            selfreg=self.selfreg.isChecked(),
+            lambda_scr=self.lambda_scr.value(),
+            lambda_ifd=self.lambda_ifd.value(),
+            validation_every=self.validation_every.value(),
+            device=self.device.currentText(),
+            seed=None if self.seed.value() < 0 else self.seed.value(),
+        )
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(base_channels=self.base_channels.value())
+
+    # ------------------------------------------------------------------ training
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def toggle(self) -> None:
+        if self.running:
+            self.stop()
+        else:
+            self.start()
+
+    def stop(self) -> None:
+        """Ask the worker to stop after the current step; the model so far is kept."""
+        if self.worker is None:
+            return
+        self._stop_requested_at = time.perf_counter()
+        self._steps_at_stop = len(self.plot.steps)
+        self.stop_event.set()
+        self.start_button.setEnabled(False)
+        self.status.setText("Stopping after this step…")
+
+    def start(self):
+        """Copy the painted data and settings, then train in a thread worker."""
+        pairs = self._pairs()
+        for image, labels in pairs:
+            if image is None:
+                show_error("Choose an image layer to train on (open an image or load the sample data).")
+                return None
+            if labels is None:
+                show_error("Choose the labels layer with your strokes, or click 'New labels layer for painting'.")
+                return None
+            if image_shape_2d(image) != tuple(np.shape(layer_data(labels))[-2:]):
+                show_error(
+                    f"'{labels.name}' has shape {tuple(np.shape(layer_data(labels)))} but '{image.name}' is "
+                    f"{image_shape_2d(image)}; click 'New labels layer for painting' to make one that fits."
+                )
+                return None
+        try:
+            config = self.train_config()
+            model_config = self.model_config()
+        except ValueError as error:
+            show_error(f"Check the settings: {error}")
+            return None
+        images = [np.asarray(layer_data(image)) for image, _ in pairs]
+        labels = [np.array(layer_data(lbl), copy=True) for _, lbl in pairs]  # a snapshot: painting may go on
+        self._run_layers = [layer for pair in pairs for layer in pair]
+        self._run_image = pairs[0][0]
+        self._prediction_name = f"{self._run_image.name} prediction"
+        names = self.class_names()
+        initial = self.selected_model()
+        self._write_classes()
+        self.stop_event = threading.Event()
+        self._stop_requested_at = None
+        self.result = None
+        self.plot.start_round()
+        self._update_view_box()
+        self.worker = create_worker(
+            run_training,
+            images,
+            labels,
+            config,
+            model_config,
+            names,
+            initial,
+            self.stop_event,
+            view=lambda: self._view_box,
+            preview_image=images[0],
+            preview_every=self.preview_every.value(),
+            _ignore_errors=True,
+        )
+        self.worker.yielded.connect(self._on_yielded)
+        self.worker.returned.connect(self._on_returned)
+        self.worker.errored.connect(self._on_errored)
+        self.worker.finished.connect(self._on_finished)
+        self.progress.setRange(0, config.steps if not config.time_budget else 1000)
+        self.progress.setValue(0)
+        self._config = config
+        self.start_button.setText("Stop")
+        self.status.setText("Preparing (the first step also loads torch)…")
+        self.worker.start()
+        return self.worker
+
+    def _update_view_box(self) -> None:
+        image = self._run_image
+        if image is None or image not in self.viewer.layers:
+            return
+        self._view_box = visible_box(getattr(image, "corner_pixels", None), image_shape_2d(image))
+
+    def _on_yielded(self, item) -> None:
+        kind, value = item
+        if kind == "report":
+            report = value
+            self.plot.add(report)
+            if self._config.time_budget:
+                fraction = max(report.step / report.total_steps, report.elapsed / self._config.time_budget)
+                self.progress.setValue(int(min(1.0, fraction) * 1000))
+            else:
+                self.progress.setValue(report.step)
+            val = "" if report.best_val_dice is None else f", best held-out Dice {report.best_val_dice:.3f}"
+            if not self.stop_event.is_set():
+                self.status.setText(
+                    f"Step {report.step}/{report.total_steps}: loss {report.loss:.3f}{val}, "
+                    f"{report.seconds_per_step:.2f} s/step, about {report.eta_seconds:.0f} s left"
+                )
+            self._update_view_box()
+        elif kind == "preview":
+            box, labels = value
+            self._show_prediction(box, labels)
+
+    def _prediction_layer(self):
+        """The prediction layer of the current image, created (or re-created) when missing."""
+        name = self._prediction_name
+        if name in self.viewer.layers and isinstance(self.viewer.layers[name], Labels):
+            return self.viewer.layers[name]
+        image = self._run_image
+        shape = image_shape_2d(image) if image is not None else None
+        if shape is None:
+            return None
+        return self.viewer.add_labels(
+            np.zeros(shape, np.uint8),
+            name=name,
+            features=class_features(self.class_names()),
+            scale=image.scale[-2:],
+            translate=image.translate[-2:],
+            opacity=0.5,
+        )
+
+    def _show_prediction(self, box, labels) -> None:
+        layer = self._prediction_layer()
+        if layer is None or layer.data.shape[-2:] != self._run_shape():
+            return
+        layer.data[box[0], box[1]] = labels
+        layer.refresh()
+
+    def _run_shape(self):
+        return image_shape_2d(self._run_image) if self._run_image is not None else None
+
+    def _on_returned(self, result) -> None:
+        self.result = result
+        if self._stop_requested_at is not None:
+            self.last_stop_latency = time.perf_counter() - self._stop_requested_at
+        self.plot.flush()
+        if not result.history:
+            show_warning("Training stopped before the first step; no model was made.")
+            return
+        name = self.registry.add(f"{self._run_image.name if self._run_image else 'model'} model", result.best)
+        self.model_combo.setCurrentText(name)
+        last = result.history[-1]
+        best = "" if last.best_val_dice is None else f"; best held-out Dice {last.best_val_dice:.3f}"
+        how = "stopped" if result.stopped else "finished"
+        self.status.setText(
+            f"Training {how} after {result.steps} steps ({last.elapsed:.0f} s){best}. "
+            f"Model '{name}' is ready for Segment; Start again continues from it."
+        )
+        show_info(f"Training {how}: model '{name}' is ready (Segment widget, or Save…).")
+        self._final_preview(result.best)
+
+    def _final_preview(self, model) -> None:
+        """Predict the whole image (small ones) with the trained model, for the correction loop."""
+        image = self._run_image
+        if image is None or image not in self.viewer.layers:
+            return
+        h, w = image_shape_2d(image)
+        box = (slice(0, h), slice(0, w)) if h * w <= FULL_PREVIEW_PIXELS else self._view_box
+        if box is None:
+            return
+        from ..core.config import PredictConfig
+
+        crop = np.asarray(layer_data(image)[box[0], box[1]])
+        config = PredictConfig(tile_size=512, device=self._config.device)
+        self._final_box = box
+        worker = create_worker(_predict_labels, model, crop, config, None, _ignore_errors=True)
+        worker.returned.connect(self._on_final_prediction)
+        worker.errored.connect(self._on_final_error)
+        worker.finished.connect(self._on_final_finished)
+        self.final_worker = worker
+        worker.start()
+
+    def _on_final_prediction(self, labels) -> None:
+        self._show_prediction(self._final_box, labels)
+
+    def _on_final_error(self, error) -> None:
+        notify_error(error, "Prediction after training failed")
+
+    def _on_final_finished(self) -> None:
+        self.final_worker = None
+
+    def _on_errored(self, error: BaseException) -> None:
+        partial = getattr(error, "partial", None)
+        cause = error.error if isinstance(error, WorkerError) else error
+        message = explain(cause)
+        if partial is not None:
+            name = self.registry.add(f"{self._run_image.name if self._run_image else 'model'} model (partial)", partial)
+            self.model_combo.setCurrentText(name)
+            message += f". The model trained so far is kept as '{name}'."
+        show_error(f"Training failed: {message}")
+        self.status.setText(f"Training failed: {message}")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.start_button.setText("Start training")
+        self.start_button.setEnabled(True)
+
+    def _on_layer_removed(self, event) -> None:
+        layer = event.value
+        if self.worker is None:
+            return
+        if any(layer is used for used in self._run_layers):
+            show_warning(
+                f"'{layer.name}' was removed while training. Training goes on with the copy taken at Start "
+                "and the model will be kept; press Stop to end it now."
+            )
+        elif layer.name == self._prediction_name:
+            show_info("The prediction layer was removed; it comes back with the next preview.")
+
+    # ------------------------------------------------------------------ correction loop
+
+    def use_prediction_as_labels(self):
+        """Dense labels from the (corrected) prediction, the user's strokes on top, for the next round."""
+        name = self._prediction_name
+        image = self.image_combo.layer()
+        if (name is None or name not in self.viewer.layers) and image is not None:
+            name = f"{image.name} prediction"
+        if name is None or name not in self.viewer.layers:
+            show_error("There is no prediction yet: train first (or segment the image), then correct it.")
+            return None
+        prediction = self.viewer.layers[name]
+        data = np.array(prediction.data, copy=True)
+        strokes = self.labels_combo.layer()
+        if strokes is not None and strokes is not prediction and strokes.data.shape == data.shape:
+            painted = np.asarray(strokes.data) > 0
+            data[painted] = np.asarray(strokes.data)[painted]
+        layer = self.viewer.add_labels(
+            data,
+            name=f"{prediction.name.removesuffix(' prediction')} corrected",
+            features=class_features(self.class_names()),
+            scale=prediction.scale,
+            translate=prediction.translate,
+            opacity=0.6,
+        )
+        layer.mode = "paint"
+        self.labels_combo.select(layer.name)
+        self.viewer.layers.selection.active = layer
+        show_info("Correct mistakes with the brush on this layer, then press Start to train the next round.")
+        return layer
+
+
+def _predict_labels(model, image, config, stop):
+    from ..core.predict import predict
+
+    return predict(model, image, config, probabilities=False, stop=stop).labels

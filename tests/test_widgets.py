@@ -1,0 +1,386 @@
+"""The dock widgets in a real viewer (run under Xvfb: ``xvfb-run -a python -m pytest -m gui``).
+
+Settings are tiny (small patches, a narrow model) so the whole file runs in about two
+minutes on a 2-core CPU; the flow test still asserts a Dice clearly above chance.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("LP_NUM_THREADS", "1")  # Mesa's software renderer: leave the cores to torch
+
+pytest.importorskip("napari")
+
+from napari_selfreg.sample_data import he_arrays
+
+PLUGIN = "napari-selfreg"
+
+
+def test_widget_modules_do_not_import_torch():
+    """Docking must not wait for torch: the widget modules import it only when work starts."""
+    code = (
+        "import sys\n"
+        "import napari_selfreg.widgets.train_widget, napari_selfreg.widgets.segment_widget\n"
+        "import napari_selfreg.widgets.redundancy_widget, napari_selfreg.sample_data, napari_selfreg.demo\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_demo_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "napari_selfreg.demo", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--train" in out.stdout
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class Messages:
+    """Collects the notifications a widget shows, by kind."""
+
+    def __init__(self, monkeypatch, *modules) -> None:
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.infos: list[str] = []
+        for module in modules:
+            monkeypatch.setattr(module, "show_error", self.errors.append, raising=False)
+            monkeypatch.setattr(module, "show_warning", self.warnings.append, raising=False)
+            monkeypatch.setattr(module, "show_info", self.infos.append, raising=False)
+
+
+@pytest.fixture
+def messages(monkeypatch):
+    from napari_selfreg.widgets import _common, segment_widget, train_widget
+
+    return Messages(monkeypatch, train_widget, segment_widget, _common)
+
+
+def tiny(widget, steps: int = 30) -> None:
+    """Settings for a quick run on a CPU."""
+    widget.steps.setValue(steps)
+    widget.patch_size.setValue(64)
+    widget.batch_size.setValue(4)
+    widget.base_channels.setValue(16)
+    widget.validation_every.setValue(10)
+    widget.preview_every.setValue(1.0)
+    widget.device.setCurrentText("cpu")
+
+
+def wait_idle(qtbot, *widgets, timeout: int = 120_000) -> None:
+    """Wait until no worker of the widgets runs (training, final preview, devices, instances)."""
+
+    def idle() -> bool:
+        for widget in widgets:
+            for name in ("worker", "final_worker", "instance_worker"):
+                worker = getattr(widget, name, None)
+                if worker is not None:  # the widgets reset these when their workers finish
+                    return False
+            if getattr(getattr(widget, "device", None), "worker", None) is not None:
+                return False
+        return True
+
+    qtbot.waitUntil(idle, timeout=timeout)
+
+
+def dice(labels: np.ndarray, truth: np.ndarray, cls: int = 2) -> float:
+    p, g = labels == cls, truth == cls
+    return float(2 * (p & g).sum() / (p.sum() + g.sum()))
+
+
+@pytest.fixture
+def he_viewer(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "he_tissue")
+    return viewer
+
+
+def train_widget_for(viewer):
+    from napari_selfreg.widgets.train_widget import TrainWidget
+
+    widget = TrainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.image_combo.select("H&E tissue")
+    widget.labels_combo.select("strokes")
+    return widget
+
+
+# ----------------------------------------------------------------------------- opening
+
+
+@pytest.mark.gui
+def test_each_widget_opens_from_the_manifest(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    widgets = {}
+    for title in ("Train SelfReg UNet", "Segment", "Feature redundancy"):
+        _, widgets[title] = viewer.window.add_plugin_dock_widget(PLUGIN, title)
+        assert widgets[title] is not None
+    train = widgets["Train SelfReg UNet"]
+    wait_idle(qtbot, train)
+    assert train.device.itemText(0) == "auto"
+    assert "cpu" in [train.device.itemText(i) for i in range(train.device.count())]
+
+
+@pytest.mark.gui
+def test_demo_docks_widgets_with_sample(make_napari_viewer, qtbot):
+    from napari_selfreg.demo import setup_demo
+
+    viewer = make_napari_viewer()
+    widgets = setup_demo(viewer, fluorescence=True)
+    assert set(widgets) == {"Train SelfReg UNet", "Segment", "Feature redundancy"}
+    assert {"H&E tissue", "strokes", "ground truth", "fluorescence nuclei"} <= {layer.name for layer in viewer.layers}
+    train = widgets["Train SelfReg UNet"]
+    assert train.labels_combo.currentText() == "strokes"
+    assert train.class_names() == ["background", "nucleus"]
+    wait_idle(qtbot, train, widgets["Segment"])
+
+
+@pytest.mark.gui
+def test_new_labels_layer_and_classes(he_viewer, qtbot):
+    widget = train_widget_for(he_viewer)
+    layer = widget.new_labels_layer()
+    assert layer.data.shape == (256, 256) and layer.data.dtype == np.uint8
+    assert layer.selected_label == 2 and layer.mode == "paint"
+    assert widget.labels_combo.currentText() == layer.name
+    widget.add_class("gland")
+    widget.class_table.item(1, 1).setText("nuclei")
+    assert widget.class_names() == ["background", "nuclei", "gland"]
+    assert list(layer.features["class"]) == ["not painted", "background", "nuclei", "gland"]
+    widget.class_table.selectRow(2)
+    assert layer.selected_label == 3
+    wait_idle(qtbot, widget)
+
+
+# ----------------------------------------------------------------------------- the flow
+
+
+@pytest.mark.gui
+def test_flow_sample_train_stop_segment(he_viewer, qtbot, messages, tmp_path):
+    """Sample -> train a few steps -> Stop -> Segment: a real segmentation, clearly above chance."""
+    from napari_selfreg.widgets.segment_widget import SegmentWidget
+
+    viewer = he_viewer
+    train = train_widget_for(viewer)
+    tiny(train, steps=1000)
+    segment = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(segment)
+    train.start_button.click()
+    assert train.running and train.start_button.text() == "Stop"
+    qtbot.waitUntil(lambda: len(train.plot.steps) >= 30, timeout=150_000)
+    train.start_button.click()  # Stop
+    wait_idle(qtbot, train)
+    assert train.result is not None and train.result.stopped
+    assert 30 <= train.result.steps < 1000
+    assert "prediction" in " ".join(layer.name for layer in viewer.layers)
+    assert not messages.errors
+
+    segment.image_combo.select("H&E tissue")
+    assert segment.model_combo.currentText() == train.model_combo.currentText()
+    segment.instances.setChecked(True)
+    segment.probabilities.setChecked(True)
+    segment.tile_size.setValue(128)
+    segment.device.setCurrentText("cpu")
+    segment.run_button.click()
+    wait_idle(qtbot, segment, timeout=60_000)
+    labels = viewer.layers["H&E tissue segmentation"].data
+    truth = viewer.layers["ground truth"].data
+    score = dice(labels, truth)
+    chance = dice(np.full_like(truth, 2), truth)  # "everything is nucleus"
+    print(f"flow: {train.result.steps} steps, nucleus Dice {score:.3f} (all-nucleus {chance:.3f})")
+    assert score > 0.45 > 2 * chance
+    instances = viewer.layers["H&E tissue instances"].data
+    assert instances.max() >= 20  # the sample has 55 nuclei
+    probabilities = viewer.layers["H&E tissue probabilities"].data
+    assert probabilities.shape == (256, 256) and 0 <= probabilities.min() <= probabilities.max() <= 1
+
+    # save, load into the Segment widget, and get the same result
+    path = train.save_model(tmp_path / "nuclei")
+    assert path is not None and path.exists()
+    name = segment.load_model(path)
+    assert name is not None and segment.model_combo.currentText() == name
+    segment.instances.setChecked(False)
+    segment.run_button.click()
+    wait_idle(qtbot, segment, timeout=60_000)
+    assert np.array_equal(viewer.layers["H&E tissue segmentation"].data, labels)
+
+    # correction loop: the prediction becomes dense labels, strokes on top, and a second round continues
+    corrected = train.use_prediction_as_labels()
+    strokes = viewer.layers["strokes"].data
+    assert corrected is not None and np.array_equal(corrected.data[strokes > 0], strokes[strokes > 0])
+    assert train.labels_combo.currentText() == corrected.name
+    assert train.selected_model() is train.registry.get(train.model_combo.currentText())
+    train.steps.setValue(3)
+    train.start_button.click()
+    wait_idle(qtbot, train)
+    assert train.result is not None and train.result.steps == 3 and not messages.errors
+
+
+@pytest.mark.gui
+def test_stop_within_one_second(he_viewer, qtbot):
+    """Stop ends training at the next step boundary, skipping the core's final validation.
+
+    The step in flight always finishes (it cannot be cut), so the bound is one second
+    plus that step: on a laptop a step takes ~0.1 s; on a busy shared 2-core test
+    machine it can take seconds.
+    """
+    train = train_widget_for(he_viewer)
+    tiny(train, steps=100_000)
+    train.patch_size.setValue(32)  # laptop-sized steps even on a busy 2-core test machine
+    train.batch_size.setValue(2)
+    train.base_channels.setValue(8)
+    train.validation_every.setValue(100_000)
+    train.start()
+    qtbot.waitUntil(lambda: len(train.plot.steps) >= 3, timeout=60_000)
+    qtbot.wait(1500)  # let a live preview begin: Stop must cut it short too
+    started = time.perf_counter()
+    train.stop()
+    qtbot.waitUntil(lambda: not train.running, timeout=10_000)
+    seconds = time.perf_counter() - started
+    in_flight = train.result.history[-1].seconds_per_step
+    print(
+        f"stop latency: {train.last_stop_latency:.3f} s until the model was returned "
+        f"({seconds:.3f} s until idle; the step in flight took {in_flight:.3f} s)"
+    )
+    assert train.result.stopped
+    assert train.result.steps - train._steps_at_stop <= 1  # at most the step in flight
+    assert train.last_stop_latency < 1.0 + in_flight
+    assert train.model_combo.currentText() in train.registry  # the model so far is kept
+    wait_idle(qtbot, train)
+
+
+@pytest.mark.gui
+def test_layer_removed_during_training_is_a_warning(he_viewer, qtbot, messages):
+    viewer = he_viewer
+    train = train_widget_for(viewer)
+    tiny(train, steps=100_000)
+    train.start()
+    qtbot.waitUntil(lambda: len(train.plot.steps) >= 2, timeout=60_000)
+    viewer.layers.remove("strokes")
+    viewer.layers.remove("H&E tissue")
+    qtbot.waitUntil(lambda: len(messages.warnings) >= 2, timeout=5_000)
+    assert "strokes" in messages.warnings[0] and "Stop" in messages.warnings[0]
+    steps = len(train.plot.steps)
+    qtbot.waitUntil(lambda: len(train.plot.steps) > steps, timeout=60_000)  # training went on
+    train.stop()
+    wait_idle(qtbot, train)
+    assert train.result is not None and train.result.stopped and not messages.errors
+
+
+# ----------------------------------------------------------------------------- mistakes
+
+
+@pytest.mark.gui
+def test_mistakes_give_notifications(he_viewer, qtbot, messages):
+    viewer = he_viewer
+    train = train_widget_for(viewer)
+    tiny(train, steps=5)
+
+    viewer.layers.remove("strokes")
+    viewer.layers.remove("ground truth")
+    train.start()
+    assert not train.running and "labels layer" in messages.errors[-1]
+
+    viewer.add_labels(np.zeros((100, 120), np.uint8), name="wrong shape")
+    train.labels_combo.select("wrong shape")
+    train.start()
+    assert not train.running and "New labels layer" in messages.errors[-1]
+
+    layer = train.new_labels_layer()  # nothing painted: the core says so, from the worker
+    train.start()
+    wait_idle(qtbot, train)
+    assert "nothing is painted" in messages.errors[-1]
+
+    layer.data[10:20, 10:50] = 1  # one class only
+    layer.refresh()
+    train.start()
+    wait_idle(qtbot, train)
+    assert "at least one structure" in messages.errors[-1]
+    assert train.result is None
+
+    count = len(messages.errors)
+    train.save_model("/nonexistent/model")  # "new model" is chosen: nothing to save
+    assert len(messages.errors) == count + 1 and "Train or load" in messages.errors[-1]
+
+
+@pytest.mark.gui
+def test_bad_model_file_is_a_notification(make_napari_viewer, qtbot, messages, tmp_path):
+    from napari_selfreg.widgets.segment_widget import SegmentWidget
+
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x80\x02not a model")
+    assert widget.load_model(bad) is None
+    assert "pickle" in messages.errors[-1]
+    widget.start()  # no image
+    assert not widget.running
+    wait_idle(qtbot, widget)
+
+
+@pytest.mark.gui
+def test_training_error_keeps_the_partial_model(he_viewer, qtbot, messages, monkeypatch):
+    """A failure mid-training (here a simulated GPU out-of-memory) keeps the model so far."""
+    from napari_selfreg.core import losses
+
+    real = losses.selfreg_total
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("napari_selfreg.core.train.selfreg_total", failing)
+    train = train_widget_for(he_viewer)
+    tiny(train, steps=50)
+    before = len(train.registry)
+    train.start()
+    wait_idle(qtbot, train)
+    assert "out of memory" in messages.errors[-1] and "batch size" in messages.errors[-1]
+    assert "kept" in messages.errors[-1]
+    assert len(train.registry) == before + 1
+
+
+# ----------------------------------------------------------------------------- large images
+
+
+@pytest.mark.gui
+def test_segment_dask_image_into_memmap(make_napari_viewer, qtbot, messages, monkeypatch):
+    """A lazily loaded image is read tile by tile; a large output goes to a memory map."""
+    da = pytest.importorskip("dask.array")
+    from napari_selfreg.core.config import ModelConfig, TrainConfig
+    from napari_selfreg.core.train import train_to_end
+    from napari_selfreg.widgets import segment_widget
+    from napari_selfreg.widgets.model_registry import model_registry
+
+    sample = he_arrays()
+    result = train_to_end(
+        [sample["image"]], [sample["strokes"]], TrainConfig(steps=2, patch_size=32, batch_size=1, device="cpu"),
+        ModelConfig(base_channels=4),
+    )
+    model_registry().add("tiny dask test model", result.best)
+    monkeypatch.setattr(segment_widget, "MEMMAP_PIXELS", 100_000)
+    big = da.from_array(np.tile(sample["image"], (3, 3, 1)), chunks=(256, 256, 3))  # 768 x 768
+    viewer = make_napari_viewer()
+    viewer.add_image(big, name="big", rgb=True)
+    widget = segment_widget.SegmentWidget(viewer)
+    widget.model_combo.setCurrentText("tiny dask test model")
+    widget.tile_size.setValue(256)
+    widget.device.setCurrentText("cpu")
+    widget.start()
+    assert widget.running
+    wait_idle(qtbot, widget, timeout=60_000)
+    layer = viewer.layers["big segmentation"]
+    assert isinstance(layer.data, np.memmap) and layer.data.shape == (768, 768)
+    assert set(np.unique(layer.data)) <= {1, 2} and widget.prediction.complete
+    assert not messages.errors
