@@ -1,0 +1,112 @@
+"""Readers and writers behind the manifest: round trips through every format."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_selfreg.io import ImageFileError, napari_get_reader, read_image, write_image, write_labels
+
+
+@pytest.fixture
+def labels():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 4, size=(40, 50)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".tiff", ".png", ".nii", ".nii.gz", ".mha", ".nrrd"])
+def test_labels_round_trip(tmp_path, labels, suffix):
+    path = tmp_path / f"labels{suffix}"
+    written = write_labels(str(path), labels, {})
+    assert written == [str(path)]
+    back = read_image(path)
+    assert back.shape == labels.shape and np.array_equal(back, labels)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_large_label_ids_survive_tiff_and_nifti(tmp_path, dtype):
+    data = (np.arange(30 * 20).reshape(30, 20) * 7).astype(dtype)
+    for name in ("a.tif", "a.nii.gz"):
+        write_image(tmp_path / name, data)
+        assert np.array_equal(read_image(tmp_path / name), data)
+
+
+def test_png_keeps_ids_up_to_65535_and_refuses_more(tmp_path):
+    data = np.array([[0, 1, 300, 65535]], np.int64)
+    write_image(tmp_path / "a.png", data)
+    assert np.array_equal(read_image(tmp_path / "a.png"), data)
+    with pytest.raises(ImageFileError, match="TIFF"):
+        write_image(tmp_path / "b.png", np.array([[70000]], np.int64))
+
+
+def test_jpeg_refuses_labels(tmp_path, labels):
+    with pytest.raises(ImageFileError, match="lossy"):
+        write_image(tmp_path / "a.jpg", labels)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "expected"),
+    [
+        ((3, 32, 40), "CYX", (32, 40, 3)),  # channel-first RGB moves last
+        ((1, 1, 32, 40), "TZYX", (32, 40)),  # singleton axes dropped
+        ((5, 32, 40), "ZYX", (5, 32, 40)),  # a real stack keeps its axis
+        ((32, 40, 3), "YXS", (32, 40, 3)),
+    ],
+)
+def test_tiff_axes(tmp_path, shape, axes, expected):
+    data = np.arange(np.prod(shape), dtype=np.uint16).reshape(shape)
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, data, metadata={"axes": axes}, photometric="minisblack" if "S" not in axes else "rgb")
+    back = read_image(path)
+    assert back.shape == expected
+    if axes == "CYX":
+        assert np.array_equal(back, np.moveaxis(data, 0, -1))
+
+
+def test_reader_hook(tmp_path, labels):
+    assert napari_get_reader(str(tmp_path / "a.png")) is None  # napari's own reader handles PNG
+    assert napari_get_reader([]) is None
+    image = np.zeros((20, 30, 3), np.uint8)
+    write_image(tmp_path / "tissue.tif", image)
+    write_image(tmp_path / "tissue_mask.nii.gz", labels)
+    reader = napari_get_reader(str(tmp_path / "tissue.tif"))
+    ((data, meta, kind),) = reader(str(tmp_path / "tissue.tif"))
+    assert kind == "image" and meta["rgb"] and data.shape == (20, 30, 3)
+    reader = napari_get_reader([str(tmp_path / "tissue_mask.nii.gz")])
+    ((data, meta, kind),) = reader([str(tmp_path / "tissue_mask.nii.gz")])
+    assert kind == "labels" and meta["name"] == "tissue_mask" and np.array_equal(data, labels)
+
+
+def test_unreadable_files_raise_image_file_error(tmp_path):
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes(b"not a tiff")
+    with pytest.raises(ImageFileError, match=r"broken\.tif"):
+        read_image(bad)
+    with pytest.raises(ImageFileError, match="does not exist"):
+        read_image(tmp_path / "missing.nii.gz")
+    with pytest.raises(ImageFileError, match="unsupported"):
+        write_image(tmp_path / "a.xyz", np.zeros((2, 2), np.uint8))
+
+
+def test_npe2_reads_and_writes_through_the_plugin(tmp_path, labels):
+    npe2 = pytest.importorskip("npe2")
+    npe2.PluginManager.instance().discover(include_npe1=False)
+    write_image(tmp_path / "cells.tif", labels)
+    layers = npe2.read([str(tmp_path / "cells.tif")], plugin_name="napari-selfreg", stack=False)
+    assert np.array_equal(layers[0][0], labels)
+    out = npe2.write(
+        str(tmp_path / "out.nii.gz"), [(labels, {"name": "x"}, "labels")], plugin_name="napari-selfreg"
+    )
+    assert np.array_equal(read_image(out[0]), labels)
+
+
+@pytest.mark.gui
+def test_viewer_opens_and_saves_with_the_plugin(make_napari_viewer, tmp_path, labels):
+    write_image(tmp_path / "seg_mask.tif", labels)
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path / "seg_mask.tif"), plugin="napari-selfreg")
+    layer = viewer.layers["seg_mask"]
+    assert layer.__class__.__name__ == "Labels"
+    written = viewer.layers.save(str(tmp_path / "saved.png"), selected=False, plugin="napari-selfreg")
+    assert np.array_equal(read_image(written[0]), labels)
