@@ -181,6 +181,8 @@ def test_region_maps_are_crops_of_the_whole_maps(odd_image):
     region = (17, 9, 80, 50)
     part = redundancy_report(model, odd_image, config, region=region)
     assert part.region == region
+    assert part.region_cells("E1", "scr").shape == (63, 41)  # the grid reaches beyond the region
+    np.testing.assert_array_equal(part.region_cells("E2", "scr"), whole.block("E2").scr_grid[8:40, 4:25])
     for name in whole.names:
         for kind in ("redundancy", "scr"):
             np.testing.assert_allclose(part.image_map(name, kind), whole.image_map(name, kind)[17:80, 9:50], atol=1e-6)

@@ -247,6 +247,16 @@ class RedundancyReport:
     def indices(self) -> dict[str, float]:
         return {b.name: b.redundancy_index for b in self.blocks}
 
+    def region_cells(self, name: str, kind: str) -> np.ndarray:
+        """The grid cells of ``kind`` that overlap the region (the grid extends a little beyond it)."""
+        block = self.block(name)
+        cell = block.cell(kind, self.window)
+        top, left, bottom, right = self.region
+        (oy, ox) = self.grid_origin
+        rows = slice((top - oy) // cell, -(-(bottom - oy) // cell))
+        cols = slice((left - ox) // cell, -(-(right - ox) // cell))
+        return block.grid(kind)[rows, cols]
+
     def image_map(self, name: str, kind: str, scale: float | None = None) -> np.ndarray:
         """A map at image pixels of the region, (rows, cols) float32.
 
@@ -289,8 +299,9 @@ class RedundancyReport:
 def map_scale(reports: Sequence[RedundancyReport], name: str, kind: str, percentile: float = 99.0) -> float:
     """A shared scale for one block's SCR or IFD maps: the largest ``percentile`` of the raw
     distances over the given reports (so maps of compared models share one colour scale).
-    Maps divided by it and clipped lie in [0, 1]; 1.0 when the maps are all zero."""
-    values = [float(np.percentile(r.block(name).grid(kind), percentile)) for r in reports]
+    Only the cells over each report's region count. Maps divided by it and clipped lie in
+    [0, 1]; 1.0 when the maps are all zero."""
+    values = [float(np.percentile(r.region_cells(name, kind), percentile)) for r in reports]
     scale = max(values) if values else 0.0
     return scale if scale > 0 and math.isfinite(scale) else 1.0
 
