@@ -51,43 +51,76 @@ def _pool_teacher(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(teacher.detach(), student.shape[-2:]).to(student.dtype)
 
 
+def _rows(feature: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) as float32 (B*h*w, C): a free view for channels-last maps (CPU training)."""
+    return feature.float().permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
+
+
+def _pairing_matrix(size: int, plus: torch.Tensor, minus: torch.Tensor | None, device) -> torch.Tensor:
+    """(size, k) with +1 at (plus[i], i) and -1 at (minus[i], i): ``rows @ M`` is a channel difference."""
+    matrix = torch.zeros(size, len(plus), dtype=torch.float32, device=device)
+    columns = torch.arange(len(plus), device=device)
+    matrix[plus.to(device), columns] = 1.0
+    if minus is not None:
+        matrix[minus.to(device), columns] = -1.0
+    return matrix
+
+
 def _scr_pooled(
     student: torch.Tensor, pooled: torch.Tensor, pairing: str, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """SCR of one student against the teacher already pooled to its size."""
+    """SCR of one student against the teacher already pooled to its size.
+
+    The paired channels are gathered with a one-hot matmul on the (pixels, channels) view
+    instead of ``index_select`` on dim 1: with channels-last maps the gather and its
+    backward (index_add) were strided and took most of the SelfReg time. The values are
+    exactly those of ``mse_loss(student[:, s], pooled[:, t])`` in float32.
+    """
     if pairing == "mean":
         return F.mse_loss(student, pooled.mean(dim=1, keepdim=True).expand_as(student))
     cs, ct = student.shape[1], pooled.shape[1]
     k = min(cs, ct)
     cpu = torch.device("cpu")
-    s_idx = torch.randperm(cs, generator=generator, device=cpu)[:k].to(student.device)
-    t_idx = torch.randperm(ct, generator=generator, device=cpu)[:k].to(student.device)
-    return F.mse_loss(student.index_select(1, s_idx), pooled.index_select(1, t_idx))
+    s_idx = torch.randperm(cs, generator=generator, device=cpu)[:k]
+    t_idx = torch.randperm(ct, generator=generator, device=cpu)[:k]
+    with torch.autocast(student.device.type, enabled=False):
+        picked = _rows(student) @ _pairing_matrix(cs, s_idx, None, student.device)
+        target = _rows(pooled) @ _pairing_matrix(ct, t_idx, None, student.device)
+        return (picked - target).square().mean()
 
 
 def channel_scores(feature: torch.Tensor) -> torch.Tensor:
     """Per-channel score: the mean of its L2-normalised spatial maps over batch and space.
 
     Computed as (sum of the map) / max(its L2 norm, 1e-12), which is ``F.normalize``
-    followed by the mean, without materialising the normalised copy (the feature maps
-    are channels-last bfloat16 while training on a CPU, so that copy was a full cast).
+    followed by the mean, without materialising the normalised copy.
     """
-    f = feature.detach()
-    total = f.sum(dim=(2, 3), dtype=torch.float32)  # B, C
-    norm = torch.linalg.vector_norm(f, dim=(2, 3), dtype=torch.float32)
-    return (total / norm.clamp_min(1e-12)).mean(dim=0) / (f.shape[2] * f.shape[3])
+    b, _, h, w = feature.shape
+    return _scores_of_rows(_rows(feature.detach()), b, h * w)
+
+
+def _scores_of_rows(rows: torch.Tensor, batch: int, pixels: int) -> torch.Tensor:
+    per_sample = rows.detach().reshape(batch, pixels, -1)
+    total = per_sample.sum(dim=1)
+    norm = per_sample.square().sum(dim=1).sqrt()
+    return (total / norm.clamp_min(1e-12)).mean(dim=0) / pixels
 
 
 def ifd_term(feature: torch.Tensor) -> torch.Tensor:
-    """Internal feature distillation: the top-scored half of the channels teaches the bottom half."""
-    c = feature.shape[1]
+    """Internal feature distillation: the top-scored half of the channels teaches the bottom half.
+
+    ``mse_loss(feature[:, top], feature[:, bottom])`` computed as one matmul with a
+    +1/-1 pairing matrix on the (pixels, channels) view (see ``_scr_pooled`` for why).
+    """
+    b, c, h, w = feature.shape
     half = c // 2
     if half == 0:
-        return feature.new_zeros(())
-    order = torch.argsort(channel_scores(feature), descending=True)
-    top = feature.index_select(1, order[:half])
-    bottom = feature.index_select(1, order[half : 2 * half])
-    return F.mse_loss(top, bottom)
+        return feature.new_zeros((), dtype=torch.float32)
+    with torch.autocast(feature.device.type, enabled=False):
+        rows = _rows(feature)
+        order = torch.argsort(_scores_of_rows(rows, b, h * w), descending=True)
+        pairs = _pairing_matrix(c, order[:half], order[half : 2 * half], feature.device)
+        return (rows @ pairs).square().mean()
 
 
 def scr_loss(
