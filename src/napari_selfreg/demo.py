@@ -37,7 +37,13 @@ def setup_demo(viewer, start_training: bool = False, steps: int | None = None, f
             train.steps.setValue(steps)
         if start_training:
             train.start()
-        train.raise_()
+        dock = train.parentWidget()
+        while dock is not None and not hasattr(dock, "setFloating"):  # the QDockWidget around it
+            dock = dock.parentWidget()
+        if dock is not None:  # after napari's own tab handling has run
+            from qtpy.QtCore import QTimer
+
+            QTimer.singleShot(200, dock.raise_)
     return widgets
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .widgets.classes import class_features
+from .widgets.classes import class_colormap, class_features
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 HE_CLASSES = ("background", "nucleus")
@@ -42,8 +42,16 @@ def he_tissue() -> list[tuple]:
     features = class_features(HE_CLASSES)
     return [
         (arrays["image"], {"name": "H&E tissue", "rgb": True}, "image"),
-        (arrays["ground_truth"], {"name": "ground truth", "visible": False, "features": features}, "labels"),
-        (arrays["strokes"], {"name": "strokes", "features": features, "opacity": 0.9}, "labels"),
+        (
+            arrays["ground_truth"],
+            {"name": "ground truth", "visible": False, "features": features, "colormap": class_colormap(False)},
+            "labels",
+        ),
+        (
+            arrays["strokes"],
+            {"name": "strokes", "features": features, "opacity": 1.0, "colormap": class_colormap()},
+            "labels",
+        ),
     ]
 
 

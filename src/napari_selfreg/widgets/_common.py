@@ -206,7 +206,7 @@ class LossPlot(QWidget):
         self.interval = interval
         self._last_draw = 0.0
         self.figure = Figure(figsize=(3.2, 2.2), dpi=90)
-        self.figure.subplots_adjust(left=0.16, right=0.84, bottom=0.2, top=0.95)
+        self.figure.subplots_adjust(left=0.2, right=0.84, bottom=0.2, top=0.95)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(170)
         layout = QVBoxLayout(self)
@@ -267,5 +267,4 @@ class LossPlot(QWidget):
         if self.steps:
             self.axes.relim()
             self.axes.autoscale_view()
-            self.val_axes.set_xlim(self.axes.get_xlim())
         self.canvas.draw_idle()

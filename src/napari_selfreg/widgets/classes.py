@@ -31,3 +31,20 @@ def class_names_of(layer) -> list[str] | None:
             break
         names.append(str(rows[label_id]))
     return names or None
+
+# one colour per class id, the same in every layer: background, then structures
+CLASS_COLOURS = ("#f2c300", "#00d35a", "#2f8cff", "#ff3fd0", "#ff7b00", "#00e5ff", "#b36bff", "#ff3b3b")
+
+
+def class_colormap(show_background: bool = True, ids: int = 32) -> dict:
+    """A napari label colormap with fixed class colours.
+
+    Strokes show the background class (yellow); predictions hide it so the tissue stays
+    visible under the structures.
+    """
+    colours: dict = {None: "transparent", 0: "transparent"}
+    for label_id in range(1, ids + 1):
+        colours[label_id] = CLASS_COLOURS[(label_id - 1) % len(CLASS_COLOURS)]
+    if not show_background:
+        colours[1] = "transparent"
+    return colours

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 
 def separate_instances(
-    labels: np.ndarray, classes: list[int] | None = None, min_distance: int = 3, min_size: int = 8
+    labels: np.ndarray, classes: list[int] | None = None, min_distance: int = 3, min_size: int = 16
 ) -> np.ndarray:
     """Instance ids (0 = background) for the structure classes of ``labels`` (ids >= 2).
 

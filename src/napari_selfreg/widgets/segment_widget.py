@@ -33,7 +33,7 @@ from qtpy.QtWidgets import (
 from ..core.config import PredictConfig
 from ._common import DeviceCombo, LayerCombo, NameCombo, connect_while_alive, explain, image_shape_2d, layer_data
 from ._workers import run_prediction
-from .classes import class_features
+from .classes import class_colormap, class_features
 from .model_registry import model_registry
 
 MEMMAP_PIXELS = 64_000_000  # outputs above this many pixels go to memory-mapped files
@@ -198,6 +198,7 @@ class SegmentWidget(QWidget):
             labels,
             name=layer_name,
             features=class_features(model.class_names),
+            colormap=class_colormap(show_background=False),
             scale=image.scale[-2:],
             translate=image.translate[-2:],
             opacity=0.6,

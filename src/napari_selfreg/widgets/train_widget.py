@@ -50,7 +50,7 @@ from ._common import (
     notify_error,
 )
 from ._workers import WorkerError, run_training, visible_box
-from .classes import DEFAULT_CLASSES, class_features, class_names_of
+from .classes import DEFAULT_CLASSES, class_colormap, class_features, class_names_of
 from .model_registry import model_registry
 
 NEW_MODEL = "new model"
@@ -164,7 +164,9 @@ class TrainWidget(QWidget):
         self.class_table.horizontalHeader().setStretchLastSection(True)
         self.class_table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.class_table.setSelectionMode(QAbstractItemView.SingleSelection)
-        self.class_table.setMaximumHeight(120)
+        self.class_table.verticalHeader().setDefaultSectionSize(22)
+        self.class_table.setMinimumHeight(4 * 22 + 6)
+        self.class_table.setMaximumHeight(7 * 22 + 6)
         self.class_table.setToolTip(
             "1 = background; 2, 3, ... = structures. Click a row to paint with that class; "
             "double-click a name to rename it."
@@ -338,9 +340,10 @@ class TrainWidget(QWidget):
             np.zeros(shape, np.uint8),
             name=f"{image.name} strokes",
             features=class_features(self.class_names()),
+            colormap=class_colormap(),
             scale=image.scale[-2:],
             translate=image.translate[-2:],
-            opacity=0.9,
+            opacity=1.0,
         )
         layer.brush_size = max(3, min(shape) // 100)
         layer.selected_label = 2
@@ -563,9 +566,10 @@ class TrainWidget(QWidget):
             np.zeros(shape, np.uint8),
             name=name,
             features=class_features(self.class_names()),
+            colormap=class_colormap(show_background=False),
             scale=image.scale[-2:],
             translate=image.translate[-2:],
-            opacity=0.5,
+            opacity=0.6,
         )
 
     def _show_prediction(self, box, labels) -> None:
@@ -677,6 +681,7 @@ class TrainWidget(QWidget):
             data,
             name=f"{prediction.name.removesuffix(' prediction')} corrected",
             features=class_features(self.class_names()),
+            colormap=class_colormap(show_background=False),
             scale=prediction.scale,
             translate=prediction.translate,
             opacity=0.6,
