@@ -218,10 +218,15 @@ def test_flow_sample_train_stop_segment(he_viewer, qtbot, messages, tmp_path):
     assert corrected is not None and np.array_equal(corrected.data[strokes > 0], strokes[strokes > 0])
     assert train.labels_combo.currentText() == corrected.name
     assert train.selected_model() is train.registry.get(train.model_combo.currentText())
+    # or train directly on the brushed prediction layer: it is renamed so previews do not overwrite it
+    prediction = viewer.layers["H&E tissue prediction"]
+    train.labels_combo.select(prediction.name)
     train.steps.setValue(3)
     train.start_button.click()
+    assert prediction.name != "H&E tissue prediction" and train.labels_combo.currentText() == prediction.name
     wait_idle(qtbot, train)
     assert train.result is not None and train.result.steps == 3 and not messages.errors
+    assert "H&E tissue prediction" in viewer.layers  # the new round's preview layer
 
 
 @pytest.mark.gui

@@ -487,6 +487,12 @@ class TrainWidget(QWidget):
         except ValueError as error:
             show_error(f"Check the settings: {error}")
             return None
+        preview_name = f"{pairs[0][0].name} prediction"
+        for _, lbl in pairs:
+            if lbl.name == preview_name:  # the edited prediction as labels: previews must not overwrite it
+                lbl.name = f"{pairs[0][0].name} corrected"
+                show_info(f"Training on '{lbl.name}' (the edited prediction); previews go to a new layer.")
+        self.labels_combo.select(pairs[0][1].name)
         images = [np.asarray(layer_data(image)) for image, _ in pairs]
         labels = [np.array(layer_data(lbl), copy=True) for _, lbl in pairs]  # a snapshot: painting may go on
         self._run_layers = [layer for pair in pairs for layer in pair]
