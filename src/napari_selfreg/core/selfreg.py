@@ -7,6 +7,7 @@ blocks over directly (``forward_blocks``); any other ``nn.Module`` can be tapped
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -56,6 +57,13 @@ def _rows(feature: torch.Tensor) -> torch.Tensor:
     return feature.float().permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
 
 
+def _full_precision(device: torch.device):
+    """Autocast off (the channel differences stay float32); a no-op where torch has no autocast."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _pairing_matrix(size: int, plus: torch.Tensor, minus: torch.Tensor | None, device) -> torch.Tensor:
     """(size, k) with +1 at (plus[i], i) and -1 at (minus[i], i): ``rows @ M`` is a channel difference."""
     matrix = torch.zeros(size, len(plus), dtype=torch.float32, device=device)
@@ -83,7 +91,7 @@ def _scr_pooled(
     cpu = torch.device("cpu")
     s_idx = torch.randperm(cs, generator=generator, device=cpu)[:k]
     t_idx = torch.randperm(ct, generator=generator, device=cpu)[:k]
-    with torch.autocast(student.device.type, enabled=False):
+    with _full_precision(student.device):
         picked = _rows(student) @ _pairing_matrix(cs, s_idx, None, student.device)
         target = _rows(pooled) @ _pairing_matrix(ct, t_idx, None, student.device)
         return (picked - target).square().mean()
@@ -116,7 +124,7 @@ def ifd_term(feature: torch.Tensor) -> torch.Tensor:
     half = c // 2
     if half == 0:
         return feature.new_zeros((), dtype=torch.float32)
-    with torch.autocast(feature.device.type, enabled=False):
+    with _full_precision(feature.device):
         rows = _rows(feature)
         order = torch.argsort(_scores_of_rows(rows, b, h * w), descending=True)
         pairs = _pairing_matrix(c, order[:half], order[half : 2 * half], feature.device)
