@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator
 import numpy as np
 
 PREVIEW_MAX_SIDE = 384
-PREVIEW_TILE = 128  # small tiles: a stop request is seen between them
+PREVIEW_TILE = 192  # small tiles: a stop request is seen between them
 PREVIEW_SHARE = 0.2  # previews may take at most this share of the training time
 
 
@@ -130,7 +130,7 @@ def run_training(
         if box is not None:
             snapshot = model.clone()
             crop = np.asarray(preview_image[box[0], box[1]])
-            settings = PredictConfig(tile_size=PREVIEW_TILE, overlap=0.0, batch_size=1, device=config.device)
+            settings = PredictConfig(tile_size=PREVIEW_TILE, overlap=0.25, batch_size=1, device=config.device)
             prediction = predict(snapshot, crop, settings, probabilities=False, stop=stop)
             if prediction.complete:
                 yield "preview", (box, prediction.labels)
