@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED_DATA = Path(os.environ.get("SELFREG_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+_DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("SELFREG_SHARED_DATA", _DEFAULT_DATA))
 
 
 @pytest.fixture(scope="session")
