@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import weakref
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,25 @@ def _value_range(reader: _TileReader, norm: Normalization) -> tuple[np.ndarray, 
 # ----------------------------------------------------------------------------- network
 
 
+_FUSED_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights_signature(network: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is modified in place or replaced."""
+    return tuple((t.data_ptr(), t._version) for t in itertools.chain(network.parameters(), network.buffers()))
+
+
+def cached_inference_network(network: nn.Module, device: torch.device) -> nn.Module:
+    """``inference_network``, reused while the weights are unchanged (saves ~25 ms a call)."""
+    key = (_weights_signature(network), str(device))
+    entry = _FUSED_CACHE.get(network)
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    fused = inference_network(network, device)
+    _FUSED_CACHE[network] = (key, fused)
+    return fused
+
+
 def inference_network(network: nn.Module, device: torch.device) -> nn.Module:
     """A copy of ``network`` for inference: BatchNorm folded into the preceding conv.
 
@@ -291,7 +311,7 @@ def predict_tiled(
     k = model.config.num_classes
     device = resolve_device(config.device)
     dtype = autocast_dtype(device, config.precision)
-    network = inference_network(model.network, device)
+    network = cached_inference_network(model.network, device)
 
     divisor = model.config.divisor
     tile = max(divisor, _round_up(config.tile_size, divisor))
@@ -370,9 +390,25 @@ def _flush(band: torch.Tensor, band_top: int, end: int, labels_out, probs_out, c
     rows = end - band_top
     for left in range(0, band.shape[-1], columns):
         block = band[:, :rows, left : left + columns]
-        labels_out[band_top:end, left : left + columns] = (block.argmax(0) + 1).to(torch.uint8).numpy()
+        labels_out[band_top:end, left : left + columns] = _painting_ids(block).numpy()
         if probs_out is not None:
             probs_out[:, band_top:end, left : left + columns] = block.numpy()
+
+
+def _painting_ids(probabilities: torch.Tensor) -> torch.Tensor:
+    """argmax over classes + 1 as uint8, class plane by class plane.
+
+    ``Tensor.argmax(0)`` on a (K, rows, columns) view reduces over the outermost axis
+    and took 0.17 s for a 1000 x 1000 image (a third of the whole prediction); this is
+    a few contiguous passes. Ties go to the lower class, as with argmax.
+    """
+    best = probabilities[0].clone()
+    ids = torch.ones(best.shape, dtype=torch.uint8)
+    for k in range(1, probabilities.shape[0]):
+        better = probabilities[k] > best
+        ids.masked_fill_(better, k + 1)
+        torch.maximum(best, probabilities[k], out=best)
+    return ids
 
 
 def _pad_tile(tile: np.ndarray, th: int, tw: int) -> np.ndarray:
