@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .selfreg import BlockRoles, ifd_loss, scr_loss
+from .selfreg import BlockRoles, ifd_loss, scr_loss, selfreg_losses  # noqa: F401
 
 IGNORE = -100
 
@@ -67,10 +67,13 @@ def selfreg_total(
     zero = total.new_zeros(())
     scr = ifd = zero
     if blocks is not None and roles is not None:
-        if lambda_scr:
-            scr = scr_loss(blocks, roles, scr_pairing, generator)
+        scr_value, ifd_value = selfreg_losses(
+            blocks, roles, scr_pairing, generator, scr=bool(lambda_scr), ifd=bool(lambda_ifd)
+        )
+        if scr_value is not None:
+            scr = scr_value
             total = total + lambda_scr * scr
-        if lambda_ifd:
-            ifd = ifd_loss(blocks, roles)
+        if ifd_value is not None:
+            ifd = ifd_value
             total = total + lambda_ifd * ifd
     return LossTerms(ce=ce, dice=dice, scr=scr, ifd=ifd, total=total)

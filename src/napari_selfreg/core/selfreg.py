@@ -75,7 +75,11 @@ def _pairing_matrix(size: int, plus: torch.Tensor, minus: torch.Tensor | None, d
 
 
 def _scr_pooled(
-    student: torch.Tensor, pooled: torch.Tensor, pairing: str, generator: torch.Generator | None
+    student: torch.Tensor,
+    pooled: torch.Tensor,
+    pairing: str,
+    generator: torch.Generator | None,
+    student_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SCR of one student against the teacher already pooled to its size.
 
@@ -92,7 +96,8 @@ def _scr_pooled(
     s_idx = torch.randperm(cs, generator=generator, device=cpu)[:k]
     t_idx = torch.randperm(ct, generator=generator, device=cpu)[:k]
     with _full_precision(student.device):
-        picked = _rows(student) @ _pairing_matrix(cs, s_idx, None, student.device)
+        rows = student_rows if student_rows is not None else _rows(student)
+        picked = rows @ _pairing_matrix(cs, s_idx, None, student.device)
         target = _rows(pooled) @ _pairing_matrix(ct, t_idx, None, student.device)
         return (picked - target).square().mean()
 
@@ -120,15 +125,33 @@ def ifd_term(feature: torch.Tensor) -> torch.Tensor:
     ``mse_loss(feature[:, top], feature[:, bottom])`` computed as one matmul with a
     +1/-1 pairing matrix on the (pixels, channels) view (see ``_scr_pooled`` for why).
     """
+    return _ifd_of_rows(feature, None)
+
+
+def _ifd_of_rows(feature: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     b, c, h, w = feature.shape
     half = c // 2
     if half == 0:
         return feature.new_zeros((), dtype=torch.float32)
     with _full_precision(feature.device):
-        rows = _rows(feature)
+        rows = rows if rows is not None else _rows(feature)
         order = torch.argsort(_scores_of_rows(rows, b, h * w), descending=True)
         pairs = _pairing_matrix(c, order[:half], order[half : 2 * half], feature.device)
         return (rows @ pairs).square().mean()
+
+
+class _RowCache(dict):
+    """The float32 (pixels, channels) view of each student, shared by SCR and IFD in one step
+    (one cast and one cast-back in the backward instead of two)."""
+
+    def __init__(self, blocks: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.blocks = blocks
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        rows = _rows(self.blocks[name])
+        self[name] = rows
+        return rows
 
 
 def scr_loss(
@@ -137,6 +160,10 @@ def scr_loss(
     pairing: str = "random",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
+    return _scr_loss(blocks, roles, pairing, generator, None)
+
+
+def _scr_loss(blocks, roles: BlockRoles, pairing: str, generator, cache: _RowCache | None) -> torch.Tensor:
     teacher = blocks[roles.teacher]
     pooled: dict[tuple, torch.Tensor] = {}  # the teacher pooled once per student size and dtype
     terms = []
@@ -145,16 +172,37 @@ def scr_loss(
         key = (*student.shape[-2:], student.dtype)
         if key not in pooled:
             pooled[key] = _pool_teacher(teacher, student)
-        terms.append(_scr_pooled(student, pooled[key], pairing, generator))
+        rows = cache[name] if cache is not None and pairing != "mean" else None
+        terms.append(_scr_pooled(student, pooled[key], pairing, generator, rows))
     return torch.stack([t.float() for t in terms]).mean()
 
 
 def ifd_loss(blocks: Mapping[str, torch.Tensor], roles: BlockRoles) -> torch.Tensor:
+    return _ifd_loss(blocks, roles, None)
+
+
+def _ifd_loss(blocks, roles: BlockRoles, cache: _RowCache | None) -> torch.Tensor:
     parts = []
     for names in (roles.encoder, roles.decoder):
         if names:
-            parts.append(torch.stack([ifd_term(blocks[n]).float() for n in names]).mean())
+            terms = [_ifd_of_rows(blocks[n], cache[n] if cache is not None else None).float() for n in names]
+            parts.append(torch.stack(terms).mean())
     return torch.stack(parts).sum() if parts else torch.zeros(())
+
+
+def selfreg_losses(
+    blocks: Mapping[str, torch.Tensor],
+    roles: BlockRoles,
+    pairing: str = "random",
+    generator: torch.Generator | None = None,
+    scr: bool = True,
+    ifd: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(SCR, IFD) of one step, sharing the students' float32 views; None for a term not asked for."""
+    cache = _RowCache(blocks)
+    scr_value = _scr_loss(blocks, roles, pairing, generator, cache) if scr else None
+    ifd_value = _ifd_loss(blocks, roles, cache) if ifd else None
+    return scr_value, ifd_value
 
 
 class BlockTap:
