@@ -138,3 +138,18 @@ def test_sampler_balances_classes_and_patches_have_the_right_shape():
     assert x.shape == (64, 3, 32, 32) and y.shape == (64, 32, 32)
     with_structure = np.mean([(yy == 2).any() for yy in y])
     assert with_structure > 0.35  # about half the patches are centred on the rare class
+
+
+def test_rgb_image_for_a_gray_model_is_scaled_like_its_tiles():
+    """Percentile mode with channel conversion: whole image and tiles get the same range."""
+    from napari_selfreg.core.config import Normalization
+    from napari_selfreg.core.data import intensity_range
+
+    rgb = np.random.default_rng(2).integers(0, 60000, (48, 40, 3), dtype=np.uint16)
+    norm = Normalization(mode="percentile", channels=1)
+    whole = normalize(rgb, norm)
+    assert whole.shape == (48, 40, 1)
+    tile = normalize(rgb[8:30, 4:20], norm, intensity_range(rgb, norm))
+    np.testing.assert_allclose(tile, whole[8:30, 4:20], rtol=1e-6)
+    with pytest.raises(InputError, match="3-D stack"):  # two channels is no image kind we know
+        normalize(np.zeros((4, 4, 2), np.uint8), Normalization(channels=3))

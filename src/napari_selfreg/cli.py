@@ -194,6 +194,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .core.config import PredictConfig  # torch-free
     parser = argparse.ArgumentParser(
         prog="napari-selfreg",
         description="Train a SelfReg UNet on painted strokes, predict, evaluate, inspect. "
@@ -229,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path, help="labels file (1 = background, 2.. = structures)")
     p.add_argument("--probabilities", type=Path, help="also write per-class probabilities (K, H, W) float32")
-    p.add_argument("--tile-size", type=int, default=512)
-    p.add_argument("--overlap", type=float, default=0.25)
+    p.add_argument("--tile-size", type=int, default=PredictConfig.tile_size, help="pixels per tile side")
+    p.add_argument("--overlap", type=float, default=PredictConfig.overlap, help="fraction shared by neighbours")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", help="auto | float32 | bfloat16 | float16")
     p.set_defaults(func=cmd_predict)

@@ -63,13 +63,25 @@ def _sample_for_percentiles(image: np.ndarray, max_pixels: int = 2_000_000) -> n
     return np.asarray(image[::step, ::step])
 
 
+def match_channels(image: np.ndarray, norm: Normalization) -> np.ndarray:
+    """Gray for an RGB model is repeated, RGB for a gray model is averaged; else an error."""
+    c = image.shape[-1]
+    if c == norm.channels:
+        return image
+    if norm.channels == 3 and c == 1:
+        return np.repeat(np.asarray(image), 3, axis=-1)
+    if norm.channels == 1 and c == 3:
+        return np.asarray(image, np.float32).mean(axis=-1, keepdims=True)
+    raise InputError(f"the model expects {norm.channels} channel(s) but the image has {c}")
+
+
 def intensity_range(image: np.ndarray, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (low, high) used to scale an image; computed on a subsample of big images."""
     image = as_channels_last(image)
-    c = image.shape[-1]
+    c = norm.channels
     if norm.mode == "uint8":
         return np.zeros(c, np.float32), np.full(c, 255.0, np.float32)
-    sample = _sample_for_percentiles(image).astype(np.float32).reshape(-1, c)
+    sample = match_channels(_sample_for_percentiles(image), norm).astype(np.float32).reshape(-1, c)
     low = np.percentile(sample, norm.low_percentile, axis=0).astype(np.float32)
     high = np.percentile(sample, norm.high_percentile, axis=0).astype(np.float32)
     high = np.where(high - low < 1e-6, low + 1.0, high)
@@ -93,16 +105,7 @@ def normalize(
     Tiles of a large image must pass the whole image's ``value_range`` so that every tile
     is scaled alike.
     """
-    image = as_channels_last(image)
-    if image.shape[-1] != norm.channels:
-        if norm.channels == 3 and image.shape[-1] == 1:
-            image = np.repeat(np.asarray(image), 3, axis=-1)
-        elif norm.channels == 1 and image.shape[-1] == 3:
-            image = np.asarray(image, np.float32).mean(axis=-1, keepdims=True)
-        else:
-            raise InputError(
-                f"the model expects {norm.channels} channel(s) but the image has {image.shape[-1]}"
-            )
+    image = match_channels(as_channels_last(image), norm)
     low, high = value_range if value_range is not None else intensity_range(image, norm)
     out = (np.asarray(image, np.float32) - low) / (high - low)
     if norm.mode == "percentile":

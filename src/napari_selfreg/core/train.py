@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -56,9 +56,11 @@ class TrainReport:
     val_dice: float | None = None
     best_val_dice: float | None = None
     stopped: bool = False
+    # the model being trained (live, not a copy): previews clone it between steps
+    model: SegmentationModel | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
 
 
 @dataclass
@@ -314,7 +316,7 @@ def train(
             ce=float(terms.ce.detach()), dice=float(terms.dice.detach()),
             scr=float(terms.scr.detach()), ifd=float(terms.ifd.detach()), loss=loss,
             learning_rate=lr, seconds_per_step=per_step, elapsed=elapsed, eta_seconds=remaining,
-            val_dice=val, best_val_dice=best_val,
+            val_dice=val, best_val_dice=best_val, model=model,
         )
         history.append(report)
         yield report

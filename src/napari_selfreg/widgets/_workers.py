@@ -43,27 +43,6 @@ def visible_box(corners, shape: tuple[int, int], max_side: int = PREVIEW_MAX_SID
     return spans[0], spans[1]
 
 
-def live_model(generator):
-    """The model a suspended core ``train`` generator is updating (not a copy), or None.
-
-    The core's TrainReport carries no weights, so the worker looks into the generator's
-    frame for its SegmentationModel; if the core stops exposing one, previews are skipped.
-    """
-    from ..core.model import SegmentationModel
-
-    frame = getattr(generator, "gi_frame", None)
-    if frame is None:
-        return None
-    local = frame.f_locals
-    candidate = local.get("model")
-    if isinstance(candidate, SegmentationModel):
-        return candidate
-    for value in local.values():
-        if isinstance(value, SegmentationModel):
-            return value
-    return None
-
-
 class WorkerError(Exception):
     """An error raised in a worker generator, with the model trained so far when there is one.
 
@@ -119,7 +98,7 @@ def run_training(
         except Exception as error:
             raise WorkerError(error, model.clone() if model is not None else None) from error
         history.append(report)
-        model = live_model(generator) or model
+        model = report.model or model
         yield "report", report
         if preview_image is None or view is None or stop.is_set() or model is None:
             continue

@@ -62,7 +62,19 @@ def layer_name(tag: str, block: str, kind: str) -> str:
 
 
 def redundancy_job(models, labels, image, similarity, kinds, region, window=16):
-    """Generator run in the worker: yields (done, total, text); returns a ``ComputeResult``."""
+    """Generator run in the worker: yields (done, total, text); returns a ``ComputeResult``.
+
+    Errors leave as ``WorkerError``: superqt drops a RuntimeError from a generator silently.
+    """
+    from ._workers import WorkerError
+
+    try:
+        return (yield from _redundancy_job(models, labels, image, similarity, kinds, region, window))
+    except Exception as error:
+        raise WorkerError(error) from error
+
+
+def _redundancy_job(models, labels, image, similarity, kinds, region, window):
     from ..core.redundancy import RedundancyConfig, compute_redundancy, map_scale
 
     config = RedundancyConfig(similarity=similarity, window=window, render_features="features" in kinds)
@@ -310,6 +322,10 @@ class RedundancyWidget(QWidget):
     def _on_error(self, error: Exception) -> None:
         from ..core.checkpoint import ModelFileError
         from ..core.data import InputError
+        from ._workers import WorkerError
+
+        if isinstance(error, WorkerError):
+            error = error.error
 
         if isinstance(error, InputError | ModelFileError):
             self.status.setText(str(error))
