@@ -153,6 +153,7 @@ def run_inspect(
     from .core.checkpoint import load_model
     from .core.data import InputError, as_channels_last
     from .core.device import resolve_device
+    from .core.progress import drain
     from .core.redundancy import RedundancyConfig, compute_redundancy, map_scale
     from .io import read_image
 
@@ -165,17 +166,7 @@ def run_inspect(
     image = as_channels_last(read_image(image_path))
     config = RedundancyConfig(similarity=similarity, window=window, device=str(torch_device))
 
-    reports = []
-    for model in models:
-        gen = compute_redundancy(model, image, config, region)
-        while True:
-            try:
-                step = next(gen)
-            except StopIteration as done:
-                reports.append(done.value)
-                break
-            if progress is not None:
-                progress(step)
+    reports = [drain(compute_redundancy(model, image, config, region), progress) for model in models]
     if len(reports) == 2 and reports[0].names != reports[1].names:
         raise InputError(
             f"the models have different blocks ({reports[0].names} vs {reports[1].names}); "

@@ -30,6 +30,7 @@ from .config import Normalization, PredictConfig
 from .data import InputError, intensity_range, normalize
 from .device import autocast, autocast_dtype, resolve_device
 from .model import SegmentationModel
+from .progress import drain
 from .train import StopRequest, _stop_requested
 
 FINITE_CHECK_PIXELS = 50_000_000  # images up to this size are checked for NaN/inf before the first tile
@@ -421,12 +422,7 @@ def _pad_tile(tile: np.ndarray, th: int, tw: int) -> np.ndarray:
 
 def predict(model: SegmentationModel, image, config: PredictConfig | None = None, **kwargs) -> Prediction:
     """Run ``predict_tiled`` to completion."""
-    gen = predict_tiled(model, image, config, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as done:
-            return done.value
+    return drain(predict_tiled(model, image, config, **kwargs))
 
 
 def predict_whole(model: SegmentationModel, image, device: str = "cpu", precision: str = "float32") -> np.ndarray:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from .data import InputError, as_channels_last, check_finite, intensity_range, normalize
 from .device import resolve_device
 from .model import SegmentationModel
+from .progress import drain
 from .selfreg import BlockRoles
 
 MAP_KINDS = ("redundancy", "scr", "ifd")
@@ -742,12 +743,3 @@ def redundancy_report(
 ) -> RedundancyReport:
     """Run ``compute_redundancy`` to completion."""
     return drain(compute_redundancy(model, image, config, region))
-
-
-def drain(generator: Generator):
-    """Exhaust a progress generator and return its return value."""
-    while True:
-        try:
-            next(generator)
-        except StopIteration as done:
-            return done.value

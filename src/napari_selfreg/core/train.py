@@ -31,6 +31,7 @@ from .data import (
 from .device import autocast, autocast_dtype, resolve_device
 from .losses import selfreg_total
 from .model import SegmentationModel
+from .progress import drain
 from .selfreg import BlockRoles
 
 StopRequest = Callable[[], bool] | threading.Event | None
@@ -346,9 +347,4 @@ def train(
 
 def train_to_end(*args, **kwargs) -> TrainResult:
     """Run ``train`` to completion and return its result."""
-    gen = train(*args, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as done:
-            return done.value
+    return drain(train(*args, **kwargs))
