@@ -11,7 +11,7 @@ import time
 import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_warning
-from qtpy.QtWidgets import QComboBox, QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QComboBox, QFileDialog, QSizePolicy, QVBoxLayout, QWidget
 
 from ..core.data import InputError
 
@@ -38,6 +38,12 @@ def connect_while_alive(widget, *pairs) -> None:
                 pass
 
     widget.destroyed.connect(disconnect)
+
+
+def ask_model_file(parent) -> str | None:
+    """A file dialog for napari-selfreg model files; None when cancelled."""
+    path, _ = QFileDialog.getOpenFileName(parent, "Load model", "", "napari-selfreg model (*.safetensors)")
+    return path or None
 
 
 def layer_data(layer) -> object:

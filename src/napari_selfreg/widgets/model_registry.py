@@ -6,6 +6,7 @@ and use them; loading a file adds it too. No torch import here, so docking stays
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from psygnal import Signal
@@ -31,6 +32,12 @@ class ModelRegistry:
         self._models[unique] = model
         self.changed.emit()
         return unique
+
+    def load_file(self, path: str | Path) -> str:
+        """Load a model file and add it under its file name; raises ``ModelFileError``."""
+        from ..core.checkpoint import load_model
+
+        return self.add(Path(path).name.split(".")[0], load_model(path))
 
     def get(self, name: str) -> SegmentationModel:
         return self._models[name]

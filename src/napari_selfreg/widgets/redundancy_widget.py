@@ -16,7 +16,6 @@ import numpy as np
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -27,6 +26,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._common import ask_model_file
 from .model_registry import model_registry
 
 if TYPE_CHECKING:
@@ -227,20 +227,19 @@ class RedundancyWidget(QWidget):
         self.image_box.blockSignals(False)
 
     def _choose_file(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load model", "", "napari-selfreg models (*.safetensors)")
+        path = ask_model_file(self)
         if path:
             self.load_model_file(path)
 
     def load_model_file(self, path: str | Path) -> str | None:
         """Load a model file into the shared registry and select it; errors go to the status line."""
-        from ..core.checkpoint import ModelFileError, load_model
+        from ..core.checkpoint import ModelFileError
 
         try:
-            model = load_model(path)
+            name = self.registry.load_file(path)
         except ModelFileError as error:
             self.status.setText(str(error))
             return None
-        name = self.registry.add(Path(path).stem, model)
         self.model_box.setCurrentText(name)
         return name
 

@@ -19,7 +19,6 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -31,7 +30,16 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.config import PredictConfig
-from ._common import DeviceCombo, LayerCombo, NameCombo, connect_while_alive, explain, image_shape_2d, layer_data
+from ._common import (
+    DeviceCombo,
+    LayerCombo,
+    NameCombo,
+    ask_model_file,
+    connect_while_alive,
+    explain,
+    image_shape_2d,
+    layer_data,
+)
 from ._workers import run_prediction
 from .classes import class_colormap, class_features
 from .model_registry import model_registry
@@ -123,19 +131,18 @@ class SegmentWidget(QWidget):
             self.model_combo.setCurrentText(names[-1])
 
     def load_model(self, path: str | Path) -> str | None:
-        from ..core.checkpoint import ModelFileError, load_model
+        from ..core.checkpoint import ModelFileError
 
         try:
-            model = load_model(path)
+            name = self.registry.load_file(path)
         except ModelFileError as error:
             show_error(f"Could not load the model: {error}")
             return None
-        name = self.registry.add(Path(path).name.split(".")[0], model)
         self.model_combo.setCurrentText(name)
         return name
 
     def _load_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load model", "", "napari-selfreg model (*.safetensors)")
+        path = ask_model_file(self)
         if path:
             self.load_model(path)
 

@@ -43,6 +43,7 @@ from ._common import (
     LayerCombo,
     LossPlot,
     NameCombo,
+    ask_model_file,
     connect_while_alive,
     explain,
     image_shape_2d,
@@ -380,14 +381,14 @@ class TrainWidget(QWidget):
 
     def load_model(self, path: str | Path) -> str | None:
         """Load a model file into the session and choose it for continuing training."""
-        from ..core.checkpoint import ModelFileError, load_model
+        from ..core.checkpoint import ModelFileError
 
         try:
-            model = load_model(path)
+            name = self.registry.load_file(path)
         except ModelFileError as error:
             show_error(f"Could not load the model: {error}")
             return None
-        name = self.registry.add(Path(path).name.split(".")[0], model)
+        model = self.registry.get(name)
         self.model_combo.setCurrentText(name)
         self.set_class_names(model.class_names)
         self._write_classes()
@@ -411,7 +412,7 @@ class TrainWidget(QWidget):
         return written
 
     def _load_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load model", "", "napari-selfreg model (*.safetensors)")
+        path = ask_model_file(self)
         if path:
             self.load_model(path)
 
