@@ -23,6 +23,7 @@ from napari_selfreg.core.predict import (
     predict_whole,
     tile_layout,
 )
+from napari_selfreg.core.progress import drain
 
 F32 = dict(precision="float32", device="cpu")
 
@@ -232,12 +233,7 @@ def test_progress_counts_tiles_and_batches(random_model):
     _, xs = tile_layout(300, 64, 16, 16)
     run = predict_tiled(random_model, image, config)
     reports = []
-    while True:
-        try:
-            reports.append(next(run))
-        except StopIteration as done:
-            result = done.value
-            break
+    result = drain(run, reports.append)
     total = len(ys) * len(xs)
     assert [r.done for r in reports] == [*range(4, total, 4), total]
     assert all(r.total == total for r in reports)

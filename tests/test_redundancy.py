@@ -14,6 +14,7 @@ from torch import nn
 from napari_selfreg.core.config import ModelConfig, ModelInfo
 from napari_selfreg.core.data import InputError
 from napari_selfreg.core.model import SegmentationModel
+from napari_selfreg.core.progress import drain
 from napari_selfreg.core.redundancy import (
     MAP_KINDS,
     RedundancyConfig,
@@ -208,12 +209,7 @@ def test_generator_yields_progress_and_returns_report(odd_image):
     model = _tiny_model()
     gen = compute_redundancy(model, odd_image, RedundancyConfig(device="cpu", window=8, memory_mb=0.05, tile_size=16))
     steps = []
-    while True:
-        try:
-            steps.append(next(gen))
-        except StopIteration as done:
-            report = done.value
-            break
+    report = drain(gen, steps.append)
     assert all(isinstance(s, RedundancyProgress) for s in steps)
     assert steps[-1].done == steps[-1].total == 2 * report.tiles
     assert isinstance(report, RedundancyReport)

@@ -9,6 +9,7 @@ import torch
 
 from napari_selfreg.core.config import ModelConfig, TrainConfig
 from napari_selfreg.core.data import InputError
+from napari_selfreg.core.progress import drain
 from napari_selfreg.core.train import train, train_to_end
 
 SMALL = ModelConfig(base_channels=4, depth=2)
@@ -35,12 +36,7 @@ def test_reports_carry_every_field_and_training_learns():
     config = TrainConfig(steps=40, patch_size=48, batch_size=4, validation_every=10, seed=0, learning_rate=3e-3)
     reports = []
     run = train([image], [labels], config, SMALL)
-    while True:
-        try:
-            reports.append(next(run))
-        except StopIteration as done:
-            result = done.value
-            break
+    result = drain(run, reports.append)
     assert [r.step for r in reports] == list(range(1, 41))
     last = reports[-1]
     for field in ("ce", "dice", "scr", "ifd", "loss", "learning_rate", "seconds_per_step", "eta_seconds"):

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import ask_model_file
+from ._common import NameCombo, ask_model_file
 from .model_registry import model_registry
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class RedundancyWidget(QWidget):
         self.result: ComputeResult | None = None
 
         form = QFormLayout()
-        self.model_box = QComboBox()
+        self.model_box = NameCombo()
         self.load_button = QPushButton("Load…")
         self.load_button.setToolTip("Load a napari-selfreg .safetensors model file")
         row = QHBoxLayout()
@@ -129,7 +129,7 @@ class RedundancyWidget(QWidget):
         row.addWidget(self.load_button)
         form.addRow("Model", row)
         self.compare_check = QCheckBox("Compare with")
-        self.compare_box = QComboBox()
+        self.compare_box = NameCombo()
         self.compare_box.setEnabled(False)
         form.addRow(self.compare_check, self.compare_box)
         self.image_box = QComboBox()
@@ -198,13 +198,7 @@ class RedundancyWidget(QWidget):
     def _fill_model_boxes(self) -> None:
         names = self.registry.names()
         for box in (self.model_box, self.compare_box):
-            current = box.currentText()
-            box.blockSignals(True)
-            box.clear()
-            box.addItems(names)
-            if current in names:
-                box.setCurrentText(current)
-            box.blockSignals(False)
+            box.set_names(names)
         if len(names) > 1 and self.compare_box.currentText() == self.model_box.currentText():
             self.compare_box.setCurrentIndex(1 if self.model_box.currentIndex() == 0 else 0)
 
