@@ -151,6 +151,22 @@ def test_bfloat16_agrees_with_float32_on_real_image(trained_model, monuseg_pair)
     assert delta.max() <= 0.15, delta.max()
 
 
+def test_flips_average_the_four_flipped_views(random_model):
+    """With flips the prediction commutes with flipping the image; without them it does not."""
+    image = _image(64, 96, seed=3)
+    config = PredictConfig(tile_size=128, flips=True, **F32)
+    plain = predict(random_model, image, PredictConfig(tile_size=128, **F32)).probabilities
+    averaged = predict(random_model, image, config).probabilities
+    mirrored = predict(random_model, np.ascontiguousarray(image[::-1, ::-1]), config).probabilities
+    np.testing.assert_allclose(mirrored[:, ::-1, ::-1], averaged, atol=1e-5)
+    expected = np.mean([plain] + [
+        predict(random_model, np.ascontiguousarray(v), PredictConfig(tile_size=128, **F32)).probabilities[:, ::sy, ::sx]
+        for v, sy, sx in ((image[:, ::-1], 1, -1), (image[::-1], -1, 1), (image[::-1, ::-1], -1, -1))
+    ], axis=0)
+    np.testing.assert_allclose(averaged, expected, atol=1e-5)
+    assert np.abs(averaged - plain).max() > 1e-3  # a random network is not flip-invariant
+
+
 # ----------------------------------------------------------------------------- inputs
 
 

@@ -141,3 +141,14 @@ def test_mismatched_pair_counts():
     image, labels, _ = _scene()
     with pytest.raises(InputError, match="one labels per image"):
         train_to_end([image, image], [labels], TrainConfig(steps=1), SMALL)
+
+
+def test_keep_chooses_which_weights_the_run_hands_over():
+    image, labels, _ = _scene()
+    base = dict(steps=6, patch_size=32, batch_size=2, validation_every=2, seed=0)
+    last = train_to_end([image], [labels], TrainConfig(**base), SMALL)
+    assert last.keep == "last" and last.model is last.last
+    best = train_to_end([image], [labels], TrainConfig(**base, keep="best"), SMALL)
+    assert best.model is best.best and best.model is not best.last
+    with pytest.raises(ValueError, match="keep"):
+        TrainConfig(keep="first")

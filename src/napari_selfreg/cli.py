@@ -66,6 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         selfreg=not args.no_selfreg,
         lambda_scr=args.lambda_scr,
         lambda_ifd=args.lambda_ifd,
+        keep=args.keep,
         device=args.device,
         seed=args.seed,
     )
@@ -97,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.close()
     if result.stopped:
         print("stopped: saving the weights trained so far", file=sys.stderr)
-    model = result.last if args.keep == "last" else result.best
+    model = result.model
     path = save_model(model, args.out)
     last = result.history[-1] if result.history else None
     summary = {
@@ -221,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-scr", type=float, default=0.015)
     p.add_argument("--lambda-ifd", type=float, default=0.015)
     p.add_argument("--class-names", help="comma-separated names for labels 1, 2, ... (e.g. background,nuclei)")
-    p.add_argument("--keep", choices=("best", "last"), default="best",
-                   help="which weights to save: best validation Dice (default) or the last step")
+    p.add_argument("--keep", choices=("last", "best"), default="last",
+                   help="which weights to save: the last step (default) or the best Dice on held-out strokes")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="segment an image with a trained model")

@@ -95,6 +95,10 @@ class TrainConfig(_JsonMixin):
     scr_pairing: str = "random"  # "random" (the paper) or "mean" (lower variance)
     validation_fraction: float = 0.2  # share of connected strokes held out
     validation_every: int = 25
+    # which weights the run hands over: "last" (default) or "best" held-out stroke Dice.
+    # Held-out strokes lie deep inside objects and far into the background, so their
+    # Dice saturates early and picks under-trained weights (BENCHMARKS.md, "Training defaults").
+    keep: str = "last"
     augment: bool = True
     device: str = "auto"
     precision: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
@@ -109,6 +113,8 @@ class TrainConfig(_JsonMixin):
             raise ValueError("batch size must be at least 1")
         if self.scr_pairing not in ("random", "mean"):
             raise ValueError("scr_pairing must be 'random' or 'mean'")
+        if self.keep not in ("last", "best"):
+            raise ValueError("keep must be 'last' or 'best'")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError("validation_fraction must be in [0, 1)")
 
@@ -122,6 +128,9 @@ class PredictConfig(_JsonMixin):
     batch_size: int = 2
     device: str = "auto"
     precision: str = "auto"  # "auto" -> bfloat16 on CPUs that have fast bf16, float16 on CUDA
+    # average over the four horizontal/vertical flips of every tile: 4x the time, about
+    # +1 Dice after a minute of training from strokes (BENCHMARKS.md)
+    flips: bool = False
 
     def __post_init__(self) -> None:
         if self.tile_size < 16:

@@ -213,19 +213,28 @@ def inference_network(network: nn.Module, device: torch.device) -> nn.Module:
     return fused.to(device).to(memory_format=memory_format)
 
 
-def _forward_probabilities(network: nn.Module, batch: np.ndarray, device, dtype) -> torch.Tensor:
+def _forward_probabilities(network: nn.Module, batch: np.ndarray, device, dtype, flips: bool = False) -> torch.Tensor:
     """Softmax probabilities (B, K, h, w) float32 of a (B, h, w, C) float32 batch.
 
     A channels-last (B, h, w, C) array viewed as (B, C, h, w) is already channels-last
-    memory, so the tiles go to the network without a transposing copy.
+    memory, so the tiles go to the network without a transposing copy. ``flips``
+    averages the probabilities of the four flipped views (each flipped back).
     """
     x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(device)
     if device.type != "cpu":
         x = x.contiguous()
-    with torch.inference_mode(), autocast(device, dtype):
-        logits = network(x)
+    views = [(), (3,), (2,), (2, 3)] if flips else [()]
+    total = None
+    for dims in views:
+        with torch.inference_mode():
+            view = torch.flip(x, dims) if dims else x
+            with autocast(device, dtype):
+                logits = network(view)
+            probs = torch.softmax(logits.float(), dim=1)
+            probs = torch.flip(probs, dims) if dims else probs
+            total = probs if total is None else total.add_(probs)
     with torch.inference_mode():
-        return torch.softmax(logits.float(), dim=1)
+        return total / len(views) if len(views) > 1 else total
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -351,7 +360,7 @@ def predict_tiled(
             if check_tiles:
                 _check_finite(region)
             batch[i] = _pad_tile(normalize(region, norm, value_range), th, tw)
-        probs = _forward_probabilities(network, batch, device, dtype).cpu()
+        probs = _forward_probabilities(network, batch, device, dtype, config.flips).cpu()
         for (row, col), p in zip(chunk, probs, strict=True):
             top, left = ys[row], xs[col]
             if top != band_top:

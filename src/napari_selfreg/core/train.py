@@ -70,6 +70,12 @@ class TrainResult:
     last: SegmentationModel
     history: list[TrainReport] = field(default_factory=list)
     stopped: bool = False
+    keep: str = "last"
+
+    @property
+    def model(self) -> SegmentationModel:
+        """The weights the run hands over (``TrainConfig.keep``): what widgets and the CLI use."""
+        return self.best if self.keep == "best" else self.last
 
     @property
     def steps(self) -> int:
@@ -342,7 +348,7 @@ def train(
     best_state.info.history = record
     last.network.eval()
     best_state.network.eval()
-    return TrainResult(best=best_state, last=last, history=history, stopped=stopped)
+    return TrainResult(best=best_state, last=last, history=history, stopped=stopped, keep=config.keep)
 
 
 def train_to_end(*args, **kwargs) -> TrainResult:

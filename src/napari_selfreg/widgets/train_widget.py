@@ -20,6 +20,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
+    QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
@@ -249,6 +250,13 @@ class TrainWidget(QWidget):
             defaults.validation_every, 1, 100_000, "Measure the Dice on held-out strokes every this many steps."
         )
         af.addRow("Validate every", self.validation_every)
+        self.keep = QComboBox()
+        self.keep.addItems(["last", "best"])
+        self.keep.setCurrentText(defaults.keep)
+        self.keep.setToolTip(
+            "Which weights become the model: the last step's, or those with the best Dice on held-out strokes."
+        )
+        af.addRow("Keep weights", self.keep)
         self.preview_every = _dspin(
             3.0, 0.0, 600.0, "Seconds between live previews of the visible region (0 = no preview).", 1, 1.0
         )
@@ -437,6 +445,7 @@ class TrainWidget(QWidget):
             lambda_scr=self.lambda_scr.value(),
             lambda_ifd=self.lambda_ifd.value(),
             validation_every=self.validation_every.value(),
+            keep=self.keep.currentText(),
             device=self.device.currentText(),
             seed=None if self.seed.value() < 0 else self.seed.value(),
         )
@@ -597,7 +606,7 @@ class TrainWidget(QWidget):
         if not result.history:
             show_warning("Training stopped before the first step; no model was made.")
             return
-        name = self.registry.add(f"{self._run_image.name if self._run_image else 'model'} model", result.best)
+        name = self.registry.add(f"{self._run_image.name if self._run_image else 'model'} model", result.model)
         self.model_combo.setCurrentText(name)
         last = result.history[-1]
         best = "" if last.best_val_dice is None else f"; best held-out Dice {last.best_val_dice:.3f}"
@@ -607,7 +616,7 @@ class TrainWidget(QWidget):
             f"Model '{name}' is ready for Segment; Start again continues from it."
         )
         show_info(f"Training {how}: model '{name}' is ready (Segment widget, or Save…).")
-        self._final_preview(result.best)
+        self._final_preview(result.model)
 
     def _final_preview(self, model) -> None:
         """Predict the whole image (small ones) with the trained model, for the correction loop."""
