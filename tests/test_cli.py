@@ -41,6 +41,7 @@ def test_train_predict_evaluate_on_a_real_image(tmp_path, monuseg_pair, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 25 and (tmp_path / "model.safetensors").exists()
+    assert summary["kept"] == "last"
 
     rc = main([
         "predict", "--model", str(tmp_path / "model.safetensors"), "--image", str(tmp_path / "image.tif"),
@@ -54,6 +55,18 @@ def test_train_predict_evaluate_on_a_real_image(tmp_path, monuseg_pair, capsys):
     assert probs.shape == (2, 384, 384) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-4)
     np.testing.assert_array_equal(labels, probs.argmax(0) + 1)
+
+    # --flips: the averaged prediction of the mirrored image is the mirrored averaged prediction
+    tifffile.imwrite(tmp_path / "mirrored.tif", np.ascontiguousarray(image[:, ::-1]))
+    for name in ("image", "mirrored"):
+        assert main([
+            "predict", "--model", str(tmp_path / "model.safetensors"), "--image", str(tmp_path / f"{name}.tif"),
+            "--out", str(tmp_path / f"{name}_flips.tif"), "--probabilities", str(tmp_path / f"{name}_fp.tif"),
+            "--flips", "--precision", "float32", "--device", "cpu",
+        ]) == 0
+    capsys.readouterr()
+    averaged, mirrored = tifffile.imread(tmp_path / "image_fp.tif"), tifffile.imread(tmp_path / "mirrored_fp.tif")
+    np.testing.assert_allclose(mirrored[:, :, ::-1], averaged, atol=1e-4)
 
     rc = main(["evaluate", "--prediction", str(tmp_path / "pred.tif"), "--mask", str(tmp_path / "mask.tif")])
     assert rc == 0

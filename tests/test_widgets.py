@@ -226,6 +226,18 @@ def test_flow_sample_train_stop_segment(he_viewer, qtbot, messages, tmp_path):
     segment.run_button.click()
     wait_idle(qtbot, segment, timeout=60_000)
     assert np.array_equal(viewer.layers["H&E tissue segmentation"].data, labels)
+    # "Average over flips" reaches the engine: the same labels as predict(..., flips=True)
+    from napari_selfreg.core.config import PredictConfig
+    from napari_selfreg.core.predict import predict
+
+    segment.flips.setChecked(True)
+    segment.run_button.click()
+    wait_idle(qtbot, segment, timeout=60_000)
+    expected = predict(segment.registry.get(name), viewer.layers["H&E tissue"].data,
+                       PredictConfig(tile_size=128, device="cpu", flips=True), probabilities=False).labels
+    flipped = viewer.layers["H&E tissue segmentation"].data
+    assert np.array_equal(flipped, expected) and not np.array_equal(flipped, labels)
+    segment.flips.setChecked(False)
 
     # correction loop: the prediction becomes dense labels, strokes on top, and a second round continues
     corrected = train.use_prediction_as_labels()

@@ -125,7 +125,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     image = read_image(args.image)
-    config = PredictConfig(tile_size=args.tile_size, overlap=args.overlap, device=args.device, precision=args.precision)
+    config = PredictConfig(
+        tile_size=args.tile_size, overlap=args.overlap, device=args.device, precision=args.precision, flips=args.flips
+    )
     run = predict_tiled(model, image, config, probabilities=args.probabilities is not None)
     bar = None
     try:
@@ -235,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=PredictConfig.overlap, help="fraction shared by neighbours")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--flips", action="store_true", help="average the four flipped views of every tile (4x slower)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice and IoU per class of a prediction against a mask (JSON)")

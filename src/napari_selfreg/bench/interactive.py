@@ -35,6 +35,7 @@ METHODS = NEURAL_METHODS + BASELINE_METHODS
 OTHER = {"monuseg": "glas", "glas": "monuseg"}
 NO_BUDGET = "none"  # the baselines have no training budget
 FLIP_LABELS = "_flip_labels"  # run_neural's labels predicted with flips (scored, not stored)
+OTHER_LABELS = "_other_labels"  # ... and by the weights not kept (best or last; scored, not stored)
 
 
 @dataclass
@@ -173,12 +174,15 @@ def run_neural(
     start = time.perf_counter()
     flipped = predict(result.model, image, PredictConfig(device=config.device, flips=True), probabilities=False)
     predict_flips_s = time.perf_counter() - start
+    other = result.best if result.keep == "last" else result.last  # the weights not kept, for comparison
+    other_labels = predict(other, image, PredictConfig(device=config.device), probabilities=False).labels
     last = result.history[-1] if result.history else None
     return prediction.labels, {
         "steps": result.steps, "train_s": round(train_s, 3), "train_cpu_s": round(train_cpu_s, 3),
         "predict_s": round(predict_s, 3), "predict_flips_s": round(predict_flips_s, 3),
         "best_val_dice": last.best_val_dice if last else None, "kept": result.keep,
-        FLIP_LABELS: flipped.labels,
+        FLIP_LABELS: flipped.labels, OTHER_LABELS: other_labels,
+        "other_weights": "best" if result.keep == "last" else "last",
     }
 
 
@@ -218,6 +222,9 @@ def make_task(config: InteractiveConfig, dataset: str, sample: Sample, method: s
         flipped = extra.pop(FLIP_LABELS, None)
         if flipped is not None:  # the same model predicting with flips (PredictConfig.flips)
             extra.update({f"{k}_flips": v for k, v in _scores(flipped, instances).items()})
+        other = extra.pop(OTHER_LABELS, None)
+        if other is not None:  # the same run's other weights ("dice_best" when the last ones are kept)
+            extra.update({f"{k}_{extra['other_weights']}": v for k, v in _scores(other, instances).items()})
         return {
             **_scores(predicted, instances), **extra, "method_s": round(elapsed, 3),
             "stroke_fraction": coverage(strokes), "shape": list(image.shape[:2]),
@@ -277,9 +284,10 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         steps = [r["steps"] for r in items if r.get("steps") is not None]
         if steps:
             entry["steps"] = float(np.mean(steps))
-        if all("dice_flips" in r for r in items):
-            entry["dice_flips"] = float(np.mean([r["dice_flips"] for r in items]))
-            entry["dice_flips_std"] = float(np.std([r["dice_flips"] for r in items]))
+        for variant in ("flips", "best"):
+            if all(f"dice_{variant}" in r for r in items):
+                entry[f"dice_{variant}"] = float(np.mean([r[f"dice_{variant}"] for r in items]))
+                entry[f"dice_{variant}_std"] = float(np.std([r[f"dice_{variant}"] for r in items]))
         means.append(entry)
     goal = []
     for dataset in sorted({r["dataset"] for r in scored}):
