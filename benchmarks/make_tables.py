@@ -89,19 +89,21 @@ def interactive_table(document: dict) -> list[str]:
         "The baselines have no training budget (\"none\").",
         "",
         *([f"> {document['note']}", ""] if document.get("note") else []),
-        "\"with flips\": the same trained model predicting with `PredictConfig(flips=True)` (the mean of",
-        "the four flipped views; 4x the prediction time).",
+        "Dice % and IoU %: the weights training hands over (the last step's, `TrainConfig.keep`). \"with flips\":",
+        "the same weights predicting with `PredictConfig(flips=True)` (the mean of the four flipped views;",
+        "4x the prediction time). \"best held-out\": the same run's weights with the best Dice on held-out strokes.",
         "",
-        "| dataset | method | budget | Dice % | with flips | IoU % | images | mean steps | mean wall s "
-        "| peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | method | budget | Dice % | with flips | best held-out | IoU % | images | mean steps "
+        "| mean wall s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in document.get("means", []):
         steps = f"{m['steps']:.0f}" if m.get("steps") is not None else "–"
         flips = _pct(m["dice_flips"], m["dice_flips_std"], 1) if "dice_flips" in m else "–"
+        best = _pct(m["dice_best"], m["dice_best_std"], 1) if "dice_best" in m else "–"
         lines.append(
             f"| {m['dataset']} | {METHOD_NAMES.get(m['method'], m['method'])} | {m['budget']} | "
-            f"{_pct(m['dice'], m['dice_std'], 1)} | {flips} | {_pct(m['iou'], m['iou_std'], 1)} | {m['n']} | "
+            f"{_pct(m['dice'], m['dice_std'], 1)} | {flips} | {best} | {_pct(m['iou'], m['iou_std'], 1)} | {m['n']} | "
             f"{steps} | {m['wall_s']:.1f} | {m['peak_rss_mb']:.0f} |"
         )
     goals = document.get("goal", [])
