@@ -34,8 +34,6 @@ BASELINE_METHODS = ("rf", "otsu")
 METHODS = NEURAL_METHODS + BASELINE_METHODS
 OTHER = {"monuseg": "glas", "glas": "monuseg"}
 NO_BUDGET = "none"  # the baselines have no training budget
-FLIP_LABELS = "_flip_labels"  # run_neural's labels predicted with flips (scored, not stored)
-OTHER_LABELS = "_other_labels"  # ... and by the weights not kept (best or last; scored, not stored)
 
 
 @dataclass
@@ -152,7 +150,12 @@ def ensure_pretrained(config: InteractiveConfig, source: str, seed: int) -> tupl
 def run_neural(
     image: np.ndarray, strokes: np.ndarray, config: InteractiveConfig, budget: Budget, seed: int,
     selfreg: bool, initial=None,
-) -> tuple[np.ndarray, dict[str, Any]]:
+) -> tuple[np.ndarray, dict[str, Any], dict[str, np.ndarray]]:
+    """Train and predict; returns (labels, run facts, labels of the variants scored beside them).
+
+    The variants come from the same run: "flips" (the kept weights with ``PredictConfig.flips``)
+    and "best" or "last" (the weights not kept).
+    """
     import time
 
     from ..core.config import ModelConfig, PredictConfig, TrainConfig
@@ -174,16 +177,15 @@ def run_neural(
     start = time.perf_counter()
     flipped = predict(result.model, image, PredictConfig(device=config.device, flips=True), probabilities=False)
     predict_flips_s = time.perf_counter() - start
-    other = result.best if result.keep == "last" else result.last  # the weights not kept, for comparison
+    other_name, other = ("best", result.best) if result.keep == "last" else ("last", result.last)
     other_labels = predict(other, image, PredictConfig(device=config.device), probabilities=False).labels
     last = result.history[-1] if result.history else None
-    return prediction.labels, {
+    facts = {
         "steps": result.steps, "train_s": round(train_s, 3), "train_cpu_s": round(train_cpu_s, 3),
         "predict_s": round(predict_s, 3), "predict_flips_s": round(predict_flips_s, 3),
-        "best_val_dice": last.best_val_dice if last else None, "kept": result.keep,
-        FLIP_LABELS: flipped.labels, OTHER_LABELS: other_labels,
-        "other_weights": "best" if result.keep == "last" else "last",
+        "best_val_dice": last.best_val_dice if last else None, "kept": result.keep, "other_weights": other_name,
     }
+    return prediction.labels, facts, {"flips": flipped.labels, other_name: other_labels}
 
 
 def make_task(config: InteractiveConfig, dataset: str, sample: Sample, method: str, budget: str | None,
@@ -199,13 +201,14 @@ def make_task(config: InteractiveConfig, dataset: str, sample: Sample, method: s
         image, instances = _load(sample, config.crop)
         strokes = simulate_strokes(instances, stroke_seed(sample.name, seed), config.strokes)
         extra: dict[str, Any] = {}
+        variants: dict[str, np.ndarray] = {}
         start = time.perf_counter()
         if method == "rf":
             predicted = random_forest_segment(image, strokes, seed=seed)
         elif method == "otsu":
             predicted = otsu_segment(image, strokes)
         elif method in ("selfreg", "unet"):
-            predicted, extra = run_neural(
+            predicted, extra, variants = run_neural(
                 image, strokes, config, Budget.parse(budget), seed, selfreg=method == "selfreg"
             )
         elif method == "transfer":
@@ -213,18 +216,14 @@ def make_task(config: InteractiveConfig, dataset: str, sample: Sample, method: s
 
             path, _ = ensure_pretrained(config, OTHER[dataset], seed)
             initial = load_model(path)
-            predicted, extra = run_neural(image, strokes, config, Budget.parse(budget), seed, selfreg=True,
-                                       initial=initial)
+            predicted, extra, variants = run_neural(image, strokes, config, Budget.parse(budget), seed,
+                                                    selfreg=True, initial=initial)
             extra["pretrained_on"] = OTHER[dataset]
         else:  # pragma: no cover - validated in the config
             raise ValueError(method)
         elapsed = time.perf_counter() - start
-        flipped = extra.pop(FLIP_LABELS, None)
-        if flipped is not None:  # the same model predicting with flips (PredictConfig.flips)
-            extra.update({f"{k}_flips": v for k, v in _scores(flipped, instances).items()})
-        other = extra.pop(OTHER_LABELS, None)
-        if other is not None:  # the same run's other weights ("dice_best" when the last ones are kept)
-            extra.update({f"{k}_{extra['other_weights']}": v for k, v in _scores(other, instances).items()})
+        for name, labels in variants.items():  # dice_flips, dice_best, ...
+            extra.update({f"{k}_{name}": v for k, v in _scores(labels, instances).items()})
         return {
             **_scores(predicted, instances), **extra, "method_s": round(elapsed, 3),
             "stroke_fraction": coverage(strokes), "shape": list(image.shape[:2]),

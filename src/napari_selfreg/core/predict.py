@@ -224,17 +224,15 @@ def _forward_probabilities(network: nn.Module, batch: np.ndarray, device, dtype,
     if device.type != "cpu":
         x = x.contiguous()
     views = [(), (3,), (2,), (2, 3)] if flips else [()]
-    total = None
-    for dims in views:
-        with torch.inference_mode():
-            view = torch.flip(x, dims) if dims else x
+    with torch.inference_mode():
+        total = None
+        for dims in views:
             with autocast(device, dtype):
-                logits = network(view)
+                logits = network(torch.flip(x, dims) if dims else x)
             probs = torch.softmax(logits.float(), dim=1)
             probs = torch.flip(probs, dims) if dims else probs
             total = probs if total is None else total.add_(probs)
-    with torch.inference_mode():
-        return total / len(views) if len(views) > 1 else total
+        return total.div_(len(views)) if len(views) > 1 else total
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -11,7 +11,7 @@ import time
 import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_warning
-from qtpy.QtWidgets import QComboBox, QFileDialog, QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QSizePolicy, QVBoxLayout, QWidget
 
 from ..core.data import InputError
 
@@ -19,6 +19,13 @@ DEVICE_TOOLTIP = (
     "Where the network runs. 'auto' picks a CUDA or Apple GPU when there is one, else the CPU. "
     "Only devices present on this machine are listed."
 )
+
+
+def check_box(text: str, tip: str, checked: bool = False) -> QCheckBox:
+    box = QCheckBox(text)
+    box.setChecked(checked)
+    box.setToolTip(tip)
+    return box
 
 
 def connect_while_alive(widget, *pairs) -> None:

@@ -17,7 +17,6 @@ from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
-    QCheckBox,
     QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
@@ -35,6 +34,7 @@ from ._common import (
     LayerCombo,
     NameCombo,
     ask_model_file,
+    check_box,
     connect_while_alive,
     explain,
     image_shape_2d,
@@ -99,21 +99,22 @@ class SegmentWidget(QWidget):
         form.addRow("Overlap", self.overlap)
         self.device = DeviceCombo()
         form.addRow("Device", self.device)
-        self.flips = QCheckBox("Average over flips (4x slower)")
-        self.flips.setChecked(defaults.flips)
-        self.flips.setToolTip(
+        self.flips = check_box(
+            "Average over flips (4x slower)",
             "Predict each tile four times (as is and flipped) and average: smoother, usually slightly more "
-            "accurate outlines."
+            "accurate outlines.",
+            defaults.flips,
         )
         form.addRow(self.flips)
-        self.instances = QCheckBox("Separate touching objects (instances)")
-        self.instances.setToolTip(
+        self.instances = check_box(
+            "Separate touching objects (instances)",
             "Also add a labels layer with one id per object, splitting touching nuclei by a distance-transform "
-            "watershed."
+            "watershed.",
         )
         form.addRow(self.instances)
-        self.probabilities = QCheckBox("Probability map")
-        self.probabilities.setToolTip("Also add the per-class probabilities as an image layer (0..1).")
+        self.probabilities = check_box(
+            "Probability map", "Also add the per-class probabilities as an image layer (0..1)."
+        )
         form.addRow(self.probabilities)
         layout.addLayout(form)
         self.run_button = QPushButton("Segment")

@@ -19,7 +19,6 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
-    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -45,6 +44,7 @@ from ._common import (
     LossPlot,
     NameCombo,
     ask_model_file,
+    check_box,
     connect_while_alive,
     explain,
     image_shape_2d,
@@ -212,11 +212,11 @@ class TrainWidget(QWidget):
         )
         self.time_budget.setSpecialValueText("no limit")
         sf.addRow("Time budget", self.time_budget)
-        self.selfreg = QCheckBox("SelfReg (SCR + IFD)")
-        self.selfreg.setChecked(defaults.selfreg)
-        self.selfreg.setToolTip(
+        self.selfreg = check_box(
+            "SelfReg (SCR + IFD)",
             "Add the SelfReg losses: semantic consistency (SCR) and internal feature distillation (IFD). "
-            "No cost at prediction time."
+            "No cost at prediction time.",
+            defaults.selfreg,
         )
         sf.addRow(self.selfreg)
         self.device = DeviceCombo()
