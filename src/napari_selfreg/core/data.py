@@ -166,23 +166,38 @@ def split_strokes(
     Returns (train, validation) label images. A class with a single stroke keeps it in
     training, so holding out never removes a class altogether.
     """
-    train = labels.copy()
-    val = np.zeros_like(labels)
+    (train,), (val,) = split_strokes_jointly([labels], fraction, rng)
+    return train, val
+
+
+def split_strokes_jointly(
+    labels_list: list[np.ndarray], fraction: float, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``split_strokes`` over several label images (the windows of one slide) as if they were one."""
+    trains = [lbl.copy() for lbl in labels_list]
+    vals = [np.zeros_like(lbl) for lbl in labels_list]
     if fraction <= 0:
-        return train, val
-    for cls in np.unique(labels):
+        return trains, vals
+    classes = np.unique(np.concatenate([np.unique(lbl) for lbl in labels_list]))
+    for cls in classes:
         if cls == 0:
             continue
-        components, n = ndimage.label(labels == cls, structure=np.ones((3, 3)))
+        numbered, n = [], 0
+        for lbl in labels_list:
+            components, count = ndimage.label(lbl == cls, structure=np.ones((3, 3)))
+            components[components > 0] += n
+            numbered.append(components)
+            n += count
         if n < 2:
             continue
         count = max(1, int(round(n * fraction)))
         count = min(count, n - 1)
         held = rng.choice(np.arange(1, n + 1), size=count, replace=False)
-        mask = np.isin(components, held)
-        val[mask] = cls
-        train[mask] = 0
-    return train, val
+        for components, train, val in zip(numbered, trains, vals, strict=True):
+            mask = np.isin(components, held)
+            val[mask] = cls
+            train[mask] = 0
+    return trains, vals
 
 
 # ----------------------------------------------------------------------------- sampling

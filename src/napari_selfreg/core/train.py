@@ -21,17 +21,19 @@ from .data import (
     InputError,
     PatchSampler,
     PatchSet,
+    as_channels_last,
+    check_finite,
     check_painted,
-    check_pair,
     intensity_range,
     normalization_for,
     normalize,
-    split_strokes,
+    split_strokes_jointly,
 )
 from .device import autocast, autocast_dtype, resolve_device
 from .losses import selfreg_total
 from .model import SegmentationModel
 from .progress import drain
+from .regions import PaintedCrop, painted_crops
 from .selfreg import BlockRoles
 
 StopRequest = Callable[[], bool] | threading.Event | None
@@ -179,23 +181,33 @@ def _adamw(network: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimiz
         return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
+def training_margin(patch_size: int) -> int:
+    """Context kept around the paint: a patch centred (with jitter) on a painted pixel reaches
+    at most 5/6 of a patch away, validation windows 33 pixels."""
+    return max(patch_size, 64)
+
+
 def prepare_training_data(
     images: Sequence[np.ndarray],
-    labels: Sequence[np.ndarray],
+    crops: Sequence[PaintedCrop],
     info: ModelInfo,
     validation_fraction: float,
     rng: np.random.Generator,
 ) -> tuple[PatchSet, list[np.ndarray], list[np.ndarray]]:
-    """Normalise images, check labels, hold out whole strokes. Returns (train set, val images, val labels)."""
+    """Normalise the painted windows with their whole image's range and hold out whole strokes.
+
+    Returns (train set, val images, val labels), one entry per window.
+    """
     normalized, train_labels, val_labels = [], [], []
-    for image, lbl in zip(images, labels, strict=True):
-        lbl = check_pair(image, lbl)
-        image = np.asarray(image)
-        x = normalize(image, info.normalization, intensity_range(image, info.normalization))
-        train, val = split_strokes(lbl, validation_fraction, rng)
-        normalized.append(x)
-        train_labels.append(train)
-        val_labels.append(val)
+    for source, image in enumerate(images):
+        mine = [c for c in crops if c.source == source]
+        if not mine:
+            continue
+        value_range = intensity_range(image, info.normalization)
+        normalized += [normalize(c.image, info.normalization, value_range) for c in mine]
+        train, val = split_strokes_jointly([c.labels for c in mine], validation_fraction, rng)
+        train_labels += train
+        val_labels += val
     return PatchSet(normalized, train_labels), normalized, val_labels
 
 
@@ -222,7 +234,10 @@ def train(
         raise InputError(f"{len(images)} images but {len(labels)} label images; give one labels per image")
 
     rng = _seed_everything(config.seed)
-    checked = [check_pair(img, lbl) for img, lbl in zip(images, labels, strict=True)]
+    for image in images:
+        check_finite(as_channels_last(image))
+    painted = painted_crops(images, labels, training_margin(config.patch_size))
+    checked = [crop.labels for crop in painted]
     if initial is not None:
         model = initial.clone()
         num_classes = check_painted(checked, model.config.num_classes)
@@ -240,7 +255,7 @@ def train(
     info.training = {**config.to_dict(), "images": len(images)}
 
     train_set, val_images, val_labels = prepare_training_data(
-        images, checked, info, config.validation_fraction, rng
+        images, painted, info, config.validation_fraction, rng
     )
     if all(not (t > 0).any() for t in train_set.labels):
         raise InputError("nothing is painted; paint background (label 1) and at least one structure (label 2)")

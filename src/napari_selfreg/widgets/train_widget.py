@@ -503,7 +503,7 @@ class TrainWidget(QWidget):
                 lbl.name = f"{pairs[0][0].name} corrected"
                 show_info(f"Training on '{lbl.name}' (the edited prediction); previews go to a new layer.")
         self.labels_combo.select(pairs[0][1].name)
-        images = [np.asarray(layer_data(image)) for image, _ in pairs]
+        images = [layer_data(image) for image, _ in pairs]  # lazy: training reads only the painted windows
         labels = [np.array(layer_data(lbl), copy=True) for _, lbl in pairs]  # a snapshot: painting may go on
         self._run_layers = [layer for pair in pairs for layer in pair]
         self._run_image = pairs[0][0]
