@@ -93,6 +93,28 @@ def test_interactive_smoke_and_resume(shared_data, tmp_path):
 
 @pytest.mark.data
 @pytest.mark.slow
+def test_correction_smoke_scores_every_round(shared_data, tmp_path):
+    out = tmp_path / "correction.json"
+    argv = ["correction", "--smoke", "--dataset", "monuseg", "--methods", "selfreg,rf,otsu",
+            "--data", str(shared_data), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    document = json.loads(out.read_text())
+    rows = document["rows"]
+    assert {r["method"] for r in rows} == {"selfreg", "rf", "otsu"} and len(rows) == 6
+    for row in rows:
+        assert len(row["rounds"]) == 2 and row["dice"] == row["rounds"][-1]["dice"]
+        assert all(0.0 <= r["dice"] <= 1.0 for r in row["rounds"])
+        first, second = (r["stroke_fraction"] for r in row["rounds"])
+        assert second >= first  # correction strokes are added, never removed
+        if row["method"] == "selfreg":
+            assert all(r["steps"] > 0 for r in row["rounds"])
+    assert any(r["rounds"][1]["stroke_fraction"] > r["rounds"][0]["stroke_fraction"] for r in rows)
+    means = {m["method"]: m for m in document["means"]}
+    assert len(means["selfreg"]["dice_per_round"]) == 2
+
+
+@pytest.mark.data
+@pytest.mark.slow
 def test_paper_smoke_and_resume(shared_data, tmp_path):
     out, state = tmp_path / "paper_protocol.json", tmp_path / "paper_protocol.state.jsonl"
     argv = ["paper", "--smoke", "--dataset", "monuseg", "--data", str(shared_data), "--out", str(out),

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_selfreg.bench.strokes import StrokeConfig, coverage, instances_of, simulate_strokes
+from napari_selfreg.bench.strokes import (
+    CorrectionConfig,
+    StrokeConfig,
+    correction_strokes,
+    coverage,
+    instances_of,
+    simulate_strokes,
+)
 
 
 def _blobs(shape=(300, 400), count=20, seed=1) -> np.ndarray:
@@ -74,3 +81,25 @@ def test_real_masks(pair, request):
     assert 0 < coverage(labels) < 0.01
     assert np.all(mask[labels == 2]) and not np.any(mask[labels == 1])
     assert len(np.unique(instances_of(mask)[labels == 2])) >= 6
+
+
+def test_correction_strokes_paint_the_largest_mistakes_with_the_right_class():
+    truth = np.zeros((200, 200), bool)
+    truth[20:60, 20:60] = True  # found
+    truth[120:180, 120:180] = True  # missed entirely: the largest mistake
+    truth[20:40, 150:170] = True  # missed, small
+    predicted = truth.copy()
+    predicted[120:180, 120:180] = False
+    predicted[20:40, 150:170] = False
+    predicted[100:130, 10:50] = True  # a false positive in the background
+    predicted[19, 20:60] = True  # a one-pixel rim: too thin to paint inside
+    strokes = correction_strokes(predicted, truth, seed=0)
+    assert (strokes[strokes == 2] == 2).all() and truth[strokes == 2].all() and not predicted[strokes == 2].any()
+    assert not truth[strokes == 1].any() and predicted[strokes == 1].all()
+    for box in ((slice(120, 180), slice(120, 180)), (slice(20, 40), slice(150, 170)), (slice(100, 130), slice(10, 50))):
+        assert (strokes[box] > 0).any()
+    assert not (strokes[19] > 0).any()
+    only_one = correction_strokes(predicted, truth, seed=0, config=CorrectionConfig(strokes=1))
+    assert (only_one[120:180, 120:180] == 2).any() and (only_one > 0).sum() == (only_one[120:180, 120:180] > 0).sum()
+    assert np.array_equal(correction_strokes(predicted, truth, seed=0), strokes)
+    assert not correction_strokes(truth, truth).any()  # nothing to correct

@@ -1,9 +1,11 @@
-"""``python -m napari_selfreg.bench`` / ``napari-selfreg bench``: the two benchmark protocols.
+"""``python -m napari_selfreg.bench`` / ``napari-selfreg bench``: the benchmark protocols.
 
     python -m napari_selfreg.bench interactive --dataset monuseg --budgets 60 --images all \\
         --methods selfreg,unet,rf,otsu --out benchmarks/results/interactive.json
     python -m napari_selfreg.bench paper --dataset monuseg --seeds 0 1 2 --epochs 20 \\
         --out benchmarks/results/paper_protocol.json
+    python -m napari_selfreg.bench correction --dataset monuseg --budgets 60 --images all \
+        --out benchmarks/results/correction.json   # a second round of strokes on each method's mistakes
     python -m napari_selfreg.bench interactive --smoke    # two cropped images, tiny budgets
 
 Runs resume: finished runs are kept in a state file (``--state``; by default
@@ -45,6 +47,18 @@ def _methods(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _strokes_arguments(parser, budgets: list[str], methods: list[str], choices: str) -> None:
+    parser.add_argument("--budgets", nargs="+", default=budgets,
+                        help="training budgets: seconds (60 or 60s) or steps (200steps)")
+    parser.add_argument("--images", type=_images, default=None, help="'all' or the first N test images")
+    parser.add_argument("--methods", type=_methods, default=methods, help=f"comma list of {choices}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--base-channels", type=int, default=16)
+    parser.add_argument("--patch-size", type=int, default=128)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--crop", type=int, default=None, help="central crop of every image (pixels)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="napari-selfreg bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="protocol", required=True)
@@ -59,17 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-progress", action="store_true")
 
     inter = sub.add_parser("interactive", parents=[common], help="strokes + fixed CPU budget per test image")
-    inter.add_argument("--budgets", nargs="+", default=["30s", "60s", "120s"],
-                       help="training budgets: seconds (60 or 60s) or steps (200steps)")
-    inter.add_argument("--images", type=_images, default=None, help="'all' or the first N test images")
-    inter.add_argument("--methods", type=_methods, default=["selfreg", "unet", "rf", "otsu"],
-                       help="comma list of selfreg, unet, transfer, rf, otsu")
-    inter.add_argument("--seeds", type=int, nargs="+", default=[0])
-    inter.add_argument("--base-channels", type=int, default=16)
-    inter.add_argument("--patch-size", type=int, default=128)
-    inter.add_argument("--learning-rate", type=float, default=1e-3)
+    _strokes_arguments(inter, ["30s", "60s", "120s"], ["selfreg", "unet", "rf", "otsu"],
+                       "selfreg, unet, transfer, rf, otsu")
     inter.add_argument("--transfer-steps", type=int, default=1000, help="pretraining steps on the other dataset")
-    inter.add_argument("--crop", type=int, default=None, help="central crop of every image (pixels)")
+
+    fix = sub.add_parser("correction", parents=[common],
+                         help="interactive, then correction strokes on each method's own mistakes and a second round")
+    _strokes_arguments(fix, ["60s"], ["selfreg", "unet", "rf", "otsu"], "selfreg, unet, rf, otsu")
+    fix.add_argument("--rounds", type=int, default=2, help="rounds of strokes (1 = the interactive protocol)")
+    fix.add_argument("--correction-strokes", type=int, default=12, help="strokes added per round")
 
     paper = sub.add_parser("paper", parents=[common], help="UNet vs SelfReg-UNet, full masks, 224x224, 3 seeds")
     paper.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -94,26 +106,52 @@ def _out_paths(args, default_name: str) -> tuple[Path, Path]:
     return out, state
 
 
+def _stroke_protocol_settings(args, state: Path) -> dict:
+    return dict(
+        datasets=args.dataset, budgets=args.budgets, methods=args.methods, images=args.images, seeds=args.seeds,
+        base_channels=args.base_channels, patch_size=args.patch_size, learning_rate=args.learning_rate,
+        crop=args.crop, device=args.device or "cpu",
+        data_root=str(args.data) if args.data else None, cache_dir=str(state.parent / "cache"),
+    )
+
+
+def _shrink_for_smoke(config, args) -> None:
+    config.images = min(config.images or 2, 2)
+    config.budgets = ["2s"]
+    config.crop = args.crop or SMOKE_CROP
+    config.base_channels = min(args.base_channels, 8)
+    config.patch_size = min(args.patch_size, 64)
+
+
 def _interactive(args) -> int:
     from .interactive import InteractiveConfig, run_interactive
 
     out, state = _out_paths(args, "interactive.json")
-    config = InteractiveConfig(
-        datasets=args.dataset, budgets=args.budgets, methods=args.methods, images=args.images, seeds=args.seeds,
-        base_channels=args.base_channels, patch_size=args.patch_size, learning_rate=args.learning_rate,
-        transfer_steps=args.transfer_steps, crop=args.crop, device=args.device or "cpu",
-        data_root=str(args.data) if args.data else None, cache_dir=str(state.parent / "cache"),
-    )
+    config = InteractiveConfig(**_stroke_protocol_settings(args, state), transfer_steps=args.transfer_steps)
     if args.smoke:
-        config.images = min(config.images or 2, 2)
-        config.budgets = ["2s"]
-        config.crop = args.crop or SMOKE_CROP
+        _shrink_for_smoke(config, args)
         config.transfer_steps = min(args.transfer_steps, 3)
         config.transfer_images = 2
-        config.base_channels = min(args.base_channels, 8)
-        config.patch_size = min(args.patch_size, 64)
     document = run_interactive(config, out, StateFile(state), progress=not args.no_progress)
     _print_interactive(document)
+    print(f"wrote {out} (state: {state})")
+    return 0
+
+
+def _correction(args) -> int:
+    from .correction import CorrectionProtocolConfig, run_correction
+    from .strokes import CorrectionConfig
+
+    out, state = _out_paths(args, "correction.json")
+    config = CorrectionProtocolConfig(**_stroke_protocol_settings(args, state), rounds=args.rounds,
+                                      correction=CorrectionConfig(strokes=args.correction_strokes))
+    if args.smoke:
+        _shrink_for_smoke(config, args)
+    document = run_correction(config, out, StateFile(state), progress=not args.no_progress)
+    for entry in document["means"]:
+        rounds = " -> ".join(f"{100 * d:5.1f}" for d in entry["dice_per_round"])
+        print(f"{entry['dataset']:8s} {entry['method']:7s} {entry['budget']:>6s}  Dice by round {rounds}  "
+              f"(n={entry['n']})")
     print(f"wrote {out} (state: {state})")
     return 0
 
@@ -163,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.protocol == "interactive":
             return _interactive(args)
+        if args.protocol == "correction":
+            return _correction(args)
         return _paper(args)
     except SharedDataMissing as error:
         print(f"skipped: {error}", file=sys.stderr)

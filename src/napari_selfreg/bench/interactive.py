@@ -147,15 +147,25 @@ def ensure_pretrained(config: InteractiveConfig, source: str, seed: int) -> tupl
     }
 
 
+@dataclass
+class NeuralRun:
+    """One neural training run and its predictions.
+
+    ``variants`` come from the same run: "flips" (the kept weights with ``PredictConfig.flips``)
+    and "best" or "last" (the weights not kept); they are scored beside ``labels``.
+    """
+
+    labels: np.ndarray
+    facts: dict[str, Any]
+    variants: dict[str, np.ndarray]
+    model: Any  # the kept SegmentationModel: a correction round continues from it
+
+
 def run_neural(
     image: np.ndarray, strokes: np.ndarray, config: InteractiveConfig, budget: Budget, seed: int,
     selfreg: bool, initial=None,
-) -> tuple[np.ndarray, dict[str, Any], dict[str, np.ndarray]]:
-    """Train and predict; returns (labels, run facts, labels of the variants scored beside them).
-
-    The variants come from the same run: "flips" (the kept weights with ``PredictConfig.flips``)
-    and "best" or "last" (the weights not kept).
-    """
+) -> NeuralRun:
+    """Train for ``budget`` (from ``initial`` when given), then predict the whole image."""
     import time
 
     from ..core.config import ModelConfig, PredictConfig, TrainConfig
@@ -185,7 +195,7 @@ def run_neural(
         "predict_s": round(predict_s, 3), "predict_flips_s": round(predict_flips_s, 3),
         "best_val_dice": last.best_val_dice if last else None, "kept": result.keep, "other_weights": other_name,
     }
-    return prediction.labels, facts, {"flips": flipped.labels, other_name: other_labels}
+    return NeuralRun(prediction.labels, facts, {"flips": flipped.labels, other_name: other_labels}, result.model)
 
 
 def make_task(config: InteractiveConfig, dataset: str, sample: Sample, method: str, budget: str | None,
@@ -208,16 +218,15 @@ def make_task(config: InteractiveConfig, dataset: str, sample: Sample, method: s
         elif method == "otsu":
             predicted = otsu_segment(image, strokes)
         elif method in ("selfreg", "unet"):
-            predicted, extra, variants = run_neural(
-                image, strokes, config, Budget.parse(budget), seed, selfreg=method == "selfreg"
-            )
+            run = run_neural(image, strokes, config, Budget.parse(budget), seed, selfreg=method == "selfreg")
+            predicted, extra, variants = run.labels, run.facts, run.variants
         elif method == "transfer":
             from ..core.checkpoint import load_model
 
             path, _ = ensure_pretrained(config, OTHER[dataset], seed)
             initial = load_model(path)
-            predicted, extra, variants = run_neural(image, strokes, config, Budget.parse(budget), seed,
-                                                    selfreg=True, initial=initial)
+            run = run_neural(image, strokes, config, Budget.parse(budget), seed, selfreg=True, initial=initial)
+            predicted, extra, variants = run.labels, run.facts, run.variants
             extra["pretrained_on"] = OTHER[dataset]
         else:  # pragma: no cover - validated in the config
             raise ValueError(method)

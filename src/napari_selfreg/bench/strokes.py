@@ -151,3 +151,60 @@ def coverage(labels: np.ndarray) -> float:
     """Share of painted pixels."""
     labels = np.asarray(labels)
     return float((labels > 0).mean())
+
+
+@dataclass
+class CorrectionConfig:
+    """How the simulated user corrects a prediction: ``strokes`` strokes with a finer brush
+    (``width``) on the largest mistakes, each up to ``length`` pixels."""
+
+    strokes: int = 12
+    width: int = 3
+    length: int = 40
+    margin: int = 1
+    turn: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.strokes < 1 or self.width < 1 or self.length < 1:
+            raise ValueError("correction strokes, width and length must be at least 1")
+
+
+def correction_strokes(
+    predicted: np.ndarray, mask: np.ndarray, seed: int = 0, config: CorrectionConfig | None = None
+) -> np.ndarray:
+    """Strokes a careful user adds after seeing ``predicted`` (True = structure) against the truth.
+
+    Background strokes (1) go into false-positive regions, structure strokes (2) into missed
+    ones, one stroke per mistake, largest mistakes first (by the area a brush can reach
+    inside them). Mistakes thinner than the brush (a rim one or two pixels wide) get no
+    stroke: a user cannot paint inside them without crossing the outline.
+    """
+    config = config or CorrectionConfig()
+    predicted = np.asarray(predicted, bool)
+    truth = np.asarray(mask) > 0
+    if predicted.shape != truth.shape:
+        raise ValueError(f"prediction {predicted.shape} and mask {truth.shape} differ in shape")
+    rng = np.random.default_rng(seed)
+    radius = config.width // 2
+    offsets = _disk_offsets(radius)
+    erode = ndimage.generate_binary_structure(2, 1)
+    depth = radius + config.margin
+    candidates = []  # (reachable area, value, component mask id, labelled reachable map)
+    for value, error in ((1, predicted & ~truth), (2, truth & ~predicted)):
+        reachable = ndimage.binary_erosion(error, erode, iterations=depth) if depth else error
+        components, count = ndimage.label(reachable)
+        if not count:
+            continue
+        areas = ndimage.sum_labels(reachable, components, np.arange(1, count + 1))
+        candidates += [(float(a), value, i + 1, components) for i, a in enumerate(areas)]
+    candidates.sort(key=lambda c: -c[0])
+    labels = np.zeros(truth.shape, np.uint8)
+    for _, value, index, components in candidates[: config.strokes]:
+        where = np.argwhere(components == index)
+        start = where[rng.integers(len(where))]
+        lo = np.maximum(where.min(0) - 1, 0)
+        hi = where.max(0) + 2
+        allowed = components[lo[0] : hi[0], lo[1] : hi[1]] == index
+        path = _walk(allowed, (start[0] - lo[0], start[1] - lo[1]), config.length, config.turn, rng) + lo
+        _draw(labels, path, offsets, value)
+    return labels
