@@ -113,10 +113,7 @@ def painted_crops(images, labels, margin: int) -> list[PaintedCrop]:
             lbl = lbl[..., 0]
         if lbl.shape != tuple(image.shape[:2]):
             check_pair(image, lbl)  # raises the one-line shape message
-        painted = lbl != 0
-        if np.issubdtype(lbl.dtype, np.floating):
-            painted |= ~np.isfinite(lbl)
-        for window in painted_windows(painted, margin):
+        for window in painted_windows(lbl != 0, margin):  # NaN != 0 too: bad values land in a window
             crop = np.asarray(image[window])
             crops.append(PaintedCrop(crop, check_pair(crop, lbl[window]), window, source))
     return crops
