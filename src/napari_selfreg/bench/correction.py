@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import Sample, load_split
-from .harness import RunKey, StateFile, Task, environment, run_tasks, write_json
+from .harness import RunKey, StateFile, Task, environment, protocol_rows, run_tasks, write_json
 from .interactive import (
     BASELINE_METHODS,
     Budget,
@@ -127,8 +127,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run_correction(config: CorrectionProtocolConfig, out: str | Path, state: StateFile, progress: bool = True) -> dict:
     run_tasks(plan(config), state, progress=progress, description="correction")
-    rows = [r for r in state.load().values() if r["protocol"] == PROTOCOL]
-    rows.sort(key=lambda r: (r["dataset"], r["image"], r["method"], r["budget"], r["seed"]))
+    rows = protocol_rows(state, PROTOCOL)
     document = {
         "protocol": PROTOCOL,
         "units": "dice and iou are fractions in [0, 1]; times in seconds",

@@ -214,3 +214,10 @@ def default_state_path(out: str | Path) -> Path:
     if out.parent.name == "results":
         return out.parent.parent / "runs" / f"{out.stem}.state.jsonl"
     return out.with_name(f"{out.stem}.state.jsonl")
+
+
+def protocol_rows(state: StateFile, protocol: str) -> list[dict[str, Any]]:
+    """The finished runs of one protocol, in a stable order (dataset, image, method, budget, seed)."""
+    rows = [r for r in state.load().values() if r["protocol"] == protocol]
+    rows.sort(key=lambda r: (r["dataset"], r["image"], r["method"], r["budget"], r["seed"]))
+    return rows

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import Sample, center_crop, load_split
-from .harness import RunKey, StateFile, Task, environment, run_tasks, write_json
+from .harness import RunKey, StateFile, Task, environment, protocol_rows, run_tasks, write_json
 from .strokes import StrokeConfig, coverage, simulate_strokes
 
 PROTOCOL = "interactive"
@@ -328,8 +328,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def run_interactive(config: InteractiveConfig, out: str | Path, state: StateFile, progress: bool = True) -> dict:
     tasks = plan(config)
     run_tasks(tasks, state, progress=progress, description="interactive")
-    rows = [r for r in state.load().values() if r["protocol"] == PROTOCOL]
-    rows.sort(key=lambda r: (r["dataset"], r["image"], r["method"], r["budget"], r["seed"]))
+    rows = protocol_rows(state, PROTOCOL)
     document = {
         "protocol": PROTOCOL,
         "units": "dice and iou are fractions in [0, 1]; times in seconds; memory in MiB",
