@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import Sample, load_split
-from .harness import RunKey, StateFile, Task, environment, protocol_rows, run_tasks, write_json
+from .harness import RunKey, StateFile, Task, protocol_rows, run_tasks, write_protocol
 from .interactive import (
     BASELINE_METHODS,
     Budget,
@@ -128,13 +128,5 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_correction(config: CorrectionProtocolConfig, out: str | Path, state: StateFile, progress: bool = True) -> dict:
     run_tasks(plan(config), state, progress=progress, description="correction")
     rows = protocol_rows(state, PROTOCOL)
-    document = {
-        "protocol": PROTOCOL,
-        "units": "dice and iou are fractions in [0, 1]; times in seconds",
-        "config": asdict(config),
-        "environment": environment(),
-        "means": summarize(rows),
-        "rows": rows,
-    }
-    write_json(out, document)
-    return document
+    return write_protocol(out, PROTOCOL, "dice and iou are fractions in [0, 1]; times in seconds", config,
+                          means=summarize(rows), rows=rows)

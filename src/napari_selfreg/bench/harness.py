@@ -221,3 +221,10 @@ def protocol_rows(state: StateFile, protocol: str) -> list[dict[str, Any]]:
     rows = [r for r in state.load().values() if r["protocol"] == protocol]
     rows.sort(key=lambda r: (r["dataset"], r["image"], r["method"], r["budget"], r["seed"]))
     return rows
+
+
+def write_protocol(out: str | Path, protocol: str, units: str, config: Any, **parts: Any) -> dict[str, Any]:
+    """A protocol's result document: what was run, on which machine, then its own parts; written atomically."""
+    document = {"protocol": protocol, "units": units, "config": asdict(config), "environment": environment(), **parts}
+    write_json(out, document)
+    return document

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .datasets import Sample, center_crop, load_split
-from .harness import RunKey, StateFile, Task, environment, protocol_rows, run_tasks, write_json
+from .harness import RunKey, StateFile, Task, protocol_rows, run_tasks, write_protocol
 from .strokes import StrokeConfig, coverage, simulate_strokes
 
 PROTOCOL = "interactive"
@@ -329,13 +329,5 @@ def run_interactive(config: InteractiveConfig, out: str | Path, state: StateFile
     tasks = plan(config)
     run_tasks(tasks, state, progress=progress, description="interactive")
     rows = protocol_rows(state, PROTOCOL)
-    document = {
-        "protocol": PROTOCOL,
-        "units": "dice and iou are fractions in [0, 1]; times in seconds; memory in MiB",
-        "config": asdict(config),
-        "environment": environment(),
-        **summarize(rows),
-        "rows": rows,
-    }
-    write_json(out, document)
-    return document
+    units = "dice and iou are fractions in [0, 1]; times in seconds; memory in MiB"
+    return write_protocol(out, PROTOCOL, units, config, **summarize(rows), rows=rows)
