@@ -77,6 +77,38 @@ def test_train_predict_evaluate_on_a_real_image(tmp_path, monuseg_pair, capsys):
     assert scores["2"]["dice"] > 0.5  # 25 steps on ~0.2 % painted pixels already finds nuclei
 
 
+@pytest.mark.data
+def test_a_slide_sized_tiff_is_predicted_lazily_into_the_same_files(tmp_path, monuseg_pair, capsys, monkeypatch):
+    import napari_selfreg.io as io
+
+    image, mask = monuseg_pair
+    image = image[:512, :640]
+    tifffile.imwrite(tmp_path / "image.tif", image, tile=(128, 128), photometric="rgb")
+    tifffile.imwrite(tmp_path / "labels.tif", _strokes(mask[:512, :640]))
+    assert main([
+        "train", "--image", str(tmp_path / "image.tif"), "--labels", str(tmp_path / "labels.tif"),
+        "--out", str(tmp_path / "model"), "--steps", "5", "--device", "cpu",
+    ]) == 0
+    predict = ["predict", "--model", str(tmp_path / "model.safetensors"), "--image", str(tmp_path / "image.tif"),
+               "--tile-size", "256", "--precision", "float32", "--device", "cpu"]
+    assert main([*predict, "--out", str(tmp_path / "whole.tif"), "--probabilities", str(tmp_path / "whole_p.tif")]) == 0
+    whole_counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pixels_per_label"]
+
+    opened = []
+    monkeypatch.setattr(io, "LAZY_PIXELS", 1000)  # this 512 x 640 image now counts as a slide
+    original = io.open_image
+    monkeypatch.setattr(io, "open_image", lambda path, lazy_above=None: opened.append(original(path)) or opened[-1])
+    out = tmp_path / "lazy" / "labels.tif"  # a folder that does not exist yet
+    assert main([*predict, "--out", str(out), "--probabilities", str(tmp_path / "lazy_p.tif")]) == 0
+    lazy_counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pixels_per_label"]
+
+    assert not isinstance(opened[0], np.ndarray)  # read through the file's tiles, not whole
+    np.testing.assert_array_equal(tifffile.imread(out), tifffile.imread(tmp_path / "whole.tif"))
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "lazy_p.tif"), tifffile.imread(tmp_path / "whole_p.tif"))
+    assert lazy_counts == whole_counts and sum(lazy_counts.values()) == 512 * 640
+    assert [p.name for p in out.parent.iterdir()] == ["labels.tif"]  # the memory maps are gone
+
+
 def test_evaluate_instance_mask_counts_every_nonzero_pixel(tmp_path, capsys):
     from PIL import Image
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_selfreg.io import ImageFileError, napari_get_reader, read_image, write_image, write_labels
+from napari_selfreg.io import ImageFileError, napari_get_reader, open_image, read_image, write_image, write_labels
 
 
 @pytest.fixture
@@ -62,6 +62,24 @@ def test_tiff_axes(tmp_path, shape, axes, expected):
     assert back.shape == expected
     if axes == "CYX":
         assert np.array_equal(back, np.moveaxis(data, 0, -1))
+    lazy = open_image(path, lazy_above=0)  # the same axes rules on the lazy path
+    assert not isinstance(lazy, np.ndarray)
+    assert np.array_equal(np.asarray(lazy), back)
+
+
+def test_open_image_reads_a_large_tiff_only_where_asked(tmp_path):
+    pytest.importorskip("zarr")
+    pytest.importorskip("dask")
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 255, size=(1024, 768, 3), dtype=np.uint8)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, data, tile=(256, 256), photometric="rgb")
+    assert isinstance(open_image(path), np.ndarray)  # small files are read whole, as before
+    lazy = open_image(path, lazy_above=1000)
+    assert not isinstance(lazy, np.ndarray) and lazy.shape == data.shape
+    assert lazy.chunksize[:2] == (256, 256)  # the file's own tiles
+    assert np.array_equal(np.asarray(lazy[300:420, 500:700]), data[300:420, 500:700])
+    assert isinstance(open_image(path, lazy_above=data.shape[0] * data.shape[1]), np.ndarray)  # at the limit: whole
 
 
 def test_reader_hook(tmp_path, labels):

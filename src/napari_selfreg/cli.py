@@ -50,11 +50,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .core.config import ModelConfig, TrainConfig
     from .core.data import InputError
     from .core.train import train
-    from .io import read_image
+    from .io import open_image, read_image
 
     if len(args.image) != len(args.labels):
         raise InputError(f"{len(args.image)} --image but {len(args.labels)} --labels; give one --labels per --image")
-    images = [read_image(p) for p in args.image]
+    images = [open_image(p) for p in args.image]  # slides lazily: training reads the windows around the paint
     labels = [read_image(p) for p in args.labels]
     steps = args.steps if args.steps is not None else (10**9 if args.time_budget else TrainConfig.steps)
     config = TrainConfig(
@@ -117,36 +117,65 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- predict
 
 
+def label_counts(labels, ids: list[int], rows: int = 2048) -> dict[str, int]:
+    """Pixels per label id, a band of rows at a time (a slide's labels may be a memory map)."""
+    import numpy as np
+
+    counts = np.zeros(max(ids) + 1, np.int64)
+    for top in range(0, labels.shape[0], rows):
+        band = np.asarray(labels[top : top + rows])
+        counts += np.bincount(band.ravel(), minlength=counts.size)[: counts.size]
+    return {str(i): int(counts[i]) for i in ids}
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    import contextlib
+    import tempfile
+
+    import numpy as np
+
     from .core.checkpoint import load_model
     from .core.config import PredictConfig
-    from .core.predict import predict_tiled
-    from .io import read_image, write_image
+    from .core.predict import allocate_outputs, plane_shape, predict_tiled
+    from .io import open_image, write_image
 
     model = load_model(args.model)
-    image = read_image(args.image)
+    image = open_image(args.image)
     config = PredictConfig(
         tile_size=args.tile_size, overlap=args.overlap, device=args.device, precision=args.precision, flips=args.flips
     )
-    run = predict_tiled(model, image, config, probabilities=args.probabilities is not None)
-    bar = None
-    try:
-        while True:
-            progress = next(run)
-            if bar is None:
-                bar = _progress(progress.total, "predicting", "tile")
-            bar.update(progress.done - bar.n)
-    except StopIteration as done:
-        prediction = done.value
-    finally:
-        if bar is not None:
-            bar.close()
-    write_image(args.out, prediction.labels)
-    if args.probabilities is not None:
-        import numpy as np
-
-        write_image(args.probabilities, np.asarray(prediction.probabilities, np.float32))
-    counts = {str(i): int((prediction.labels == i).sum()) for i in model.info.label_ids}
+    want_probabilities = args.probabilities is not None
+    with contextlib.ExitStack() as cleanup:
+        out_labels = out_probabilities = None
+        if not isinstance(image, np.ndarray):
+            # a slide opened lazily: the outputs go to memory maps beside the result, not to RAM
+            folder = Path(args.out).resolve().parent
+            folder.mkdir(parents=True, exist_ok=True)
+            scratch = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".selfreg-", dir=folder))
+            out_labels, out_probabilities = allocate_outputs(
+                plane_shape(image), model.config.num_classes, scratch, probabilities=want_probabilities, kind="memmap"
+            )
+        run = predict_tiled(
+            model, image, config, probabilities=want_probabilities,
+            out_labels=out_labels, out_probabilities=out_probabilities,
+        )
+        bar = None
+        try:
+            while True:
+                progress = next(run)
+                if bar is None:
+                    bar = _progress(progress.total, "predicting", "tile")
+                bar.update(progress.done - bar.n)
+        except StopIteration as done:
+            prediction = done.value
+        finally:
+            if bar is not None:
+                bar.close()
+        write_image(args.out, prediction.labels)
+        if want_probabilities:
+            write_image(args.probabilities, np.asarray(prediction.probabilities, np.float32))
+        counts = label_counts(prediction.labels, model.info.label_ids)
+        del prediction, out_labels, out_probabilities  # release the memory maps before their folder goes
     print(json.dumps({"labels": str(args.out), "classes": model.class_names, "pixels_per_label": counts}))
     return 0
 

@@ -15,6 +15,11 @@ PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 ITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
 
 
+# TIFFs with more pixels than this open lazily (``open_image``): a slide is read tile by
+# tile as prediction reaches it instead of all at once
+LAZY_PIXELS = 64 * 1024 * 1024
+
+
 class ImageFileError(ValueError):
     """A file that cannot be read or written as an image."""
 
@@ -73,6 +78,36 @@ def read_image(path: str | Path) -> np.ndarray:
     raise ImageFileError(
         f"{path.name}: unsupported format; use TIFF, PNG, JPEG or a SimpleITK format (.nii, .nii.gz, .mha, .nrrd)"
     )
+
+
+def open_image(path: str | Path, lazy_above: int | None = None):
+    """``read_image``, except that a TIFF above ``lazy_above`` pixels (default ``LAZY_PIXELS``)
+    comes back as a dask array over the file's own tiles or strips, read only where used.
+
+    Needs the ``large`` extra (zarr, dask); without it, or for other formats, the file is read whole.
+    """
+    path = Path(path)
+    limit = LAZY_PIXELS if lazy_above is None else lazy_above
+    if suffix_of(path) not in TIFF_SUFFIXES or not path.exists():
+        return read_image(path)
+    try:
+        import dask.array as da
+        import tifffile
+        import zarr
+    except ImportError:
+        return read_image(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, axes = series.shape, series.axes.upper()
+        if "Y" not in axes or "X" not in axes or shape[axes.index("Y")] * shape[axes.index("X")] <= limit:
+            return read_image(path)
+        store = tifffile.imread(path, aszarr=True, series=0, level=0)
+        return _tiff_to_yx(da.from_zarr(zarr.open(store, mode="r")), axes)
+    except ImageFileError:
+        raise
+    except Exception as error:
+        raise ImageFileError(f"could not read {path.name}: {error}") from None
 
 
 def write_image(path: str | Path, data: np.ndarray) -> Path:

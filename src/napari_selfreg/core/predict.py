@@ -155,6 +155,12 @@ class _TileReader:
         return self.read(slice(None, None, step), slice(None, None, step))
 
 
+def plane_shape(image) -> tuple[int, int]:
+    """(H, W) of a 2-D gray, RGB(A) or channel-first image, without reading its pixels."""
+    reader = _TileReader(image)
+    return reader.height, reader.width
+
+
 def _check_finite(region: np.ndarray) -> None:
     if np.issubdtype(region.dtype, np.floating) and not np.isfinite(region).all():
         raise InputError("the image contains NaN or infinite values; replace them (e.g. with 0) and try again")
@@ -250,8 +256,8 @@ def allocate_outputs(
 
     ``store=None`` gives in-memory numpy arrays. Otherwise ``kind="zarr"`` creates a zarr
     group at ``store`` with arrays "labels" and "probabilities" (chunked ``chunk`` pixels
-    square, a napari-friendly layout); ``kind="memmap"`` creates ``labels.u8`` and
-    ``probabilities.f32`` raw memory maps in the folder ``store``. Either way the outputs
+    square, a napari-friendly layout); ``kind="memmap"`` creates ``labels.npy`` and
+    ``probabilities.npy`` memory maps in the folder ``store``. Either way the outputs
     live on disk, so a 20000 x 20000 prediction needs little RAM.
     """
     h, w = int(shape[0]), int(shape[1])
