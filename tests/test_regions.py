@@ -131,3 +131,37 @@ def test_labels_are_checked_where_they_are_painted():
     with pytest.raises(InputError, match="shape"):
         painted_crops([image], [labels[:100]], 64)
     assert painted_crops([image], [np.zeros((300, 300), np.uint8)], 64) == []
+
+
+class _CountingArray:
+    """A zarr array that counts the pixels read from it (zarr itself has no numpy dispatch)."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.ndim, self.chunks = (
+            array, array.shape, array.dtype, array.ndim, array.chunks
+        )
+        self.pixels = 0
+
+    def __getitem__(self, key):
+        out = self.array[key]
+        self.pixels += out.size
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[...], dtype=dtype)
+
+
+def test_a_channel_first_rgba_zarr_slide_is_read_only_around_the_strokes():
+    pytest.importorskip("dask.array")
+    zarr = pytest.importorskip("zarr")
+    size = 3000
+    store = zarr.zeros((4, size, size), chunks=(4, 500, 500), dtype=np.uint8)
+    store[:3] = 180
+    store[3] = 255  # alpha, dropped
+    image = _CountingArray(store)
+    labels = np.zeros((size, size), np.uint8)
+    labels[100:110, 100:300] = 1
+    labels[120:130, 100:300] = 2
+    result = train_to_end([image], [labels], TrainConfig(steps=2, patch_size=64, batch_size=2, seed=0), SMALL)
+    assert result.steps == 2 and result.model.config.in_channels == 3
+    assert image.pixels <= 4 * 500 * 500 * 4  # the chunks under the window, not the 36 M pixels of the slide

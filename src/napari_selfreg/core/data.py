@@ -21,11 +21,23 @@ class InputError(ValueError):
 # ----------------------------------------------------------------------------- images
 
 
+def _viewable(image):
+    """numpy and dask arrays as they are; other lazy arrays (zarr) wrapped in dask when it is
+    installed, because numpy functions and slices read such arrays whole."""
+    if isinstance(image, np.ndarray) or hasattr(image, "__array_function__"):
+        return image
+    try:
+        import dask.array as da
+    except ImportError:
+        return image
+    return da.from_array(image, chunks=getattr(image, "chunks", "auto"))
+
+
 def as_channels_last(image: np.ndarray) -> np.ndarray:
     """View an image as (H, W, C): gray gains a channel axis, RGBA loses its alpha.
 
     Channel-first images (C, H, W) with C in 1..4 and larger H, W are moved last.
-    A 3-D stack is refused: predict its slices one by one.
+    A 3-D stack is refused: predict its slices one by one. Lazy images stay lazy.
     """
     image = np.asarray(image) if not hasattr(image, "shape") else image
     if image.ndim == 2:
@@ -34,7 +46,7 @@ def as_channels_last(image: np.ndarray) -> np.ndarray:
         if image.shape[-1] in (1, 3, 4):
             c = image.shape[-1]
         elif image.shape[0] in (1, 3, 4) and min(image.shape[1:]) > 4:
-            image = np.moveaxis(np.asarray(image), 0, -1)
+            image = np.moveaxis(_viewable(image), 0, -1)
             c = image.shape[-1]
         else:
             raise InputError(
@@ -42,7 +54,7 @@ def as_channels_last(image: np.ndarray) -> np.ndarray:
                 "select one 2-D slice (or an RGB image) and try again"
             )
         if c == 4:
-            image = image[..., :3]
+            image = _viewable(image)[..., :3]
         return image
     raise InputError(
         f"image has {image.ndim} dimensions {tuple(image.shape)}; a 2-D gray or RGB(A) image is needed "
