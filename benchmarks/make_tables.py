@@ -55,8 +55,9 @@ def paper_table(document: dict) -> list[str]:
         "image's own size and scores against the original mask.",
         "",
         *([f"> {document['note']}", ""] if document.get("note") else []),
-        "| dataset | model | resolution | Dice % | IoU % | published Dice % | published IoU % | seeds | device |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dataset | model | resolution | Dice % | IoU % | published Dice % | published IoU % | seeds | schedule "
+        "| device |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     schedules = {}
     for r in document.get("results", []):
@@ -66,7 +67,8 @@ def paper_table(document: dict) -> list[str]:
         lines.append(
             f"| {r['dataset']} | {MODEL_NAMES.get(r['model'], r['model'])} | {r['resolution']} | "
             f"{_pct(r['dice'], r['dice_std'])} | {_pct(r['iou'], r['iou_std'])} | "
-            f"{_published(dice) if show else '–'} | {_published(iou) if show else '–'} | {r['seeds']} | {device} |"
+            f"{_published(dice) if show else '–'} | {_published(iou) if show else '–'} | {r['seeds']} | "
+            f"{r.get('schedule_label', '')} | {device} |"
         )
         schedules[r.get("schedule_label", "")] = r.get("schedule", "")
     lines.append("")
