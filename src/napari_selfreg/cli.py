@@ -117,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- predict
 
 
-def label_counts(labels, ids: list[int], rows: int = 2048) -> dict[str, int]:
+def label_counts(labels, ids: list[int], rows: int = 512) -> dict[str, int]:
     """Pixels per label id, a band of rows at a time (a slide's labels may be a memory map)."""
     import numpy as np
 
