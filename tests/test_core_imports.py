@@ -1,4 +1,4 @@
-"""The core is numpy + torch only: scripts and the command line must not pull in Qt or napari."""
+"""The core is numpy + torch only: importing any core module must not pull in Qt, napari or magicgui."""
 
 from __future__ import annotations
 
