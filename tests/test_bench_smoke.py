@@ -44,6 +44,18 @@ def test_measure_and_state_path(tmp_path):
     assert default_state_path(tmp_path / "x.json") == tmp_path / "x.state.jsonl"
 
 
+def test_summaries_order_budgets_by_size_not_text():
+    from napari_selfreg.bench.interactive import budget_order, summarize
+
+    assert sorted(["120s", "none", "30s", "200steps", "60s"], key=budget_order) == [
+        "none", "200steps", "30s", "60s", "120s"]
+    rows = [{"dataset": "d", "method": method, "budget": budget, "image": "a", "seed": 0, "dice": dice, "iou": dice}
+            for method, budget, dice in [("selfreg", "120s", 0.8), ("selfreg", "30s", 0.6), ("rf", "none", 0.7)]]
+    summary = summarize(rows)
+    assert [m["budget"] for m in summary["means"] if m["method"] == "selfreg"] == ["30s", "120s"]
+    assert [round(g["margin"], 6) for g in summary["goal"]] == [-0.1, 0.1]
+
+
 def test_missing_data_skips_cleanly(tmp_path, capsys):
     code = main(["interactive", "--smoke", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "i.json"),
                  "--no-progress"])

@@ -27,6 +27,7 @@ from .interactive import (
     _load,
     _scores,
     budget_label,
+    budget_order,
     run_neural,
     stroke_seed,
 )
@@ -114,7 +115,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         groups.setdefault((row["dataset"], row["method"], row["budget"]), []).append(row)
     means = []
-    for (dataset, method, budget), items in sorted(groups.items()):
+    for (dataset, method, budget), items in sorted(groups.items(), key=lambda g: (*g[0][:2], budget_order(g[0][2]))):
         per_round = np.array([[r["dice"] for r in row["rounds"]] for row in items])
         fractions = np.array([[r["stroke_fraction"] for r in row["rounds"]] for row in items])
         means.append({

@@ -94,6 +94,14 @@ def budget_label(value: str | float) -> str:
     return Budget.parse(value).label
 
 
+def budget_order(label: str) -> tuple[int, float, int]:
+    """Sort key for budget labels: "none" first, then seconds, then steps, each by size (not as text)."""
+    if label == NO_BUDGET:
+        return (0, 0.0, 0)
+    budget = Budget.parse(label)
+    return (1, 0.0, budget.steps) if budget.steps else (2, budget.seconds or 0.0, 0)
+
+
 def stroke_seed(name: str, seed: int) -> int:
     """A per-image stroke seed: the same image and seed always get the same strokes."""
     return (zlib.crc32(name.encode()) + 7919 * seed) % 2**31
@@ -280,7 +288,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for row in scored:
         groups.setdefault((row["dataset"], row["method"], row["budget"]), []).append(row)
     means = []
-    for (dataset, method, budget), items in sorted(groups.items()):
+    for (dataset, method, budget), items in sorted(groups.items(), key=lambda g: (*g[0][:2], budget_order(g[0][2]))):
         dice = np.array([r["dice"] for r in items])
         iou = np.array([r["iou"] for r in items])
         entry = {
@@ -301,7 +309,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for dataset in sorted({r["dataset"] for r in scored}):
         baseline = {m: {(r["image"], r["seed"]): r["dice"] for r in scored
                         if r["dataset"] == dataset and r["method"] == m} for m in BASELINE_METHODS}
-        for budget in sorted({r["budget"] for r in scored if r["dataset"] == dataset and r["method"] == "selfreg"}):
+        budgets = {r["budget"] for r in scored if r["dataset"] == dataset and r["method"] == "selfreg"}
+        for budget in sorted(budgets, key=budget_order):
             ours_rows = [r for r in scored
                          if r["dataset"] == dataset and r["method"] == "selfreg" and r["budget"] == budget]
             ours = {(r["image"], r["seed"]): r["dice"] for r in ours_rows}
