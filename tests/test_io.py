@@ -96,6 +96,24 @@ def test_reader_hook(tmp_path, labels):
     assert kind == "labels" and meta["name"] == "tissue_mask" and np.array_equal(data, labels)
 
 
+def test_reader_hook_opens_large_tiff_images_lazily_and_labels_whole(tmp_path, monkeypatch):
+    pytest.importorskip("zarr")
+    pytest.importorskip("dask")
+    import napari_selfreg.io as io
+
+    monkeypatch.setattr(io, "LAZY_PIXELS", 1000)  # a "slide" of 512 x 384 pixels
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, size=(512, 384, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, size=(512, 384), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "slide.tif", image, tile=(128, 128), photometric="rgb")
+    tifffile.imwrite(tmp_path / "slide_labels.tif", labels, tile=(128, 128))
+    ((data, meta, kind),) = napari_get_reader(str(tmp_path / "slide.tif"))(str(tmp_path / "slide.tif"))
+    assert kind == "image" and meta["rgb"] and not isinstance(data, np.ndarray)
+    assert data.chunksize[:2] == (128, 128) and np.array_equal(np.asarray(data[100:300, 50:90]), image[100:300, 50:90])
+    ((data, meta, kind),) = napari_get_reader(str(tmp_path / "slide_labels.tif"))(str(tmp_path / "slide_labels.tif"))
+    assert kind == "labels" and isinstance(data, np.ndarray) and np.array_equal(data, labels)  # paintable
+
+
 def test_unreadable_files_raise_image_file_error(tmp_path):
     bad = tmp_path / "broken.tif"
     bad.write_bytes(b"not a tiff")

@@ -100,8 +100,8 @@ def open_image(path: str | Path, lazy_above: int | None = None):
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             shape, axes = series.shape, series.axes.upper()
-        if "Y" not in axes or "X" not in axes or shape[axes.index("Y")] * shape[axes.index("X")] <= limit:
-            return read_image(path)
+            if "Y" not in axes or "X" not in axes or shape[axes.index("Y")] * shape[axes.index("X")] <= limit:
+                return _tiff_to_yx(series.asarray(), axes)  # small: read whole from the file already open
         store = tifffile.imread(path, aszarr=True, series=0, level=0)
         return _tiff_to_yx(da.from_zarr(zarr.open(store, mode="r")), axes)
     except ImageFileError:
@@ -154,12 +154,17 @@ def napari_get_reader(path):
 
 
 def _read_layers(path):
+    """Large TIFF images open lazily (``open_image``): napari then reads only the tiles it shows,
+    and the Segment widget predicts tile by tile. Labels are always read whole, because painting
+    writes into them."""
     paths = path if isinstance(path, list) else [path]
     layers = []
     for p in paths:
-        data = read_image(p)
+        data = open_image(p)
         rgb = data.ndim == 3 and data.shape[-1] in (3, 4)
         kind = "labels" if _looks_like_labels(p, data) else "image"
+        if kind == "labels" and not isinstance(data, np.ndarray):
+            data = np.asarray(data)
         meta = {"name": Path(p).name.split(".")[0]}
         if kind == "image":
             meta["rgb"] = rgb
@@ -167,7 +172,7 @@ def _read_layers(path):
     return layers
 
 
-def _looks_like_labels(path, data: np.ndarray) -> bool:
+def _looks_like_labels(path, data) -> bool:
     name = Path(path).name.lower()
     return np.issubdtype(data.dtype, np.integer) and any(
         word in name for word in ("label", "mask", "seg", "anno")
