@@ -9,10 +9,13 @@ Dice against the full mask for:
 - "pair": the mean probability of best and last; "snapshots": the mean probability of
   the weights at 50 %, 62.5 %, 75 %, 87.5 % and 100 % of the steps.
 ``--dense`` trains on the full mask instead of strokes: how far the same training could
-go with perfect labels. Training images only, so the interactive test images stay unseen.
+go with perfect labels. Training images by default, so the choices made here never saw the
+interactive test images; ``--split test`` measures the full-mask ceiling on those test
+images (an oracle for the interactive goal, which chooses nothing).
 
     python benchmarks/bench_weights.py --images 0 7 14 21 --threads 1
     python benchmarks/bench_weights.py --images 0 7 --threads 1 --dense
+    python benchmarks/bench_weights.py --split test --images 0 1 2 3 4 5 6 --threads 1 --dense
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from napari_selfreg.core.train import train
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, nargs="+", default=[0, 7, 14, 21], help="MoNuSeg train indices")
+    parser.add_argument("--images", type=int, nargs="+", default=[0, 7, 14, 21], help="MoNuSeg indices in --split")
+    parser.add_argument("--split", choices=("train", "test"), default="train")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dense", action="store_true", help="train on the full mask (a ceiling), not strokes")
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     split = load_split("monuseg")
     rows = []
     for index in args.images:
-        sample = split.train[index]
+        sample = getattr(split, args.split)[index]
         image, instances = sample.image(), sample.instances()
         truth = instances > 0
         strokes = simulate_strokes(instances, stroke_seed(sample.name, 0))
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         last, best = probability(result.last, image), probability(result.best, image)
         flipped = predict(result.last, image, PredictConfig(flips=True), probabilities=False)
         row = {
-            "image": sample.name, "steps": result.steps, "dense": args.dense,
+            "image": sample.name, "split": args.split, "steps": result.steps, "dense": args.dense,
             "best": scored(best > 0.5, truth),
             "last": scored(last > 0.5, truth),
             "last_flips": scored(flipped.labels >= 2, truth),

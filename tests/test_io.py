@@ -114,6 +114,28 @@ def test_reader_hook_opens_large_tiff_images_lazily_and_labels_whole(tmp_path, m
     assert kind == "labels" and isinstance(data, np.ndarray) and np.array_equal(data, labels)  # paintable
 
 
+def test_reader_hook_opens_a_large_pyramidal_tiff_as_a_multiscale_image(tmp_path, monkeypatch):
+    pytest.importorskip("zarr")
+    pytest.importorskip("dask")
+    import napari_selfreg.io as io
+
+    monkeypatch.setattr(io, "LAZY_PIXELS", 1000)
+    image = np.random.default_rng(2).integers(0, 255, size=(512, 384, 3), dtype=np.uint8)
+    levels = [image, image[::2, ::2], image[::4, ::4]]
+    path = str(tmp_path / "pyramid.tif")
+    with tifffile.TiffWriter(path) as tif:  # the layout of whole-slide exports: overviews in sub-IFDs
+        tif.write(levels[0], subifds=2, tile=(128, 128), photometric="rgb")
+        for level in levels[1:]:
+            tif.write(level, subfiletype=1, tile=(64, 64), photometric="rgb")
+    ((data, meta, kind),) = napari_get_reader(path)(path)
+    assert kind == "image" and meta["rgb"] and meta["multiscale"]
+    assert [d.shape for d in data] == [level.shape for level in levels]
+    assert all(np.array_equal(np.asarray(d), level) for d, level in zip(data, levels, strict=True))
+    assert np.array_equal(np.asarray(io.open_image(path)), image)  # the command line predicts level 0
+    (small,) = io.open_levels(path, lazy_above=10**9)  # below the threshold: one plain array
+    assert isinstance(small, np.ndarray) and np.array_equal(small, image)
+
+
 def test_unreadable_files_raise_image_file_error(tmp_path):
     bad = tmp_path / "broken.tif"
     bad.write_bytes(b"not a tiff")

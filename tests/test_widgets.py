@@ -387,8 +387,10 @@ def test_training_error_keeps_the_partial_model(he_viewer, qtbot, messages, monk
 
 
 @pytest.mark.gui
-def test_segment_dask_image_into_memmap(make_napari_viewer, qtbot, messages, monkeypatch):
-    """A lazily loaded image is read tile by tile; a large output goes to a memory map."""
+@pytest.mark.parametrize("pyramid", [False, True], ids=["flat", "pyramid"])
+def test_segment_dask_image_into_memmap(make_napari_viewer, qtbot, messages, monkeypatch, pyramid):
+    """A lazily loaded image (or a slide pyramid, segmented at full resolution) is read tile by
+    tile; a large output goes to a memory map."""
     da = pytest.importorskip("dask.array")
     from napari_selfreg.core.config import ModelConfig, TrainConfig
     from napari_selfreg.core.train import train_to_end
@@ -404,7 +406,7 @@ def test_segment_dask_image_into_memmap(make_napari_viewer, qtbot, messages, mon
     monkeypatch.setattr(segment_widget, "MEMMAP_PIXELS", 100_000)
     big = da.from_array(np.tile(sample["image"], (3, 3, 1)), chunks=(256, 256, 3))  # 768 x 768
     viewer = make_napari_viewer()
-    viewer.add_image(big, name="big", rgb=True)
+    viewer.add_image([big, big[::2, ::2], big[::4, ::4]] if pyramid else big, name="big", rgb=True, multiscale=pyramid)
     widget = segment_widget.SegmentWidget(viewer)
     widget.model_combo.setCurrentText("tiny dask test model")
     widget.tile_size.setValue(256)
@@ -416,3 +418,19 @@ def test_segment_dask_image_into_memmap(make_napari_viewer, qtbot, messages, mon
     assert isinstance(layer.data, np.memmap) and layer.data.shape == (768, 768)
     assert set(np.unique(layer.data)) <= {1, 2} and widget.prediction.complete
     assert not messages.errors
+
+
+def test_view_of_a_pyramid_is_given_in_full_resolution_pixels(make_napari_viewer, qtbot):
+    """The train widget previews the visible part of a slide; napari reports it in the drawn level's pixels."""
+    from napari_selfreg.widgets._common import visible_corners
+
+    base = np.zeros((768, 768), np.uint8)
+    viewer = make_napari_viewer()
+    layer = viewer.add_image([base, base[::2, ::2], base[::4, ::4]], multiscale=True)
+    layer.locked_data_level = 2
+    viewer.reset_view()
+    qtbot.waitUntil(lambda: layer.data_level == 2 and np.asarray(layer.corner_pixels)[1].max() > 0, timeout=10_000)
+    assert np.array_equal(layer.corner_pixels, [[0, 0], [191, 191]])  # the level's own pixels
+    assert np.array_equal(visible_corners(layer), [[0, 0], [767, 767]])
+    flat = viewer.add_image(base, name="flat")
+    assert visible_corners(flat) is flat.corner_pixels

@@ -91,9 +91,9 @@ def open_image(path: str | Path, lazy_above: int | None = None):
     if suffix_of(path) not in TIFF_SUFFIXES or not path.exists():
         return read_image(path)
     try:
-        import dask.array as da
+        import dask.array  # noqa: F401
         import tifffile
-        import zarr
+        import zarr  # noqa: F401
     except ImportError:
         return read_image(path)
     try:
@@ -102,10 +102,40 @@ def open_image(path: str | Path, lazy_above: int | None = None):
             shape, axes = series.shape, series.axes.upper()
             if "Y" not in axes or "X" not in axes or shape[axes.index("Y")] * shape[axes.index("X")] <= limit:
                 return _tiff_to_yx(series.asarray(), axes)  # small: read whole from the file already open
-        store = tifffile.imread(path, aszarr=True, series=0, level=0)
-        return _tiff_to_yx(da.from_zarr(zarr.open(store, mode="r")), axes)
+        return _lazy_level(path, axes, 0)
     except ImageFileError:
         raise
+    except Exception as error:
+        raise ImageFileError(f"could not read {path.name}: {error}") from None
+
+
+def _lazy_level(path: Path, axes: str, level: int):
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    store = tifffile.imread(path, aszarr=True, series=0, level=level)
+    return _tiff_to_yx(da.from_zarr(zarr.open(store, mode="r")), axes)
+
+
+def open_levels(path: str | Path, lazy_above: int | None = None) -> list:
+    """The resolution levels of an image, full resolution first.
+
+    A large pyramidal TIFF (a whole-slide export) gives every level, each lazy, so napari
+    can show a slide from its overviews instead of reading full-resolution tiles to draw a
+    zoomed-out view. Any other file gives one level, ``open_image``'s array.
+    """
+    full = open_image(path, lazy_above)
+    if isinstance(full, np.ndarray):
+        return [full]
+    import tifffile
+
+    path = Path(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            count, axes = len(series.levels), series.axes.upper()
+        return [full] + [_lazy_level(path, axes, level) for level in range(1, count)]
     except Exception as error:
         raise ImageFileError(f"could not read {path.name}: {error}") from None
 
@@ -154,20 +184,23 @@ def napari_get_reader(path):
 
 
 def _read_layers(path):
-    """Large TIFF images open lazily (``open_image``): napari then reads only the tiles it shows,
-    and the Segment widget predicts tile by tile. Labels are always read whole, because painting
-    writes into them."""
+    """Large TIFF images open lazily (``open_levels``): napari then reads only the tiles it shows,
+    a pyramidal slide becomes a multiscale layer, and the Segment widget predicts tile by tile
+    from full resolution. Labels are always read whole (level 0), because painting writes into them."""
     paths = path if isinstance(path, list) else [path]
     layers = []
     for p in paths:
-        data = open_image(p)
+        levels = open_levels(p)
+        data = levels[0]
         rgb = data.ndim == 3 and data.shape[-1] in (3, 4)
         kind = "labels" if _looks_like_labels(p, data) else "image"
+        meta = {"name": Path(p).name.split(".")[0]}
         if kind == "labels" and not isinstance(data, np.ndarray):
             data = np.asarray(data)
-        meta = {"name": Path(p).name.split(".")[0]}
-        if kind == "image":
+        elif kind == "image":
             meta["rgb"] = rgb
+            if len(levels) > 1:
+                data, meta["multiscale"] = levels, True
         layers.append((data, meta, kind))
     return layers
 

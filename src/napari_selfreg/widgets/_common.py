@@ -58,6 +58,20 @@ def layer_data(layer) -> object:
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
+def visible_corners(layer) -> np.ndarray | None:
+    """napari's ``corner_pixels`` in full-resolution pixels.
+
+    For a pyramid napari gives them in the pixels of the level it draws, which would put a
+    zoomed-out view of a slide at a fraction of its true place and size.
+    """
+    corners = getattr(layer, "corner_pixels", None)
+    if corners is None or not getattr(layer, "multiscale", False):
+        return corners
+    factors = np.asarray(layer.downsample_factors[layer.data_level], dtype=float)
+    corners = np.asarray(corners, dtype=float)
+    return np.stack([np.floor(corners[0] * factors), np.ceil((corners[1] + 1) * factors) - 1]).astype(int)
+
+
 def image_shape_2d(layer) -> tuple[int, int]:
     """(H, W) of an image layer, RGB or gray."""
     shape = tuple(layer_data(layer).shape)

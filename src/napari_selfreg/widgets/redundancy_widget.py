@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import NameCombo, ask_model_file
+from ._common import NameCombo, ask_model_file, image_shape_2d, layer_data
 from .model_registry import model_registry
 
 if TYPE_CHECKING:
@@ -244,7 +244,7 @@ class RedundancyWidget(QWidget):
         centre = np.asarray(self.viewer.camera.center)[-2:]
         corners = [centre + np.array([dy, dx]) * half for dy in (-1, 1) for dx in (-1, 1)]
         points = np.array([np.asarray(layer.world_to_data(c))[-2:] for c in corners])
-        h, w = _spatial_shape(layer)
+        h, w = image_shape_2d(layer)
         top, left = np.floor(points.min(0)).astype(int)
         bottom, right = np.ceil(points.max(0)).astype(int) + 1
         region = (max(0, top), max(0, left), min(h, bottom), min(w, right))
@@ -286,7 +286,7 @@ class RedundancyWidget(QWidget):
         if not kinds:
             self.status.setText("tick at least one kind of map")
             return None
-        image = layer.data[0] if layer.multiscale else layer.data
+        image = layer_data(layer)
         region = self.view_region(layer) if self.view_only.isChecked() else None
         models = [self.registry.get(n) for n in names]
         labels = _short_labels(names)
@@ -393,10 +393,6 @@ class RedundancyWidget(QWidget):
         self.canvas.draw_idle()
 
 
-def _spatial_shape(layer) -> tuple[int, int]:
-    data = layer.data[0] if layer.multiscale else layer.data
-    shape = data.shape[:-1] if layer.rgb else data.shape
-    return int(shape[-2]), int(shape[-1])
 
 
 def _short_labels(names: list[str]) -> list[str]:

@@ -50,6 +50,7 @@ from ._common import (
     image_shape_2d,
     layer_data,
     notify_error,
+    visible_corners,
 )
 from ._workers import WorkerError, run_training, visible_box
 from .classes import DEFAULT_CLASSES, class_colormap, class_features, class_names_of
@@ -546,7 +547,7 @@ class TrainWidget(QWidget):
         image = self._run_image
         if image is None or image not in self.viewer.layers:
             return
-        self._view_box = visible_box(getattr(image, "corner_pixels", None), image_shape_2d(image))
+        self._view_box = visible_box(visible_corners(image), image_shape_2d(image))
 
     def _on_yielded(self, item) -> None:
         kind, value = item
