@@ -128,6 +128,22 @@ def test_split_strokes_holds_out_whole_strokes_and_keeps_every_class():
         assert row.all() or not row.any()
 
 
+def test_a_corrected_prediction_keeps_its_large_background_in_training():
+    """Dense labels (a prediction corrected and trained on again): the background is one large
+    region plus specks; however the draw falls, the large region is never held out."""
+    labels = np.full((60, 60), 1, np.int64)
+    for i in range(6):
+        labels[i * 10 + 2 : i * 10 + 6, 2:6] = 2  # nuclei, 6 components
+        labels[i * 10 + 3, 3] = 1  # a background speck inside each: 7 background components
+    big = np.zeros_like(labels, bool)
+    big[:, 10:] = True  # part of the large background region
+    for seed in range(30):
+        train, val = split_strokes(labels, 0.2, np.random.default_rng(seed))
+        assert np.all(train[big] == 1)
+        assert (train == 1).sum() > 0.5 * (labels == 1).sum() and (train == 2).sum() > 0
+        np.testing.assert_array_equal(np.where(val > 0, val, train), labels)
+
+
 def test_sampler_balances_classes_and_patches_have_the_right_shape():
     image = np.random.default_rng(0).random((100, 100, 3)).astype(np.float32)
     labels = np.zeros((100, 100), np.int64)

@@ -170,13 +170,20 @@ def check_painted(labels_list: list[np.ndarray], num_classes: int | None = None)
     return highest if num_classes is None else num_classes
 
 
+# Held-out strokes never take more than this share of a class's painted pixels: a corrected
+# prediction used as labels has one connected background of most of the image, and holding
+# it out would leave training almost no background
+MAX_HELD_SHARE = 0.5
+
+
 def split_strokes(
     labels: np.ndarray, fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hold out whole connected strokes (per class) for validation.
 
     Returns (train, validation) label images. A class with a single stroke keeps it in
-    training, so holding out never removes a class altogether.
+    training, so holding out never removes a class altogether; the largest drawn strokes go
+    back to training while the held-out ones cover more than ``MAX_HELD_SHARE`` of the class.
     """
     (train,), (val,) = split_strokes_jointly([labels], fraction, rng)
     return train, val
@@ -205,11 +212,22 @@ def split_strokes_jointly(
         count = max(1, int(round(n * fraction)))
         count = min(count, n - 1)
         held = rng.choice(np.arange(1, n + 1), size=count, replace=False)
+        sizes = sum(np.bincount(components.ravel(), minlength=n + 1) for components in numbered)
+        held = _within_share(held, sizes, MAX_HELD_SHARE)
         for components, train, val in zip(numbered, trains, vals, strict=True):
             mask = np.isin(components, held)
             val[mask] = cls
             train[mask] = 0
     return trains, vals
+
+
+def _within_share(held: np.ndarray, sizes: np.ndarray, share: float) -> np.ndarray:
+    """``held`` without its largest components until they cover at most ``share`` of the pixels."""
+    limit = share * sizes[1:].sum()
+    kept = list(held[np.argsort(sizes[held], kind="stable")])  # smallest first
+    while kept and sizes[kept].sum() > limit:
+        kept.pop()
+    return np.asarray(kept, dtype=held.dtype)
 
 
 # ----------------------------------------------------------------------------- sampling
