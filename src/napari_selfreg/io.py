@@ -86,23 +86,36 @@ def open_image(path: str | Path, lazy_above: int | None = None):
 
     Needs the ``large`` extra (zarr, dask); without it, or for other formats, the file is read whole.
     """
-    path = Path(path)
+    return _open(Path(path), lazy_above, every_level=False)[0]
+
+
+def open_levels(path: str | Path, lazy_above: int | None = None) -> list:
+    """The resolution levels of an image, full resolution first.
+
+    A large pyramidal TIFF (a whole-slide export) gives every level, each lazy, so napari
+    can show a slide from its overviews instead of reading full-resolution tiles to draw a
+    zoomed-out view. Any other file gives one level, ``open_image``'s array.
+    """
+    return _open(Path(path), lazy_above, every_level=True)
+
+
+def _open(path: Path, lazy_above: int | None, every_level: bool) -> list:
     limit = LAZY_PIXELS if lazy_above is None else lazy_above
     if suffix_of(path) not in TIFF_SUFFIXES or not path.exists():
-        return read_image(path)
+        return [read_image(path)]
     try:
         import dask.array  # noqa: F401
         import tifffile
         import zarr  # noqa: F401
     except ImportError:
-        return read_image(path)
+        return [read_image(path)]
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
-            shape, axes = series.shape, series.axes.upper()
+            shape, axes, count = series.shape, series.axes.upper(), len(series.levels)
             if "Y" not in axes or "X" not in axes or shape[axes.index("Y")] * shape[axes.index("X")] <= limit:
-                return _tiff_to_yx(series.asarray(), axes)  # small: read whole from the file already open
-        return _lazy_level(path, axes, 0)
+                return [_tiff_to_yx(series.asarray(), axes)]  # small: read whole from the file already open
+        return [_lazy_level(path, axes, level) for level in range(count if every_level else 1)]
     except ImageFileError:
         raise
     except Exception as error:
@@ -116,28 +129,6 @@ def _lazy_level(path: Path, axes: str, level: int):
 
     store = tifffile.imread(path, aszarr=True, series=0, level=level)
     return _tiff_to_yx(da.from_zarr(zarr.open(store, mode="r")), axes)
-
-
-def open_levels(path: str | Path, lazy_above: int | None = None) -> list:
-    """The resolution levels of an image, full resolution first.
-
-    A large pyramidal TIFF (a whole-slide export) gives every level, each lazy, so napari
-    can show a slide from its overviews instead of reading full-resolution tiles to draw a
-    zoomed-out view. Any other file gives one level, ``open_image``'s array.
-    """
-    full = open_image(path, lazy_above)
-    if isinstance(full, np.ndarray):
-        return [full]
-    import tifffile
-
-    path = Path(path)
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            count, axes = len(series.levels), series.axes.upper()
-        return [full] + [_lazy_level(path, axes, level) for level in range(1, count)]
-    except Exception as error:
-        raise ImageFileError(f"could not read {path.name}: {error}") from None
 
 
 def write_image(path: str | Path, data: np.ndarray) -> Path:
