@@ -7,7 +7,15 @@ import json
 import pytest
 
 from napari_selfreg.bench.__main__ import main
-from napari_selfreg.bench.harness import RunKey, StateFile, Task, default_state_path, measure, run_tasks
+from napari_selfreg.bench.harness import (
+    RunKey,
+    StateFile,
+    Task,
+    default_state_path,
+    measure,
+    run_tasks,
+    seed_state_from_results,
+)
 
 
 def _task(name: str, calls: list[str], fail: bool = False) -> Task:
@@ -34,6 +42,23 @@ def test_harness_records_and_resumes(tmp_path):
     rows = run_tasks([_task("a", calls), _task("b", calls)], state, progress=False)
     assert calls == ["b"], "finished runs must be skipped and failed ones retried"
     assert all("error" not in r for r in rows)
+
+
+def test_a_fresh_clone_resumes_from_the_committed_results(tmp_path):
+    """No state file (benchmarks/runs is not in git): the finished runs come from the result file."""
+    out = tmp_path / "results" / "interactive.json"
+    out.parent.mkdir()
+    finished = {**RunKey("interactive", "monuseg", "a", "otsu", "none", 0).to_dict(), "dice": 0.7}
+    failed = {**RunKey("interactive", "monuseg", "b", "otsu", "none", 0).to_dict(), "error": "boom"}
+    out.write_text(json.dumps({"protocol": "interactive", "rows": [finished, failed], "means": []}))
+    state = StateFile(default_state_path(out))
+    assert seed_state_from_results(state, out) == 1
+    calls: list[str] = []
+    rows = run_tasks([_task("a", calls), _task("b", calls), _task("c", calls)], state, progress=False)
+    assert calls == ["b", "c"], "the committed run must be kept, the failed one retried"
+    assert {r["image"]: r["dice"] for r in rows} == {"a": 0.7, "b": 0.5, "c": 0.5}
+    assert seed_state_from_results(state, out) == 0, "an existing state file is never overwritten"
+    assert len(state.load()) == 3
 
 
 def test_measure_and_state_path(tmp_path):

@@ -9,7 +9,8 @@
     python -m napari_selfreg.bench interactive --smoke    # two cropped images, tiny budgets
 
 Runs resume: finished runs are kept in a state file (``--state``; by default
-benchmarks/runs/<out name>.state.jsonl) and skipped when the command is repeated.
+benchmarks/runs/<out name>.state.jsonl) and skipped when the command is repeated. Without
+a state file (a fresh clone) the finished runs in the ``--out`` file start it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .datasets import DATASETS, SharedDataMissing
-from .harness import StateFile, default_state_path
+from .harness import StateFile, default_state_path, seed_state_from_results
 
 SMOKE_CROP = 256
 
@@ -103,6 +104,10 @@ def _out_paths(args, default_name: str) -> tuple[Path, Path]:
     else:
         out = args.out or Path("benchmarks/results") / default_name
     state = args.state or default_state_path(out)
+    if not args.smoke:
+        seeded = seed_state_from_results(StateFile(state), out)
+        if seeded:
+            print(f"no state file: {seeded} finished runs taken over from {out} into {state}")
     return out, state
 
 

@@ -216,6 +216,27 @@ def default_state_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}.state.jsonl")
 
 
+def seed_state_from_results(state: StateFile, out: str | Path) -> int:
+    """Start a missing state file from the finished runs kept in an existing result file.
+
+    The state lives in git-ignored benchmarks/runs/, so a fresh clone has only the committed
+    results. Without this the next run would redo every finished run, and a run over fewer
+    images would rewrite the result file with its own rows alone. Returns the runs taken over.
+    """
+    out = Path(out)
+    if state.path.exists() or not out.is_file():
+        return 0
+    document = json.loads(out.read_text())
+    rows = [
+        row for part in ("rows", "runs") for row in document.get(part, [])
+        if isinstance(row, dict) and all(f in row for f in KEY_FIELDS) and "error" not in row
+    ]
+    if rows:
+        state.path.parent.mkdir(parents=True, exist_ok=True)
+        state.path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return len(rows)
+
+
 def protocol_rows(state: StateFile, protocol: str) -> list[dict[str, Any]]:
     """The finished runs of one protocol, in a stable order (dataset, image, method, budget, seed)."""
     rows = [r for r in state.load().values() if r["protocol"] == protocol]
