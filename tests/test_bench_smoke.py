@@ -61,6 +61,17 @@ def test_a_fresh_clone_resumes_from_the_committed_results(tmp_path):
     assert len(state.load()) == 3
 
 
+@pytest.mark.parametrize("text", ['{"rows": [', "[1, 2]"])
+def test_a_broken_result_file_is_named_not_overwritten(tmp_path, capsys, text):
+    out = tmp_path / "interactive.json"
+    out.write_text(text)
+    with pytest.raises(ValueError, match=r"interactive\.json"):
+        seed_state_from_results(StateFile(default_state_path(out)), out)
+    assert main(["interactive", "--out", str(out), "--images", "1", "--no-progress"]) == 1
+    assert "interactive.json" in capsys.readouterr().err
+    assert out.read_text() == text and not default_state_path(out).exists()
+
+
 def test_measure_and_state_path(tmp_path):
     result = measure(lambda: {"x": 1})
     assert result["x"] == 1 and result["wall_s"] >= 0 and result["peak_rss_mb"] > 0

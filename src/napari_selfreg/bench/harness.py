@@ -226,7 +226,13 @@ def seed_state_from_results(state: StateFile, out: str | Path) -> int:
     out = Path(out)
     if state.path.exists() or not out.is_file():
         return 0
-    document = json.loads(out.read_text())
+    try:
+        document = json.loads(out.read_text())
+    except json.JSONDecodeError as error:  # a torn write or a hand edit: say which file, do not guess
+        raise ValueError(f"{out} is not valid JSON ({error}); restore it (git checkout) or give another --out"
+                         ) from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{out} is not a benchmark result file (expected a JSON object); give another --out")
     rows = [
         row for part in ("rows", "runs") for row in document.get(part, [])
         if isinstance(row, dict) and all(f in row for f in KEY_FIELDS) and "error" not in row
