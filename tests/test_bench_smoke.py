@@ -13,6 +13,7 @@ from napari_selfreg.bench.harness import (
     Task,
     default_state_path,
     measure,
+    note_progress,
     run_tasks,
     seed_state_from_results,
 )
@@ -42,6 +43,17 @@ def test_harness_records_and_resumes(tmp_path):
     rows = run_tasks([_task("a", calls), _task("b", calls)], state, progress=False)
     assert calls == ["b"], "finished runs must be skipped and failed ones retried"
     assert all("error" not in r for r in rows)
+
+
+def test_a_long_run_shows_how_far_it_is_on_the_progress_bar(tmp_path, capsys):
+    def run():
+        note_progress("epoch 3/60, val Dice 0.812")
+        return {"dice": 0.5}
+
+    note_progress("outside any run")  # nothing to update: must not fail
+    task = Task(RunKey("paper", "glas", "test-set", "unet", "60ep", 0), run)
+    run_tasks([task], StateFile(tmp_path / "state.jsonl"), progress=True)
+    assert "glas/test-set/unet/60ep epoch 3/60, val Dice 0.812" in capsys.readouterr().err
 
 
 def test_a_fresh_clone_resumes_from_the_committed_results(tmp_path):

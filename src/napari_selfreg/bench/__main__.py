@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--steps", type=int, default=None)
     schedule.add_argument("--time-budget", type=float, default=None, help="seconds of training per run")
     paper.add_argument("--patience", type=int, default=50, help="early stopping, in epochs")
+    paper.add_argument("--precision", default="auto",
+                       help="training autocast: auto (bfloat16 on a CPU that has it, bfloat16/float16 on CUDA), "
+                            "float32, bfloat16, float16; evaluation is float32")
     paper.add_argument("--base-channels", type=int, default=64)
     paper.add_argument("--image-size", type=int, default=224)
     return parser
@@ -179,7 +182,7 @@ def _paper(args) -> int:
     config = PaperConfig(
         datasets=args.dataset, models=args.models, seeds=args.seeds, image_size=args.image_size,
         base_channels=args.base_channels, patience=args.patience, epochs=args.epochs, steps=args.steps,
-        time_budget=args.time_budget, device=args.device or "auto",
+        time_budget=args.time_budget, device=args.device or "auto", precision=args.precision,
         data_root=str(args.data) if args.data else None,
     )
     if args.smoke:

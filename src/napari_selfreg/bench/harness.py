@@ -165,6 +165,20 @@ def environment() -> dict[str, Any]:
     return info
 
 
+_BARS: list[tuple[Any, str]] = []  # the running bar and its run's name, while run_tasks runs
+
+
+def note_progress(text: str) -> None:
+    """Show how far the current run is (e.g. its epoch) beside its name on the progress bar.
+
+    A paper-protocol run takes many minutes; without this the bar sits still for all of them.
+    Does nothing outside ``run_tasks`` or with the bar disabled.
+    """
+    if _BARS:
+        bar, name = _BARS[-1]
+        bar.set_postfix_str(f"{name} {text}")
+
+
 def run_tasks(
     tasks: Iterable[Task], state: StateFile, progress: bool = True, description: str = "bench"
 ) -> list[dict[str, Any]]:
@@ -183,11 +197,15 @@ def run_tasks(
     bar = tqdm(total=len(tasks), initial=skipped, desc=description, disable=not progress, dynamic_ncols=True)
     finished: dict[str, dict[str, Any]] = {}
     for task in todo:
-        bar.set_postfix_str(f"{task.key.dataset}/{task.key.image[:16]}/{task.key.method}/{task.key.budget}")
+        name = f"{task.key.dataset}/{task.key.image[:16]}/{task.key.method}/{task.key.budget}"
+        bar.set_postfix_str(name)
+        _BARS.append((bar, name))
         try:
             result = measure(task.run)
         except Exception as error:  # recorded; the next runs go on
             result = {"error": f"{type(error).__name__}: {error}"}
+        finally:
+            _BARS.pop()
         row = {**task.key.to_dict(), **result, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         state.append(row)
         finished[task.key.id()] = row

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import Sample, center_crop, load_split
-from .harness import RunKey, StateFile, Task, environment, run_tasks, write_json
+from .harness import RunKey, StateFile, Task, environment, note_progress, run_tasks, write_json
 
 PROTOCOL = "paper"
 MODELS = ("unet", "selfreg_unet")
@@ -52,6 +52,7 @@ class PaperConfig:
     time_budget: float | None = None  # seconds of training per run
     cpu_epochs: int = 20  # the documented short CPU schedule when no limit is given
     device: str = "auto"
+    precision: str = "auto"  # training autocast, as in core.train: auto | float32 | bfloat16 | float16
     data_root: str | None = None
     crop: int | None = None  # smoke runs: central crop of every image (native evaluation)
     limit_images: int | None = None  # smoke runs: this many images per split
@@ -68,6 +69,7 @@ class Schedule:
     max_steps: int | None
     time_budget: float | None
     device: str
+    precision: str = "float32"  # what training runs in; evaluation is always float32
 
     def describe(self, config: PaperConfig) -> str:
         limits = [f"max {self.max_epochs} epochs"]
@@ -76,6 +78,8 @@ class Schedule:
         if self.time_budget:
             limits.append(f"max {self.time_budget:g} s")
         kind = "gpu" if self.device.startswith("cuda") else self.device
+        if self.precision != "float32":
+            kind += f", {self.precision} autocast"
         return (f"{kind}: {', '.join(limits)}, early stop patience {config.patience} epochs, batch "
                 f"{config.batch_size}, Adam lr {config.learning_rate:g}, cosine warm restarts every "
                 f"{config.restart_epochs} epochs (min {config.min_learning_rate:g})")
@@ -86,13 +90,20 @@ class Schedule:
             parts.append(f"{self.max_steps}steps")
         if self.time_budget:
             parts.append(f"{self.time_budget:g}s")
+        if self.precision != "float32":  # float32 runs keep the labels they were recorded under
+            parts.append(_SHORT_PRECISION[self.precision])
         return "-".join(parts)
 
 
+_SHORT_PRECISION = {"bfloat16": "bf16", "float16": "fp16"}
+
+
 def resolve_schedule(config: PaperConfig) -> Schedule:
-    from ..core.device import resolve_device
+    from ..core.device import autocast_dtype, resolve_device
 
     device = resolve_device(config.device)
+    dtype = autocast_dtype(device, config.precision)
+    precision = "float32" if dtype is None else str(dtype).removeprefix("torch.")
     explicit = config.epochs or config.steps or config.time_budget
     if config.epochs:
         epochs = config.epochs
@@ -100,7 +111,7 @@ def resolve_schedule(config: PaperConfig) -> Schedule:
         epochs = GPU_MAX_EPOCHS
     else:
         epochs = GPU_MAX_EPOCHS if device.type == "cuda" else config.cpu_epochs
-    return Schedule(epochs, config.steps, config.time_budget, str(device))
+    return Schedule(epochs, config.steps, config.time_budget, str(device), precision)
 
 
 # ----------------------------------------------------------------------------- data
@@ -195,6 +206,7 @@ def train_and_evaluate(
     import torch
 
     from ..core.config import ModelConfig
+    from ..core.device import autocast
     from ..core.losses import selfreg_total
     from ..core.selfreg import BlockRoles
     from ..core.unet import SelfRegUNet
@@ -205,9 +217,13 @@ def train_and_evaluate(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = torch.device(schedule.device)
+    dtype = None if schedule.precision == "float32" else getattr(torch, schedule.precision)
+    # as in core.train: channels-last is what makes bfloat16 convolutions fast on a CPU
+    memory_format = torch.channels_last if device.type == "cpu" and dtype is not None else torch.contiguous_format
     model_config = ModelConfig(in_channels=3, num_classes=2, base_channels=config.base_channels, depth=4)
-    network = SelfRegUNet(model_config).to(device)
+    network = SelfRegUNet(model_config).to(device).to(memory_format=memory_format)
     network.train()
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     roles = BlockRoles.for_unet(model_config.depth) if model_name == "selfreg_unet" else None
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
@@ -227,16 +243,22 @@ def train_and_evaluate(
         for first in range(0, n, config.batch_size):
             index = order[first : first + config.batch_size]
             x_np, y_np = augment_batch(train_set.images[index], train_set.masks[index], rng)
-            x = torch.from_numpy(x_np).to(device)
+            x = torch.from_numpy(x_np).to(device).contiguous(memory_format=memory_format)
             y = torch.from_numpy(y_np.astype(np.int64) + 1).to(device)  # painting ids: 1 = bg, 2 = structure
             optimizer.zero_grad(set_to_none=True)
-            if roles is not None:
-                logits, blocks = network.forward_blocks(x)
+            with autocast(device, dtype):
+                if roles is not None:
+                    logits, blocks = network.forward_blocks(x)
+                else:
+                    logits, blocks = network(x), None
+                terms = selfreg_total(logits, y, blocks, roles, generator=generator)
+            if scaler is not None:
+                scaler.scale(terms.total).backward()
+                scaler.step(optimizer)
+                scaler.update()
             else:
-                logits, blocks = network(x), None
-            terms = selfreg_total(logits, y, blocks, roles, generator=generator)
-            terms.total.backward()
-            optimizer.step()
+                terms.total.backward()
+                optimizer.step()
             scheduler.step()
             losses.append(float(terms.total.detach()))
             step += 1
@@ -248,6 +270,8 @@ def train_and_evaluate(
         if val_dice > best_dice:
             best_dice, best_epoch = val_dice, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in network.state_dict().items()}
+        note_progress(f"epoch {epoch}/{schedule.max_epochs}, val Dice {val_dice:.3f} "
+                      f"(best {best_dice:.3f} at {best_epoch})")
         if schedule.max_steps and step >= schedule.max_steps:
             stop_reason = "steps"
             break
@@ -272,6 +296,7 @@ def train_and_evaluate(
                                                        strict=True)},
         "epochs": epoch, "steps": step, "best_epoch": best_epoch, "best_val_dice": best_dice,
         "stop_reason": stop_reason, "train_s": round(train_s, 3), "device": schedule.device,
+        "precision": schedule.precision,
         "schedule": schedule.describe(config), "history": history,
         "parameters": int(sum(p.numel() for p in network.parameters())),
     }

@@ -1,0 +1,57 @@
+"""The paper-protocol loop: its schedule labels and its mixed-precision training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_selfreg.bench.paper_protocol import (
+    PaperConfig,
+    Prepared,
+    Schedule,
+    resolve_schedule,
+    train_and_evaluate,
+)
+
+
+def test_autocast_runs_are_recorded_apart_from_float32_runs():
+    """The committed float32 runs keep their labels; autocast runs never resume from them."""
+    config = PaperConfig()
+    assert Schedule(20, None, None, "cpu").label() == "20ep"
+    assert Schedule(20, None, None, "cpu", "float32").label() == "20ep"
+    assert Schedule(60, None, None, "cpu", "bfloat16").label() == "60ep-bf16"
+    assert Schedule(60, 5, None, "cuda:0", "float16").label() == "60ep-5steps-fp16"
+    assert "bfloat16 autocast" in Schedule(60, None, None, "cpu", "bfloat16").describe(config)
+    assert "autocast" not in Schedule(20, None, None, "cpu").describe(config)
+    assert resolve_schedule(PaperConfig(device="cpu", precision="float32")).precision == "float32"
+    assert resolve_schedule(PaperConfig(device="cpu", precision="bfloat16")).precision == "bfloat16"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_schedule(PaperConfig(device="cpu", precision="half"))
+
+
+def _disks(n: int, size: int, rng: np.random.Generator) -> Prepared:
+    """Dark nuclei-like disks on a pale background, with noise."""
+    yy, xx = np.mgrid[:size, :size]
+    images, masks = [], []
+    for _ in range(n):
+        mask = np.zeros((size, size), bool)
+        for _ in range(6):
+            (cy, cx), r = rng.integers(6, size - 6, 2), rng.integers(3, 7)
+            mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        image = np.where(mask, 0.3, 0.85)[None] * np.array([1.0, 0.6, 0.9])[:, None, None]
+        image = image + rng.normal(0, 0.05, image.shape)
+        images.append(np.clip(image, 0, 1).astype(np.float32))
+        masks.append(mask)
+    return Prepared(np.stack(images), np.stack(masks), masks, [f"disks{i}" for i in range(n)])
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_paper_loop_learns_in_either_precision(precision):
+    rng = np.random.default_rng(0)
+    data = {"train": _disks(8, 48, rng), "validation": _disks(2, 48, rng), "test": _disks(3, 48, rng)}
+    config = PaperConfig(base_channels=8, image_size=48, device="cpu", precision=precision, epochs=30,
+                         restart_epochs=100)
+    row = train_and_evaluate(config, resolve_schedule(config), "synthetic", "selfreg_unet", 0, data=data)
+    assert row["precision"] == precision and row["steps"] == 60
+    assert row["dice_224"] > 0.8, row["history"]
+    assert row["dice_native"] == pytest.approx(row["dice_224"], abs=1e-6)  # native masks are the 48 x 48 ones
