@@ -47,10 +47,12 @@ class PaperConfig:
     restart_epochs: int = 10
     min_learning_rate: float = 1e-4
     patience: int = 50  # epochs without a better validation Dice
-    epochs: int | None = None  # the schedule: None = GPU_MAX_EPOCHS on a GPU, CPU_EPOCHS on a CPU
+    epochs: int | None = None  # the schedule: None = GPU_MAX_EPOCHS on a GPU, cpu_epochs on a CPU
     steps: int | None = None
     time_budget: float | None = None  # seconds of training per run
-    cpu_epochs: int = 20  # the documented short CPU schedule when no limit is given
+    # the documented short CPU schedule when no limit is given: about 16-19 min a full-width run
+    # in bfloat16 on 2 cores (BENCHMARKS.md), as long as 20 float32 epochs took
+    cpu_epochs: int = 60
     device: str = "auto"
     precision: str = "auto"  # training autocast, as in core.train: auto | float32 | bfloat16 | float16
     data_root: str | None = None
