@@ -12,7 +12,15 @@ from napari_selfreg.core.losses import (
     selfreg_total,
     targets_from_labels,
 )
-from napari_selfreg.core.selfreg import BlockRoles, channel_scores, ifd_loss, ifd_term, scr_loss, scr_term
+from napari_selfreg.core.selfreg import (
+    BlockRoles,
+    channel_scores,
+    ifd_loss,
+    ifd_term,
+    scr_loss,
+    scr_term,
+    selfreg_losses,
+)
 
 
 def test_targets_shift_painting_ids_and_ignore_unpainted():
@@ -135,3 +143,89 @@ def test_blockroles_for_paper_unet():
     assert roles.decoder == ("D4", "D3", "D2")
     assert roles.teacher == "D1"
     assert len(roles.students) == 7
+
+
+def _separated_blocks(dtype=torch.float32, channels_last=True, sizes=((2, 8, 16, 12), (2, 6, 8, 6), (2, 5, 4, 3))):
+    """Blocks whose channel scores are far apart (each channel's spread differs), so the IFD
+    ranking is the same however the scores are rounded."""
+    torch.manual_seed(0)
+    blocks = {}
+    for name, (b, c, h, w) in zip(("E2", "E3", "D2"), sizes, strict=True):
+        spread = torch.linspace(0.2, 3.0, c)[torch.randperm(c)].view(1, c, 1, 1)
+        blocks[name] = 1.0 + spread * torch.randn(b, c, h, w)
+    blocks["D1"] = torch.randn(2, 4, 32, 24)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return {k: v.to(dtype).contiguous(memory_format=layout) for k, v in blocks.items()}
+
+
+@pytest.mark.parametrize("pairing", ["random", "mean"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_training_terms_match_the_definitions_in_value_and_gradient(pairing, channels_last):
+    roles = BlockRoles(encoder=("E2", "E3"), decoder=("D2",), teacher="D1")
+    results = []
+    for compute in ("definition", "training"):
+        blocks = {k: v.clone().requires_grad_(True) for k, v in _separated_blocks(channels_last=channels_last).items()}
+        gen = torch.Generator().manual_seed(5)
+        if compute == "definition":
+            scr, ifd = scr_loss(blocks, roles, pairing, gen), ifd_loss(blocks, roles)
+        else:
+            scr, ifd = selfreg_losses(blocks, roles, pairing, gen)
+        (0.3 * scr + 0.7 * ifd).backward()
+        results.append((scr.item(), ifd.item(), {k: v.grad for k, v in blocks.items()}))
+    (scr_def, ifd_def, grads_def), (scr_tr, ifd_tr, grads_tr) = results
+    assert scr_tr == pytest.approx(scr_def, rel=1e-5)
+    assert ifd_tr == pytest.approx(ifd_def, rel=1e-5)
+    assert grads_tr["D1"] is None and grads_def["D1"] is None  # the teacher is detached
+    for name in roles.students:
+        assert torch.allclose(grads_tr[name], grads_def[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_training_terms_in_bfloat16_match_the_definitions_to_its_rounding():
+    roles = BlockRoles(encoder=("E2", "E3"), decoder=("D2",), teacher="D1")
+    results = []
+    for compute in ("definition", "training"):
+        blocks = {k: v.clone().requires_grad_(True) for k, v in _separated_blocks(torch.bfloat16).items()}
+        gen = torch.Generator().manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if compute == "definition":
+                scr, ifd = scr_loss(blocks, roles, "random", gen), ifd_loss(blocks, roles)
+            else:
+                scr, ifd = selfreg_losses(blocks, roles, "random", gen)
+        assert scr.dtype == ifd.dtype == torch.float32
+        (scr + ifd).backward()
+        results.append((scr.item(), ifd.item(), {n: blocks[n].grad for n in roles.students}))
+    (scr_def, ifd_def, grads_def), (scr_tr, ifd_tr, grads_tr) = results
+    # the teacher is pooled in bfloat16 by the definition and from its float32 pooling here
+    assert scr_tr == pytest.approx(scr_def, rel=1e-2)
+    assert ifd_tr == pytest.approx(ifd_def, rel=1e-5)
+    for name, grad in grads_tr.items():
+        assert grad.dtype == torch.bfloat16 and grad.is_contiguous(memory_format=torch.channels_last)
+        reference = grads_def[name].float()
+        # elementwise sums of cancelling terms: compare against the gradient's scale
+        assert (grad.float() - reference).abs().max() <= 1e-2 * reference.abs().max(), name
+
+
+def test_training_terms_pool_the_teacher_to_sizes_that_do_not_divide_it():
+    # 7 x 5 and 3 x 2 students of a 15 x 11 teacher: adaptive pooling with uneven windows
+    roles = BlockRoles(encoder=("E2",), decoder=("D2",), teacher="D1")
+    torch.manual_seed(1)
+    blocks = {"E2": torch.randn(1, 4, 7, 5), "D2": torch.randn(1, 3, 3, 2), "D1": torch.randn(1, 6, 15, 11)}
+    gen = torch.Generator().manual_seed(2)
+    expected = scr_loss(blocks, roles, "random", gen)
+    gen = torch.Generator().manual_seed(2)
+    scr, ifd = selfreg_losses(blocks, roles, "random", gen)
+    assert scr.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert ifd.item() == pytest.approx(ifd_loss(blocks, roles).item(), rel=1e-4)
+
+
+def test_training_terms_handle_a_single_channel_and_skip_terms_not_asked_for():
+    roles = BlockRoles(encoder=("E2",), decoder=(), teacher="D1")
+    blocks = {"E2": torch.randn(2, 1, 4, 4, requires_grad=True), "D1": torch.randn(2, 3, 8, 8)}
+    scr, ifd = selfreg_losses(blocks, roles, "random", torch.Generator().manual_seed(0))
+    assert ifd.item() == 0.0  # one channel: no pair to distil
+    expected_scr = scr_loss(blocks, roles, "random", torch.Generator().manual_seed(0))
+    assert scr.item() == pytest.approx(expected_scr.item(), rel=1e-5)
+    scr.backward()
+    assert blocks["E2"].grad.abs().sum() > 0
+    assert selfreg_losses(blocks, roles, scr=False)[0] is None
+    assert selfreg_losses(blocks, roles, ifd=False)[1] is None

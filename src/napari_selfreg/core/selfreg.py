@@ -11,9 +11,11 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def _pool_teacher(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(feature: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) as float32 (B*h*w, C): a free view for channels-last maps (CPU training)."""
+    """(B, C, h, w) as float32 (B*h*w, C): a free view of channels-last maps after the cast."""
     return feature.float().permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
 
 
@@ -64,14 +66,15 @@ def _full_precision(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _pairing_matrix(size: int, plus: torch.Tensor, minus: torch.Tensor | None, device) -> torch.Tensor:
-    """(size, k) with +1 at (plus[i], i) and -1 at (minus[i], i): ``rows @ M`` is a channel difference."""
-    matrix = torch.zeros(size, len(plus), dtype=torch.float32, device=device)
-    columns = torch.arange(len(plus), device=device)
-    matrix[plus.to(device), columns] = 1.0
-    if minus is not None:
-        matrix[minus.to(device), columns] = -1.0
-    return matrix
+def _pairings(cs: int, ct: int, pairing: str, generator: torch.Generator | None):
+    """SCR's (student, teacher) channel pairs: k = min(Cs, Ct) random distinct channels of each,
+    redrawn every call; for "mean" every student channel against column 0 (the channel mean)."""
+    if pairing == "mean":
+        return torch.arange(cs), torch.zeros(cs, dtype=torch.long)
+    if pairing != "random":
+        raise ValueError(f"unknown SCR pairing {pairing!r}; use 'random' or 'mean'")
+    k = min(cs, ct)
+    return torch.randperm(cs, generator=generator)[:k], torch.randperm(ct, generator=generator)[:k]
 
 
 def _scr_pooled(
@@ -79,27 +82,14 @@ def _scr_pooled(
     pooled: torch.Tensor,
     pairing: str,
     generator: torch.Generator | None,
-    student_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SCR of one student against the teacher already pooled to its size.
-
-    The paired channels are gathered with a one-hot matmul on the (pixels, channels) view
-    instead of ``index_select`` on dim 1: with channels-last maps the gather and its
-    backward (index_add) were strided and took most of the SelfReg time. The values are
-    exactly those of ``mse_loss(student[:, s], pooled[:, t])`` in float32.
-    """
+    """SCR of one student against the teacher already pooled to its size (the definition)."""
     if pairing == "mean":
-        return F.mse_loss(student, pooled.mean(dim=1, keepdim=True).expand_as(student))
-    cs, ct = student.shape[1], pooled.shape[1]
-    k = min(cs, ct)
-    cpu = torch.device("cpu")
-    s_idx = torch.randperm(cs, generator=generator, device=cpu)[:k]
-    t_idx = torch.randperm(ct, generator=generator, device=cpu)[:k]
+        pooled = pooled.mean(dim=1, keepdim=True)
+    s_idx, t_idx = _pairings(student.shape[1], pooled.shape[1], pairing, generator)
     with _full_precision(student.device):
-        rows = student_rows if student_rows is not None else _rows(student)
-        picked = rows @ _pairing_matrix(cs, s_idx, None, student.device)
-        target = _rows(pooled) @ _pairing_matrix(ct, t_idx, None, student.device)
-        return (picked - target).square().mean()
+        s_idx, t_idx = s_idx.to(student.device), t_idx.to(student.device)
+        return F.mse_loss(student.float()[:, s_idx], pooled.float()[:, t_idx])
 
 
 def channel_scores(feature: torch.Tensor) -> torch.Tensor:
@@ -109,49 +99,164 @@ def channel_scores(feature: torch.Tensor) -> torch.Tensor:
     followed by the mean, without materialising the normalised copy.
     """
     b, _, h, w = feature.shape
-    return _scores_of_rows(_rows(feature.detach()), b, h * w)
+    per_sample = _rows(feature.detach()).reshape(b, h * w, -1)
+    return _scores(per_sample.sum(dim=1), per_sample.square().sum(dim=1), h * w)
 
 
-def _scores_of_rows(rows: torch.Tensor, batch: int, pixels: int) -> torch.Tensor:
-    per_sample = rows.detach().reshape(batch, pixels, -1)
-    total = per_sample.sum(dim=1)
-    norm = per_sample.square().sum(dim=1).sqrt()
-    return (total / norm.clamp_min(1e-12)).mean(dim=0) / pixels
+def _scores(sums: torch.Tensor, squares: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Channel scores from each (sample, channel) map's sum and sum of squares."""
+    return (sums / squares.sqrt().clamp_min(1e-12)).mean(dim=0) / pixels
 
 
 def ifd_term(feature: torch.Tensor) -> torch.Tensor:
-    """Internal feature distillation: the top-scored half of the channels teaches the bottom half.
-
-    ``mse_loss(feature[:, top], feature[:, bottom])`` computed as one matmul with a
-    +1/-1 pairing matrix on the (pixels, channels) view (see ``_scr_pooled`` for why).
-    """
-    return _ifd_of_rows(feature, None)
-
-
-def _ifd_of_rows(feature: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    b, c, h, w = feature.shape
-    half = c // 2
+    """Internal feature distillation: the top-scored half of the channels teaches the bottom half."""
+    half = feature.shape[1] // 2
     if half == 0:
         return feature.new_zeros((), dtype=torch.float32)
+    order = torch.argsort(channel_scores(feature), descending=True).to(feature.device)
     with _full_precision(feature.device):
-        rows = rows if rows is not None else _rows(feature)
-        order = torch.argsort(_scores_of_rows(rows, b, h * w), descending=True)
-        pairs = _pairing_matrix(c, order[:half], order[half : 2 * half], feature.device)
-        return (rows @ pairs).square().mean()
+        f = feature.float()
+        return F.mse_loss(f[:, order[:half]], f[:, order[half : 2 * half]])
 
 
-class _RowCache(dict):
-    """The float32 (pixels, channels) view of each student, shared by SCR and IFD in one step
-    (one cast and one cast-back in the backward instead of two)."""
+@dataclass
+class _StudentTerms:
+    """One student's SCR and IFD values and the matrices their gradients are made of."""
 
-    def __init__(self, blocks: Mapping[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.blocks = blocks
+    scr: float
+    ifd: float
+    scr_weights: np.ndarray  # (C + Ct + 1, C): d SCR / d rows = operand @ scr_weights
+    ifd_weights: np.ndarray  # (C + Ct + 1, C)
 
-    def __missing__(self, name: str) -> torch.Tensor:
-        rows = _rows(self.blocks[name])
-        self[name] = rows
-        return rows
+
+def _student_terms(squares: np.ndarray, sums: np.ndarray, total: np.ndarray, pixels: int,
+                   s_idx: np.ndarray, t_idx: np.ndarray, target_squares: np.ndarray) -> _StudentTerms:
+    """SCR and IFD of one student from ``total = rows^T [rows | target | 1]`` (C, C + Ct + 1)
+    and each sample's channel sums of squares and sums (B, C), which rank the channels
+    (``channel_scores``).
+
+    Every term is a sum of squared channel differences, ``|a - b|^2 = G_aa + G_bb - 2 G_ab``.
+    Channels whose scores tie to float32 rounding may rank in another order than
+    ``channel_scores`` gives; either order is the definition's.
+    """
+    b, c = squares.shape
+    width = total.shape[1]
+    ct = width - c - 1
+    n = b * pixels
+    scores = (sums / np.maximum(np.sqrt(np.maximum(squares, 0.0)), 1e-12)).mean(axis=0) / pixels
+    gram, cross = total[:, :c], total[:, c : c + ct]
+
+    half = c // 2
+    order = np.argsort(-scores, kind="stable")
+    top, bottom = order[:half], order[half : 2 * half]
+    ifd_weights = np.zeros((width, c))
+    ifd = 0.0
+    if half:
+        ifd = (gram[top, top].sum() + gram[bottom, bottom].sum() - 2.0 * gram[top, bottom].sum()) / (n * half)
+        scale = 2.0 / (n * half)
+        ifd_weights[top, top] = scale
+        ifd_weights[bottom, bottom] = scale
+        ifd_weights[top, bottom] = -scale
+        ifd_weights[bottom, top] = -scale
+
+    k = len(s_idx)
+    scr = (gram[s_idx, s_idx].sum() + target_squares[t_idx].sum() - 2.0 * cross[s_idx, t_idx].sum()) / (n * k)
+    scr_weights = np.zeros((width, c))
+    scale = 2.0 / (n * k)
+    scr_weights[s_idx, s_idx] = scale
+    scr_weights[c + t_idx, s_idx] = -scale
+    return _StudentTerms(max(scr, 0.0), max(ifd, 0.0), scr_weights, ifd_weights)
+
+
+def _summaries(products: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-sample channel sums of squares and sums, and the batch total, on the host."""
+    if products.device.type == "cpu":
+        host = products.numpy()
+        return np.diagonal(host, axis1=1, axis2=2), host[:, :, -1], host.sum(axis=0, dtype=np.float64)
+    squares = torch.diagonal(products, dim1=1, dim2=2)
+    return squares.cpu().numpy(), products[:, :, -1].cpu().numpy(), products.sum(dim=0).double().cpu().numpy()
+
+
+class _SelfRegTerms(torch.autograd.Function):
+    """SCR and IFD of every student in one step, valued through channel Gram matrices.
+
+    Per student: one copy of its map into a float32 (pixels, C + Ct + 1) operand ``[rows |
+    pooled teacher | 1]``, one batched matmul ``rows^T operand`` for the values and the
+    channel ranking, and in the backward one matmul of the operand with a small pairing
+    matrix (the terms are quadratic, so their gradient is linear in the maps). The
+    bookkeeping on the small products (ranking, pairing, values) runs in numpy, after all
+    students' matmuls are queued, so a GPU waits for the host once a step. Gathering the
+    paired channels instead took about three times the operations, each of which starts
+    a parallel region on the CPU. Values agree with ``scr_loss`` and ``ifd_loss`` (the
+    definitions) to float32 rounding; the arithmetic is float32 whatever autocast runs.
+    """
+
+    @staticmethod
+    def forward(ctx, plan, *students):
+        operands, products = [], []
+        for student, (target, _, _, _) in zip(students, plan, strict=True):
+            b, c, h, w = student.shape
+            n, ct = b * h * w, target.shape[1]
+            operand = torch.empty(n, c + ct + 1, dtype=torch.float32, device=student.device)
+            operand[:, :c].copy_(student.permute(0, 2, 3, 1).reshape(n, c))
+            operand[:, c:-1].copy_(target)
+            operand[:, -1] = 1.0
+            per_sample = operand.view(b, h * w, -1)
+            products.append(torch.bmm(per_sample[:, :, :c].transpose(1, 2), per_sample))
+            operands.append(operand)
+        terms = [
+            _student_terms(*_summaries(prod), s.shape[2] * s.shape[3], s_idx, t_idx, squares.cpu().double().numpy())
+            for prod, s, (_, squares, s_idx, t_idx) in zip(products, students, plan, strict=True)
+        ]
+        ctx.save_for_backward(*operands)
+        ctx.terms = terms
+        ctx.layouts = [(*s.shape, s.dtype) for s in students]
+        values = [[t.scr for t in terms], [t.ifd for t in terms]]
+        return torch.tensor(values, dtype=torch.float32, device=students[0].device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_values):
+        g = grad_values.detach().double().cpu().numpy()
+        grads = []
+        for i, (operand, terms, (b, c, h, w, dtype)) in enumerate(
+            zip(ctx.saved_tensors, ctx.terms, ctx.layouts, strict=True)
+        ):
+            weights = (g[0, i] * terms.scr_weights + g[1, i] * terms.ifd_weights).astype(np.float32)
+            with _full_precision(operand.device):
+                grad = operand @ torch.from_numpy(weights).to(operand.device)
+            grads.append(grad.view(b, h, w, c).permute(0, 3, 1, 2).to(dtype))
+        return (None, *grads)
+
+
+class _PooledTeacher:
+    """The detached teacher, average-pooled to each student size once per step, as float32
+    (pixels, channels) rows; exact 2x reductions are pooled from the previous level."""
+
+    def __init__(self, teacher: torch.Tensor, pairing: str) -> None:
+        self.full = teacher.detach()
+        self.pairing = pairing
+        self.maps: dict[tuple[int, int], torch.Tensor] = {}
+        self.rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _map(self, size: tuple[int, int]) -> torch.Tensor:
+        th, tw = self.full.shape[-2:]
+        for (h, w), level in sorted(self.maps.items()):
+            exact = th % h == 0 and tw % w == 0 and h % size[0] == 0 and w % size[1] == 0
+            if exact and (h, w) != size:
+                return F.avg_pool2d(level, (h // size[0], w // size[1]))
+        return F.adaptive_avg_pool2d(self.full, size).float()
+
+    def at(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, sum of squares per column); "mean" pairing keeps only the channel mean."""
+        if size not in self.rows:
+            pooled = self._map(size)
+            self.maps[size] = pooled
+            if self.pairing == "mean":
+                pooled = pooled.mean(dim=1, keepdim=True)
+            rows = pooled.permute(0, 2, 3, 1).reshape(-1, pooled.shape[1])
+            self.rows[size] = (rows, rows.square().sum(dim=0))
+        return self.rows[size]
 
 
 def scr_loss(
@@ -160,33 +265,16 @@ def scr_loss(
     pairing: str = "random",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    return _scr_loss(blocks, roles, pairing, generator, None)
-
-
-def _scr_loss(blocks, roles: BlockRoles, pairing: str, generator, cache: _RowCache | None) -> torch.Tensor:
+    """SCR by its definition (``scr_term`` per student, mean over the seven)."""
     teacher = blocks[roles.teacher]
-    pooled: dict[tuple, torch.Tensor] = {}  # the teacher pooled once per student size and dtype
-    terms = []
-    for name in roles.students:
-        student = blocks[name]
-        key = (*student.shape[-2:], student.dtype)
-        if key not in pooled:
-            pooled[key] = _pool_teacher(teacher, student)
-        rows = cache[name] if cache is not None and pairing != "mean" else None
-        terms.append(_scr_pooled(student, pooled[key], pairing, generator, rows))
-    return torch.stack([t.float() for t in terms]).mean()
+    terms = [scr_term(blocks[n], teacher, pairing, generator) for n in roles.students]
+    return torch.stack(terms).mean()
 
 
 def ifd_loss(blocks: Mapping[str, torch.Tensor], roles: BlockRoles) -> torch.Tensor:
-    return _ifd_loss(blocks, roles, None)
-
-
-def _ifd_loss(blocks, roles: BlockRoles, cache: _RowCache | None) -> torch.Tensor:
-    parts = []
-    for names in (roles.encoder, roles.decoder):
-        if names:
-            terms = [_ifd_of_rows(blocks[n], cache[n] if cache is not None else None).float() for n in names]
-            parts.append(torch.stack(terms).mean())
+    """IFD by its definition: mean over the encoder students plus mean over the decoder ones."""
+    groups = [names for names in (roles.encoder, roles.decoder) if names]
+    parts = [torch.stack([ifd_term(blocks[n]) for n in names]).mean() for names in groups]
     return torch.stack(parts).sum() if parts else torch.zeros(())
 
 
@@ -198,10 +286,25 @@ def selfreg_losses(
     scr: bool = True,
     ifd: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(SCR, IFD) of one step, sharing the students' float32 views; None for a term not asked for."""
-    cache = _RowCache(blocks)
-    scr_value = _scr_loss(blocks, roles, pairing, generator, cache) if scr else None
-    ifd_value = _ifd_loss(blocks, roles, cache) if ifd else None
+    """(SCR, IFD) of one step as training computes them (``_SelfRegTerms``); None for a term
+    not asked for. The same values and random draws as ``scr_loss`` and ``ifd_loss``."""
+    if not (scr or ifd):
+        return None, None
+    teacher = _PooledTeacher(blocks[roles.teacher], pairing)
+    students = [blocks[name] for name in roles.students]
+    plan = []
+    for student in students:
+        target, squares = teacher.at(tuple(student.shape[-2:]))
+        s_idx, t_idx = _pairings(student.shape[1], teacher.full.shape[1], pairing, generator)
+        plan.append((target, squares, s_idx.numpy(), t_idx.numpy()))
+    with _full_precision(teacher.full.device):
+        values = _SelfRegTerms.apply(plan, *students)
+    scr_value = values[0].mean() if scr else None
+    ifd_value = None
+    if ifd:
+        count = len(roles.encoder)
+        parts = [part.mean() for part in (values[1, :count], values[1, count:]) if part.numel()]
+        ifd_value = torch.stack(parts).sum()
     return scr_value, ifd_value
 
 
