@@ -255,7 +255,7 @@ class _PooledTeacher:
             if self.pairing == "mean":
                 pooled = pooled.mean(dim=1, keepdim=True)
             rows = pooled.permute(0, 2, 3, 1).reshape(-1, pooled.shape[1])
-            self.rows[size] = (rows, rows.square().sum(dim=0))
+            self.rows[size] = (rows, torch.linalg.vector_norm(rows, dim=0).square())
         return self.rows[size]
 
 
