@@ -169,12 +169,10 @@ def _student_terms(squares: np.ndarray, sums: np.ndarray, total: np.ndarray, pix
 
 
 def _summaries(products: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-sample channel sums of squares and sums, and the batch total, on the host."""
-    if products.device.type == "cpu":
-        host = products.numpy()
-        return np.diagonal(host, axis1=1, axis2=2), host[:, :, -1], host.sum(axis=0, dtype=np.float64)
-    squares = torch.diagonal(products, dim1=1, dim2=2)
-    return squares.cpu().numpy(), products[:, :, -1].cpu().numpy(), products.sum(dim=0).double().cpu().numpy()
+    """Per-sample channel sums of squares and sums, and the batch total, on the host (a
+    free view on the CPU; one small copy from a GPU)."""
+    host = products.cpu().numpy()
+    return np.diagonal(host, axis1=1, axis2=2), host[:, :, -1], host.sum(axis=0, dtype=np.float64)
 
 
 class _SelfRegTerms(torch.autograd.Function):
@@ -217,7 +215,7 @@ class _SelfRegTerms(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_values):
-        g = grad_values.detach().double().cpu().numpy()
+        g = grad_values.detach().cpu().double().numpy()  # MPS has no float64
         grads = []
         for i, (operand, terms, (b, c, h, w, dtype)) in enumerate(
             zip(ctx.saved_tensors, ctx.terms, ctx.layouts, strict=True)
