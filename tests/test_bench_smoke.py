@@ -192,3 +192,29 @@ def test_paper_smoke_and_resume(shared_data, tmp_path):
     assert len(first) == 2
     assert main(argv) == 0
     assert _lines(state) == first
+
+
+def test_speed_benchmark_smoke_run_writes_its_ratios(tmp_path):
+    """benchmarks/bench_speed.py --quick: every comparison runs and the ratios are consistent."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_speed.py"
+    spec = importlib.util.spec_from_file_location("bench_speed", script)
+    bench_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_speed)
+    out = tmp_path / "speed.json"
+    assert bench_speed.main(["--quick", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    (run,) = doc["runs"]
+    training = run["training"]
+    for variant in ("plain_float32", "fast", "fast_without_selfreg"):
+        assert training[variant]["steps_per_s"] > 0
+    assert training["selfreg_overhead_ratio"] == pytest.approx(
+        training["fast"]["median_s"] / training["fast_without_selfreg"]["median_s"]
+    )
+    assert training["selfreg_overhead_ratio_of_minimums"] == pytest.approx(
+        training["fast"]["min_s"] / training["fast_without_selfreg"]["min_s"]
+    )
+    assert run["prediction"]["agreement_vs_plain"]["label_agreement"] > 0.99
+    assert abs(doc["training_agreement"]["loss_relative_difference"]) < 0.05
