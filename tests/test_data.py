@@ -1,10 +1,13 @@
 """Input handling: every user mistake is an InputError with a message that says what to do."""
 
+from concurrent.futures import CancelledError
+
 import numpy as np
 import pytest
 
 from napari_selfreg.core.config import TrainConfig
 from napari_selfreg.core.data import (
+    BatchPrefetcher,
     InputError,
     PatchSampler,
     PatchSet,
@@ -154,6 +157,26 @@ def test_sampler_balances_classes_and_patches_have_the_right_shape():
     assert x.shape == (64, 3, 32, 32) and y.shape == (64, 32, 32)
     with_structure = np.mean([(yy == 2).any() for yy in y])
     assert with_structure > 0.35  # about half the patches are centred on the rare class
+
+
+def test_prefetched_batches_are_the_batches_the_sampler_draws_in_order():
+    image = np.random.default_rng(0).random((80, 90, 3)).astype(np.float32)
+    labels = np.zeros((80, 90), np.int64)
+    labels[10:20, 10:30] = 1
+    labels[50:60, 40:70] = 2
+
+    def sampler():
+        return PatchSampler(PatchSet([image], [labels]), 32, np.random.default_rng(7), augment=True)
+
+    direct = sampler()
+    expected = [direct.batch(3) for _ in range(4)]
+    with BatchPrefetcher(sampler(), 3) as batches:
+        got = [batches.batch() for _ in range(4)]
+    for (x, y), (xe, ye) in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(x, xe)
+        np.testing.assert_array_equal(y, ye)
+    with pytest.raises((RuntimeError, CancelledError)):  # closed on leaving the block
+        batches.batch()
 
 
 def test_rgb_image_for_a_gray_model_is_scaled_like_its_tiles():

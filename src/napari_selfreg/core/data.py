@@ -6,6 +6,7 @@ the CLI and the widgets show that message instead of a traceback.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -336,3 +337,33 @@ class PatchSampler:
             images.append(np.moveaxis(image, -1, 0))
             labels.append(lbl)
         return np.stack(images).astype(np.float32), np.stack(labels).astype(np.int64)
+
+
+class BatchPrefetcher:
+    """Draws the next batch in a background thread while the current step trains.
+
+    Cropping and augmenting a batch takes about a tenth of a CPU training step, and numpy
+    releases the GIL for most of it, so it overlaps the step instead of preceding it. One
+    worker draws the batches in order from the sampler's generator: a seeded run gives the
+    same batches as drawing them in the loop.
+    """
+
+    def __init__(self, sampler: PatchSampler, batch_size: int) -> None:
+        self._sampler = sampler
+        self._batch_size = batch_size
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-selfreg-batches")
+        self._next = self._pool.submit(sampler.batch, batch_size)
+
+    def batch(self) -> tuple[np.ndarray, np.ndarray]:
+        batch = self._next.result()
+        self._next = self._pool.submit(self._sampler.batch, self._batch_size)
+        return batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> BatchPrefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -18,6 +18,7 @@ import torch
 
 from .config import ModelConfig, ModelInfo, TrainConfig
 from .data import (
+    BatchPrefetcher,
     InputError,
     PatchSampler,
     PatchSet,
@@ -279,69 +280,70 @@ def train(
     start = time.perf_counter()
     stopped = False
     step = 0
-    while step < config.steps:
-        elapsed = time.perf_counter() - start
-        if _stop_requested(stop):
-            stopped = True
-            break
-        if config.time_budget and elapsed >= config.time_budget:
-            break
-        step_start = time.perf_counter()
-        lr = _learning_rate(config, step, elapsed)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x_np, y_np = sampler.batch(config.batch_size)
-        x = torch.from_numpy(x_np).to(device).contiguous(memory_format=memory_format)
-        y = torch.from_numpy(y_np).to(device)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, dtype):
-            if roles is not None:
-                logits, blocks = network.forward_blocks(x)
+    with BatchPrefetcher(sampler, config.batch_size) as batches:
+        while step < config.steps:
+            elapsed = time.perf_counter() - start
+            if _stop_requested(stop):
+                stopped = True
+                break
+            if config.time_budget and elapsed >= config.time_budget:
+                break
+            step_start = time.perf_counter()
+            lr = _learning_rate(config, step, elapsed)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x_np, y_np = batches.batch()
+            x = torch.from_numpy(x_np).to(device).contiguous(memory_format=memory_format)
+            y = torch.from_numpy(y_np).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, dtype):
+                if roles is not None:
+                    logits, blocks = network.forward_blocks(x)
+                else:
+                    logits, blocks = network(x), None
+                terms = selfreg_total(
+                    logits, y, blocks, roles,
+                    ce_weight=config.ce_weight, dice_weight=config.dice_weight,
+                    lambda_scr=config.lambda_scr, lambda_ifd=config.lambda_ifd,
+                    scr_pairing=config.scr_pairing, generator=generator,
+                )
+            if not torch.isfinite(terms.total):
+                raise InputError(
+                    "training diverged (the loss became NaN/inf); lower the learning rate or check the image"
+                )
+            if scaler is not None:
+                scaler.scale(terms.total).backward()
+                scaler.step(optimizer)
+                scaler.update()
             else:
-                logits, blocks = network(x), None
-            terms = selfreg_total(
-                logits, y, blocks, roles,
-                ce_weight=config.ce_weight, dice_weight=config.dice_weight,
-                lambda_scr=config.lambda_scr, lambda_ifd=config.lambda_ifd,
-                scr_pairing=config.scr_pairing, generator=generator,
-            )
-        if not torch.isfinite(terms.total):
-            raise InputError(
-                "training diverged (the loss became NaN/inf); lower the learning rate or check the image"
-            )
-        if scaler is not None:
-            scaler.scale(terms.total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            terms.total.backward()
-            optimizer.step()
-        step += 1
+                terms.total.backward()
+                optimizer.step()
+            step += 1
 
-        loss = float(terms.total.detach())
-        val = None
-        if crops and (step % config.validation_every == 0 or step == config.steps):
-            val = _validate(network, crops, device, dtype, memory_format)
-        if val is not None:
-            if val > best_score:
-                best_score, best_val = val, val
-                best_state = model.clone()
+            loss = float(terms.total.detach())
+            val = None
+            if crops and (step % config.validation_every == 0 or step == config.steps):
+                val = _validate(network, crops, device, dtype, memory_format)
+            if val is not None:
+                if val > best_score:
+                    best_score, best_val = val, val
+                    best_state = model.clone()
 
-        now = time.perf_counter()
-        elapsed = now - start
-        per_step = now - step_start
-        remaining = (config.steps - step) * (elapsed / step)
-        if config.time_budget:
-            remaining = min(remaining, max(0.0, config.time_budget - elapsed))
-        report = TrainReport(
-            step=step, total_steps=config.steps,
-            ce=float(terms.ce.detach()), dice=float(terms.dice.detach()),
-            scr=float(terms.scr.detach()), ifd=float(terms.ifd.detach()), loss=loss,
-            learning_rate=lr, seconds_per_step=per_step, elapsed=elapsed, eta_seconds=remaining,
-            val_dice=val, best_val_dice=best_val, model=model,
-        )
-        history.append(report)
-        yield report
+            now = time.perf_counter()
+            elapsed = now - start
+            per_step = now - step_start
+            remaining = (config.steps - step) * (elapsed / step)
+            if config.time_budget:
+                remaining = min(remaining, max(0.0, config.time_budget - elapsed))
+            report = TrainReport(
+                step=step, total_steps=config.steps,
+                ce=float(terms.ce.detach()), dice=float(terms.dice.detach()),
+                scr=float(terms.scr.detach()), ifd=float(terms.ifd.detach()), loss=loss,
+                learning_rate=lr, seconds_per_step=per_step, elapsed=elapsed, eta_seconds=remaining,
+                val_dice=val, best_val_dice=best_val, model=model,
+            )
+            history.append(report)
+            yield report
 
     if crops and (not history or history[-1].val_dice is None) and step > 0:
         val = _validate(network, crops, device, dtype, memory_format)
