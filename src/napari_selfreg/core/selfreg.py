@@ -196,7 +196,7 @@ class _SelfRegTerms(torch.autograd.Function):
             b, c, h, w = student.shape
             n, ct = b * h * w, target.shape[1]
             operand = torch.empty(n, c + ct + 1, dtype=torch.float32, device=student.device)
-            operand[:, :c].copy_(student.permute(0, 2, 3, 1).reshape(n, c))
+            operand[:, :c].view(b, h, w, c).copy_(student.permute(0, 2, 3, 1))  # any layout, one pass
             operand[:, c:-1].copy_(target)
             operand[:, -1] = 1.0
             per_sample = operand.view(b, h * w, -1)
@@ -285,7 +285,8 @@ def selfreg_losses(
     ifd: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(SCR, IFD) of one step as training computes them (``_SelfRegTerms``); None for a term
-    not asked for. The same values and random draws as ``scr_loss`` and ``ifd_loss``."""
+    not asked for. The same random draws as ``scr_loss`` and ``ifd_loss``, and their values to
+    float32 rounding."""
     if not (scr or ifd):
         return None, None
     teacher = _PooledTeacher(blocks[roles.teacher], pairing)
