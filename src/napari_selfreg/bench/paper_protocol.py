@@ -208,9 +208,8 @@ def train_and_evaluate(
     import torch
 
     from ..core.config import ModelConfig
-    from ..core.device import autocast
-    from ..core.losses import selfreg_total
     from ..core.selfreg import BlockRoles
+    from ..core.train import apply_step, step_losses
     from ..core.unet import SelfRegUNet
 
     if data is None:
@@ -248,19 +247,8 @@ def train_and_evaluate(
             x = torch.from_numpy(x_np).to(device).contiguous(memory_format=memory_format)
             y = torch.from_numpy(y_np.astype(np.int64) + 1).to(device)  # painting ids: 1 = bg, 2 = structure
             optimizer.zero_grad(set_to_none=True)
-            with autocast(device, dtype):
-                if roles is not None:
-                    logits, blocks = network.forward_blocks(x)
-                else:
-                    logits, blocks = network(x), None
-                terms = selfreg_total(logits, y, blocks, roles, generator=generator)
-            if scaler is not None:
-                scaler.scale(terms.total).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                terms.total.backward()
-                optimizer.step()
+            terms = step_losses(network, x, y, roles, device, dtype, generator)
+            apply_step(terms.total, optimizer, scaler)
             scheduler.step()
             losses.append(float(terms.total.detach()))
             step += 1

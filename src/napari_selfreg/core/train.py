@@ -31,7 +31,7 @@ from .data import (
     split_strokes_jointly,
 )
 from .device import autocast, autocast_dtype, resolve_device
-from .losses import selfreg_total
+from .losses import LossTerms, selfreg_total
 from .model import SegmentationModel
 from .progress import drain
 from .regions import PaintedCrop, painted_crops
@@ -182,6 +182,28 @@ def _adamw(network: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimiz
         return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
+def step_losses(network, x, y, roles: BlockRoles | None, device, dtype, generator, **weights) -> LossTerms:
+    """One step's forward pass and losses under autocast; the blocks are read only when
+    SelfReg regularises (``roles``). Shared with the paper-protocol loop."""
+    with autocast(device, dtype):
+        if roles is not None:
+            logits, blocks = network.forward_blocks(x)
+        else:
+            logits, blocks = network(x), None
+        return selfreg_total(logits, y, blocks, roles, generator=generator, **weights)
+
+
+def apply_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler) -> None:
+    """Backward and optimiser step, through the gradient scaler when training in float16."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def training_margin(patch_size: int) -> int:
     """Context kept around the paint: a patch centred (with jitter) on a painted pixel reaches
     at most 5/6 of a patch away, validation windows 33 pixels."""
@@ -296,28 +318,16 @@ def train(
             x = torch.from_numpy(x_np).to(device).contiguous(memory_format=memory_format)
             y = torch.from_numpy(y_np).to(device)
             optimizer.zero_grad(set_to_none=True)
-            with autocast(device, dtype):
-                if roles is not None:
-                    logits, blocks = network.forward_blocks(x)
-                else:
-                    logits, blocks = network(x), None
-                terms = selfreg_total(
-                    logits, y, blocks, roles,
-                    ce_weight=config.ce_weight, dice_weight=config.dice_weight,
-                    lambda_scr=config.lambda_scr, lambda_ifd=config.lambda_ifd,
-                    scr_pairing=config.scr_pairing, generator=generator,
-                )
+            terms = step_losses(
+                network, x, y, roles, device, dtype, generator,
+                ce_weight=config.ce_weight, dice_weight=config.dice_weight,
+                lambda_scr=config.lambda_scr, lambda_ifd=config.lambda_ifd, scr_pairing=config.scr_pairing,
+            )
             if not torch.isfinite(terms.total):
                 raise InputError(
                     "training diverged (the loss became NaN/inf); lower the learning rate or check the image"
                 )
-            if scaler is not None:
-                scaler.scale(terms.total).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                terms.total.backward()
-                optimizer.step()
+            apply_step(terms.total, optimizer, scaler)
             step += 1
 
             loss = float(terms.total.detach())
