@@ -270,10 +270,18 @@ def scr_loss(
 
 
 def ifd_loss(blocks: Mapping[str, torch.Tensor], roles: BlockRoles) -> torch.Tensor:
-    """IFD by its definition: mean over the encoder students plus mean over the decoder ones."""
-    groups = [names for names in (roles.encoder, roles.decoder) if names]
-    parts = [torch.stack([ifd_term(blocks[n]) for n in names]).mean() for names in groups]
-    return torch.stack(parts).sum() if parts else torch.zeros(())
+    """IFD by its definition (``ifd_term`` per student)."""
+    if not roles.students:
+        return torch.zeros(())
+    return _encoder_plus_decoder(torch.stack([ifd_term(blocks[n]) for n in roles.students]), roles)
+
+
+def _encoder_plus_decoder(per_student: torch.Tensor, roles: BlockRoles) -> torch.Tensor:
+    """IFD's reduction: the mean over the encoder students plus the mean over the decoder ones
+    (``per_student`` in ``roles.students`` order)."""
+    count = len(roles.encoder)
+    parts = [part.mean() for part in (per_student[:count], per_student[count:]) if part.numel()]
+    return torch.stack(parts).sum() if parts else per_student.new_zeros(())
 
 
 def selfreg_losses(
@@ -299,11 +307,7 @@ def selfreg_losses(
     with _full_precision(teacher.full.device):
         values = _SelfRegTerms.apply(plan, *students)
     scr_value = values[0].mean() if scr else None
-    ifd_value = None
-    if ifd:
-        count = len(roles.encoder)
-        parts = [part.mean() for part in (values[1, :count], values[1, count:]) if part.numel()]
-        ifd_value = torch.stack(parts).sum()
+    ifd_value = _encoder_plus_decoder(values[1], roles) if ifd else None
     return scr_value, ifd_value
 
 
