@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from napari_selfreg.core.config import ModelConfig
-from napari_selfreg.core.unet import SelfRegUNet, count_parameters
+from napari_selfreg.core.unet import SelfRegUNet, UpBlock, count_parameters
 
 
 def test_paper_width_has_about_17m_parameters():
@@ -27,3 +27,38 @@ def test_config_validation():
         ModelConfig(num_classes=1)
     with pytest.raises(ValueError):
         ModelConfig(depth=0)
+
+
+def _find_node(node, name: str):
+    """The first autograd node whose type name starts with ``name``, depth first."""
+    if node is None:
+        return None
+    if type(node).__name__.startswith(name):
+        return node
+    for child, _ in node.next_functions:
+        found = _find_node(child, name)
+        if found is not None:
+            return found
+    return None
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_up_sampled_branch_gets_a_dense_gradient_with_the_same_values(channels_last):
+    """The concatenation hands the up-sampled branch a strided channel slice of its gradient;
+    UpBlock passes it on dense, in the branch's own layout, and unchanged."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    block = UpBlock(6, 4, 5).to(memory_format=layout)
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=layout).requires_grad_(True)
+    skip = torch.randn(2, 4, 10, 14).contiguous(memory_format=layout)
+    out = block(x, skip)
+    node = _find_node(out.grad_fn, "UpsampleBilinear2D")
+    into_upsampling = []
+    node.register_prehook(lambda grads: into_upsampling.append(grads[0]))
+    out.square().sum().backward()
+    assert into_upsampling[0].is_contiguous(memory_format=layout)
+
+    expected_x = x.grad.clone()
+    x.grad = None
+    joined = torch.cat([skip, torch.nn.functional.interpolate(x, size=(10, 14), mode="bilinear", align_corners=False)], 1)
+    block.conv(joined).square().sum().backward()
+    torch.testing.assert_close(x.grad, expected_x, rtol=0, atol=0)
