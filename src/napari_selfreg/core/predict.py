@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .allocator import keep_freed_memory
 from .config import Normalization, PredictConfig
 from .data import InputError, intensity_range, normalize
 from .device import autocast, autocast_dtype, resolve_device
@@ -323,6 +324,7 @@ def predict_tiled(
     check_tiles = reader.dtype.kind == "f" and h * w > FINITE_CHECK_PIXELS
     value_range = _value_range(reader, norm)
     k = model.config.num_classes
+    keep_freed_memory()
     device = resolve_device(config.device)
     dtype = autocast_dtype(device, config.precision)
     network = cached_inference_network(model.network, device)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from .allocator import keep_freed_memory
 from .config import ModelConfig, ModelInfo, TrainConfig
 from .data import (
     BatchPrefetcher,
@@ -285,6 +286,7 @@ def train(
     sampler = PatchSampler(train_set, config.patch_size, rng, augment=config.augment)
     crops = _validation_crops(val_images, val_labels)
 
+    keep_freed_memory()
     device = resolve_device(config.device)
     dtype = autocast_dtype(device, config.precision)
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
