@@ -44,21 +44,27 @@ def _find_node(node, name: str):
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_up_sampled_branch_gets_a_dense_gradient_with_the_same_values(channels_last):
-    """The concatenation hands the up-sampled branch a strided channel slice of its gradient;
-    UpBlock passes it on dense, in the branch's own layout, and unchanged."""
+    """The concatenation hands each branch a strided channel slice of its gradient; UpBlock
+    passes both on dense, in the branch's own layout, and unchanged."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
     block = UpBlock(6, 4, 5).to(memory_format=layout)
     x = torch.randn(2, 6, 5, 7).contiguous(memory_format=layout).requires_grad_(True)
     skip = torch.randn(2, 4, 10, 14).contiguous(memory_format=layout)
+    skip.requires_grad_(True)
+    skip_grads = []
+    skip.register_hook(skip_grads.append)
     out = block(x, skip)
     node = _find_node(out.grad_fn, "UpsampleBilinear2D")
     into_upsampling = []
     node.register_prehook(lambda grads: into_upsampling.append(grads[0]))
     out.square().sum().backward()
     assert into_upsampling[0].is_contiguous(memory_format=layout)
+    assert skip_grads[0].is_contiguous(memory_format=layout)
 
-    expected_x = x.grad.clone()
-    x.grad = None
-    joined = torch.cat([skip, torch.nn.functional.interpolate(x, size=(10, 14), mode="bilinear", align_corners=False)], 1)
+    expected_x, expected_skip = x.grad.clone(), skip.grad.clone()
+    x.grad = skip.grad = None
+    up = torch.nn.functional.interpolate(x, size=(10, 14), mode="bilinear", align_corners=False)
+    joined = torch.cat([skip, up], 1)
     block.conv(joined).square().sum().backward()
     torch.testing.assert_close(x.grad, expected_x, rtol=0, atol=0)
+    torch.testing.assert_close(skip.grad, expected_skip, rtol=0, atol=0)

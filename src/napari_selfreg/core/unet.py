@@ -33,10 +33,10 @@ class DoubleConv(nn.Sequential):
 class _DenseGradient(torch.autograd.Function):
     """Identity whose backward hands on a dense gradient in the forward's memory layout.
 
-    The concatenation's backward gives the up-sampled branch a channel slice of its
-    gradient, which is strided; CPU bilinear backward on a strided bfloat16 channels-last
-    gradient takes a generic path about three times slower than one copy plus the dense
-    path (BENCHMARKS.md, speed section)."""
+    The concatenation's backward gives each input a channel slice of its gradient, which
+    is strided. On the CPU in bfloat16 channels-last, bilinear backward on such a slice
+    takes a generic path about three times slower than one copy plus the dense path, and
+    so does adding the skip's slice to its other gradient (BENCHMARKS.md, speed section)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +61,8 @@ class UpBlock(nn.Module):
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
         if torch.is_grad_enabled() and x.requires_grad:
             x = _DenseGradient.apply(x)
+        if torch.is_grad_enabled() and skip.requires_grad:
+            skip = _DenseGradient.apply(skip)
         return self.conv(torch.cat([skip, x], dim=1))
 
 
