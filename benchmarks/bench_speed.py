@@ -11,6 +11,11 @@ OpenMP waiting: unless --spin is given, OMP_WAIT_POLICY=PASSIVE is set before to
 imported. On a shared or busy CPU, spinning OpenMP threads make every parallel region
 wait for descheduled threads; that slowed everything here 5-10x and made timings
 meaningless. The policy used is recorded in the JSON.
+
+Memory: the pipeline raises glibc's malloc thresholds (``core.allocator``), which is
+process-wide. It is applied here before anything is measured, so the plain loops run with
+it too and the speed-ups are conservative; ``NAPARI_SELFREG_KEEP_MEMORY=0`` measures both
+sides without it. Whether it was on is recorded in the JSON.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_selfreg.core.allocator import keep_freed_memory
 from napari_selfreg.core.config import ModelConfig, ModelInfo, PredictConfig, TrainConfig
 from napari_selfreg.core.data import PatchSampler, PatchSet, normalize
 from napari_selfreg.core.losses import selfreg_total
@@ -126,6 +132,7 @@ def environment() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "fast_bfloat16": cpu_has_fast_bfloat16(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(library default: spin)"),
+        "keeps_freed_memory": keep_freed_memory(),
         "python": platform.python_version(),
         "load_average_at_start": os.getloadavg(),
     }
