@@ -4,8 +4,8 @@ glibc's malloc returns freed blocks to the OS once they pass a small, self-adjus
 threshold, and serves blocks above another one with fresh ``mmap`` pages. A training step
 or a tiled prediction frees and re-allocates the same few hundred megabytes every time,
 so each one pays for its pages again as page faults: about 8,500 a step for the default
-model and 55,000 for a 1000 x 1000 prediction, 10-25 % of their time on a 2-core CPU
-(BENCHMARKS.md, speed section). Raising both thresholds once keeps that memory for the
+model and 55,000 for a 1000 x 1000 prediction, which then takes 14-20 % longer on a
+2-core CPU (BENCHMARKS.md, speed section). Raising both thresholds once keeps that memory for the
 next step. Elsewhere (macOS, Windows, musl) this is a no-op, as it is when the user has
 set glibc's own ``MALLOC_*`` variables: theirs win.
 """
