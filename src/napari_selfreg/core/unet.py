@@ -49,6 +49,10 @@ class _DenseGradient(torch.autograd.Function):
         return grad.contiguous(memory_format=ctx.layout)
 
 
+def _dense_gradient(x: torch.Tensor) -> torch.Tensor:
+    return _DenseGradient.apply(x) if torch.is_grad_enabled() and x.requires_grad else x
+
+
 class UpBlock(nn.Module):
     """Bilinear x2 up-sampling, concatenation with the skip, double conv."""
 
@@ -59,11 +63,7 @@ class UpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        if torch.is_grad_enabled() and x.requires_grad:
-            x = _DenseGradient.apply(x)
-        if torch.is_grad_enabled() and skip.requires_grad:
-            skip = _DenseGradient.apply(skip)
-        return self.conv(torch.cat([skip, x], dim=1))
+        return self.conv(torch.cat([_dense_gradient(skip), _dense_gradient(x)], dim=1))
 
 
 class SelfRegUNet(nn.Module):
