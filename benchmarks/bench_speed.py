@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_selfreg.core.allocator import keep_freed_memory
+from napari_selfreg.core.allocator import freed_memory_kept
 from napari_selfreg.core.config import ModelConfig, ModelInfo, PredictConfig, TrainConfig
 from napari_selfreg.core.data import PatchSampler, PatchSet, normalize
 from napari_selfreg.core.losses import selfreg_total
@@ -113,7 +113,7 @@ def real_pair():
         return None
 
 
-def environment() -> dict:
+def environment(keeps_freed_memory: bool) -> dict:
     from napari_selfreg.core.device import cpu_has_fast_bfloat16
 
     model_name = ""
@@ -132,7 +132,7 @@ def environment() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "fast_bfloat16": cpu_has_fast_bfloat16(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(library default: spin)"),
-        "keeps_freed_memory": keep_freed_memory(),  # main() applied it before measuring
+        "keeps_freed_memory": keeps_freed_memory,
         "python": platform.python_version(),
         "load_average_at_start": os.getloadavg(),
     }
@@ -456,8 +456,11 @@ def main(argv=None) -> int:
     parser.add_argument("--large-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    keep_freed_memory()  # process-wide: the plain loops measured below share it
+    with freed_memory_kept() as kept:  # process-wide: the plain loops measured below share it
+        return measure(args, kept)
 
+
+def measure(args: argparse.Namespace, keeps_freed_memory: bool) -> int:
     if args.large_child:
         torch.set_num_threads(args.threads[0] if args.threads else torch.get_num_threads())
         print(json.dumps(large_child(args.large_child, args.store)))
@@ -467,7 +470,8 @@ def main(argv=None) -> int:
     if args.threads is None:
         args.threads = sorted({1, torch.get_num_threads()}) if not quick else [torch.get_num_threads()]
     repeats = args.repeats or (2 if quick else 9)
-    doc: dict = {"command": " ".join(["python", *sys.argv]), "environment": environment(), "quick": quick}
+    environment_now = environment(keeps_freed_memory)
+    doc: dict = {"command": " ".join(["python", *sys.argv]), "environment": environment_now, "quick": quick}
     pair = None if (quick or args.synthetic) else real_pair()
     if pair is None:
         image = synthetic_image(160 if quick else 1000, 160 if quick else 1000)

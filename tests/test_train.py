@@ -49,6 +49,30 @@ def test_reports_carry_every_field_and_training_learns():
     assert result.best is not result.last and result.last.info.history[-1]["step"] == 40
 
 
+def test_float16_training_goes_through_the_gradient_scaler(monkeypatch):
+    """float16 autocast is what CUDA and MPS get; the CPU runs it too, so the path is tested here."""
+    from napari_selfreg.core import train as train_module
+
+    scalers = []
+    apply_step = train_module.apply_step
+
+    def recording_apply_step(loss, optimizer, scaler):
+        scalers.append(scaler)
+        apply_step(loss, optimizer, scaler)
+
+    monkeypatch.setattr(train_module, "autocast_dtype", lambda device, precision: torch.float16)
+    monkeypatch.setattr(train_module, "apply_step", recording_apply_step)
+    image, labels, _ = _scene()
+    config = TrainConfig(steps=40, patch_size=48, batch_size=4, validation_every=20, seed=0, learning_rate=3e-3)
+    result = train_to_end([image], [labels], config, SMALL)
+    assert len(scalers) == 40 and isinstance(scalers[0], torch.amp.GradScaler)
+    assert all(s is scalers[0] for s in scalers)  # one scaler carries its scale from step to step
+    losses = [r.loss for r in result.history]
+    assert np.mean(losses[-10:]) < np.mean(losses[:5])
+    for parameter in result.last.network.parameters():
+        assert parameter.dtype == torch.float32 and torch.isfinite(parameter).all()
+
+
 def test_no_selfreg_switch_zeroes_the_terms():
     image, labels, _ = _scene()
     result = train_to_end([image], [labels], TrainConfig(steps=3, patch_size=32, selfreg=False), SMALL)

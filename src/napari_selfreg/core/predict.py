@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .allocator import keep_freed_memory
+from .allocator import freed_memory_kept
 from .config import Normalization, PredictConfig
 from .data import InputError, intensity_range, normalize
 from .device import autocast, autocast_dtype, resolve_device
@@ -324,7 +324,6 @@ def predict_tiled(
     check_tiles = reader.dtype.kind == "f" and h * w > FINITE_CHECK_PIXELS
     value_range = _value_range(reader, norm)
     k = model.config.num_classes
-    keep_freed_memory()
     device = resolve_device(config.device)
     dtype = autocast_dtype(device, config.precision)
     network = cached_inference_network(model.network, device)
@@ -353,38 +352,39 @@ def predict_tiled(
     batch_size = max(1, int(config.batch_size))
     tiles = [(row, col) for row in range(len(ys)) for col in range(len(xs))]
     total = len(tiles)
-    band = torch.zeros((k, th, w), dtype=torch.float32)  # blended rows [band_top, band_top + th)
-    band_top = 0
-    done = 0
-    for first in range(0, total, batch_size):
-        if _stop_requested(stop):
-            return Prediction(labels_out, probs_out, complete=False)
-        chunk = tiles[first : first + batch_size]
-        batch = np.empty((len(chunk), th, tw, norm.channels), np.float32)
-        for i, (row, col) in enumerate(chunk):
-            region = reader.read(slice(ys[row], ys[row] + th), slice(xs[col], xs[col] + tw))
-            if check_tiles:
-                _check_finite(region)
-            batch[i] = _pad_tile(normalize(region, norm, value_range), th, tw)
-        probs = _forward_probabilities(network, batch, device, dtype, config.flips).cpu()
-        for (row, col), p in zip(chunk, probs, strict=True):
-            top, left = ys[row], xs[col]
-            if top != band_top:
-                # every tile of the rows above `top` is done (row-major order): those rows are final
-                _flush(band, band_top, top, labels_out, probs_out)
-                shift = top - band_top
-                keep = th - shift
-                if keep > 0:
-                    band[:, :keep] = band[:, shift:].clone()
-                band[:, max(keep, 0) :] = 0
-                band_top = top
-            vh, vw = min(th, h - top), min(tw, w - left)
-            win = torch.outer(norm_y[row][:vh], norm_x[col][:vw])
-            band[:, :vh, left : left + vw].addcmul_(p[:, :vh, :vw], win)
-        done += len(chunk)
-        yield PredictProgress(done, total)
-    _flush(band, band_top, h, labels_out, probs_out)
-    return Prediction(labels_out, probs_out)
+    with freed_memory_kept():
+        band = torch.zeros((k, th, w), dtype=torch.float32)  # blended rows [band_top, band_top + th)
+        band_top = 0
+        done = 0
+        for first in range(0, total, batch_size):
+            if _stop_requested(stop):
+                return Prediction(labels_out, probs_out, complete=False)
+            chunk = tiles[first : first + batch_size]
+            batch = np.empty((len(chunk), th, tw, norm.channels), np.float32)
+            for i, (row, col) in enumerate(chunk):
+                region = reader.read(slice(ys[row], ys[row] + th), slice(xs[col], xs[col] + tw))
+                if check_tiles:
+                    _check_finite(region)
+                batch[i] = _pad_tile(normalize(region, norm, value_range), th, tw)
+            probs = _forward_probabilities(network, batch, device, dtype, config.flips).cpu()
+            for (row, col), p in zip(chunk, probs, strict=True):
+                top, left = ys[row], xs[col]
+                if top != band_top:
+                    # every tile of the rows above `top` is done (row-major order): those rows are final
+                    _flush(band, band_top, top, labels_out, probs_out)
+                    shift = top - band_top
+                    keep = th - shift
+                    if keep > 0:
+                        band[:, :keep] = band[:, shift:].clone()
+                    band[:, max(keep, 0) :] = 0
+                    band_top = top
+                vh, vw = min(th, h - top), min(tw, w - left)
+                win = torch.outer(norm_y[row][:vh], norm_x[col][:vw])
+                band[:, :vh, left : left + vw].addcmul_(p[:, :vh, :vw], win)
+            done += len(chunk)
+            yield PredictProgress(done, total)
+        _flush(band, band_top, h, labels_out, probs_out)
+        return Prediction(labels_out, probs_out)
 
 
 def _normalized_ramps(ramp: np.ndarray, starts: list[int], length: int) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from .allocator import keep_freed_memory
+from .allocator import freed_memory_kept
 from .config import ModelConfig, ModelInfo, TrainConfig
 from .data import (
     BatchPrefetcher,
@@ -286,7 +286,6 @@ def train(
     sampler = PatchSampler(train_set, config.patch_size, rng, augment=config.augment)
     crops = _validation_crops(val_images, val_labels)
 
-    keep_freed_memory()
     device = resolve_device(config.device)
     dtype = autocast_dtype(device, config.precision)
     memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
@@ -304,7 +303,7 @@ def train(
     start = time.perf_counter()
     stopped = False
     step = 0
-    with BatchPrefetcher(sampler, config.batch_size) as batches:
+    with freed_memory_kept(), BatchPrefetcher(sampler, config.batch_size) as batches:
         while step < config.steps:
             elapsed = time.perf_counter() - start
             if _stop_requested(stop):
