@@ -212,7 +212,7 @@ def bench_network_efficiency(model: SegmentationModel, side: int, repeats: int, 
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.network.eval()(x)
     flops = counter.get_total_flops()
-    fused = inference_network(model.network, torch.device("cpu"))
+    fused = inference_network(model.network, torch.device("cpu"), torch.bfloat16)
     xc = x.contiguous(memory_format=torch.channels_last)
 
     def fast():

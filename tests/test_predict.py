@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from napari_selfreg.core.config import ModelConfig, ModelInfo, Normalization, PredictConfig, TrainConfig
+from napari_selfreg.core.cpu_fusion import is_fused
 from napari_selfreg.core.model import SegmentationModel
 from napari_selfreg.core.predict import (
     allocate_outputs,
+    cached_inference_network,
     inference_network,
     predict,
     predict_tiled,
@@ -140,9 +142,12 @@ def test_tiled_agrees_with_whole_on_real_image(trained_model, monuseg_pair):
 
 
 def test_bfloat16_agrees_with_float32_on_real_image(trained_model, monuseg_pair):
-    """The fast path (bf16 autocast, BatchNorm folded) against float32 on a full 1000 x 1000 image."""
+    """The fast path (bf16, BatchNorm folded, ReLU and skip joins fused) against float32 on a
+    full 1000 x 1000 image."""
     image = monuseg_pair[0]
     fast = predict(trained_model, image, PredictConfig(precision="bfloat16", device="cpu"))
+    network = cached_inference_network(trained_model.network, torch.device("cpu"), torch.bfloat16)
+    assert is_fused(network) or not torch.backends.mkldnn.is_available()
     exact = predict(trained_model, image, PredictConfig(**F32))
     agree = (fast.labels == exact.labels).mean()
     delta = np.abs(fast.probabilities - exact.probabilities)
