@@ -216,5 +216,10 @@ def test_speed_benchmark_smoke_run_writes_its_ratios(tmp_path):
     assert training["selfreg_overhead_ratio_of_minimums"] == pytest.approx(
         training["fast"]["min_s"] / training["fast_without_selfreg"]["min_s"]
     )
-    assert run["prediction"]["agreement_vs_plain"]["label_agreement"] > 0.99
+    prediction = run["prediction"]
+    assert prediction["agreement_vs_plain"]["label_agreement"] > 0.99
+    pristine = prediction["plain_float32_pristine_process"]  # timed by the worker process
+    assert pristine["n"] == prediction["fast"]["n"] and pristine["median_s"] > 0
+    ratio = pristine["median_s"] / prediction["fast"]["median_s"]
+    assert prediction["speedup_median_vs_pristine"] == pytest.approx(ratio)
     assert abs(doc["training_agreement"]["loss_relative_difference"]) < 0.05
