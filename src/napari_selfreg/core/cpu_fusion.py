@@ -26,6 +26,10 @@ from .unet import DoubleConv, SelfRegUNet, UpBlock
 CHECK_TOLERANCE = 0.02  # of the largest logit: bfloat16 rounds the split sum once more
 
 
+# padding, stride, dilation, groups of every 3x3 convolution in the UNet's blocks
+_GEOMETRY = ([1, 1], [1, 1], [1, 1], 1)
+
+
 def _pointwise():
     return torch.ops.mkldnn._convolution_pointwise
 
@@ -36,7 +40,7 @@ def _convs(block: DoubleConv) -> tuple[nn.Conv2d, nn.Conv2d]:
 
 
 def _conv_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _pointwise()(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+    return _pointwise()(x, weight, bias, *_GEOMETRY, "relu", [], "")
 
 
 class FusedDoubleConv(nn.Module):
@@ -66,10 +70,8 @@ class FusedUpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        from_skip = _pointwise()(skip, self.skip_weight, None, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
-        joined = _pointwise().binary(
-            x, from_skip, self.up_weight, self.bias, [1, 1], [1, 1], [1, 1], 1, "add", None, "relu", [], ""
-        )
+        from_skip = _pointwise()(skip, self.skip_weight, None, *_GEOMETRY, "none", [], "")
+        joined = _pointwise().binary(x, from_skip, self.up_weight, self.bias, *_GEOMETRY, "add", None, "relu", [], "")
         return _conv_relu(joined, self.second.weight, self.second.bias)
 
 
@@ -81,7 +83,6 @@ def fuse_for_cpu(network: nn.Module) -> nn.Module:
     if not isinstance(network, SelfRegUNet) or not _blocks_folded(network):
         return network
     fused = copy.deepcopy(network).to(torch.bfloat16)
-    plain = copy.deepcopy(fused)
     skips = network.config.encoder_channels[-2::-1]
     fused.encoder = nn.ModuleList(FusedDoubleConv(block) for block in fused.encoder)
     fused.decoder = nn.ModuleList(FusedUpBlock(b, skip) for b, skip in zip(fused.decoder, skips, strict=True))
@@ -89,7 +90,8 @@ def fuse_for_cpu(network: nn.Module) -> nn.Module:
     x = torch.rand(1, network.config.in_channels, side, side).contiguous(memory_format=torch.channels_last)
     try:
         with torch.inference_mode():
-            expected = plain(x.to(torch.bfloat16)).float()
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # what prediction runs without fusion
+                expected = network(x).float()
             got = fused(x).float()
     except (RuntimeError, AttributeError, TypeError):
         return network
