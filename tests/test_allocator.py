@@ -152,3 +152,30 @@ def test_training_and_prediction_hold_the_setting_while_they_run(clean_allocator
     for _ in tiles:
         pass
     assert allocator._holders == before
+
+
+ABANDONED_RUN = """
+import numpy as np
+from napari_selfreg.core.config import ModelConfig, TrainConfig
+from napari_selfreg.core.train import train
+image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+labels = np.zeros((64, 64), np.uint8)
+labels[5:10, 5:50], labels[40:45, 5:50] = 1, 2
+run = train([image], [labels], TrainConfig(steps=50, patch_size=32, batch_size=1), ModelConfig(base_channels=4))
+next(run)
+print("left unfinished", flush=True)
+"""
+
+
+@glibc_only
+def test_a_script_that_leaves_training_unfinished_still_exits():
+    """The run is closed while the interpreter shuts down, when no release timer can start
+    (Python 3.11 waited for one forever)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "NAPARI_SELFREG_KEEP_MEMORY"}
+    try:
+        done = subprocess.run([sys.executable, "-c", ABANDONED_RUN], env=env, capture_output=True, text=True,
+                              timeout=60)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"the interpreter did not exit: {hung.stdout!r}")
+    assert done.returncode == 0, done.stderr
+    assert "left unfinished" in done.stdout

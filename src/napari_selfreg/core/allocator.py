@@ -24,6 +24,7 @@ import ctypes
 import functools
 import os
 import platform
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -67,7 +68,10 @@ def freed_memory_kept() -> Iterator[bool]:
     finally:
         with _lock:
             _holders -= 1
-            if _holders == 0 and _raised:
+            # A block can end while the interpreter shuts down: a training generator left
+            # unfinished is closed then. No thread can start at that point (Python 3.11
+            # waits for it forever, later versions raise), and the memory goes back anyway.
+            if _holders == 0 and _raised and not sys.is_finalizing():
                 _release_timer = threading.Timer(RELEASE_AFTER, release_freed_memory)
                 _release_timer.daemon = True  # never holds up the interpreter's exit
                 _release_timer.start()
