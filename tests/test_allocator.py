@@ -46,9 +46,14 @@ glibc_only = pytest.mark.skipif(
 )
 
 
+def _glibc_defaults_env() -> dict[str, str]:
+    """This environment without the settings that keep the allocator from raising glibc's thresholds."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "NAPARI_SELFREG_KEEP_MEMORY"}
+
+
 def _churn(mode: str) -> list[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "NAPARI_SELFREG_KEEP_MEMORY"}
-    done = subprocess.run([sys.executable, "-c", CHURN, mode], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", CHURN, mode], env=_glibc_defaults_env(), capture_output=True,
+                          text=True, check=True)
     return done.stdout.split()
 
 
@@ -171,10 +176,9 @@ print("left unfinished", flush=True)
 def test_a_script_that_leaves_training_unfinished_still_exits():
     """The run is closed while the interpreter shuts down, when no release timer can start
     (Python 3.11 waited for one forever)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "NAPARI_SELFREG_KEEP_MEMORY"}
     try:
-        done = subprocess.run([sys.executable, "-c", ABANDONED_RUN], env=env, capture_output=True, text=True,
-                              timeout=60)
+        done = subprocess.run([sys.executable, "-c", ABANDONED_RUN], env=_glibc_defaults_env(), capture_output=True,
+                              text=True, timeout=60)
     except subprocess.TimeoutExpired as hung:
         pytest.fail(f"the interpreter did not exit: {hung.stdout!r}")
     assert done.returncode == 0, done.stderr
