@@ -192,6 +192,17 @@ def summarise(runs: list[dict], similarity: str) -> dict:
     return summary
 
 
+FINDINGS_MARK = "<!-- findings: written by hand; regenerating the tables above keeps them -->"
+
+
+def with_kept_findings(generated: str, section: Path) -> str:
+    """The generated tables, then the hand-written findings of the section file, if it has any."""
+    old = section.read_text() if section.is_file() else ""
+    if FINDINGS_MARK not in old:
+        return generated
+    return generated.rstrip("\n") + "\n\n" + FINDINGS_MARK + old.split(FINDINGS_MARK, 1)[1]
+
+
 def markdown(document: dict) -> str:
     cfg, info = document["config"], document["machine"]
     lines = ["## Feature redundancy with and without SelfReg", ""]
@@ -270,7 +281,7 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(document, indent=2))
         args.section.parent.mkdir(parents=True, exist_ok=True)
-        args.section.write_text(markdown(document))
+        args.section.write_text(with_kept_findings(markdown(document), args.section))
 
     results = run(args, checkpoint=write)  # partial results are on disk after every model
     write(results["runs"], complete=True)

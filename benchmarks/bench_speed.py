@@ -1,7 +1,7 @@
 """Speed of training and prediction on the CPU, each beside a plain float32 PyTorch loop.
 
     python benchmarks/bench_speed.py            # full run (the 20000 x 20000 part takes minutes)
-    python benchmarks/bench_speed.py --quick    # smoke run, a few seconds (CI)
+    python benchmarks/bench_speed.py --quick    # smoke run, a few seconds (CI); writes no JSON without --out
 
 Every comparison runs its variants interleaved, in the same process, and reports
 medians (and ratios of medians), because the machine may be shared. Prediction also
@@ -508,7 +508,8 @@ def table(doc: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds (CI smoke run)")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "speed.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON to write (default: benchmarks/results/speed.json; --quick writes none unless given)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per variant")
     parser.add_argument("--large-size", type=int, default=20000, help="side of the huge-image run (0 skips it)")
     parser.add_argument("--threads", type=lambda v: [int(t) for t in v.split(",")], default=None,
@@ -578,6 +579,9 @@ def measure(args: argparse.Namespace, keeps_freed_memory: bool) -> int:
         print(table({"large": doc["large"]}))
     doc["load_average_at_end"] = os.getloadavg()
 
+    if args.out is None and quick:
+        return 0  # a smoke run must not replace the committed figures
+    args.out = args.out or ROOT / "results" / "speed.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2))
     print(f"wrote {args.out}")

@@ -192,10 +192,13 @@ def build(paper: Path, interactive: Path, correction: Path | None = None) -> str
 SECTIONS = ("overview", "defaults", "accuracy", "speed", "redundancy", "pending")
 
 
-def assemble(sections: Path, out: Path) -> None:
-    """BENCHMARKS.md = the sections in reading order (each is edited or generated on its own)."""
-    parts = [(sections / f"{name}.md").read_text().strip() for name in SECTIONS if (sections / f"{name}.md").is_file()]
-    out.write_text("\n\n".join(parts) + "\n")
+def assemble(sections: Path, out: Path, accuracy: Path | None = None) -> None:
+    """BENCHMARKS.md = the sections in reading order (each is edited or generated on its own);
+    ``accuracy`` stands in for the folder's accuracy section when it was written elsewhere."""
+    files = [sections / f"{name}.md" for name in SECTIONS]
+    if accuracy is not None:
+        files = [accuracy if f.name == "accuracy.md" else f for f in files]
+    out.write_text("\n\n".join(f.read_text().strip() for f in files if f.is_file()) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,14 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interactive", type=Path, default=None, help="default: RESULTS/interactive.json")
     parser.add_argument("--paper", type=Path, default=None, help="default: RESULTS/paper_protocol.json")
     parser.add_argument("--benchmarks-md", type=Path, default=HERE.parent / "BENCHMARKS.md",
-                        help="assembled from benchmarks/sections/*.md after the accuracy section is written")
+                        help="assembled from benchmarks/sections/*.md, with --out as its accuracy section")
     args = parser.parse_args(argv)
     text = build(args.paper or args.results / "paper_protocol.json",
                  args.interactive or args.results / "interactive.json", args.results / "correction.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(f"wrote {args.out}")
-    assemble(args.out.parent, args.benchmarks_md)
+    assemble(HERE / "sections", args.benchmarks_md, accuracy=args.out)
     print(f"wrote {args.benchmarks_md}")
     return 0
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data in ../shared/data (skipped cleanly when absent)."""
+"""Shared fixtures: the real data in ../shared/data (skipped cleanly when absent); every test
+that opens a napari viewer is marked ``gui``, so ``-m "not gui"`` runs without a display."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ import pytest
 
 _DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SHARED_DATA = Path(os.environ.get("SELFREG_SHARED_DATA", _DEFAULT_DATA))
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "make_napari_viewer" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.gui)
 
 
 @pytest.fixture(scope="session")

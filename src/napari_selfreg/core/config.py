@@ -127,7 +127,7 @@ class PredictConfig(_JsonMixin):
     overlap: float = 0.25  # fraction of the tile shared with each neighbour
     batch_size: int = 2
     device: str = "auto"
-    precision: str = "auto"  # "auto" -> bfloat16 on CPUs that have fast bf16, float16 on CUDA
+    precision: str = "auto"  # "auto" -> bfloat16 on CPUs with fast bf16; on CUDA bfloat16, or float16 without it
     # average over the four horizontal/vertical flips of every tile: 4x the time, about
     # +1 Dice after a minute of training from strokes (BENCHMARKS.md)
     flips: bool = False
