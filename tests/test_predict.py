@@ -15,6 +15,7 @@ import torch
 
 from napari_selfreg.core.config import ModelConfig, ModelInfo, Normalization, PredictConfig, TrainConfig
 from napari_selfreg.core.cpu_fusion import is_fused
+from napari_selfreg.core.metrics import binary_dice
 from napari_selfreg.core.model import SegmentationModel
 from napari_selfreg.core.predict import (
     allocate_outputs,
@@ -154,6 +155,18 @@ def test_bfloat16_agrees_with_float32_on_real_image(trained_model, monuseg_pair)
     assert agree >= 0.995, agree
     assert delta.mean() <= 5e-3, delta.mean()
     assert delta.max() <= 0.15, delta.max()
+
+
+def test_a_model_trained_on_8_bit_segments_the_16_bit_copy_alike(trained_model, monuseg_pair):
+    """The 16-bit copy is scaled by its own percentiles, not divided by 255 (which saturated it)."""
+    image = monuseg_pair[0][:384, :384]
+    eight = predict(trained_model, image, PredictConfig(**F32))
+    sixteen = predict(trained_model, image.astype(np.uint16) * 257, PredictConfig(**F32))
+    assert trained_model.info.normalization.mode == "uint8"
+    structure = eight.labels == 2
+    assert 0.05 < structure.mean() < 0.6
+    assert (sixteen.labels == eight.labels).mean() >= 0.9
+    assert binary_dice(sixteen.labels == 2, structure) >= 0.8
 
 
 def test_flips_average_the_four_flipped_views(random_model):

@@ -143,8 +143,10 @@ class PredictConfig(_JsonMixin):
 class Normalization(_JsonMixin):
     """How raw pixels become network input; stored with the model so prediction matches.
 
-    ``mode``: "uint8" divides by 255; "percentile" maps the image's own low/high
-    percentiles to 0/1 (16-bit, float). Per image, the same in training and prediction.
+    ``mode``: "uint8" divides 8-bit images by 255; "percentile" maps the image's own low/high
+    percentiles to 0/1 (16-bit, float). Per image, the same in training and prediction; an
+    image that is not 8-bit is scaled by its percentiles whatever the mode
+    (``data.scaling_for``).
     """
 
     mode: str = "uint8"

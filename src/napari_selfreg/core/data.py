@@ -7,7 +7,7 @@ the CLI and the widgets show that message instead of a traceback.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -88,9 +88,22 @@ def match_channels(image: np.ndarray, norm: Normalization) -> np.ndarray:
     raise InputError(f"the model expects {norm.channels} channel(s) but the image has {c}")
 
 
+def scaling_for(norm: Normalization, dtype) -> Normalization:
+    """The normalisation an image of ``dtype`` gets from a model that records ``norm``.
+
+    A model trained on 8-bit images divides 8-bit input by 255; any other input (16-bit,
+    float) it scales by the image's own percentiles, as a model trained on such images
+    does. Dividing a 16-bit image by 255 would saturate the network's input.
+    """
+    if norm.mode == "uint8" and np.dtype(dtype) != np.uint8:
+        return replace(norm, mode="percentile")
+    return norm
+
+
 def intensity_range(image: np.ndarray, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (low, high) used to scale an image; computed on a subsample of big images."""
     image = as_channels_last(image)
+    norm = scaling_for(norm, image.dtype)
     c = norm.channels
     if norm.mode == "uint8":
         return np.zeros(c, np.float32), np.full(c, 255.0, np.float32)
@@ -118,8 +131,12 @@ def normalize(
     Tiles of a large image must pass the whole image's ``value_range`` so that every tile
     is scaled alike.
     """
-    image = match_channels(as_channels_last(image), norm)
-    low, high = value_range if value_range is not None else intensity_range(image, norm)
+    image = as_channels_last(image)
+    norm = scaling_for(norm, image.dtype)
+    if value_range is None:
+        value_range = intensity_range(image, norm)
+    low, high = value_range
+    image = match_channels(image, norm)
     out = (np.asarray(image, np.float32) - low) / (high - low)
     if norm.mode == "percentile":
         np.clip(out, -0.5, 1.5, out=out)
