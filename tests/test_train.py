@@ -139,6 +139,10 @@ def test_fine_tuning_continues_from_a_saved_model(tmp_path):
     second = train_to_end([image], [labels], TrainConfig(steps=2, patch_size=32, seed=1), initial=loaded)
     assert second.last.class_names == ["bg", "disc"]
     assert second.last.config == first.last.config
+    # a class renamed between rounds keeps its new name; the loaded model keeps the old one
+    renamed = train_to_end([image], [labels], TrainConfig(steps=1, patch_size=32), initial=loaded,
+                           class_names=["bg", "tumour nucleus"])
+    assert renamed.last.class_names == ["bg", "tumour nucleus"] and loaded.class_names == ["bg", "disc"]
     # the loaded model itself is left untouched
     for a, b in zip(loaded.network.state_dict().values(), first.last.network.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -176,3 +180,30 @@ def test_keep_chooses_which_weights_the_run_hands_over():
     assert best.model is best.best and best.model is not best.last
     with pytest.raises(ValueError, match="keep"):
         TrainConfig(keep="first")
+
+
+def test_a_stopped_widget_run_hands_over_the_weights_the_settings_keep():
+    """The widget's worker: after Stop, "best" means the best held-out weights so far, not the last."""
+    from napari_selfreg.widgets._workers import run_training
+
+    image, labels, _ = _scene()
+    stop = threading.Event()
+    config = TrainConfig(steps=10_000, patch_size=48, batch_size=2, validation_every=1, seed=0,
+                         learning_rate=3e-2, keep="best")
+    run = run_training([image], [labels], config, SMALL, ["background", "disc"], None, stop)
+    weights, scores = [], []
+    for _ in range(8):
+        kind, report = next(run)
+        assert kind == "report"
+        weights.append({k: v.clone() for k, v in report.model.network.state_dict().items()})
+        scores.append(report.val_dice)
+    stop.set()
+    with pytest.raises(StopIteration) as done:
+        next(run)
+    result = done.value.value
+    assert result.stopped and result.steps == 8 and result.keep == "best"
+    best = int(np.argmax(scores))  # the first of equal scores, as training keeps it
+    assert best < len(scores) - 1  # so "last" would be other weights
+    kept = result.model.network.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in weights[best].items())
+    assert result.last.network.state_dict().keys() == kept.keys()

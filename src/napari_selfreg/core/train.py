@@ -246,7 +246,8 @@ def train(
 ) -> Generator[TrainReport, None, TrainResult]:
     """Fine-tune a SelfReg UNet on painted strokes (0 = unpainted, 1 = background, 2.. = structures).
 
-    ``initial`` continues training from a loaded model (its classes and normalisation are kept).
+    ``initial`` continues training from a loaded model (its classes and normalisation are kept;
+    ``class_names``, when given, rename them, so a class renamed between rounds stays renamed).
     Raises ``InputError`` before the first step for anything the user must fix.
     """
     config = config or TrainConfig()
@@ -266,6 +267,9 @@ def train(
         model = initial.clone()
         num_classes = check_painted(checked, model.config.num_classes)
         info = model.info
+        if class_names:
+            given = list(class_names)[:num_classes]
+            info.class_names = given + list(info.class_names)[len(given):]
     else:
         num_classes = check_painted(checked)
         norm = normalization_for(images[0])
@@ -356,7 +360,9 @@ def train(
             history.append(report)
             yield report
 
-    if crops and (not history or history[-1].val_dice is None) and step > 0:
+    # a stopped run returns at once (a validation takes seconds on a slow CPU); its best
+    # weights are chosen among the validations made so far
+    if crops and not stopped and (not history or history[-1].val_dice is None) and step > 0:
         val = _validate(network, crops, device, dtype, memory_format)
         if val is not None and val > best_score:
             best_score, best_val = val, val

@@ -73,9 +73,8 @@ def run_training(
 
     Previews come at most every ``preview_every`` seconds, and never take more than
     ``PREVIEW_SHARE`` of the time: on a slow CPU they thin out on their own.
-    Returns the core's TrainResult. On Stop the core generator is closed at once (its
-    final validation would delay the stop by seconds on a slow CPU) and the result holds
-    the weights trained so far. An error after the first step is re-raised as
+    Returns the core's TrainResult. On Stop the core generator returns before its next
+    step, with the weights the settings keep (last, or best held-out so far). An error after the first step is re-raised as
     ``WorkerError`` carrying a copy of the model trained so far, so nothing is lost.
     """
     from ..core.config import PredictConfig
@@ -86,18 +85,13 @@ def run_training(
     last_preview = time.monotonic()
     interval = preview_every
     model = None
-    history = []
     while True:
-        if stop.is_set() and model is not None:
-            generator.close()
-            return stopped_result(model, history)
-        try:
+        try:  # after a Stop the core returns before its next step
             report = next(generator)
         except StopIteration as done:
             return done.value
         except Exception as error:
             raise WorkerError(error, model.clone() if model is not None else None) from error
-        history.append(report)
         model = report.model or model
         yield "report", report
         if preview_image is None or view is None or stop.is_set() or model is None:
@@ -115,18 +109,6 @@ def run_training(
                 yield "preview", (box, prediction.labels)
         last_preview = time.monotonic()
         interval = max(preview_every, (last_preview - began) / PREVIEW_SHARE)
-
-
-def stopped_result(model, history):
-    """A TrainResult for a run stopped by the user: the weights as they are now."""
-    from ..core.train import TrainResult
-
-    if history:
-        history[-1].stopped = True
-    last = model.clone()
-    last.info.history = [report.to_dict() for report in history]
-    last.network.eval()
-    return TrainResult(best=last, last=last, history=list(history), stopped=True)
 
 
 def run_prediction(model, image, config, probabilities: bool, out_labels, out_probabilities, stop):
