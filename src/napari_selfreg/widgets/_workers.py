@@ -74,8 +74,9 @@ def run_training(
     Previews come at most every ``preview_every`` seconds, and never take more than
     ``PREVIEW_SHARE`` of the time: on a slow CPU they thin out on their own.
     Returns the core's TrainResult. On Stop the core generator returns before its next
-    step, with the weights the settings keep (last, or best held-out so far). An error after the first step is re-raised as
-    ``WorkerError`` carrying a copy of the model trained so far, so nothing is lost.
+    step, with the weights the settings keep (last, or best held-out so far). An error
+    after the first step is re-raised as ``WorkerError`` carrying a copy of the model
+    trained so far, so nothing is lost.
     """
     from ..core.config import PredictConfig
     from ..core.predict import predict
