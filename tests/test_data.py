@@ -75,16 +75,22 @@ def test_normalization_is_the_same_for_a_tile_given_the_image_range():
     assert u8.max() == 1.0
 
 
-def test_an_8_bit_model_scales_other_images_by_their_own_percentiles():
-    """Training pairs of mixed bit depth, or a 16-bit image given to an 8-bit model, are not
-    divided by 255: each such image is scaled as a model trained on it would scale it."""
+def test_an_8_bit_model_sees_the_same_picture_in_another_container():
+    """A 16-bit, 12-bit or float copy of an image reaches an 8-bit model as the 8-bit image
+    does (not divided by 255, which saturated it); what has no white level gets percentiles."""
     eight_bit = normalization_for(np.zeros((2, 2, 3), np.uint8))
+    rgb8 = np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    expected = normalize(rgb8, eight_bit)
+    np.testing.assert_allclose(expected, rgb8 / 255.0, rtol=1e-6)
+    for copy in (rgb8.astype(np.uint16) * 257, rgb8.astype(np.float32) / 255, rgb8.astype(np.float64),
+                 (rgb8.astype(np.uint16) * 16).clip(0, 4095)):
+        np.testing.assert_allclose(normalize(copy, eight_bit), expected, atol=0.01)
+    # no container level fits: the image's own percentiles, as a model trained on it would use
+    signed = rgb8.astype(np.float32) - 128
+    percentile = normalization_for(signed)
+    np.testing.assert_allclose(normalize(signed, eight_bit), normalize(signed, percentile))
     gray16 = np.random.default_rng(3).integers(1000, 60000, (64, 64), dtype=np.uint16)
-    scaled = normalize(gray16, eight_bit)
-    np.testing.assert_allclose(scaled, normalize(gray16, normalization_for(np.stack([gray16] * 3, -1))))
-    assert scaled.shape == (64, 64, 3) and -0.5 <= scaled.min() and scaled.max() <= 1.5
-    rgb8 = np.random.default_rng(4).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    np.testing.assert_allclose(normalize(rgb8, eight_bit), rgb8 / 255.0, rtol=1e-6)
+    np.testing.assert_allclose(normalize(gray16, eight_bit)[..., 0], gray16 / 65535.0, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

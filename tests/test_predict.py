@@ -158,15 +158,15 @@ def test_bfloat16_agrees_with_float32_on_real_image(trained_model, monuseg_pair)
 
 
 def test_a_model_trained_on_8_bit_segments_the_16_bit_copy_alike(trained_model, monuseg_pair):
-    """The 16-bit copy is scaled by its own percentiles, not divided by 255 (which saturated it)."""
+    """The 16-bit copy is scaled to the same picture, not divided by 255 (which saturated it)."""
     image = monuseg_pair[0][:384, :384]
     eight = predict(trained_model, image, PredictConfig(**F32))
     sixteen = predict(trained_model, image.astype(np.uint16) * 257, PredictConfig(**F32))
     assert trained_model.info.normalization.mode == "uint8"
     structure = eight.labels == 2
     assert 0.05 < structure.mean() < 0.6
-    assert (sixteen.labels == eight.labels).mean() >= 0.9
-    assert binary_dice(sixteen.labels == 2, structure) >= 0.8
+    assert (sixteen.labels == eight.labels).mean() >= 0.99
+    assert binary_dice(sixteen.labels == 2, structure) >= 0.98
 
 
 def test_flips_average_the_four_flipped_views(random_model):

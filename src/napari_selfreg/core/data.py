@@ -91,23 +91,41 @@ def match_channels(image: np.ndarray, norm: Normalization) -> np.ndarray:
 def scaling_for(norm: Normalization, dtype) -> Normalization:
     """The normalisation an image of ``dtype`` gets from a model that records ``norm``.
 
-    A model trained on 8-bit images divides 8-bit input by 255; any other input (16-bit,
-    float) it scales by the image's own percentiles, as a model trained on such images
-    does. Dividing a 16-bit image by 255 would saturate the network's input.
+    A model trained on 8-bit images divides 8-bit input by 255. Any other input (16-bit,
+    float) is scaled to the same units where its container says how (``_white_level``),
+    else by the image's own percentiles, as a model trained on such images does: dividing
+    a 16-bit image by 255 would saturate the network's input.
     """
     if norm.mode == "uint8" and np.dtype(dtype) != np.uint8:
         return replace(norm, mode="percentile")
     return norm
 
 
+def _white_level(sample: np.ndarray) -> float | None:
+    """What full white is in an image that is not 8-bit, so that an 8-bit model sees the same
+    picture: the bit depth its values fill (8, 10, 12, 14 or 16 bits) for integers, 1 or 255
+    for floats in [0, 1] or [0, 255]; None where no such level fits (percentiles then)."""
+    if not sample.size:
+        return None
+    low, high = float(sample.min()), float(sample.max())
+    if low < 0:
+        return None
+    if np.issubdtype(sample.dtype, np.integer):
+        return next((2.0**bits - 1 for bits in (8, 10, 12, 14, 16) if high <= 2**bits - 1), None)
+    return next((level for level in (1.0, 255.0) if high <= level), None)
+
+
 def intensity_range(image: np.ndarray, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (low, high) used to scale an image; computed on a subsample of big images."""
     image = as_channels_last(image)
-    norm = scaling_for(norm, image.dtype)
     c = norm.channels
-    if norm.mode == "uint8":
+    if image.dtype == np.uint8 and norm.mode == "uint8":
         return np.zeros(c, np.float32), np.full(c, 255.0, np.float32)
     sample = match_channels(_sample_for_percentiles(image), norm).astype(np.float32).reshape(-1, c)
+    if norm.mode == "uint8":
+        white = _white_level(_sample_for_percentiles(image))
+        if white is not None:
+            return np.zeros(c, np.float32), np.full(c, white, np.float32)
     low = np.percentile(sample, norm.low_percentile, axis=0).astype(np.float32)
     high = np.percentile(sample, norm.high_percentile, axis=0).astype(np.float32)
     high = np.where(high - low < 1e-6, low + 1.0, high)
@@ -132,10 +150,10 @@ def normalize(
     is scaled alike.
     """
     image = as_channels_last(image)
-    norm = scaling_for(norm, image.dtype)
     if value_range is None:
         value_range = intensity_range(image, norm)
     low, high = value_range
+    norm = scaling_for(norm, image.dtype)
     image = match_channels(image, norm)
     out = (np.asarray(image, np.float32) - low) / (high - low)
     if norm.mode == "percentile":

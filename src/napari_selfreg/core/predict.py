@@ -30,7 +30,7 @@ from torch import nn
 from .allocator import freed_memory_kept
 from .config import Normalization, PredictConfig
 from .cpu_fusion import fuse_for_cpu
-from .data import InputError, intensity_range, normalize, scaling_for
+from .data import InputError, intensity_range, normalize
 from .device import autocast, autocast_dtype, resolve_device
 from .model import SegmentationModel
 from .progress import drain
@@ -171,7 +171,7 @@ def _check_finite(region: np.ndarray) -> None:
 
 def _value_range(reader: _TileReader, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
     """``data.intensity_range`` of the whole image, computed from the same subsample it would take."""
-    if scaling_for(norm, reader.dtype).mode == "uint8":
+    if norm.mode == "uint8" and reader.dtype == np.uint8:
         return intensity_range(np.zeros((1, 1, reader.channels), np.uint8), norm)
     return intensity_range(reader.sample(2_000_000), norm)
 

@@ -81,43 +81,70 @@ def image_shape_2d(layer) -> tuple[int, int]:
 
 
 class LayerCombo(QComboBox):
-    """A combo box of the viewer's layers of one kind, kept in step with the layer list."""
+    """A combo box of the viewer's layers of one kind, kept in step with the layer list.
+
+    It follows the chosen layer itself, not its name: a renamed layer stays chosen, and a
+    removed one leaves nothing chosen (rather than silently another layer of the kind).
+    """
 
     def __init__(self, viewer, layer_type, none_text: str | None = None, parent=None) -> None:
         super().__init__(parent)
         self.viewer = viewer
         self.layer_type = layer_type
         self.none_text = none_text
+        self._chosen = None  # the layer object last chosen
+        self._emptied = False  # the chosen layer was removed and nothing chosen since
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
         self.setMinimumContentsLength(12)
         self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         events = viewer.layers.events
         connect_while_alive(self, (events.inserted, self.refresh), (events.removed, self.refresh),
                             (events.moved, self.refresh))
+        self.currentTextChanged.connect(self._remember)
         self.refresh()
 
     def names(self) -> list[str]:
         return [layer.name for layer in self.viewer.layers if isinstance(layer, self.layer_type)]
 
+    def _present(self, layer) -> bool:
+        return layer is not None and any(layer is other for other in self.viewer.layers)
+
+    def _remember(self, name: str) -> None:
+        layer = self.viewer.layers[name] if name and name in self.viewer.layers else None
+        self._chosen = layer if isinstance(layer, self.layer_type) else None
+        if self._chosen is not None:
+            self._emptied = False
+
     def refresh(self, *_) -> None:
-        """Rebuild the list, keeping the current choice when it still exists."""
+        """Rebuild the list, keeping the chosen layer when it still exists (under any name)."""
         current = self.currentText()
+        had_choice = self._chosen is not None
         names = self.names()
         self.blockSignals(True)
         self.clear()
         if self.none_text is not None:
             self.addItem(self.none_text)
         self.addItems(names)
-        if current in names:
+        if self._present(self._chosen):
+            self.setCurrentText(self._chosen.name)
+        elif had_choice:
+            self._chosen, self._emptied = None, True  # removed: the user chooses again
+            self.setCurrentIndex(0 if self.none_text is not None else -1)
+        elif current in names:
             self.setCurrentText(current)
         elif self.none_text is None and names:
-            # prefer the layer the user selected last
+            # nothing chosen: the layer the user selected last (a new layer is selected), else
+            # the first one, unless the choice was removed, which leaves the choice to the user
             active = self.viewer.layers.selection.active
             if active is not None and active.name in names:
                 self.setCurrentText(active.name)
+            elif self._emptied:
+                self.setCurrentIndex(-1)
         self.blockSignals(False)
         if self.currentText() != current:
             self.currentTextChanged.emit(self.currentText())
+        elif self._chosen is None:
+            self._remember(self.currentText())
 
     def showPopup(self) -> None:  # layer renames emit no list event: refresh when opened
         self.refresh()
@@ -125,6 +152,8 @@ class LayerCombo(QComboBox):
 
     def layer(self):
         """The chosen layer, or None (nothing chosen, or it was removed)."""
+        if self._present(self._chosen):
+            return self._chosen
         name = self.currentText()
         if not name or name == self.none_text or name not in self.viewer.layers:
             return None
@@ -134,6 +163,7 @@ class LayerCombo(QComboBox):
     def select(self, name: str) -> None:
         self.refresh()
         self.setCurrentText(name)
+        self._remember(self.currentText())
 
 
 class NameCombo(QComboBox):
