@@ -102,8 +102,12 @@ def test_an_8_bit_model_sees_the_same_picture_in_another_container():
         (np.zeros((41, 48), np.uint8), "shape"),
         (np.full((40, 48), -1, np.int32), "negative"),
         (np.full((40, 48), 1.5, np.float32), "whole numbers"),
+        (np.where(_painted() == 2, 40, _painted()), "only 2 of them"),
+        (np.where(_painted() == 2, 255, _painted()), "at most 64"),  # a 0/255 mask with background 1
+        (np.where(_painted() == 2, np.uint16(300), _painted().astype(np.uint16)), "at most 64"),
     ],
-    ids=["nothing", "only-background", "no-background", "shape", "negative", "fractional"],
+    ids=["nothing", "only-background", "no-background", "shape", "negative", "fractional", "gaps", "0-255-mask",
+         "ids-over-255"],
 )
 def test_label_mistakes_give_clear_errors(labels, message):
     image = np.zeros((40, 48, 3), np.uint8)

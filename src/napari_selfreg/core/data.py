@@ -185,6 +185,9 @@ def check_pair(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return labels
 
 
+MAX_CLASSES = 64  # predictions are written with 8-bit ids; a class table longer than this is a mistake
+
+
 def check_painted(labels_list: list[np.ndarray], num_classes: int | None = None) -> int:
     """Check that background and at least one structure are painted; return the class count."""
     present: set[int] = set()
@@ -198,6 +201,17 @@ def check_painted(labels_list: list[np.ndarray], num_classes: int | None = None)
     if len(present) < 2:
         raise InputError("only background is painted; paint at least one structure with label 2")
     highest = max(present)
+    if highest > MAX_CLASSES:
+        raise InputError(
+            f"label {highest} is painted, but ids run 1 = background, 2, 3, ... = structures, at most "
+            f"{MAX_CLASSES}; if this is a mask or an instance image, map it to 1 and 2 first"
+        )
+    unused = highest - len(present)
+    if num_classes is None and unused > highest // 2:  # a new model gets a class per id
+        raise InputError(
+            f"labels hold ids up to {highest} but only {len(present)} of them are painted; ids run "
+            "1 = background, 2, 3, ... = structures without gaps (a 0/255 mask: use 1 and 2)"
+        )
     if num_classes is not None and highest > num_classes:
         raise InputError(
             f"label {highest} is painted but the model knows only {num_classes} classes (1..{num_classes}); "
