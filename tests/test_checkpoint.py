@@ -93,3 +93,67 @@ def test_future_format_is_refused(tmp_path, model):
     save_file(model.state_dict_cpu(), str(tmp_path / "f.safetensors"), metadata={"napari_selfreg": json.dumps(doc)})
     with pytest.raises(ModelFileError, match="update napari-selfreg"):
         load_model(tmp_path / "f.safetensors")
+
+
+def _with_document(tmp_path, model, name, edit):
+    import json
+
+    from safetensors.torch import save_file
+
+    doc = {"format": "1", **model.info.to_dict()}
+    doc = edit(doc)
+    path = tmp_path / f"{name}.safetensors"
+    save_file(model.state_dict_cpu(), str(path), metadata={"napari_selfreg": json.dumps(doc)})
+    return path
+
+
+def _set(doc, **changes):
+    for dotted, value in changes.items():
+        *parents, key = dotted.split("__")
+        target = doc
+        for parent in parents:
+            target = target[parent]
+        target[key] = value
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda doc: [1, 2], "damaged model document"),
+        (lambda doc: _set(doc, model=[]), "damaged model document"),
+        (lambda doc: _set(doc, class_names=["bg", "nuclei", "glands", "ghost"]), "4 class names for 3 classes"),
+        (lambda doc: _set(doc, model__depth=30), "do not fit|cannot be built"),
+        (lambda doc: _set(doc, model__base_channels=100_000), "do not fit"),
+    ],
+    ids=["list-document", "list-model", "class-names", "depth-30", "width-100000"],
+)
+def test_a_crafted_document_is_refused_before_its_network_is_built(tmp_path, model, monkeypatch, edit, message):
+    from napari_selfreg.core import model as model_module
+
+    path = _with_document(tmp_path, model, "crafted", edit)
+    built = []
+    monkeypatch.setattr(model_module.SegmentationModel, "create", classmethod(lambda cls, info: built.append(info)))
+    with pytest.raises(ModelFileError, match=message):
+        load_model(path)
+    assert not built
+
+
+def test_a_folder_is_not_a_model(tmp_path):
+    (tmp_path / "models.safetensors").mkdir()
+    with pytest.raises(ModelFileError, match="is a folder"):
+        load_model(tmp_path / "models.safetensors")
+
+
+def test_saved_names_and_permissions(tmp_path, model):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        dotted = save_model(model, tmp_path / "nuclei_v1.5")
+    finally:
+        os.umask(old)
+    assert dotted.name == "nuclei_v1.5.safetensors" and load_model(dotted).class_names[0] == "bg"
+    assert dotted.stat().st_mode & 0o777 == 0o644  # readable by others, as any file the user writes
+    assert save_model(model, tmp_path / "m.safetensors").name == "m.safetensors"
+    assert not list(tmp_path.glob("*.part"))

@@ -8,6 +8,7 @@ a clear ``ModelFileError``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -28,17 +29,32 @@ def save_model(model: SegmentationModel, path: str | Path) -> Path:
     """Write the model; the write goes through a temporary file so a crash loses nothing."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_name(path.name + ".safetensors") if path.suffix == "" else path
+    path = model_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.info.package_version = __version__
     document = {"format": FORMAT_VERSION, **model.info.to_dict()}
     metadata = {METADATA_KEY: json.dumps(document)}
     tmp = path.with_name(path.name + ".part")
-    save_file(model.state_dict_cpu(), str(tmp), metadata=metadata)
-    tmp.replace(path)
+    try:
+        save_file(model.state_dict_cpu(), str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600 whatever the umask
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def model_path(path: str | Path) -> Path:
+    """The file a model saved as ``path`` goes to: ``.safetensors`` is added unless the name
+    ends so already ("nuclei_v1.5" -> "nuclei_v1.5.safetensors"), so Load... finds it."""
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_model_info(path: str | Path) -> ModelInfo:
@@ -51,8 +67,13 @@ def _open(path: Path) -> tuple[ModelInfo, dict]:
 
     if not path.exists():
         raise ModelFileError(f"model file {path} does not exist")
-    with open(path, "rb") as handle:
-        head = handle.read(9)
+    if not path.is_file():
+        raise ModelFileError(f"{path} is a folder, not a model file; give the .safetensors file in it")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    except OSError as error:
+        raise ModelFileError(f"cannot read {path}: {error.strerror or error}") from None
     # safetensors: an 8-byte little-endian header length, then the JSON header
     is_safetensors = len(head) == 9 and head[8:9] == b"{"
     if not is_safetensors and (head[:1] == b"\x80" or head[:2] == b"PK"):
@@ -73,20 +94,44 @@ def _open(path: Path) -> tuple[ModelInfo, dict]:
     try:
         document = json.loads(metadata[METADATA_KEY])
         info = ModelInfo.from_dict(document)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, AttributeError) as error:
         raise ModelFileError(f"{path.name} has a damaged model document: {error}") from None
     if str(document.get("format", "")) != FORMAT_VERSION:
         raise ModelFileError(
             f"{path.name} uses model-file format {document.get('format')!r}; this napari-selfreg "
             f"reads format {FORMAT_VERSION}; update napari-selfreg"
         )
+    if len(info.class_names) != info.model.num_classes:
+        raise ModelFileError(
+            f"{path.name} has a damaged model document: {len(info.class_names)} class names "
+            f"for {info.model.num_classes} classes"
+        )
     return info, tensors
+
+
+def _check_shapes(path: Path, info: ModelInfo, tensors: dict) -> None:
+    """Compare the weights with the architecture the document describes, built on the meta
+    device: a crafted document (depth 30, width 100000) must not allocate its network."""
+    from .unet import SelfRegUNet
+
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in SelfRegUNet(info.model).state_dict().items()}
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise ModelFileError(f"{path.name} describes an architecture that cannot be built: {error}") from None
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if found != expected:
+        wrong = sorted(set(found) ^ set(expected)) or [k for k in expected if found[k] != expected[k]]
+        raise ModelFileError(
+            f"{path.name}: the weights do not fit the architecture its document describes (first mismatch: {wrong[0]})"
+        )
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> SegmentationModel:
     """Load a model file; raises ``ModelFileError`` with a clear message on any problem."""
     path = Path(path)
     info, tensors = _open(path)
+    _check_shapes(path, info, tensors)
     model = SegmentationModel.create(info)
     try:
         model.network.load_state_dict(tensors, strict=True)
