@@ -157,3 +157,6 @@ def test_saved_names_and_permissions(tmp_path, model):
     assert dotted.stat().st_mode & 0o777 == 0o644  # readable by others, as any file the user writes
     assert save_model(model, tmp_path / "m.safetensors").name == "m.safetensors"
     assert not list(tmp_path.glob("*.part"))
+    from napari_selfreg.widgets.model_registry import ModelRegistry
+
+    assert ModelRegistry().load_file(dotted) == "nuclei_v1.5"  # the name the user typed

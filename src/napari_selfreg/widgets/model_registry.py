@@ -37,7 +37,8 @@ class ModelRegistry:
         """Load a model file and add it under its file name; raises ``ModelFileError``."""
         from ..core.checkpoint import load_model
 
-        return self.add(Path(path).name.split(".")[0], load_model(path))
+        name = Path(path).name
+        return self.add(name.removesuffix(".safetensors") or name, load_model(path))
 
     def get(self, name: str) -> SegmentationModel:
         return self._models[name]
