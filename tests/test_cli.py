@@ -141,8 +141,25 @@ def test_evaluate_instance_mask_counts_every_nonzero_pixel(tmp_path, capsys):
         (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m", "--device", "cuda"],
          "nothing is painted|CUDA"),
         (["evaluate", "--prediction", "{tmp}/img.tif", "--mask", "{tmp}/small.tif"], "differ in shape"),
+        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/adir"], "is a folder"),
+        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/afile/m"],
+         "is a file, not a folder"),
+        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m",
+          "--time-budget", "0"], "positive number of seconds"),
+        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m",
+          "--class-names", "nuclei"], "a name for background and each structure"),
+        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m",
+          "--resume", "{tmp}/img.tif", "--width", "32"], "come from the model"),
+        (["predict", "--model", "{tmp}/adir", "--image", "{tmp}/img.tif", "--out", "{tmp}/o.tif"], "is a folder"),
+        (["predict", "--model", "{tmp}/img.tif", "--image", "{tmp}/img.tif", "--out", "{tmp}/o.jpg"],
+         "cannot write this format"),
+        (["predict", "--model", "{tmp}/img.tif", "--image", "{tmp}/img.tif", "--out", "{tmp}/o.tif",
+          "--probabilities", "{tmp}/p.png"], "cannot write this format"),
+        (["inspect", "--model", "{tmp}/img.tif", "--image", "{tmp}/img.tif", "--out", "{tmp}/afile"], "is a file"),
     ],
-    ids=["no-model", "not-a-model", "unpainted", "shape", "pair-count", "no-image", "cuda", "eval-shape"],
+    ids=["no-model", "not-a-model", "unpainted", "shape", "pair-count", "no-image", "cuda", "eval-shape",
+         "out-folder", "out-under-file", "budget-0", "one-class-name", "resume-width", "model-folder",
+         "labels-jpeg", "probabilities-png", "inspect-out-file"],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     import re
@@ -150,6 +167,9 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     tifffile.imwrite(tmp_path / "img.tif", np.zeros((32, 32, 3), np.uint8))
     tifffile.imwrite(tmp_path / "empty.tif", np.zeros((32, 32), np.uint8))
     tifffile.imwrite(tmp_path / "small.tif", np.zeros((16, 16), np.uint8))
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir.safetensors").mkdir()
+    (tmp_path / "afile").write_text("not a folder")
     rc = main([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+DEFAULT_WIDTH, DEFAULT_DEPTH = 16, 4  # ModelConfig's defaults (kept here: the parser imports no torch)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -21,7 +22,32 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .core.data import InputError
     from .io import ImageFileError
 
-    return (InputError, ModelFileError, ImageFileError, FileNotFoundError)
+    # files the user named that cannot be read or written: one line, not a traceback
+    return (InputError, ModelFileError, ImageFileError, FileNotFoundError, PermissionError,
+            IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def check_output(path: Path, what: str, suffixes: tuple[str, ...] | None = None, folder: bool = False) -> None:
+    """Refuse, before any work, an output the command could not write at the end."""
+    import os
+
+    from .core.data import InputError
+    from .io import suffix_of
+
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise InputError(f"{what} {path} is a folder; give a file name")
+    if path.exists() and folder and not path.is_dir():
+        raise InputError(f"{what} {path} is a file; give a folder")
+    if suffixes is not None and suffix_of(path) not in suffixes:
+        raise InputError(f"{what} {path.name}: cannot write this format; use one of {', '.join(suffixes)}")
+    existing = path.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if existing != path.resolve() and not existing.is_dir():
+        raise InputError(f"cannot write {what} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"cannot write {what} {path}: no permission to write in {existing}")
 
 
 def _progress(total: int, desc: str, unit: str):
@@ -46,7 +72,7 @@ def _stop_on_first_interrupt(stop: threading.Event):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .core.checkpoint import load_model, save_model
+    from .core.checkpoint import load_model, model_path, save_model
     from .core.config import ModelConfig, TrainConfig
     from .core.data import InputError
     from .core.train import train
@@ -54,9 +80,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if len(args.image) != len(args.labels):
         raise InputError(f"{len(args.image)} --image but {len(args.labels)} --labels; give one --labels per --image")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise InputError("--time-budget must be a positive number of seconds")
+    if args.resume and (args.width != DEFAULT_WIDTH or args.depth != DEFAULT_DEPTH):
+        raise InputError("--width and --depth come from the model when training continues (--resume); leave them out")
+    check_output(model_path(args.out), "--out")
     images = [open_image(p) for p in args.image]  # slides lazily: training reads the windows around the paint
     labels = [read_image(p) for p in args.labels]
-    steps = args.steps if args.steps is not None else (10**9 if args.time_budget else TrainConfig.steps)
+    steps = args.steps if args.steps is not None else (10**9 if args.time_budget is not None else TrainConfig.steps)
     config = TrainConfig(
         steps=steps,
         time_budget=args.time_budget,
@@ -72,7 +103,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     initial = load_model(args.resume) if args.resume else None
     model_config = ModelConfig(base_channels=args.width, depth=args.depth)
-    names = args.class_names.split(",") if args.class_names else None
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    if names is not None and (len(names) < 2 or not all(names)):
+        raise InputError("--class-names needs a name for background and each structure, e.g. background,nuclei")
     stop = threading.Event()
     run = train(images, labels, config, model_config, class_names=names, initial=initial, stop=stop)
     total = steps if args.steps is not None or not args.time_budget else int(args.time_budget)
@@ -137,8 +170,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .core.checkpoint import load_model
     from .core.config import PredictConfig
     from .core.predict import allocate_outputs, plane_shape, predict_tiled
-    from .io import open_image, write_image
+    from .io import FLOAT_SUFFIXES, LABEL_SUFFIXES, open_image, write_image
 
+    check_output(args.out, "--out", LABEL_SUFFIXES)
+    if args.probabilities is not None:
+        check_output(args.probabilities, "--probabilities", FLOAT_SUFFIXES)
     model = load_model(args.model)
     image = open_image(args.image)
     config = PredictConfig(
@@ -205,6 +241,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect_report import run_inspect
 
+    check_output(args.out, "--out", folder=True)
+
     out = run_inspect(args.model, args.image, args.out, compare_path=args.compare, device=args.device)
     print(json.dumps({"out": str(out)}))
     return 0
@@ -245,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", type=Path, help="continue training from this model file (fine-tuning)")
-    p.add_argument("--width", type=int, default=16, help="base channels of the UNet (64 = the paper's width)")
-    p.add_argument("--depth", type=int, default=4, help="number of down-samplings")
+    p.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="base channels of the UNet (64 = the paper's width)")
+    p.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="number of down-samplings")
     p.add_argument("--patch-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--learning-rate", type=float, default=1e-3)

@@ -13,6 +13,8 @@ import numpy as np
 TIFF_SUFFIXES = (".tif", ".tiff")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 ITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+LABEL_SUFFIXES = (*TIFF_SUFFIXES, ".png", ".bmp", *ITK_SUFFIXES)  # lossless, integer ids
+FLOAT_SUFFIXES = (*TIFF_SUFFIXES, *ITK_SUFFIXES)  # float32 probability maps
 
 
 # TIFFs with more pixels than this open lazily (``open_image``): a slide is read tile by
