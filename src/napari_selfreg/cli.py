@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", type=Path, help="continue training from this model file (fine-tuning)")
-    p.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="base channels of the UNet (64 = the paper's width)")
+    p.add_argument("--width", type=int, default=DEFAULT_WIDTH,
+                   help="base channels of the UNet (64 = the paper's width)")
     p.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="number of down-samplings")
     p.add_argument("--patch-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
