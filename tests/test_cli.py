@@ -124,6 +124,26 @@ def test_evaluate_instance_mask_counts_every_nonzero_pixel(tmp_path, capsys):
     assert scores["2"] == {"dice": 1.0, "iou": 1.0} and scores["1"]["dice"] == 1.0
 
 
+def test_evaluate_reads_palette_masks_and_masks_without_background(tmp_path, capsys):
+    """A palette PNG's indices are the ids (not its colours); an all-255 tile is all structure."""
+    from PIL import Image
+
+    prediction = np.ones((10, 10), np.uint8)
+    prediction[:, :6] = 2
+    instances = np.zeros((10, 10), np.uint8)
+    instances[:, :3], instances[:, 3:6] = 1, 2  # instance 1's colour has no red: read as RGB it vanished
+    palette = Image.fromarray(instances, mode="P")
+    palette.putpalette([0, 0, 0, 0, 128, 0, 128, 0, 0] + [0] * 759)
+    palette.save(tmp_path / "m.png")
+    Image.fromarray(prediction).save(tmp_path / "p.png")
+    assert main(["evaluate", "--prediction", str(tmp_path / "p.png"), "--mask", str(tmp_path / "m.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["classes"]["2"]["dice"] == 1.0
+    Image.fromarray(np.full((10, 10), 255, np.uint8)).save(tmp_path / "all.png")
+    Image.fromarray(np.full((10, 10), 2, np.uint8)).save(tmp_path / "all_p.png")
+    assert main(["evaluate", "--prediction", str(tmp_path / "all_p.png"), "--mask", str(tmp_path / "all.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["classes"]["2"]["dice"] == 1.0
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -86,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise InputError("--width and --depth come from the model when training continues (--resume); leave them out")
     check_output(model_path(args.out), "--out")
     images = [open_image(p) for p in args.image]  # slides lazily: training reads the windows around the paint
-    labels = [read_image(p) for p in args.labels]
+    labels = [read_image(p, labels=True) for p in args.labels]
     steps = args.steps if args.steps is not None else (10**9 if args.time_budget is not None else TrainConfig.steps)
     config = TrainConfig(
         steps=steps,
@@ -224,8 +224,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .core.metrics import per_class_overlap
     from .io import read_image
 
-    prediction = read_image(args.prediction)
-    mask = read_image(args.mask)
+    prediction = read_image(args.prediction, labels=True)
+    mask = read_image(args.mask, labels=True)
     if mask.ndim == 3:
         mask = mask[..., 0]
     if prediction.shape != mask.shape:

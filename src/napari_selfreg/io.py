@@ -48,8 +48,11 @@ def _tiff_to_yx(data: np.ndarray, axes: str) -> np.ndarray:
     return data
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """The pixel array of an image file (H, W) or (H, W, C); stacks keep their leading axes."""
+def read_image(path: str | Path, labels: bool = False) -> np.ndarray:
+    """The pixel array of an image file (H, W) or (H, W, C); stacks keep their leading axes.
+
+    ``labels``: a palette PNG keeps its indices (the ids), instead of becoming colours.
+    """
     path = Path(path)
     if not path.exists():
         raise ImageFileError(f"{path} does not exist")
@@ -65,6 +68,8 @@ def read_image(path: str | Path) -> np.ndarray:
             from PIL import Image
 
             with Image.open(path) as img:
+                if labels and img.mode == "P":
+                    return np.array(img)
                 if img.mode in ("P", "CMYK", "YCbCr", "LA"):
                     img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
                 return np.array(img)

@@ -37,19 +37,23 @@ def binary_dice(predicted: np.ndarray, truth: np.ndarray) -> float:
     return overlap(predicted, truth).dice
 
 
+MAX_PAINTING_ID = 64  # as ``data.MAX_CLASSES``; metrics stays free of the data module
+
+
 def per_class_overlap(prediction: np.ndarray, mask: np.ndarray) -> dict[str, Overlap]:
     """Compare painting-id labels with a ground-truth mask.
 
     A binary or instance mask (0/255, 0/1, instance ids) counts every non-zero pixel as
     structure: then class "2" is any predicted structure id >= 2 and "1" is background.
     A mask whose values are painting ids (1 = background, 2.. = classes, no 0) is compared
-    class by class.
+    class by class; a mask without 0 that has no 1 either (all 255 inside one nucleus) or ids
+    no painting uses is binary. An all-1 mask stays ambiguous and is read as ids.
     """
     prediction = np.asarray(prediction)
     mask = np.asarray(mask)
     if prediction.shape != mask.shape:
         raise ValueError(f"prediction {prediction.shape} and mask {mask.shape} differ in shape")
-    if mask.min() >= 1:  # painting ids
+    if mask.min() >= 1 and mask.max() <= MAX_PAINTING_ID and (mask == 1).any():  # painting ids
         classes = sorted(set(np.unique(mask)) | set(np.unique(prediction)) - {0})
         return {str(int(c)): overlap(prediction == c, mask == c) for c in classes}
     truth = mask > 0
