@@ -176,10 +176,14 @@ def test_evaluate_reads_palette_masks_and_masks_without_background(tmp_path, cap
         (["predict", "--model", "{tmp}/img.tif", "--image", "{tmp}/img.tif", "--out", "{tmp}/o.tif",
           "--probabilities", "{tmp}/p.png"], "cannot write this format"),
         (["inspect", "--model", "{tmp}/img.tif", "--image", "{tmp}/img.tif", "--out", "{tmp}/afile"], "is a file"),
+        (["train", "--image", "{tmp}/zstack.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"],
+         "is a stack \\(Z=3\\)"),
+        (["train", "--image", "{tmp}/volume.nii.gz", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"],
+         "is a stack \\(Z=3\\)"),
     ],
     ids=["no-model", "not-a-model", "unpainted", "shape", "pair-count", "no-image", "cuda", "eval-shape",
          "out-folder", "out-under-file", "budget-0", "one-class-name", "resume-width", "model-folder",
-         "labels-jpeg", "probabilities-png", "inspect-out-file"],
+         "labels-jpeg", "probabilities-png", "inspect-out-file", "imagej-z-stack", "nifti-volume"],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     import re
@@ -187,6 +191,10 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     tifffile.imwrite(tmp_path / "img.tif", np.zeros((32, 32, 3), np.uint8))
     tifffile.imwrite(tmp_path / "empty.tif", np.zeros((32, 32), np.uint8))
     tifffile.imwrite(tmp_path / "small.tif", np.zeros((16, 16), np.uint8))
+    tifffile.imwrite(tmp_path / "zstack.tif", np.zeros((3, 32, 32), np.uint8), imagej=True, metadata={"axes": "ZYX"})
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 32, 32), np.uint8)), str(tmp_path / "volume.nii.gz"))
     (tmp_path / "adir").mkdir()
     (tmp_path / "adir.safetensors").mkdir()
     (tmp_path / "afile").write_text("not a folder")

@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .core.config import ModelConfig, TrainConfig
     from .core.data import InputError
     from .core.train import train
-    from .io import open_image, read_image
+    from .io import check_planar, open_image, read_image
 
     if len(args.image) != len(args.labels):
         raise InputError(f"{len(args.image)} --image but {len(args.labels)} --labels; give one --labels per --image")
@@ -85,6 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and (args.width != DEFAULT_WIDTH or args.depth != DEFAULT_DEPTH):
         raise InputError("--width and --depth come from the model when training continues (--resume); leave them out")
     check_output(model_path(args.out), "--out")
+    for p in args.image:
+        check_planar(p)
     images = [open_image(p) for p in args.image]  # slides lazily: training reads the windows around the paint
     labels = [read_image(p, labels=True) for p in args.labels]
     steps = args.steps if args.steps is not None else (10**9 if args.time_budget is not None else TrainConfig.steps)
@@ -170,12 +172,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .core.checkpoint import load_model
     from .core.config import PredictConfig
     from .core.predict import allocate_outputs, plane_shape, predict_tiled
-    from .io import FLOAT_SUFFIXES, LABEL_SUFFIXES, open_image, write_image
+    from .io import FLOAT_SUFFIXES, LABEL_SUFFIXES, check_planar, open_image, write_image
 
     check_output(args.out, "--out", LABEL_SUFFIXES)
     if args.probabilities is not None:
         check_output(args.probabilities, "--probabilities", FLOAT_SUFFIXES)
     model = load_model(args.model)
+    check_planar(args.image)
     image = open_image(args.image)
     config = PredictConfig(
         tile_size=args.tile_size, overlap=args.overlap, device=args.device, precision=args.precision, flips=args.flips

@@ -155,7 +155,7 @@ def run_inspect(
     from .core.device import resolve_device
     from .core.progress import drain
     from .core.redundancy import RedundancyConfig, compute_redundancy, map_scale
-    from .io import read_image
+    from .io import check_planar, read_image
 
     try:
         torch_device = resolve_device(device)
@@ -163,6 +163,7 @@ def run_inspect(
         raise InputError(str(error)) from None
     paths = [Path(model_path)] + ([Path(compare_path)] if compare_path is not None else [])
     models = [load_model(p, device=torch_device) for p in paths]
+    check_planar(image_path)
     image = as_channels_last(read_image(image_path))
     config = RedundancyConfig(similarity=similarity, window=window, device=str(torch_device))
 

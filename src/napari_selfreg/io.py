@@ -34,6 +34,39 @@ def suffix_of(path: str | Path) -> str:
     return Path(name).suffix
 
 
+def check_planar(path: str | Path) -> None:
+    """Refuse a file that holds a z-stack or time series, from its header alone: squeezed to
+    (3, H, W) or (4, H, W) such a stack would pass for a channel-first RGB(A) image."""
+    path = Path(path)
+    suffix = suffix_of(path)
+    if not path.is_file() or suffix not in (*TIFF_SUFFIXES, *ITK_SUFFIXES):
+        return
+    planes = ""
+    try:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                axes = zip(series.axes.upper(), series.shape, strict=True)
+                planes = "".join(f"{a}={n} " for a, n in axes if a in "ZT" and n > 1)
+        else:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            size = reader.GetSize()
+            if len(size) > 2 and any(n > 1 for n in size[2:]):
+                planes = f"Z={size[2]} "
+    except Exception:  # unreadable headers are reported when the pixels are read
+        return
+    if planes:
+        raise ImageFileError(
+            f"{path.name} is a stack ({planes.strip()}), not one 2-D image; save the slice you want as its own file"
+        )
+
+
 def _tiff_to_yx(data: np.ndarray, axes: str) -> np.ndarray:
     """Drop singleton axes and put samples/channels last, using the file's own axes string."""
     axes = axes.upper()

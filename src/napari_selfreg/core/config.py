@@ -111,6 +111,10 @@ class TrainConfig(_JsonMixin):
             raise ValueError("patch size must be at least 16 pixels")
         if self.batch_size < 1:
             raise ValueError("batch size must be at least 1")
+        if not self.learning_rate > 0:
+            raise ValueError("learning rate must be above 0")
+        if self.time_budget is not None and self.time_budget < 0:
+            raise ValueError("time budget must not be negative")
         if self.scr_pairing not in ("random", "mean"):
             raise ValueError("scr_pairing must be 'random' or 'mean'")
         if self.keep not in ("last", "best"):

@@ -72,6 +72,17 @@ def visible_corners(layer) -> np.ndarray | None:
     return np.stack([np.floor(corners[0] * factors), np.ceil((corners[1] + 1) * factors) - 1]).astype(int)
 
 
+def stack_problem(layer) -> str | None:
+    """What to do when an image layer is a stack of planes (napari shows a slider), not one
+    2-D image: a 3- or 4-plane stack must not pass for RGB(A)."""
+    if layer is None or layer.ndim <= 2:
+        return None
+    return (
+        f"'{layer.name}' is a stack of 2-D planes {tuple(layer_data(layer).shape)}, not one 2-D or RGB "
+        "image; add the plane you want as its own layer (or open an RGB image) and try again."
+    )
+
+
 def image_shape_2d(layer) -> tuple[int, int]:
     """(H, W) of an image layer, RGB or gray."""
     shape = tuple(layer_data(layer).shape)
@@ -132,14 +143,13 @@ class LayerCombo(QComboBox):
             self.setCurrentIndex(0 if self.none_text is not None else -1)
         elif current in names:
             self.setCurrentText(current)
+        elif self._emptied:
+            self.setCurrentIndex(0 if self.none_text is not None else -1)  # the user chooses again
         elif self.none_text is None and names:
-            # nothing chosen: the layer the user selected last (a new layer is selected), else
-            # the first one, unless the choice was removed, which leaves the choice to the user
+            # nothing chosen yet: the layer the user selected last, else the first one
             active = self.viewer.layers.selection.active
             if active is not None and active.name in names:
                 self.setCurrentText(active.name)
-            elif self._emptied:
-                self.setCurrentIndex(-1)
         self.blockSignals(False)
         if self.currentText() != current:
             self.currentTextChanged.emit(self.currentText())

@@ -71,7 +71,7 @@ def run_training(
 ) -> Generator[tuple[str, object], None, object]:
     """Yield ("report", TrainReport) per step and ("preview", (box, labels)) now and then.
 
-    Previews come at most every ``preview_every`` seconds, and never take more than
+    Previews come at most every ``preview_every`` seconds (never for 0), and never take more than
     ``PREVIEW_SHARE`` of the time: on a slow CPU they thin out on their own.
     Returns the core's TrainResult. On Stop the core generator returns before its next
     step, with the weights the settings keep (last, or best held-out so far). An error
@@ -95,7 +95,7 @@ def run_training(
             raise WorkerError(error, model.clone() if model is not None else None) from error
         model = report.model or model
         yield "report", report
-        if preview_image is None or view is None or stop.is_set() or model is None:
+        if preview_image is None or view is None or preview_every <= 0 or stop.is_set() or model is None:
             continue
         if time.monotonic() - last_preview < interval:
             continue

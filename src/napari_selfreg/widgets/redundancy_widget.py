@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import NameCombo, ask_model_file, image_shape_2d, layer_data
+from ._common import LayerCombo, NameCombo, ask_model_file, image_shape_2d, layer_data, stack_problem
 from .model_registry import model_registry
 
 if TYPE_CHECKING:
@@ -109,6 +109,21 @@ def _redundancy_job(models, labels, image, similarity, kinds, region, window):
     return result
 
 
+MAP_FLAG = "napari_selfreg_redundancy"  # layer metadata of the maps this widget adds
+
+
+class _SourceImageCombo(LayerCombo):
+    """The viewer's image layers, less the redundancy maps this widget adds."""
+
+    def __init__(self, viewer) -> None:
+        from napari.layers import Image
+
+        super().__init__(viewer, Image)
+
+    def names(self) -> list[str]:
+        return [name for name in super().names() if not self.viewer.layers[name].metadata.get(MAP_FLAG)]
+
+
 class RedundancyWidget(QWidget):
     """Pick a model (and optionally a second one to compare) and an image layer; Compute adds
     one layer per block and map kind and draws the index per block and a block's heatmap."""
@@ -118,6 +133,7 @@ class RedundancyWidget(QWidget):
         self.viewer = napari_viewer
         self.registry = model_registry()
         self.worker = None
+        self._stopping = False
         self.result: ComputeResult | None = None
 
         form = QFormLayout()
@@ -132,7 +148,7 @@ class RedundancyWidget(QWidget):
         self.compare_box = NameCombo()
         self.compare_box.setEnabled(False)
         form.addRow(self.compare_check, self.compare_box)
-        self.image_box = QComboBox()
+        self.image_box = _SourceImageCombo(self.viewer)
         form.addRow("Image", self.image_box)
         self.similarity_box = QComboBox()
         self.similarity_box.addItems(["cosine", "pearson"])
@@ -182,10 +198,7 @@ class RedundancyWidget(QWidget):
         self.run_button.clicked.connect(self._run_or_stop)
         self.block_box.currentTextChanged.connect(self._draw)
         self.registry.changed.connect(self._refresh_models)
-        self.viewer.layers.events.inserted.connect(self._refresh_images)
-        self.viewer.layers.events.removed.connect(self._refresh_images)
         self._refresh_models()
-        self._refresh_images()
 
     # ------------------------------------------------------------------ choices
 
@@ -201,24 +214,6 @@ class RedundancyWidget(QWidget):
             box.set_names(names)
         if len(names) > 1 and self.compare_box.currentText() == self.model_box.currentText():
             self.compare_box.setCurrentIndex(1 if self.model_box.currentIndex() == 0 else 0)
-
-    def _image_layers(self) -> list:
-        from napari.layers import Image
-
-        return [
-            layer for layer in self.viewer.layers
-            if isinstance(layer, Image) and not layer.metadata.get("napari_selfreg_redundancy")
-        ]
-
-    def _refresh_images(self, *_) -> None:
-        current = self.image_box.currentText()
-        names = [layer.name for layer in self._image_layers()]
-        self.image_box.blockSignals(True)
-        self.image_box.clear()
-        self.image_box.addItems(names)
-        if current in names:
-            self.image_box.setCurrentText(current)
-        self.image_box.blockSignals(False)
 
     def _choose_file(self) -> None:
         path = ask_model_file(self)
@@ -261,6 +256,7 @@ class RedundancyWidget(QWidget):
     def _run_or_stop(self) -> None:
         if self.worker is not None:
             self.worker.quit()
+            self._stopping = True
             self.status.setText("stopping…")
             return
         self.compute()
@@ -278,9 +274,12 @@ class RedundancyWidget(QWidget):
         if len(names) == 2 and names[0] == names[1]:
             self.status.setText("choose two different models to compare")
             return None
-        layer = next((lay for lay in self._image_layers() if lay.name == self.image_box.currentText()), None)
+        layer = self.image_box.layer()
         if layer is None:
             self.status.setText("choose an image layer")
+            return None
+        if stack_problem(layer):
+            self.status.setText(stack_problem(layer))
             return None
         kinds = [k for k, box in self.kind_checks.items() if box.isChecked()]
         if not kinds:
@@ -328,12 +327,16 @@ class RedundancyWidget(QWidget):
             self.status.setText(f"redundancy failed: {type(error).__name__}: {error}")
 
     def _on_finished(self) -> None:
+        if self._stopping:
+            self.status.setText("Stopped; no maps were added.")
+        self._stopping = False
         self.worker = None
         self.run_button.setText("Compute")
         self.progress.setRange(0, 1)
         self.progress.setValue(1 if self.result is not None else 0)
 
     def _on_result(self, result: ComputeResult) -> None:
+        self._stopping = False  # the maps came in before the stop took effect
         self.result = result
         self._apply_layers(result)
         names = result.reports[0].names
@@ -369,7 +372,7 @@ class RedundancyWidget(QWidget):
             }
             self.viewer.add_image(
                 spec.data, name=spec.name, scale=scale, translate=translate, opacity=OPACITY,
-                blending="translucent", visible=visible, metadata={"napari_selfreg_redundancy": True}, **kwargs,
+                blending="translucent", visible=visible, metadata={MAP_FLAG: True}, **kwargs,
             )
 
     # ------------------------------------------------------------------ chart

@@ -39,6 +39,7 @@ from ._common import (
     explain,
     image_shape_2d,
     layer_data,
+    stack_problem,
 )
 from ._workers import run_prediction
 from .classes import class_colormap, class_features
@@ -60,6 +61,7 @@ class SegmentWidget(QWidget):
         self.instance_worker = None
         self.stop_event = threading.Event()
         self.output_layer = None
+        self._previous_name = ""  # the last segmentation, kept under this name while a new run goes
         self.prediction = None
         self._last_refresh = 0.0
         self._tempdir: tempfile.TemporaryDirectory | None = None
@@ -195,6 +197,9 @@ class SegmentWidget(QWidget):
         if image is None:
             show_error("Choose an image layer to segment.")
             return None
+        if stack_problem(image):
+            show_error(stack_problem(image))
+            return None
         model = self.registry.get(name)
         try:
             config = PredictConfig(
@@ -208,8 +213,14 @@ class SegmentWidget(QWidget):
         data = layer_data(image)
         labels, probs = self._outputs(shape, model.config.num_classes, self.probabilities.isChecked())
         layer_name = f"{image.name} segmentation"
+        # the last result stays, renamed, until this run completes: a stopped or failed run
+        # must not cost the user a segmentation they may have corrected
+        previous_name = f"{layer_name} (previous)"
         if layer_name in self.viewer.layers:
-            self.viewer.layers.remove(layer_name)
+            if previous_name in self.viewer.layers:
+                self.viewer.layers.remove(previous_name)
+            self.viewer.layers[layer_name].name = previous_name
+        self._previous_name = previous_name
         self.output_layer = self.viewer.add_labels(
             labels,
             name=layer_name,
@@ -253,14 +264,19 @@ class SegmentWidget(QWidget):
             show_warning("The segmentation layer was removed; press Segment again to remake it.")
             return
         seconds = time.perf_counter() - self._started
+        kept = self._kept_note()
         if not prediction.complete:
-            self.status.setText("Stopped; the rows finished so far are kept in the segmentation layer.")
-            show_info("Segmentation stopped; the part done so far is kept.")
+            self.status.setText(f"Stopped; the rows finished so far are kept in the segmentation layer.{kept}")
+            show_info(f"Segmentation stopped; the part done so far is kept.{kept}")
             return
+        if kept:
+            self.viewer.layers.remove(self._previous_name)
         self.status.setText(f"Done in {seconds:.1f} s: '{self.output_layer.name}'.")
         image = self._image
         if prediction.probabilities is not None:
             probs = prediction.probabilities[1:]
+            if f"{image.name} probabilities" in self.viewer.layers:  # replaced, as the segmentation is
+                self.viewer.layers.remove(f"{image.name} probabilities")
             self.viewer.add_image(
                 probs[0] if len(probs) == 1 else probs,
                 name=f"{image.name} probabilities",
@@ -305,10 +321,16 @@ class SegmentWidget(QWidget):
         self.viewer.add_labels(instances, name=name, scale=image.scale[-2:], translate=image.translate[-2:])
         self.status.setText(f"Done: '{self.output_layer.name}' and '{name}' ({int(instances.max())} objects).")
 
+    def _kept_note(self) -> str:
+        if self._previous_name and self._previous_name in self.viewer.layers:
+            return f" The last result is kept as '{self._previous_name}'."
+        return ""
+
     def _on_errored(self, error: BaseException) -> None:
         message = explain(error)
-        show_error(f"Segmentation failed: {message}")
-        self.status.setText(f"Segmentation failed: {message}")
+        kept = self._kept_note()
+        show_error(f"Segmentation failed: {message}{kept}")
+        self.status.setText(f"Segmentation failed: {message}{kept}")
 
     def _on_finished(self) -> None:
         self.worker = None

@@ -50,6 +50,7 @@ from ._common import (
     image_shape_2d,
     layer_data,
     notify_error,
+    stack_problem,
     visible_corners,
 )
 from ._workers import WorkerError, run_training, visible_box
@@ -81,6 +82,9 @@ def _dspin(value: float, low: float, high: float, tip: str, decimals: int = 4, s
     return box
 
 
+CHOOSE = "(choose)"
+
+
 class _PairRow(QWidget):
     """One extra (image, labels) pair for training on several images at once."""
 
@@ -88,9 +92,10 @@ class _PairRow(QWidget):
         super().__init__()
         layout = QHBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        self.image = LayerCombo(viewer, Image)
+        # nothing chosen at first: a new row must not default to the main pair or the preview
+        self.image = LayerCombo(viewer, Image, none_text=CHOOSE)
         self.image.setToolTip("Another image to train on")
-        self.labels = LayerCombo(viewer, Labels)
+        self.labels = LayerCombo(viewer, Labels, none_text=CHOOSE)
         self.labels.setToolTip("The strokes painted on that image")
         remove = QPushButton("✕")
         remove.setFixedWidth(28)
@@ -232,7 +237,7 @@ class TrainWidget(QWidget):
         self.batch_size = _spin(defaults.batch_size, 1, 256, "Patches per step; lower it if memory runs out.")
         af.addRow("Batch size", self.batch_size)
         self.learning_rate = _dspin(
-            defaults.learning_rate, 1e-6, 1.0, "Peak learning rate (AdamW, warm-up then cosine decay).", 5, 1e-4
+            defaults.learning_rate, 1e-5, 1.0, "Peak learning rate (AdamW, warm-up then cosine decay).", 5, 1e-4
         )
         af.addRow("Learning rate", self.learning_rate)
         self.lambda_scr = _dspin(defaults.lambda_scr, 0.0, 10.0, "Weight of the SCR loss (paper: 0.015).")
@@ -376,8 +381,8 @@ class TrainWidget(QWidget):
 
     def _pairs(self) -> list[tuple]:
         pairs = [(self.image_combo.layer(), self.labels_combo.layer())]
-        pairs += [(row.image.layer(), row.labels.layer()) for row in self.extra_pairs]
-        return pairs
+        extra = [(row.image.layer(), row.labels.layer()) for row in self.extra_pairs]
+        return pairs + [pair for pair in extra if pair != (None, None)]  # an untouched row is no pair
 
     # ------------------------------------------------------------------ models
 
@@ -478,6 +483,7 @@ class TrainWidget(QWidget):
 
     def start(self):
         """Copy the painted data and settings, then train in a thread worker."""
+        self.status.setText("")  # no earlier run's status beside this run's errors
         pairs = self._pairs()
         for image, labels in pairs:
             if image is None:
@@ -485,6 +491,9 @@ class TrainWidget(QWidget):
                 return None
             if labels is None:
                 show_error("Choose the labels layer with your strokes, or click 'New labels layer for painting'.")
+                return None
+            if stack_problem(image):
+                show_error(stack_problem(image))
                 return None
             if image_shape_2d(image) != tuple(np.shape(layer_data(labels))[-2:]):
                 show_error(
@@ -605,6 +614,7 @@ class TrainWidget(QWidget):
             self.last_stop_latency = time.perf_counter() - self._stop_requested_at
         self.plot.flush()
         if not result.history:
+            self.status.setText("Training stopped before the first step; no model was made.")
             show_warning("Training stopped before the first step; no model was made.")
             return
         name = self.registry.add(f"{self._run_image.name if self._run_image else 'model'} model", result.model)
@@ -681,22 +691,31 @@ class TrainWidget(QWidget):
 
     def use_prediction_as_labels(self):
         """Dense labels from the (corrected) prediction, the user's strokes on top, for the next round."""
-        name = self._prediction_name
         image = self.image_combo.layer()
-        if (name is None or name not in self.viewer.layers) and image is not None:
-            name = f"{image.name} prediction"
-        if name is None or name not in self.viewer.layers:
-            show_error("There is no prediction yet: train first (or segment the image), then correct it.")
+        if image is None:
+            show_error("Choose the image whose prediction you want to correct.")
+            return None
+        # the chosen image's own prediction: the live preview of training, else the Segment output
+        names = [f"{image.name} prediction", f"{image.name} segmentation"]
+        if image is self._run_image and self._prediction_name:
+            names.insert(0, self._prediction_name)
+        name = next((n for n in names if n in self.viewer.layers), None)
+        if name is None:
+            show_error(f"There is no prediction of '{image.name}' yet: train (or segment it) first, then correct it.")
             return None
         prediction = self.viewer.layers[name]
+        if tuple(prediction.data.shape) != image_shape_2d(image):
+            show_error(f"'{name}' does not have the shape of '{image.name}'; segment the image again.")
+            return None
         data = np.array(prediction.data, copy=True)
         strokes = self.labels_combo.layer()
         if strokes is not None and strokes is not prediction and strokes.data.shape == data.shape:
             painted = np.asarray(strokes.data) > 0
-            data[painted] = np.asarray(strokes.data)[painted]
+            if not painted.all():  # strokes, not an earlier dense correction that would hide the prediction
+                data[painted] = np.asarray(strokes.data)[painted]
         layer = self.viewer.add_labels(
             data,
-            name=f"{prediction.name.removesuffix(' prediction')} corrected",
+            name=f"{image.name} corrected",
             features=class_features(self.class_names()),
             colormap=class_colormap(show_background=False),
             scale=prediction.scale,

@@ -1,0 +1,132 @@
+"""What the widgets train and segment on is what the user chose: removed, renamed, stacked,
+other-image and repeated cases (a real viewer under Xvfb)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from test_widgets import PLUGIN, Messages, train_widget_for, wait_idle
+
+
+@pytest.fixture
+def messages(monkeypatch):
+    from napari_selfreg.widgets import _common, segment_widget, train_widget
+
+    return Messages(monkeypatch, train_widget, segment_widget, _common)
+
+
+@pytest.fixture
+def he_viewer(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "he_tissue")
+    return viewer
+
+
+def _add_tiny_model(segment) -> None:
+    from napari_selfreg.core.config import ModelConfig, ModelInfo
+    from napari_selfreg.core.model import SegmentationModel
+
+    model = SegmentationModel.create(ModelInfo(model=ModelConfig(base_channels=4, depth=2)))
+    segment.registry.add("tiny", model, replace=True)
+    segment.model_combo.set_names(segment.registry.names())
+    segment.model_combo.setCurrentText("tiny")
+
+
+def test_a_removed_strokes_layer_leaves_nothing_chosen_and_a_renamed_one_stays(he_viewer, messages):
+    train = train_widget_for(he_viewer)
+    he_viewer.layers["strokes"].name = "my strokes"
+    assert train.labels_combo.layer() is he_viewer.layers["my strokes"]
+    he_viewer.layers.selection.active = he_viewer.layers["ground truth"]  # as napari selects a neighbour
+    he_viewer.layers.remove("my strokes")
+    assert train.labels_combo.layer() is None  # not silently the "ground truth" layer
+    assert train.labels_combo.currentText() == ""
+    assert train.start() is None and "Choose the labels layer" in messages.errors[-1]
+    new = he_viewer.add_labels(np.zeros((256, 256), np.uint8), name="fresh strokes")
+    assert train.labels_combo.layer() is None  # the user chooses again
+    train.labels_combo.setCurrentText("fresh strokes")
+    assert train.labels_combo.layer() is new
+
+
+def test_an_added_pair_row_starts_empty_and_is_not_a_pair(he_viewer):
+    train = train_widget_for(he_viewer)
+    row = train.add_pair()
+    assert row.image.layer() is None and row.labels.layer() is None
+    assert train._pairs() == [(he_viewer.layers["H&E tissue"], he_viewer.layers["strokes"])]
+    row.image.select("H&E tissue")
+    assert train._pairs()[1] == (he_viewer.layers["H&E tissue"], None)  # half a pair is reported at Start
+
+
+def test_a_three_plane_stack_is_not_taken_for_rgb(he_viewer, messages):
+    from napari_selfreg.widgets.segment_widget import SegmentWidget
+
+    stack = he_viewer.add_image(np.zeros((3, 256, 256), np.uint8), name="z-stack")
+    assert not stack.rgb and stack.ndim == 3
+    train = train_widget_for(he_viewer)
+    train.image_combo.select("z-stack")
+    assert train.start() is None and "stack of 2-D planes" in messages.errors[-1]
+    segment = SegmentWidget(he_viewer)
+    _add_tiny_model(segment)
+    segment.image_combo.select("z-stack")
+    assert segment.start() is None and "stack of 2-D planes" in messages.errors[-1]
+
+
+def test_correction_starts_from_the_chosen_images_own_prediction(he_viewer, qtbot, messages):
+    image = he_viewer.layers["H&E tissue"]
+    other = he_viewer.add_image(np.asarray(image.data)[::-1].copy(), name="other tissue", rgb=True)
+    train = train_widget_for(he_viewer)
+    prediction = he_viewer.add_labels(np.full((256, 256), 2, np.uint8), name="H&E tissue prediction")
+    train.image_combo.select("other tissue")
+    assert train.use_prediction_as_labels() is None
+    assert "no prediction of 'other tissue'" in messages.errors[-1]
+    # the Segment widget's output counts as a prediction of its image
+    he_viewer.add_labels(np.ones((256, 256), np.uint8), name="other tissue segmentation")
+    corrected = train.use_prediction_as_labels()
+    assert corrected.name == "other tissue corrected" and train.labels_combo.layer() is corrected
+    painted = np.asarray(he_viewer.layers["strokes"].data) > 0
+    assert (np.asarray(corrected.data)[~painted] == 1).all()  # from other's segmentation, not H&E's 2s
+    train.image_combo.select("H&E tissue")
+    assert np.asarray(train.use_prediction_as_labels().data)[~painted].min() == 2
+    assert prediction in he_viewer.layers and other in he_viewer.layers
+
+
+def test_segmenting_again_replaces_the_probabilities_and_drops_the_previous_result(he_viewer, qtbot, messages):
+    from napari_selfreg.widgets.segment_widget import SegmentWidget
+
+    segment = SegmentWidget(he_viewer)
+    _add_tiny_model(segment)
+    segment.image_combo.select("H&E tissue")
+    segment.probabilities.setChecked(True)
+    segment.instances.setChecked(False)
+    for _ in range(2):
+        assert segment.start() is not None
+        wait_idle(qtbot, segment, timeout=60_000)
+    names = [layer.name for layer in he_viewer.layers]
+    assert names.count("H&E tissue probabilities") == 1 and names.count("H&E tissue segmentation") == 1
+    assert "H&E tissue segmentation (previous)" not in names
+    assert not messages.errors
+
+
+def test_no_preview_when_the_preview_interval_is_zero():
+    from napari_selfreg.core.config import ModelConfig, TrainConfig
+    from napari_selfreg.sample_data import he_arrays
+    from napari_selfreg.widgets._workers import run_training
+
+    data = he_arrays()
+    config = TrainConfig(steps=6, patch_size=48, batch_size=2, seed=0)
+    events = list(run_training(
+        [data["image"]], [data["strokes"]], config, ModelConfig(base_channels=4, depth=2), ["background", "nuclei"],
+        None, threading.Event(), view=lambda: (slice(0, 64), slice(0, 64)), preview_image=data["image"],
+        preview_every=0.0,
+    ))
+    assert [kind for kind, _ in events] == ["report"] * 6
+    events = list(run_training(
+        [data["image"]], [data["strokes"]], config, ModelConfig(base_channels=4, depth=2), ["background", "nuclei"],
+        None, threading.Event(), view=lambda: (slice(0, 64), slice(0, 64)), preview_image=data["image"],
+        preview_every=1e-6,
+    ))
+    assert "preview" in [kind for kind, _ in events]  # the same run with an interval does preview
