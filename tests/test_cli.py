@@ -176,6 +176,8 @@ def test_evaluate_reads_palette_masks_and_masks_without_background(tmp_path, cap
         (["predict", "--model", "{tmp}/img.tif", "--image", "{tmp}/img.tif", "--out", "{tmp}/o.tif",
           "--probabilities", "{tmp}/p.png"], "cannot write this format"),
         (["inspect", "--model", "{tmp}/img.tif", "--image", "{tmp}/img.tif", "--out", "{tmp}/afile"], "is a file"),
+        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m", "--seed", "-1"],
+         "--seed must be 0 or more"),
         (["train", "--image", "{tmp}/zstack.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"],
          "is a stack \\(Z=3\\)"),
         (["train", "--image", "{tmp}/volume.nii.gz", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"],
@@ -183,7 +185,7 @@ def test_evaluate_reads_palette_masks_and_masks_without_background(tmp_path, cap
     ],
     ids=["no-model", "not-a-model", "unpainted", "shape", "pair-count", "no-image", "cuda", "eval-shape",
          "out-folder", "out-under-file", "budget-0", "one-class-name", "resume-width", "model-folder",
-         "labels-jpeg", "probabilities-png", "inspect-out-file", "imagej-z-stack", "nifti-volume"],
+         "labels-jpeg", "probabilities-png", "inspect-out-file", "seed", "imagej-z-stack", "nifti-volume"],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     import re

@@ -168,3 +168,19 @@ def test_viewer_opens_and_saves_with_the_plugin(make_napari_viewer, tmp_path, la
     assert layer.__class__.__name__ == "Labels"
     written = viewer.layers.save(str(tmp_path / "saved.png"), selected=False, plugin="napari-selfreg")
     assert np.array_equal(read_image(written[0]), labels)
+
+
+def test_a_simpleitk_output_keeps_the_images_spacing_and_origin(tmp_path):
+    import SimpleITK as sitk
+
+    from napari_selfreg.io import write_image
+
+    source = sitk.GetImageFromArray(np.zeros((20, 30), np.uint8))
+    source.SetSpacing((0.25, 0.5))
+    source.SetOrigin((10.0, 20.0))
+    sitk.WriteImage(source, str(tmp_path / "image.nii.gz"))
+    write_image(tmp_path / "labels.nii.gz", np.ones((20, 30), np.uint8), like=tmp_path / "image.nii.gz")
+    written = sitk.ReadImage(str(tmp_path / "labels.nii.gz"))
+    assert written.GetSpacing() == (0.25, 0.5) and written.GetOrigin() == (10.0, 20.0)
+    write_image(tmp_path / "plain.nii.gz", np.ones((20, 30), np.uint8), like=tmp_path / "nothing.png")
+    assert sitk.ReadImage(str(tmp_path / "plain.nii.gz")).GetSpacing() == (1.0, 1.0)

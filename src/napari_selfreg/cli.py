@@ -80,6 +80,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if len(args.image) != len(args.labels):
         raise InputError(f"{len(args.image)} --image but {len(args.labels)} --labels; give one --labels per --image")
+    if args.seed < 0:
+        raise InputError("--seed must be 0 or more")
     if args.time_budget is not None and args.time_budget <= 0:
         raise InputError("--time-budget must be a positive number of seconds")
     if args.resume and (args.width != DEFAULT_WIDTH or args.depth != DEFAULT_DEPTH):
@@ -210,7 +212,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         finally:
             if bar is not None:
                 bar.close()
-        write_image(args.out, prediction.labels)
+        write_image(args.out, prediction.labels, like=args.image)
         if want_probabilities:
             write_image(args.probabilities, np.asarray(prediction.probabilities, np.float32))
         counts = label_counts(prediction.labels, model.info.label_ids)
@@ -352,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # settings out of range (dataclass checks)
         print(f"napari-selfreg {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl-C twice during training, or once elsewhere
+        print(f"napari-selfreg {args.command}: aborted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -171,8 +171,26 @@ def _lazy_level(path: Path, axes: str, level: int):
     return _tiff_to_yx(da.from_zarr(zarr.open(store, mode="r")), axes)
 
 
-def write_image(path: str | Path, data: np.ndarray) -> Path:
-    """Write labels or images; integer labels keep their ids (no scaling)."""
+def _plane_geometry(reference: str | Path):
+    """(spacing, origin, direction) of the 2-D plane of a SimpleITK-readable file, or None."""
+    if reference is None or suffix_of(reference) not in ITK_SUFFIXES or not Path(reference).is_file():
+        return None
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(reference))
+    reader.ReadImageInformation()
+    n = reader.GetDimension()
+    direction = np.asarray(reader.GetDirection()).reshape(n, n)[:2, :2]
+    return reader.GetSpacing()[:2], reader.GetOrigin()[:2], tuple(direction.ravel())
+
+
+def write_image(path: str | Path, data: np.ndarray, like: str | Path | None = None) -> Path:
+    """Write labels or images; integer labels keep their ids (no scaling).
+
+    ``like``: an input image whose spacing, origin and direction a SimpleITK output keeps,
+    so the labels overlay the image in ITK-SNAP or 3D Slicer.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = np.asarray(data)
@@ -194,7 +212,13 @@ def write_image(path: str | Path, data: np.ndarray) -> Path:
     elif suffix in ITK_SUFFIXES:
         import SimpleITK as sitk
 
-        sitk.WriteImage(sitk.GetImageFromArray(data), str(path))
+        out = sitk.GetImageFromArray(data)
+        geometry = _plane_geometry(like)
+        if geometry is not None and out.GetDimension() == 2:
+            out.SetSpacing(geometry[0])
+            out.SetOrigin(geometry[1])
+            out.SetDirection(geometry[2])
+        sitk.WriteImage(out, str(path))
     else:
         raise ImageFileError(f"{path.name}: unsupported format for writing; use .tif, .png or .nii.gz")
     return path
