@@ -144,6 +144,9 @@ def test_evaluate_reads_palette_masks_and_masks_without_background(tmp_path, cap
     assert json.loads(capsys.readouterr().out)["classes"]["2"]["dice"] == 1.0
 
 
+TRAIN = ["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -151,14 +154,14 @@ def test_evaluate_reads_palette_masks_and_masks_without_background(tmp_path, cap
          "does not exist"),
         (["predict", "--model", "{tmp}/img.tif", "--image", "{tmp}/img.tif", "--out", "{tmp}/o.tif"],
          "not a readable napari-selfreg model"),
-        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m", "--steps", "1"],
+        ([*TRAIN, "--steps", "1"],
          "nothing is painted"),
         (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/small.tif", "--out", "{tmp}/m", "--steps", "1"],
          "shape"),
         (["train", "--image", "{tmp}/img.tif", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif",
           "--out", "{tmp}/m"], "one --labels per --image"),
         (["train", "--image", "{tmp}/nope.xyz", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"], "does not exist"),
-        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m", "--device", "cuda"],
+        ([*TRAIN, "--device", "cuda"],
          "nothing is painted|CUDA"),
         (["evaluate", "--prediction", "{tmp}/img.tif", "--mask", "{tmp}/small.tif"], "differ in shape"),
         (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/adir"], "is a folder"),
@@ -176,7 +179,7 @@ def test_evaluate_reads_palette_masks_and_masks_without_background(tmp_path, cap
         (["predict", "--model", "{tmp}/img.tif", "--image", "{tmp}/img.tif", "--out", "{tmp}/o.tif",
           "--probabilities", "{tmp}/p.png"], "cannot write this format"),
         (["inspect", "--model", "{tmp}/img.tif", "--image", "{tmp}/img.tif", "--out", "{tmp}/afile"], "is a file"),
-        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m", "--seed", "-1"],
+        ([*TRAIN, "--seed", "-1"],
          "--seed must be 0 or more"),
         (["train", "--image", "{tmp}/zstack.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"],
          "is a stack \\(Z=3\\)"),
