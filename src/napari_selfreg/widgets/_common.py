@@ -138,13 +138,11 @@ class LayerCombo(QComboBox):
         self.addItems(names)
         if self._present(self._chosen):
             self.setCurrentText(self._chosen.name)
-        elif had_choice:
-            self._chosen, self._emptied = None, True  # removed: the user chooses again
+        elif had_choice or self._emptied:  # the chosen layer was removed: the user chooses again
+            self._chosen, self._emptied = None, True
             self.setCurrentIndex(0 if self.none_text is not None else -1)
         elif current in names:
             self.setCurrentText(current)
-        elif self._emptied:
-            self.setCurrentIndex(0 if self.none_text is not None else -1)  # the user chooses again
         elif self.none_text is None and names:
             # nothing chosen yet: the layer the user selected last, else the first one
             active = self.viewer.layers.selection.active
