@@ -149,8 +149,8 @@ class Normalization(_JsonMixin):
 
     ``mode``: "uint8" divides 8-bit images by 255; "percentile" maps the image's own low/high
     percentiles to 0/1 (16-bit, float). Per image, the same in training and prediction; an
-    image that is not 8-bit is scaled to 8-bit units where its container says how, else by its percentiles
-    (``data.scaling_for``).
+    image that is not 8-bit is scaled to 8-bit units where its container says how, else by its
+    percentiles (``data.intensity_range``).
     """
 
     mode: str = "uint8"

@@ -7,7 +7,7 @@ the CLI and the widgets show that message instead of a traceback.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -88,19 +88,6 @@ def match_channels(image: np.ndarray, norm: Normalization) -> np.ndarray:
     raise InputError(f"the model expects {norm.channels} channel(s) but the image has {c}")
 
 
-def scaling_for(norm: Normalization, dtype) -> Normalization:
-    """The normalisation an image of ``dtype`` gets from a model that records ``norm``.
-
-    A model trained on 8-bit images divides 8-bit input by 255. Any other input (16-bit,
-    float) is scaled to the same units where its container says how (``_white_level``),
-    else by the image's own percentiles, as a model trained on such images does: dividing
-    a 16-bit image by 255 would saturate the network's input.
-    """
-    if norm.mode == "uint8" and np.dtype(dtype) != np.uint8:
-        return replace(norm, mode="percentile")
-    return norm
-
-
 def _white_level(sample: np.ndarray) -> float | None:
     """What full white is in an image that is not 8-bit, so that an 8-bit model sees the same
     picture: the bit depth its values fill (8, 10, 12, 14 or 16 bits) for integers, 1 or 255
@@ -121,11 +108,14 @@ def intensity_range(image: np.ndarray, norm: Normalization) -> tuple[np.ndarray,
     c = norm.channels
     if image.dtype == np.uint8 and norm.mode == "uint8":
         return np.zeros(c, np.float32), np.full(c, 255.0, np.float32)
-    sample = match_channels(_sample_for_percentiles(image), norm).astype(np.float32).reshape(-1, c)
+    raw = _sample_for_percentiles(image)
     if norm.mode == "uint8":
-        white = _white_level(_sample_for_percentiles(image))
+        # an 8-bit model given a 16-bit, 12-bit or float image: the same picture in its units
+        # (dividing such an image by 255 would saturate the network's input)
+        white = _white_level(raw)
         if white is not None:
             return np.zeros(c, np.float32), np.full(c, white, np.float32)
+    sample = match_channels(raw, norm).astype(np.float32).reshape(-1, c)
     low = np.percentile(sample, norm.low_percentile, axis=0).astype(np.float32)
     high = np.percentile(sample, norm.high_percentile, axis=0).astype(np.float32)
     high = np.where(high - low < 1e-6, low + 1.0, high)
@@ -153,10 +143,10 @@ def normalize(
     if value_range is None:
         value_range = intensity_range(image, norm)
     low, high = value_range
-    norm = scaling_for(norm, image.dtype)
+    scaled_by_percentiles = norm.mode == "percentile" or image.dtype != np.uint8
     image = match_channels(image, norm)
     out = (np.asarray(image, np.float32) - low) / (high - low)
-    if norm.mode == "percentile":
+    if scaled_by_percentiles:  # (or by a white level, where the clip changes nothing)
         np.clip(out, -0.5, 1.5, out=out)
     return out
 
