@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from napari_selfreg.core.data import MAX_CLASSES
 from napari_selfreg.sample_data import SAMPLE_DIR, fluorescence_arrays, fluorescence_nuclei, he_arrays, he_tissue
+from napari_selfreg.widgets.classes import class_colormap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,3 +77,15 @@ def test_generator_reproduces_the_shipped_files(tmp_path, monkeypatch):
             from napari_selfreg.io import read_image
 
             assert np.array_equal(read_image(tmp_path / path.name), read_image(path)), path.name
+
+
+def test_every_class_id_has_its_own_visible_colour():
+    """Ids past the fixed palette used to wrap round to the background's yellow."""
+    strokes = class_colormap()
+    ids = range(1, MAX_CLASSES + 1)
+    colours = [strokes[label_id] for label_id in ids]
+    assert "transparent" not in colours
+    assert len(set(colours)) == MAX_CLASSES
+    prediction = class_colormap(show_background=False)
+    assert prediction[1] == "transparent"
+    assert [prediction[label_id] for label_id in ids[1:]] == colours[1:]

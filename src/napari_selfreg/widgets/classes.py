@@ -7,7 +7,10 @@ with the layer to whichever widget reads it.
 
 from __future__ import annotations
 
+import colorsys
 from collections.abc import Sequence
+
+from ..core.data import MAX_CLASSES
 
 NOT_PAINTED = "not painted"
 DEFAULT_CLASSES = ("background", "nucleus")
@@ -36,15 +39,30 @@ def class_names_of(layer) -> list[str] | None:
 CLASS_COLOURS = ("#f2c300", "#00d35a", "#2f8cff", "#ff3fd0", "#ff7b00", "#00e5ff", "#b36bff", "#ff3b3b")
 
 
-def class_colormap(show_background: bool = True, ids: int = 32) -> dict:
-    """A napari label colormap with fixed class colours.
+def class_colour(label_id: int) -> str:
+    """The colour of one painting id (1 = background).
+
+    Past the fixed palette, hues step by the golden ratio over all but the yellows, so
+    that no structure takes the background's colour or repeats another's.
+    """
+    if label_id <= len(CLASS_COLOURS):
+        return CLASS_COLOURS[label_id - 1]
+    step = label_id - len(CLASS_COLOURS)
+    hue = (0.24 + 0.82 * ((step * 0.618034) % 1.0)) % 1.0  # skips 0.06-0.24, the yellows
+    value = 0.95 if step % 2 else 0.7
+    red, green, blue = colorsys.hsv_to_rgb(hue, 0.8, value)
+    return f"#{round(red * 255):02x}{round(green * 255):02x}{round(blue * 255):02x}"
+
+
+def class_colormap(show_background: bool = True, ids: int = MAX_CLASSES) -> dict:
+    """A napari label colormap with fixed class colours for every id a model can hold.
 
     Strokes show the background class (yellow); predictions hide it so the tissue stays
     visible under the structures.
     """
     colours: dict = {None: "transparent", 0: "transparent"}
     for label_id in range(1, ids + 1):
-        colours[label_id] = CLASS_COLOURS[(label_id - 1) % len(CLASS_COLOURS)]
+        colours[label_id] = class_colour(label_id)
     if not show_background:
         colours[1] = "transparent"
     return colours
