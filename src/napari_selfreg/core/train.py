@@ -377,7 +377,10 @@ def train(
     last = model.clone()
     if not crops:  # no held-out strokes: nothing to choose the best weights by
         best_state = last
-    record = [r.to_dict() for r in history]
+    # a continued model keeps the rounds before this one; each record says its round
+    earlier = list(model.info.history)
+    this_round = 1 + max((int(r.get("round", 1)) for r in earlier), default=0)
+    record = earlier + [{**r.to_dict(), "round": this_round} for r in history]
     last.info.history = record
     best_state.info.history = record
     last.network.eval()
