@@ -142,7 +142,8 @@ def test_fine_tuning_continues_from_a_saved_model(tmp_path):
     # the file keeps every round's history, the earlier ones first
     rounds = [(r["round"], r["step"]) for r in second.last.info.history]
     assert rounds == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)]
-    assert [r["round"] for r in load_model(save_model(second.best, tmp_path / "round2")).info.history] == [1] * 3 + [2] * 2
+    reloaded = load_model(save_model(second.best, tmp_path / "round2"))
+    assert [r["round"] for r in reloaded.info.history] == [1] * 3 + [2] * 2
     # a class renamed between rounds keeps its new name; the loaded model keeps the old one
     renamed = train_to_end([image], [labels], TrainConfig(steps=1, patch_size=32), initial=loaded,
                            class_names=["bg", "tumour nucleus"])

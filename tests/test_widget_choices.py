@@ -130,3 +130,29 @@ def test_no_preview_when_the_preview_interval_is_zero():
         preview_every=1e-6,
     ))
     assert "preview" in [kind for kind, _ in events]  # the same run with an interval does preview
+
+
+def test_loading_a_model_shows_its_training_settings(make_napari_viewer, messages, tmp_path):
+    """Load… used to leave the Advanced section at its defaults, so a second round trained
+    with other settings than the first."""
+    from napari_selfreg.core.checkpoint import save_model
+    from napari_selfreg.core.config import ModelConfig, ModelInfo, TrainConfig
+    from napari_selfreg.core.model import SegmentationModel
+
+    settings = TrainConfig(steps=77, time_budget=42.0, patch_size=96, batch_size=6, learning_rate=3e-4,
+                           selfreg=False, lambda_scr=0.02, lambda_ifd=0.03, validation_every=9, keep="best",
+                           device="cpu", seed=None)
+    info = ModelInfo(model=ModelConfig(base_channels=8, depth=2), class_names=["bg", "gland"],
+                     training={**settings.to_dict(), "images": 2})
+    path = save_model(SegmentationModel.create(info), tmp_path / "round1")
+    train = train_widget_for(make_napari_viewer())
+    device = train.device.currentText()
+    assert train.load_model(path) == "round1"
+    shown = train.train_config()
+    for key in ("steps", "time_budget", "patch_size", "batch_size", "selfreg", "validation_every", "keep", "seed"):
+        assert getattr(shown, key) == getattr(settings, key), key
+    for key in ("learning_rate", "lambda_scr", "lambda_ifd"):
+        assert getattr(shown, key) == pytest.approx(getattr(settings, key)), key
+    assert shown.device == device  # this machine's choice, not the file's
+    assert train.base_channels.value() == 8
+    assert train.class_names() == ["bg", "gland"]

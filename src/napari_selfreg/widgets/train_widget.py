@@ -406,6 +406,8 @@ class TrainWidget(QWidget):
         self.model_combo.setCurrentText(name)
         self.set_class_names(model.class_names)
         self._write_classes()
+        self.apply_settings(model.info.training)
+        self.base_channels.setValue(model.config.base_channels)
         show_info(f"Loaded {name}: classes {', '.join(model.class_names)}. Start continues training it.")
         return name
 
@@ -455,6 +457,34 @@ class TrainWidget(QWidget):
             device=self.device.currentText(),
             seed=None if self.seed.value() < 0 else self.seed.value(),
         )
+
+    def apply_settings(self, training: dict) -> None:
+        """Show a loaded model's last training settings, so the next round trains as it did.
+
+        The device stays this machine's choice; settings the file lacks or that are out of
+        range keep their current values.
+        """
+        try:
+            config = TrainConfig.from_dict(training)
+        except (TypeError, ValueError):
+            return
+        given = set(training)
+        spins = {
+            "steps": self.steps, "patch_size": self.patch_size, "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate, "lambda_scr": self.lambda_scr, "lambda_ifd": self.lambda_ifd,
+            "validation_every": self.validation_every,
+        }
+        for key, spin in spins.items():
+            if key in given:
+                spin.setValue(getattr(config, key))
+        if "time_budget" in given:
+            self.time_budget.setValue(round(config.time_budget or 0))
+        if "seed" in given:
+            self.seed.setValue(-1 if config.seed is None else config.seed)
+        if "selfreg" in given:
+            self.selfreg.setChecked(bool(config.selfreg))
+        if "keep" in given:
+            self.keep.setCurrentText(config.keep)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(base_channels=self.base_channels.value())
