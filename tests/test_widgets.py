@@ -307,6 +307,20 @@ def test_layer_removed_during_training_is_a_warning(he_viewer, qtbot, messages):
     assert train.result is not None and train.result.stopped and not messages.errors
 
 
+@pytest.mark.gui
+def test_closing_the_viewer_during_training_ends_it_without_warnings(he_viewer, qtbot, messages):
+    """Closing removes every layer before the window: that is no reason to warn about each."""
+    train = train_widget_for(he_viewer)
+    tiny(train, steps=100_000)
+    train.start()
+    qtbot.waitUntil(lambda: len(train.plot.steps) >= 2, timeout=60_000)
+    worker = train.worker
+    he_viewer.close()
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=30_000)
+    qtbot.wait(200)
+    assert messages.warnings == [] and messages.errors == []
+
+
 # ----------------------------------------------------------------------------- mistakes
 
 

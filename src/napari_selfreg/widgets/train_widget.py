@@ -16,7 +16,7 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -710,12 +710,23 @@ class TrainWidget(QWidget):
         if self.worker is None:
             return
         if any(layer is used for used in self._run_layers):
-            show_warning(
+            message = (
                 f"'{layer.name}' was removed while training. Training goes on with the copy taken at Start "
                 "and the model will be kept; press Stop to end it now."
             )
+            QTimer.singleShot(0, lambda: self._tell_removed(show_warning, message))
         elif layer.name == self._prediction_name:
-            show_info("The prediction layer was removed; it comes back with the next preview.")
+            message = "The prediction layer was removed; it comes back with the next preview."
+            QTimer.singleShot(0, lambda: self._tell_removed(show_info, message))
+
+    def _tell_removed(self, show, message: str) -> None:
+        """Told a moment later: closing the viewer removes every layer, then quits our worker."""
+        try:
+            worker = self.worker
+        except RuntimeError:  # the widget itself is gone with the window
+            return
+        if worker is not None and not worker.abort_requested:
+            show(message)
 
     # ------------------------------------------------------------------ correction loop
 
