@@ -111,6 +111,15 @@ def test_missing_data_skips_cleanly(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("budget", ["-1", "0", "5x"])
+def test_a_bad_budget_is_a_usage_error(budget, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["interactive", "--budgets", budget, "--out", str(tmp_path / "i.json")])
+    assert stop.value.code == 2
+    assert "--budgets" in capsys.readouterr().err
+    assert not (tmp_path / "i.json").exists()
+
+
 def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -35,6 +35,15 @@ def _datasets(value: str) -> list[str]:
     return names
 
 
+def _budget(value: str) -> str:
+    from .interactive import budget_label
+
+    try:
+        return budget_label(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _images(value: str) -> int | None:
     if value == "all":
         return None
@@ -49,7 +58,7 @@ def _methods(value: str) -> list[str]:
 
 
 def _strokes_arguments(parser, budgets: list[str], methods: list[str], choices: str) -> None:
-    parser.add_argument("--budgets", nargs="+", default=budgets,
+    parser.add_argument("--budgets", nargs="+", type=_budget, default=budgets,
                         help="training budgets: seconds (60 or 60s) or steps (200steps)")
     parser.add_argument("--images", type=_images, default=None, help="'all' or the first N test images")
     parser.add_argument("--methods", type=_methods, default=methods, help=f"comma list of {choices}")
