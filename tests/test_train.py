@@ -9,6 +9,7 @@ import torch
 
 from napari_selfreg.core.config import ModelConfig, TrainConfig
 from napari_selfreg.core.data import InputError
+from napari_selfreg.core.model import SegmentationModel
 from napari_selfreg.core.progress import drain
 from napari_selfreg.core.train import train, train_to_end
 
@@ -106,6 +107,41 @@ def test_a_callable_stop_works_before_the_first_step():
     image, labels, _ = _scene()
     result = train_to_end([image], [labels], TrainConfig(steps=50, patch_size=32), SMALL, stop=lambda: True)
     assert result.stopped and result.steps == 0
+
+
+def test_stopped_before_any_validation_best_means_the_last_weights():
+    """With no validation yet, "best" used to hand over the untrained starting weights."""
+    image, labels, _ = _scene()
+    stop = threading.Event()
+    config = TrainConfig(steps=50, patch_size=32, batch_size=2, validation_every=25, keep="best", seed=0)
+    run = train([image], [labels], config, SMALL, stop=stop)
+    for _ in range(3):
+        next(run)
+    stop.set()
+    with pytest.raises(StopIteration) as done:
+        next(run)
+    result = done.value.value
+    assert result.stopped and result.steps == 3 and result.keep == "best"
+    assert result.model is result.best and result.best is result.last
+    torch.manual_seed(0)
+    untrained = SegmentationModel.create(result.model.info).network.state_dict()
+    trained = result.model.network.state_dict()
+    assert any(not torch.equal(untrained[k], v) for k, v in trained.items() if v.dtype.is_floating_point)
+
+
+@pytest.mark.parametrize(("patch", "batch", "depth"), [(16, 1, 2 + 2), (32, 1, 5)])
+def test_a_single_value_per_channel_at_the_bottleneck_is_refused_before_training(patch, batch, depth):
+    image, labels, _ = _scene()
+    config = TrainConfig(steps=2, patch_size=patch, batch_size=batch)
+    with pytest.raises(InputError, match="batch size of 2 or more"):
+        next(train([image], [labels], config, ModelConfig(base_channels=4, depth=depth)))
+    assert train_to_end([image], [labels], TrainConfig(steps=1, patch_size=patch, batch_size=2),
+                        ModelConfig(base_channels=4, depth=depth)).steps == 1
+
+
+def test_validation_every_must_be_a_step_or_more():
+    with pytest.raises(ValueError, match="validation_every"):
+        TrainConfig(validation_every=0)
 
 
 def test_seed_makes_a_cpu_run_repeatable():

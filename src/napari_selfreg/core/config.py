@@ -113,6 +113,8 @@ class TrainConfig(_JsonMixin):
             raise ValueError("batch size must be at least 1")
         if not self.learning_rate > 0:
             raise ValueError("learning rate must be above 0")
+        if self.validation_every < 1:
+            raise ValueError("validation_every must be at least 1 step")
         if self.time_budget is not None and self.time_budget < 0:
             raise ValueError("time budget must not be negative")
         if self.scr_pairing not in ("random", "mean"):

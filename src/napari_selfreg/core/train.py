@@ -281,6 +281,12 @@ def train(
         info = ModelInfo(model=mc, class_names=names[:num_classes], normalization=norm)
         model = SegmentationModel.create(info)
     info.training = {**config.to_dict(), "images": len(images)}
+    divisor = model.config.divisor
+    if config.batch_size * (-(-config.patch_size // divisor)) ** 2 < 2:
+        raise InputError(
+            f"one patch of {config.patch_size} px per step leaves a single value per channel at the network's "
+            f"deepest level, too few for BatchNorm; use a batch size of 2 or more, or patches of {2 * divisor} px"
+        )
 
     train_set, val_images, val_labels = prepare_training_data(
         images, painted, info, config.validation_fraction, rng
@@ -375,7 +381,7 @@ def train(
     network.eval()
     network.to(memory_format=torch.contiguous_format)
     last = model.clone()
-    if not crops:  # no held-out strokes: nothing to choose the best weights by
+    if best_val is None:  # no held-out strokes, or stopped before the first validation
         best_state = last
     # a continued model keeps the rounds before this one; each record says its round
     earlier = list(model.info.history)
