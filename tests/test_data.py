@@ -12,6 +12,7 @@ from napari_selfreg.core.data import (
     PatchSampler,
     PatchSet,
     as_channels_last,
+    intensity_range,
     normalization_for,
     normalize,
     split_strokes,
@@ -91,6 +92,26 @@ def test_an_8_bit_model_sees_the_same_picture_in_another_container():
     np.testing.assert_allclose(normalize(signed, eight_bit), normalize(signed, percentile))
     gray16 = np.random.default_rng(3).integers(1000, 60000, (64, 64), dtype=np.uint16)
     np.testing.assert_allclose(normalize(gray16, eight_bit)[..., 0], gray16 / 65535.0, rtol=1e-5)
+
+
+def test_a_few_outlying_pixels_do_not_change_the_white_level():
+    """One hot pixel, or a float overshoot to 1.0001, used to scale the whole image by the
+    next level up (4x or 255x darker for the network)."""
+    eight_bit = normalization_for(np.zeros((2, 2, 3), np.uint8))
+    rgb8 = np.random.default_rng(5).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    expected = normalize(rgb8, eight_bit)
+    hot16 = rgb8.astype(np.uint16)
+    hot16[0, 0, 0] = 256
+    over = rgb8.astype(np.float32) / 255
+    over[0, 0, 0], over[1, 1, 1] = 1.0001, -1e-4
+    for copy in (hot16, over):
+        inside = np.ones(rgb8.shape, bool)
+        inside[:2, :2] = False  # the outliers themselves are clipped
+        np.testing.assert_allclose(normalize(copy, eight_bit)[inside], expected[inside], atol=1e-4)
+    # bright structures are not outliers: 12-bit data with 0.05 % of its pixels above 255 stays 12-bit
+    sparse = np.random.default_rng(6).integers(0, 200, (400, 400), dtype=np.uint16)
+    sparse.reshape(-1)[::2000] = 3000
+    assert intensity_range(sparse, normalization_for(np.zeros((2, 2), np.uint8)))[1][0] == 4095
 
 
 @pytest.mark.parametrize(

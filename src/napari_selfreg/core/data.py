@@ -88,18 +88,28 @@ def match_channels(image: np.ndarray, norm: Normalization) -> np.ndarray:
     raise InputError(f"the model expects {norm.channels} channel(s) but the image has {c}")
 
 
+WHITE_LEVEL_OUTLIERS = 1e-5  # share of a sample's values a white level may ignore: hot or cold pixels
+
+
 def _white_level(sample: np.ndarray) -> float | None:
     """What full white is in an image that is not 8-bit, so that an 8-bit model sees the same
     picture: the bit depth its values fill (8, 10, 12, 14 or 16 bits) for integers, 1 or 255
-    for floats in [0, 1] or [0, 255]; None where no such level fits (percentiles then)."""
-    if not sample.size:
+    for floats in [0, 1] or [0, 255]; None where no such level fits (percentiles then).
+
+    A few outlying pixels (a hot pixel, a resampling overshoot to 1.0001) do not decide it:
+    one such pixel used to darken the whole picture by the next level up.
+    """
+    values = sample.reshape(-1)
+    if not values.size:
         return None
-    low, high = float(sample.min()), float(sample.max())
-    if low < 0:
-        return None
-    if np.issubdtype(sample.dtype, np.integer):
+    skip = int(values.size * WHITE_LEVEL_OUTLIERS)
+    low, high = (float(v) for v in np.partition(values, (skip, values.size - 1 - skip))[[skip, -1 - skip]])
+    if np.issubdtype(values.dtype, np.integer):
+        if low < 0:
+            return None
         return next((2.0**bits - 1 for bits in (8, 10, 12, 14, 16) if high <= 2**bits - 1), None)
-    return next((level for level in (1.0, 255.0) if high <= level), None)
+    slack = 0.005  # floats: a little under- or overshoot from resampling or colour conversion
+    return next((level for level in (1.0, 255.0) if -slack * level <= low and high <= (1 + slack) * level), None)
 
 
 def intensity_range(image: np.ndarray, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
