@@ -294,3 +294,18 @@ def test_inference_network_folds_batchnorm_without_touching_the_model(random_mod
         torch.testing.assert_close(fused(x), random_model.network(x), atol=1e-4, rtol=1e-4)
     after = random_model.network.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_weights_written_through_data_are_not_predicted_with_stale_copies():
+    """The folded inference network is cached per model; a write through ``.data`` (weight
+    averaging does them) does not bump the version counter and used to go unseen."""
+    info = ModelInfo(model=ModelConfig(base_channels=4, depth=2, num_classes=3), class_names=["b", "x", "y"])
+    model = _calibrated(SegmentationModel.create(info))
+    image = _image(48, 48, seed=5)
+    before = predict(model, image, PredictConfig(**F32)).probabilities
+    for parameter in model.network.parameters():
+        parameter.data.mul_(-1)
+    after = predict(model, image, PredictConfig(**F32)).probabilities
+    fresh = predict(model.clone(), image, PredictConfig(**F32)).probabilities
+    np.testing.assert_allclose(after, fresh, atol=1e-5)
+    assert np.abs(after - before).max() > 0.01
