@@ -196,7 +196,7 @@ def test_ifd_pairs_follow_selfreg_ranking():
     report = redundancy_report(model, image, RedundancyConfig(device="cpu", window=4))
     x = torch.from_numpy(np.moveaxis(image.astype(np.float32) / 255.0, -1, 0).copy())[None]
     with torch.no_grad():
-        _, blocks = model.network.forward_blocks(x)
+        _, blocks = model.network.eval().forward_blocks(x)  # the report reads the model in eval mode
     for name, feature in blocks.items():
         scores = channel_scores(feature).numpy()
         top = report.block(name).ifd_pairs[:, 0]
@@ -239,3 +239,21 @@ def test_block_features_and_their_index(odd_image):
     for name, f in features.items():  # the report's index is the index of these very features
         s = channel_similarity(f)
         assert redundancy_index(s) == pytest.approx(report.block(name).redundancy_index, abs=1e-6)
+
+
+def test_reading_a_model_in_training_mode_leaves_it_training(odd_image):
+    """Previews and maps of the live model between training steps must not freeze BatchNorm
+    for the rest of the run; each reader used to switch the model to eval mode for good."""
+    from napari_selfreg.core.predict import predict_whole
+
+    model = _tiny_model()
+    model.network.train()
+    redundancy_report(model, odd_image, RedundancyConfig(device="cpu"))
+    assert model.network.training
+    block_features(model, odd_image, device="cpu")
+    assert model.network.training
+    predict_whole(model, odd_image)
+    assert model.network.training
+    model.network.eval()
+    redundancy_report(model, odd_image, RedundancyConfig(device="cpu"))
+    assert not model.network.training

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -38,3 +40,15 @@ class SegmentationModel:
 
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu").contiguous() for k, v in self.network.state_dict().items()}
+
+
+@contextmanager
+def evaluating(network: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode for one use, then the mode it had: a live model read between training steps
+    must go on training with BatchNorm's batch statistics."""
+    was_training = network.training
+    network.eval()
+    try:
+        yield network
+    finally:
+        network.train(was_training)

@@ -32,7 +32,7 @@ from .config import Normalization, PredictConfig
 from .cpu_fusion import fuse_for_cpu
 from .data import InputError, intensity_range, normalize
 from .device import autocast, autocast_dtype, resolve_device
-from .model import SegmentationModel
+from .model import SegmentationModel, evaluating
 from .progress import drain
 from .train import StopRequest, _stop_requested
 
@@ -461,7 +461,6 @@ def predict_whole(model: SegmentationModel, image, device: str = "cpu", precisio
     x = normalize(reader.read(slice(None), slice(None)), norm, _value_range(reader, norm))
     dev = resolve_device(device)
     dtype = autocast_dtype(dev, precision)
-    network = model.network.to(dev).eval()
-    with torch.no_grad(), autocast(dev, dtype):
+    with evaluating(model.network.to(dev)) as network, torch.no_grad(), autocast(dev, dtype):
         logits = network(torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0)))[None].to(dev))
     return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .data import InputError, as_channels_last, check_finite, intensity_range, normalize
 from .device import resolve_device
-from .model import SegmentationModel
+from .model import SegmentationModel, evaluating
 from .progress import drain
 from .selfreg import BlockRoles
 
@@ -500,10 +500,9 @@ def block_features(model: SegmentationModel, image, device: str = "auto") -> dic
     check_finite(image)
     h, w = image.shape[:2]
     dev = resolve_device(device)
-    network = model.network.to(dev).eval()
     x = normalize(np.asarray(image), model.info.normalization)
     x = _pad_input(torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0)))[None].to(dev), model.config.divisor)
-    with torch.no_grad():
+    with evaluating(model.network.to(dev)) as network, torch.no_grad():
         _, blocks = network.forward_blocks(x)
     out = {}
     for name, value in blocks.items():
@@ -525,6 +524,16 @@ def compute_redundancy(
     SCR maps equal the same pixels of the whole image's maps; the index, the similarity
     matrix, the IFD ranking and the principal components count the region's pixels only.
     """
+    with evaluating(model.network):
+        return (yield from _compute_redundancy(model, image, config, region))
+
+
+def _compute_redundancy(
+    model: SegmentationModel,
+    image,
+    config: RedundancyConfig | None,
+    region: tuple[int, int, int, int] | None,
+) -> Generator[RedundancyProgress, None, RedundancyReport]:
     config = config or RedundancyConfig()
     start_time = time.perf_counter()
     image = as_channels_last(image)
@@ -535,7 +544,7 @@ def compute_redundancy(
     norm = model.info.normalization
     value_range = intensity_range(image, norm)  # whole image: a region is scaled as the whole
     device = resolve_device(config.device)
-    network = model.network.to(device).eval()
+    network = model.network.to(device)
     divisor = model.config.divisor
     window = config.window
     align = window * divisor
