@@ -309,3 +309,37 @@ def test_weights_written_through_data_are_not_predicted_with_stale_copies():
     fresh = predict(model.clone(), image, PredictConfig(**F32)).probabilities
     np.testing.assert_allclose(after, fresh, atol=1e-5)
     assert np.abs(after - before).max() > 0.01
+
+
+class _CountingArray:
+    """A lazy float image that records how many pixels each read asks for."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data, self.shape, self.dtype, self.reads = data, data.shape, data.dtype, []
+
+    def __getitem__(self, index):
+        region = self.data[index]
+        self.reads.append(region.shape[0] * region.shape[1])
+        return region
+
+
+def test_a_lazy_float_image_is_never_read_whole():
+    """Checking a lazy float image for NaN used to read all of it before the first tile."""
+    from napari_selfreg.core.data import InputError, check_finite
+
+    info = ModelInfo(model=ModelConfig(base_channels=4, depth=2), normalization=Normalization(mode="percentile"))
+    model = SegmentationModel.create(info)
+    data = np.random.default_rng(0).random((1500, 1500, 3), dtype=np.float32)
+    lazy = _CountingArray(data)
+    result = predict(model, lazy, PredictConfig(tile_size=512, **F32))
+    assert max(lazy.reads) < data.shape[0] * data.shape[1] // 2
+    np.testing.assert_array_equal(result.labels, predict(model, data, PredictConfig(tile_size=512, **F32)).labels)
+    lazy.reads.clear()
+    check_finite(lazy)  # as training checks an image
+    assert max(lazy.reads) < data.shape[0] * data.shape[1] // 2
+    # NaN is still found: in the sample before any tile, or in the tile that holds it
+    for y, x in ((0, 0), (1, 1)):
+        bad = data.copy()
+        bad[y, x, 0] = np.nan
+        with pytest.raises(InputError, match="NaN"):
+            predict(model, _CountingArray(bad), PredictConfig(tile_size=512, **F32))

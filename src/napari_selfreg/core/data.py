@@ -133,8 +133,11 @@ def intensity_range(image: np.ndarray, norm: Normalization) -> tuple[np.ndarray,
 
 
 def check_finite(image: np.ndarray) -> None:
+    """NaN/inf in an image in memory, or in the subsample a lazy one (dask, zarr, memory map)
+    is scaled by: reading a lazy image whole only to check it would defeat the laziness."""
     if np.issubdtype(np.asarray(image[:1, :1]).dtype, np.floating):
-        sample = np.asarray(image) if image.size <= 50_000_000 else _sample_for_percentiles(image, 10_000_000)
+        in_memory = type(image) is np.ndarray and image.size <= 50_000_000
+        sample = image if in_memory else _sample_for_percentiles(image)
         if not np.isfinite(sample).all():
             raise InputError("the image contains NaN or infinite values; replace them (e.g. with 0) and try again")
 

@@ -36,7 +36,7 @@ from .model import SegmentationModel, evaluating
 from .progress import drain
 from .train import StopRequest, _stop_requested
 
-FINITE_CHECK_PIXELS = 50_000_000  # images up to this size are checked for NaN/inf before the first tile
+FINITE_CHECK_PIXELS = 50_000_000  # images in memory up to this size are checked for NaN/inf before the first tile
 
 
 @dataclass
@@ -173,7 +173,9 @@ def _value_range(reader: _TileReader, norm: Normalization) -> tuple[np.ndarray, 
     """``data.intensity_range`` of the whole image, computed from the same subsample it would take."""
     if norm.mode == "uint8" and reader.dtype == np.uint8:
         return intensity_range(np.zeros((1, 1, reader.channels), np.uint8), norm)
-    return intensity_range(reader.sample(2_000_000), norm)
+    sample = reader.sample(2_000_000)
+    _check_finite(sample)  # percentiles of NaN would make every tile NaN
+    return intensity_range(sample, norm)
 
 
 # ----------------------------------------------------------------------------- network
@@ -333,9 +335,12 @@ def predict_tiled(
     reader = _TileReader(image)
     h, w = reader.height, reader.width
     norm = model.info.normalization
-    if reader.dtype.kind == "f" and h * w <= FINITE_CHECK_PIXELS:
+    # an image in memory is checked before the first tile; a lazy one (dask, zarr, a memory
+    # map) tile by tile, so that checking never reads it whole
+    checked = reader.dtype.kind != "f" or (type(reader.image) is np.ndarray and h * w <= FINITE_CHECK_PIXELS)
+    if reader.dtype.kind == "f" and checked:
         _check_finite(reader.sample(FINITE_CHECK_PIXELS))
-    check_tiles = reader.dtype.kind == "f" and h * w > FINITE_CHECK_PIXELS
+    check_tiles = not checked
     value_range = _value_range(reader, norm)
     k = model.config.num_classes
     device = resolve_device(config.device)
