@@ -125,8 +125,14 @@ def _set(doc, **changes):
         (lambda doc: _set(doc, class_names=["bg", "nuclei", "glands", "ghost"]), "4 class names for 3 classes"),
         (lambda doc: _set(doc, model__depth=30), "do not fit|cannot be built"),
         (lambda doc: _set(doc, model__base_channels=100_000), "do not fit"),
+        (lambda doc: _set(doc, class_names="abc"), "list of names"),
+        (lambda doc: _set(doc, normalization__channels=1), "1 channel"),
+        (lambda doc: _set(doc, normalization__mode="bogus"), "unknown normalisation"),
+        (lambda doc: _set(doc, normalization__low_percentile="x"), "percentiles"),
+        (lambda doc: _set(doc, normalization__high_percentile=150), "percentiles"),
     ],
-    ids=["list-document", "list-model", "class-names", "depth-30", "width-100000"],
+    ids=["list-document", "list-model", "class-names", "depth-30", "width-100000", "names-string",
+         "norm-channels", "norm-mode", "norm-low-text", "norm-high-150"],
 )
 def test_a_crafted_document_is_refused_before_its_network_is_built(tmp_path, model, monkeypatch, edit, message):
     from napari_selfreg.core import model as model_module
@@ -160,3 +166,8 @@ def test_saved_names_and_permissions(tmp_path, model):
     from napari_selfreg.widgets.model_registry import ModelRegistry
 
     assert ModelRegistry().load_file(dotted) == "nuclei_v1.5"  # the name the user typed
+
+
+def test_load_accepts_the_auto_device(tmp_path, model):
+    path = save_model(model, tmp_path / "m")
+    assert next(load_model(path, device="auto").network.parameters()).device.type in ("cpu", "cuda", "mps")

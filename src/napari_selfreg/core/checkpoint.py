@@ -15,6 +15,7 @@ import torch
 
 from .. import __version__
 from .config import ModelInfo
+from .device import resolve_device
 from .model import SegmentationModel
 
 METADATA_KEY = "napari_selfreg"
@@ -106,7 +107,27 @@ def _open(path: Path) -> tuple[ModelInfo, dict]:
             f"{path.name} has a damaged model document: {len(info.class_names)} class names "
             f"for {info.model.num_classes} classes"
         )
+    problem = _document_problem(document, info)
+    if problem:
+        raise ModelFileError(f"{path.name} has a damaged model document: {problem}")
     return info, tensors
+
+
+def _document_problem(document: dict, info: ModelInfo) -> str | None:
+    """What in the document would fail only later, deep in prediction, or silently change it."""
+    names = document.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return "class_names must be a list of names"
+    norm = info.normalization
+    if norm.mode not in ("uint8", "percentile"):
+        return f"unknown normalisation {norm.mode!r} (uint8 or percentile)"
+    if norm.channels != info.model.in_channels:
+        return f"normalisation for {norm.channels} channel(s) but a network for {info.model.in_channels}"
+    low, high = norm.low_percentile, norm.high_percentile
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high))
+    if not numbers or not 0 <= low < high <= 100:
+        return f"normalisation percentiles {low!r}, {high!r} must be numbers with 0 <= low < high <= 100"
+    return None
 
 
 def _check_shapes(path: Path, info: ModelInfo, tensors: dict) -> None:
@@ -140,5 +161,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Segmenta
         raise ModelFileError(
             f"{path.name}: the weights do not fit the architecture its document describes ({first})"
         ) from None
-    model.network.to(device).eval()
+    model.network.to(resolve_device(device) if isinstance(device, str) else device).eval()
     return model
