@@ -43,6 +43,12 @@ def test_channels_last_conversions():
         as_channels_last(np.zeros((12, 50, 60)))
     with pytest.raises(InputError, match="2-D slices"):
         as_channels_last(np.zeros((2, 3, 50, 60)))
+    for two in ((50, 60, 2), (2, 50, 60)):  # not "a 3-D stack"
+        with pytest.raises(InputError, match="has 2 channels"):
+            as_channels_last(np.zeros(two))
+    for empty in ((0, 60, 3), (50, 0)):
+        with pytest.raises(InputError, match="empty"):
+            as_channels_last(np.zeros(empty))
 
 
 @pytest.mark.parametrize(
@@ -233,5 +239,5 @@ def test_rgb_image_for_a_gray_model_is_scaled_like_its_tiles():
     assert whole.shape == (48, 40, 1)
     tile = normalize(rgb[8:30, 4:20], norm, intensity_range(rgb, norm))
     np.testing.assert_allclose(tile, whole[8:30, 4:20], rtol=1e-6)
-    with pytest.raises(InputError, match="3-D stack"):  # two channels is no image kind we know
+    with pytest.raises(InputError, match="2 channels"):  # two channels is no image kind we know
         normalize(np.zeros((4, 4, 2), np.uint8), Normalization(channels=3))

@@ -236,6 +236,10 @@ def test_nan_image_is_refused(gray16_model):
     image[3, 4] = np.nan
     with pytest.raises(InputError, match="NaN"):
         predict(gray16_model, image)
+    with pytest.raises(InputError, match="empty"):  # not a kernel-size error from deep inside torch
+        predict(gray16_model, np.zeros((0, 40), np.float32))
+    with pytest.raises(InputError, match="2 channels"):
+        predict(gray16_model, np.zeros((40, 40, 2), np.float32))
 
 
 # ----------------------------------------------------------------------------- outputs and control

@@ -34,6 +34,17 @@ def _viewable(image):
     return da.from_array(image, chunks=getattr(image, "chunks", "auto"))
 
 
+def check_plane_shape(shape: tuple[int, ...]) -> None:
+    """Refuse an empty image or a two-channel one, whose shape would otherwise read as a stack."""
+    if len(shape) in (2, 3) and 0 in shape:
+        raise InputError(f"the image is empty (shape {shape}); choose an image with pixels")
+    if len(shape) == 3 and 2 in (shape[0], shape[-1]) and not {1, 3, 4} & {shape[0], shape[-1]}:
+        raise InputError(
+            f"the image has 2 channels (shape {shape}); gray, RGB or RGBA images are read: "
+            "keep one channel, or add a third"
+        )
+
+
 def as_channels_last(image: np.ndarray) -> np.ndarray:
     """View an image as (H, W, C): gray gains a channel axis, RGBA loses its alpha.
 
@@ -41,6 +52,7 @@ def as_channels_last(image: np.ndarray) -> np.ndarray:
     A 3-D stack is refused: predict its slices one by one. Lazy images stay lazy.
     """
     image = np.asarray(image) if not hasattr(image, "shape") else image
+    check_plane_shape(tuple(int(s) for s in image.shape))
     if image.ndim == 2:
         return image[..., None]
     if image.ndim == 3:

@@ -30,7 +30,7 @@ from torch import nn
 from .allocator import freed_memory_kept
 from .config import Normalization, PredictConfig
 from .cpu_fusion import fuse_for_cpu
-from .data import InputError, intensity_range, normalize
+from .data import InputError, check_plane_shape, intensity_range, normalize
 from .device import autocast, autocast_dtype, resolve_device
 from .model import SegmentationModel, evaluating
 from .progress import drain
@@ -118,6 +118,7 @@ class _TileReader:
             image = np.asarray(image)
         self.image = image
         shape = tuple(int(s) for s in image.shape)
+        check_plane_shape(shape)
         self.channel_first = False
         if len(shape) == 2:
             h, w, c = *shape, 1
