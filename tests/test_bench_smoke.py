@@ -79,7 +79,7 @@ def test_a_broken_result_file_is_named_not_overwritten(tmp_path, capsys, text):
     out.write_text(text)
     with pytest.raises(ValueError, match=r"interactive\.json"):
         seed_state_from_results(StateFile(default_state_path(out)), out)
-    assert main(["interactive", "--out", str(out), "--images", "1", "--no-progress"]) == 1
+    assert main(["interactive", "--out", str(out), "--images", "1", "--no-progress"]) == 2
     assert "interactive.json" in capsys.readouterr().err
     assert out.read_text() == text and not default_state_path(out).exists()
 
@@ -118,6 +118,27 @@ def test_a_bad_budget_is_a_usage_error(budget, tmp_path, capsys):
     assert stop.value.code == 2
     assert "--budgets" in capsys.readouterr().err
     assert not (tmp_path / "i.json").exists()
+
+
+def test_an_output_folder_is_refused_before_any_run(tmp_path, capsys):
+    """It used to run every method, then fail to write the result with a traceback."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert main(["interactive", "--out", str(folder), "--images", "1", "--no-progress"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert list(folder.iterdir()) == []
+
+
+def test_failed_runs_are_reported_beside_the_table(tmp_path, capsys):
+    from napari_selfreg.bench.harness import RunKey, Task, run_tasks
+
+    def broken():
+        raise ImportError("No module named 'sklearn'")
+
+    key = RunKey(protocol="interactive", dataset="d", image="img", method="rf", budget="none", seed=0)
+    rows = run_tasks([Task(key, broken)], StateFile(tmp_path / "s.jsonl"), progress=False)
+    assert "error" in rows[0]
+    assert "1 of 1 runs failed" in capsys.readouterr().err
 
 
 def _lines(path):

@@ -116,6 +116,9 @@ def _out_paths(args, default_name: str) -> tuple[Path, Path]:
     else:
         out = args.out or Path("benchmarks/results") / default_name
     state = args.state or default_state_path(out)
+    for path, option in ((out, "--out"), (state, "--state")):
+        if Path(path).is_dir():
+            raise ValueError(f"{option} {path} is a folder; give a file path (e.g. {Path(path) / default_name})")
     if not args.smoke:
         seeded = seed_state_from_results(StateFile(state), out)
         if seeded:
@@ -224,9 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SharedDataMissing as error:
         print(f"skipped: {error}", file=sys.stderr)
         return 2
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # bad settings or paths: the user's to fix
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":

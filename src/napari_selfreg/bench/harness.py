@@ -211,6 +211,11 @@ def run_tasks(
         finished[task.key.id()] = row
         bar.update(1)
     bar.close()
+    failed = [row for row in finished.values() if "error" in row]
+    if failed:  # said here too: a table without a method's rows must not pass unnoticed
+        first = failed[0]
+        print(f"{len(failed)} of {len(todo)} runs failed (retried when the command is repeated); first: "
+              f"{first['method']} on {first['image']}: {first['error']}", file=sys.stderr)
     for task in tasks:
         rows.append(done.get(task.key.id()) or finished[task.key.id()])
     return rows
