@@ -82,6 +82,24 @@ def test_open_image_reads_a_large_tiff_only_where_asked(tmp_path):
     assert isinstance(open_image(path, lazy_above=data.shape[0] * data.shape[1]), np.ndarray)  # at the limit: whole
 
 
+def test_a_zarr_that_cannot_read_the_tiff_lazily_falls_back_to_a_whole_read(tmp_path, monkeypatch):
+    """zarr 2 beside a tifffile that needs zarr 3 (or the reverse) used to make every large
+    TIFF unreadable; the file is read whole instead, with a warning that says what to install."""
+    zarr = pytest.importorskip("zarr")
+    pytest.importorskip("dask")
+    data = np.random.default_rng(1).integers(0, 255, size=(300, 200, 3), dtype=np.uint8)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, data, tile=(64, 64), photometric="rgb")
+
+    def mismatched(*args, **kwargs):
+        raise TypeError("Unsupported type for store_like: 'ZarrTiffStore'")
+
+    monkeypatch.setattr(zarr, "open", mismatched)
+    with pytest.warns(UserWarning, match="could not be opened lazily.*zarr>=3"):
+        whole = open_image(path, lazy_above=1000)
+    assert isinstance(whole, np.ndarray) and np.array_equal(whole, data)
+
+
 def test_reader_hook(tmp_path, labels):
     assert napari_get_reader(str(tmp_path / "a.png")) is None  # napari's own reader handles PNG
     assert napari_get_reader([]) is None

@@ -6,6 +6,7 @@ Used by the command line and, through the npe2 manifest, by napari's reader/writ
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +156,15 @@ def _open(path: Path, lazy_above: int | None, every_level: bool) -> list:
             shape, axes, count = series.shape, series.axes.upper(), len(series.levels)
             if "Y" not in axes or "X" not in axes or shape[axes.index("Y")] * shape[axes.index("X")] <= limit:
                 return [_tiff_to_yx(series.asarray(), axes)]  # small: read whole from the file already open
-        return [_lazy_level(path, axes, level) for level in range(count if every_level else 1)]
+        try:
+            return [_lazy_level(path, axes, level) for level in range(count if every_level else 1)]
+        except Exception as error:  # e.g. zarr 2 beside a tifffile that needs zarr 3, or the reverse
+            warnings.warn(
+                f"{path.name} could not be opened lazily ({error}); reading it whole. For lazy reading "
+                "install zarr>=3 with tifffile>=2025.5.21 (or zarr 2 with an older tifffile).",
+                stacklevel=2,
+            )
+            return [read_image(path)]
     except ImageFileError:
         raise
     except Exception as error:
