@@ -185,10 +185,13 @@ TRAIN = ["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--
          "is a stack \\(Z=3\\)"),
         (["train", "--image", "{tmp}/volume.nii.gz", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"],
          "is a stack \\(Z=3\\)"),
+        ([*TRAIN, "--depth", "12"], "depth must be 1 to 8"),
+        ([*TRAIN, "--width", "100000"], "width .* must be 2 to 512"),
     ],
     ids=["no-model", "not-a-model", "unpainted", "shape", "pair-count", "no-image", "cuda", "eval-shape",
          "out-folder", "out-under-file", "budget-0", "one-class-name", "resume-width", "model-folder",
-         "labels-jpeg", "probabilities-png", "inspect-out-file", "seed", "imagej-z-stack", "nifti-volume"],
+         "labels-jpeg", "probabilities-png", "inspect-out-file", "seed", "imagej-z-stack", "nifti-volume",
+         "depth-12", "width-100000"],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     import re

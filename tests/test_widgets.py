@@ -42,6 +42,16 @@ def test_demo_help():
     assert "--train" in out.stdout
 
 
+def test_demo_without_a_qt_binding_is_one_line():
+    """A plain ``pip install napari-selfreg`` has no Qt binding: say what to install, exit 2."""
+    hide = "import sys\nfor name in ('PyQt5', 'PyQt6', 'PySide2', 'PySide6'):\n    sys.modules[name] = None\n"
+    run = "from napari_selfreg.cli import main\nraise SystemExit(main(['demo']))\n"
+    out = subprocess.run([sys.executable, "-c", hide + run], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "no Qt binding" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
 def test_separate_instances_splits_touching_nuclei():
     from napari_selfreg.widgets.instances import separate_instances
 

@@ -7,6 +7,7 @@ training at once, e.g. for screenshots.
 from __future__ import annotations
 
 import argparse
+import sys
 
 PLUGIN = "napari-selfreg"
 WIDGETS = ("Train SelfReg UNet", "Segment", "Feature redundancy")
@@ -56,6 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the widget's)")
     parser.add_argument("--fluorescence", action="store_true", help="also load the fluorescence sample")
     args = parser.parse_args(argv)
+    try:
+        import qtpy.QtCore  # noqa: F401  (napari's own error would come as a long traceback)
+    except ImportError:
+        print(
+            "napari-selfreg demo: error: no Qt binding is installed; install one, e.g. "
+            "pip install 'napari[pyqt6]', and try again",
+            file=sys.stderr,
+        )
+        return 2
 
     import napari
 

@@ -36,6 +36,11 @@ class _JsonMixin:
         return cls.from_json(Path(path).read_text())  # type: ignore[attr-defined]
 
 
+# beyond these the network outgrows any machine (depth 12 at width 16: 32768 channels)
+MAX_DEPTH = 8
+MAX_BASE_CHANNELS = 512
+
+
 @dataclass
 class ModelConfig(_JsonMixin):
     """The SelfReg UNet's architecture.
@@ -52,10 +57,10 @@ class ModelConfig(_JsonMixin):
     depth: int = 4
 
     def __post_init__(self) -> None:
-        if self.depth < 1:
-            raise ValueError("depth must be at least 1")
-        if self.base_channels < 2:
-            raise ValueError("base_channels must be at least 2")
+        if not 1 <= self.depth <= MAX_DEPTH:
+            raise ValueError(f"depth must be 1 to {MAX_DEPTH} (the paper's network has 4)")
+        if not 2 <= self.base_channels <= MAX_BASE_CHANNELS:
+            raise ValueError(f"width (base channels) must be 2 to {MAX_BASE_CHANNELS} (the paper's network has 64)")
         if self.num_classes < 2:
             raise ValueError("a model needs at least 2 classes (background and one structure)")
 
