@@ -87,7 +87,7 @@ class TrainConfig(_JsonMixin):
     """Training settings; the defaults work on a 2-core CPU laptop."""
 
     steps: int = 300
-    time_budget: float | None = None  # seconds; when set, training stops at whichever comes first
+    time_budget: float | None = None  # seconds (None or 0: no limit); training stops at whichever comes first
     patch_size: int = 128
     batch_size: int = 4
     learning_rate: float = 1e-3
@@ -107,7 +107,7 @@ class TrainConfig(_JsonMixin):
     augment: bool = True
     device: str = "auto"
     precision: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
-    seed: int | None = 0
+    seed: int | None = 0  # seeds torch's global generator too (torch.manual_seed), as a repeatable run needs
 
     def __post_init__(self) -> None:
         if self.steps < 1:
