@@ -38,7 +38,9 @@ def check_plane_shape(shape: tuple[int, ...]) -> None:
     """Refuse an empty image or a two-channel one, whose shape would otherwise read as a stack."""
     if len(shape) in (2, 3) and 0 in shape:
         raise InputError(f"the image is empty (shape {shape}); choose an image with pixels")
-    if len(shape) == 3 and 2 in (shape[0], shape[-1]) and not {1, 3, 4} & {shape[0], shape[-1]}:
+    channels_last_two = shape[-1] == 2 and not (shape[0] in (1, 3, 4) and min(shape[1:]) > 4)
+    channels_first_two = shape[0] == 2 and shape[-1] not in (1, 3, 4) and min(shape[1:]) > 4
+    if len(shape) == 3 and (channels_last_two or channels_first_two):
         raise InputError(
             f"the image has 2 channels (shape {shape}); gray, RGB or RGBA images are read: "
             "keep one channel, or add a third"
