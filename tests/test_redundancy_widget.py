@@ -80,6 +80,7 @@ def test_compute_adds_aligned_layers_and_chart(make_napari_viewer, qtbot, regist
 
 
 def test_compare_two_models_pairs_the_layers(make_napari_viewer, qtbot, registry_models):
+    from napari_selfreg.widgets._common import viewer_camera
     from napari_selfreg.widgets.redundancy_widget import RedundancyWidget
 
     viewer = _viewer_with_image(make_napari_viewer)
@@ -90,8 +91,9 @@ def test_compare_two_models_pairs_the_layers(make_napari_viewer, qtbot, registry
     for kind in ("scr", "ifd"):
         widget.kind_checks[kind].setChecked(False)
     widget.view_only.setChecked(True)
-    viewer.camera.zoom = 200.0  # zoomed far in: only part of the image is computed
-    viewer.camera.center = (0, 20.0, 10.0)
+    camera = viewer_camera(viewer)
+    camera.zoom = 200.0  # zoomed far in: only part of the image is computed
+    camera.center = (0, 20.0, 10.0)
     widget.compute()
     _wait(qtbot, widget)
 

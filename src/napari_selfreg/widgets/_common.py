@@ -333,3 +333,10 @@ class LossPlot(QWidget):
             self.axes.relim()
             self.axes.autoscale_view()
         self.canvas.draw_idle()
+
+
+def viewer_camera(viewer):
+    """The viewer's camera: ``viewer.scene.camera`` from napari 0.9 (``viewer.camera`` is
+    deprecated there), ``viewer.camera`` before."""
+    scene = getattr(viewer, "scene", None)
+    return getattr(scene, "camera", None) or viewer.camera

@@ -26,7 +26,15 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import LayerCombo, NameCombo, ask_model_file, image_shape_2d, layer_data, stack_problem
+from ._common import (
+    LayerCombo,
+    NameCombo,
+    ask_model_file,
+    image_shape_2d,
+    layer_data,
+    stack_problem,
+    viewer_camera,
+)
 from .model_registry import model_registry
 
 if TYPE_CHECKING:
@@ -234,9 +242,10 @@ class RedundancyWidget(QWidget):
 
     def view_region(self, layer) -> tuple[int, int, int, int] | None:
         """The image pixels (top, left, bottom, right) in view, or None if the view shows it all."""
-        zoom = max(self.viewer.camera.zoom, 1e-9)
+        camera = viewer_camera(self.viewer)
+        zoom = max(camera.zoom, 1e-9)
         half = max(self.viewer.canvas.size) / zoom / 2  # generous: the longer side in both directions
-        centre = np.asarray(self.viewer.camera.center)[-2:]
+        centre = np.asarray(camera.center)[-2:]
         corners = [centre + np.array([dy, dx]) * half for dy in (-1, 1) for dx in (-1, 1)]
         points = np.array([np.asarray(layer.world_to_data(c))[-2:] for c in corners])
         h, w = image_shape_2d(layer)
