@@ -461,8 +461,8 @@ class TrainWidget(QWidget):
     def apply_settings(self, training: dict) -> None:
         """Show a loaded model's last training settings, so the next round trains as it did.
 
-        The device stays this machine's choice; settings the file lacks or that are out of
-        range keep their current values.
+        The device stays this machine's choice; settings the file lacks keep their current
+        values, and a document that is no valid ``TrainConfig`` changes nothing.
         """
         try:
             config = TrainConfig.from_dict(training)
@@ -721,11 +721,7 @@ class TrainWidget(QWidget):
 
     def _tell_removed(self, show, message: str) -> None:
         """Told a moment later: closing the viewer removes every layer, then quits our worker."""
-        try:
-            worker = self.worker
-        except RuntimeError:  # the widget itself is gone with the window
-            return
-        if worker is not None and not worker.abort_requested:
+        if self.worker is not None and not self.worker.abort_requested:
             show(message)
 
     # ------------------------------------------------------------------ correction loop
