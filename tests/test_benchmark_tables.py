@@ -48,3 +48,53 @@ def test_regenerated_redundancy_tables_keep_the_hand_written_findings(tmp_path):
     assert text.startswith("## new tables") and "old tables" not in text
     assert text.endswith(bench_redundancy.FINDINGS_MARK + "\nFindings: D2 grows.\n")
     assert bench_redundancy.with_kept_findings("## new\n", tmp_path / "absent.md") == "## new\n"
+
+
+def _paper_run(dataset: str, method: str, seed: int, dice: float, budget: str = "1000ep-bf16",
+               device: str = "cuda") -> dict:
+    return {"protocol": "paper", "dataset": dataset, "image": "test-set", "method": method, "budget": budget,
+            "seed": seed, "dice_224": dice, "iou_224": dice - 0.1, "dice_native": dice, "iou_native": dice - 0.1,
+            "epochs": 100, "train_s": 60.0, "device": device, "schedule": f"{device} schedule",
+            "peak_rss_mb": 2000.0, "peak_gpu_mb": 1100.0 if device == "cuda" else None, "history": [{"epoch": 1}]}
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_merged_gpu_runs_join_the_committed_rows_without_replacing_them(tmp_path):
+    import json
+
+    merge = _script("merge_paper_runs", BENCHMARKS / "gpu")
+    out, state = tmp_path / "results" / "paper.json", tmp_path / "paper.state.jsonl"
+    merge.merge(out, [_jsonl(tmp_path / "cpu.jsonl", [_paper_run("glas", "unet", 0, 0.70, "60ep", "cpu")])],
+                state_path=state)
+    committed = json.loads(out.read_text())
+    gpu = [_paper_run("glas", "unet", s, d) for s, d in ((0, 0.80), (1, 0.84))]
+    again = _paper_run("glas", "unet", 0, 0.10, "60ep", "cpu")  # a key the file holds: its row stays
+    state.unlink()  # a fresh clone: the state is rebuilt from the result file
+    merge.merge(out, [_jsonl(tmp_path / "gpu.jsonl", [*gpu, again])], note="rows on cuda: a lent GPU",
+                state_path=state)
+    document = json.loads(out.read_text())
+    assert document["environment"] == committed["environment"]
+    assert document["note"] == "rows on cuda: a lent GPU"
+    by_label = {(r["schedule_label"], r["resolution"]): r for r in document["results"]}
+    assert by_label[("60ep", "224")]["dice"] == 0.70 and by_label[("60ep", "224")]["seeds"] == 1
+    assert abs(by_label[("1000ep-bf16", "224")]["dice"] - 0.82) < 1e-12
+    assert by_label[("1000ep-bf16", "224")]["seeds"] == 2 and by_label[("1000ep-bf16", "224")]["peak_gpu_mb"] == 1100
+    assert all("history" not in r for r in document["runs"])
+    assert len(document["runs"]) == 3
+
+
+def test_the_paired_selfreg_effect_pairs_runs_by_seed():
+    tables = _script("make_tables")
+    runs = [_paper_run("monuseg", "unet", s, d) for s, d in ((0, 0.70), (1, 0.80), (2, 0.75))]
+    runs += [_paper_run("monuseg", "selfreg_unet", s, d) for s, d in ((0, 0.72), (1, 0.81), (2, 0.74))]
+    runs.append(_paper_run("monuseg", "selfreg_unet", 3, 0.99))  # no UNet of seed 3: not paired, not counted
+    (line,) = tables.selfreg_effect({"runs": runs})
+    # differences +2, +1, -1 points: mean +0.67, sample std 1.53, standard error 0.88
+    assert "+0.67 (standard error 0.88; ahead on 2 of 3 seeds)" in line
+    assert tables.selfreg_effect({"runs": runs[:1] + runs[3:4]}) == []  # one pair says nothing

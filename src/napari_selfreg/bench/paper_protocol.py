@@ -19,6 +19,7 @@ Evaluation (best-on-validation weights; the test set never chooses anything):
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -224,6 +225,8 @@ def train_and_evaluate(
     model_config = ModelConfig(in_channels=3, num_classes=2, base_channels=config.base_channels, depth=4)
     network = SelfRegUNet(model_config).to(device).to(memory_format=memory_format)
     network.train()
+    if device.type == "cuda":  # peak RSS says nothing about the GPU: record its own peak
+        torch.cuda.reset_peak_memory_stats(device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     roles = BlockRoles.for_unet(model_config.depth) if model_name == "selfreg_unet" else None
     generator = torch.Generator().manual_seed(seed)
@@ -289,6 +292,8 @@ def train_and_evaluate(
         "precision": schedule.precision,
         "schedule": schedule.describe(config), "history": history,
         "parameters": int(sum(p.numel() for p in network.parameters())),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
 
 
@@ -346,21 +351,39 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "epochs": float(np.mean([r["epochs"] for r in items])),
                 "train_s": float(np.mean([r["train_s"] for r in items])),
                 "peak_rss_mb": float(np.max([r.get("peak_rss_mb", np.nan) for r in items])),
+                "peak_gpu_mb": max((r["peak_gpu_mb"] for r in items if r.get("peak_gpu_mb")), default=None),
             })
     return results
 
 
-def run_paper(config: PaperConfig, out: str | Path, state: StateFile, progress: bool = True) -> dict:
-    run_tasks(plan(config), state, progress=progress, description="paper")
-    rows = [r for r in state.load().values() if r["protocol"] == PROTOCOL]
-    rows.sort(key=lambda r: (r["dataset"], r["method"], r["budget"], r["seed"]))
+def paper_document(config: PaperConfig, rows: list[dict[str, Any]], environment_info: dict[str, Any] | None = None,
+                   note: str | None = None) -> dict[str, Any]:
+    """The result file: per-seed runs and their mean ± std (the runs' histories stay in the state file)."""
+    rows = sorted((r for r in rows if r["protocol"] == PROTOCOL),
+                  key=lambda r: (r["dataset"], r["method"], r["budget"], r["seed"]))
     document = {
         "protocol": PROTOCOL,
         "units": "dice and iou are fractions in [0, 1] (published figures are percentages); std over seeds",
         "config": asdict(config),
-        "environment": environment(),
+        "environment": environment_info if environment_info is not None else environment(),
         "results": aggregate(rows),
         "runs": [{k: v for k, v in r.items() if k != "history"} for r in rows],
     }
+    if note:
+        document["note"] = note
+    return document
+
+
+def _existing_note(out: str | Path) -> str | None:
+    """A note on where imported runs came from survives a later run that adds rows."""
+    try:
+        return json.loads(Path(out).read_text()).get("note")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def run_paper(config: PaperConfig, out: str | Path, state: StateFile, progress: bool = True) -> dict:
+    run_tasks(plan(config), state, progress=progress, description="paper")
+    document = paper_document(config, list(state.load().values()), note=_existing_note(out))
     write_json(out, document)
     return document
