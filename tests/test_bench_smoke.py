@@ -224,6 +224,43 @@ def test_paper_smoke_and_resume(shared_data, tmp_path):
     assert _lines(state) == first
 
 
+@pytest.mark.data
+@pytest.mark.slow
+def test_the_lease_scripts_run_seeds_side_by_side_and_merge_them(shared_data, tmp_path):
+    """benchmarks/gpu/paper_runs.sh (here on the CPU, smoke-sized) and merge_paper_runs.py, as a lease uses them."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    runs = tmp_path / "runs"
+    env = {**os.environ, "RUNS": str(runs), "SEEDS": "0 1", "DEVICE": "cpu", "DATA": str(shared_data),
+           "EXTRA": "--smoke --no-progress", "POLL_S": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu" / "paper_runs.sh"), "glas", "300"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr
+    gathered = runs / "gpu_runs.state.jsonl"
+    keys = {(r["method"], r["seed"]) for r in _lines(gathered)}
+    assert keys == {(m, s) for m in ("unet", "selfreg_unet") for s in (0, 1)}, done.stdout
+    # a second call starts nothing: every run has its log
+    again = subprocess.run(["bash", str(root / "benchmarks" / "gpu" / "paper_runs.sh"), "glas", "300"], cwd=root,
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert "started" not in again.stdout and len(_lines(gathered)) == 4
+
+    script = root / "benchmarks" / "gpu" / "merge_paper_runs.py"
+    spec = importlib.util.spec_from_file_location("merge_paper_runs", script)
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    out = tmp_path / "paper_protocol.json"
+    document = merge.merge(out, [gathered], note="smoke", state_path=tmp_path / "merged.state.jsonl")
+    assert {(r["model"], r["resolution"], r["seeds"]) for r in document["results"]} == {
+        (m, res, 2) for m in ("unet", "selfreg_unet") for res in ("224", "native")
+    }
+    assert json.loads(out.read_text())["note"] == "smoke"
+
+
 def test_speed_benchmark_smoke_run_writes_its_ratios(tmp_path):
     """benchmarks/bench_speed.py --quick: every comparison runs and the ratios are consistent."""
     import importlib.util
