@@ -220,8 +220,11 @@ def test_paper_smoke_and_resume(shared_data, tmp_path):
         assert 0.0 <= r["dice"] <= 1.0
     first = _lines(state)
     assert len(first) == 2
+    document = json.loads(out.read_text())
+    out.write_text(json.dumps({**document, "note": "rows on cuda: a lent GPU"}))  # as merge_paper_runs.py leaves it
     assert main(argv) == 0
     assert _lines(state) == first
+    assert json.loads(out.read_text())["note"] == "rows on cuda: a lent GPU"  # a later run keeps the note
 
 
 @pytest.mark.data

@@ -17,12 +17,19 @@ import json
 import sys
 from pathlib import Path
 
-from napari_selfreg.bench.harness import KEY_FIELDS, StateFile, default_state_path, seed_state_from_results, write_json
+from napari_selfreg.bench.harness import (
+    KEY_FIELDS,
+    RunKey,
+    StateFile,
+    default_state_path,
+    seed_state_from_results,
+    write_json,
+)
 from napari_selfreg.bench.paper_protocol import PaperConfig, paper_document
 
 
 def _key(row: dict) -> str:
-    return "|".join(str(row[f]) for f in KEY_FIELDS)
+    return RunKey(**{f: row[f] for f in KEY_FIELDS}).id()
 
 
 def merge(out: Path, sources: list[Path], note: str | None = None, state_path: Path | None = None) -> dict:
