@@ -32,6 +32,24 @@ def test_round_trip_keeps_weights_and_document(tmp_path, model):
         assert torch.allclose(model.network.eval()(x), loaded.network(x))
 
 
+def test_clone_owns_contiguous_float32_copies_and_draws_no_random_numbers(model):
+    source = model.network.to(memory_format=torch.channels_last)
+    generator_state = torch.random.get_rng_state()
+    twin = model.clone()
+    assert torch.equal(torch.random.get_rng_state(), generator_state)
+    for key, value in twin.network.state_dict().items():
+        original = source.state_dict()[key]
+        assert value.device.type == "cpu" and value.is_contiguous() and value.dtype == original.dtype
+        assert torch.equal(value, original) and value.data_ptr() != original.data_ptr()
+    with torch.no_grad():
+        next(twin.network.parameters()).add_(1.0)  # training the copy leaves the original alone
+    assert not torch.equal(next(twin.network.parameters()), next(source.parameters()))
+    assert all(p.requires_grad for p in twin.network.parameters())
+    halved = SegmentationModel.from_weights(model.info, {k: v.half() if v.is_floating_point() else v
+                                                          for k, v in model.network.state_dict().items()})
+    assert {v.dtype for v in halved.network.state_dict().values()} == {torch.float32, torch.int64}
+
+
 class _Exploit:
     def __reduce__(self):
         import pathlib

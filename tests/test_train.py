@@ -156,6 +156,16 @@ def test_seed_makes_a_cpu_run_repeatable():
     assert [r.loss for r in a.history] != [r.loss for r in c.history]
 
 
+def test_a_seeded_run_leaves_the_global_torch_generator_alone():
+    """napari and the user's own code share torch's global generator; training must not reset it."""
+    image, labels, _ = _scene()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_to_end([image], [labels], TrainConfig(steps=2, patch_size=32, batch_size=2, seed=0), SMALL)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_time_budget_stops_training():
     image, labels, _ = _scene()
     t0 = time.perf_counter()

@@ -153,9 +153,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Segmenta
     path = Path(path)
     info, tensors = _open(path)
     _check_shapes(path, info, tensors)
-    model = SegmentationModel.create(info)
     try:
-        model.network.load_state_dict(tensors, strict=True)
+        model = SegmentationModel.from_weights(info, tensors)
     except RuntimeError as error:
         first = str(error).splitlines()[0] if str(error) else "mismatched weights"
         raise ModelFileError(

@@ -107,7 +107,8 @@ class TrainConfig(_JsonMixin):
     augment: bool = True
     device: str = "auto"
     precision: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
-    seed: int | None = 0  # seeds torch's global generator too (torch.manual_seed), as a repeatable run needs
+    # initial weights, sampling, held-out strokes and SelfReg's pairing; torch's global generator is left alone
+    seed: int | None = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1:

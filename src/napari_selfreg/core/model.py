@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -32,11 +32,28 @@ class SegmentationModel:
     def class_names(self) -> list[str]:
         return self.info.class_names
 
+    @classmethod
+    def from_weights(cls, info: ModelInfo, weights: Mapping[str, torch.Tensor]) -> SegmentationModel:
+        """A network that owns copies of ``weights`` (on the CPU, in the dtypes it declares).
+
+        It is built on the meta device, so no random initialisation is paid for and thrown
+        away, and torch's global generator, which napari and the user's code share, is not
+        drawn from. Raises ``RuntimeError`` when the names or shapes do not fit.
+        """
+        with torch.device("meta"):
+            network = SelfRegUNet(info.model)
+        declared = network.state_dict()
+        owned = {
+            name: tensor.detach().to(device="cpu", dtype=declared[name].dtype if name in declared else None,
+                                     memory_format=torch.contiguous_format, copy=True)
+            for name, tensor in weights.items()
+        }
+        network.load_state_dict(owned, strict=True, assign=True)
+        return cls(network, info)
+
     def clone(self) -> SegmentationModel:
         """A deep copy on the CPU (for keeping the best weights while training goes on)."""
-        network = SelfRegUNet(self.info.model)
-        network.load_state_dict({k: v.detach().to("cpu", copy=True) for k, v in self.network.state_dict().items()})
-        return SegmentationModel(network, copy.deepcopy(self.info))
+        return SegmentationModel.from_weights(copy.deepcopy(self.info), self.network.state_dict())
 
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu").contiguous() for k, v in self.network.state_dict().items()}

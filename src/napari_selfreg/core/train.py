@@ -100,10 +100,13 @@ def _stop_requested(stop: StopRequest) -> bool:
     return bool(stop())
 
 
-def _seed_everything(seed: int | None) -> np.random.Generator:
-    if seed is not None:
+def _new_model(info: ModelInfo, seed: int | None) -> SegmentationModel:
+    """Initial weights drawn from ``seed`` without moving the caller's global torch generator."""
+    if seed is None:
+        return SegmentationModel.create(info)
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-    return np.random.default_rng(seed)
+        return SegmentationModel.create(info)
 
 
 @dataclass
@@ -258,7 +261,7 @@ def train(
     if len(images) != len(labels):
         raise InputError(f"{len(images)} images but {len(labels)} label images; give one labels per image")
 
-    rng = _seed_everything(config.seed)
+    rng = np.random.default_rng(config.seed)
     for image in images:
         check_finite(as_channels_last(image))
     painted = painted_crops(images, labels, training_margin(config.patch_size))
@@ -279,7 +282,7 @@ def train(
         if len(names) < num_classes:
             names += default_class_names(num_classes)[len(names):]
         info = ModelInfo(model=mc, class_names=names[:num_classes], normalization=norm)
-        model = SegmentationModel.create(info)
+        model = _new_model(info, config.seed)
     info.training = {**config.to_dict(), "images": len(images)}
     divisor = model.config.divisor
     if config.batch_size * (-(-config.patch_size // divisor)) ** 2 < 2:
