@@ -8,10 +8,12 @@ medians (and ratios of medians), because the machine may be shared. Prediction a
 takes turns with a plain loop in a pristine worker process (below). Writes
 benchmarks/results/speed.json (or --out) and prints a table.
 
-OpenMP waiting: unless --spin is given, OMP_WAIT_POLICY=PASSIVE is set before torch is
-imported. On a shared or busy CPU, spinning OpenMP threads make every parallel region
-wait for descheduled threads; that slowed everything here 5-10x and made timings
-meaningless. The policy used is recorded in the JSON.
+OpenMP waiting: by default OpenMP's own policy (spin-waiting), which is what the CLI and
+napari run with. On a quiet 2-core machine it trains 1.1-1.5x faster at 2 threads than
+passive waiting (BENCHMARKS.md). On a shared or busy CPU, spinning threads make every
+parallel region wait for descheduled threads (5-10x slower on an earlier, busy machine):
+there, --passive sets OMP_WAIT_POLICY=PASSIVE before torch is imported. An
+OMP_WAIT_POLICY already in the environment is kept. The policy used is recorded in the JSON.
 
 Memory: the pipeline raises glibc's malloc thresholds (``core.allocator``) while it runs,
 process-wide. This script holds that setting for the whole run, so the in-process plain
@@ -26,7 +28,7 @@ from __future__ import annotations
 import os
 import sys
 
-if "--spin" not in sys.argv:
+if "--passive" in sys.argv:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
@@ -516,7 +518,8 @@ def main(argv=None) -> int:
                         help="torch thread counts to measure, e.g. 1,2 (default: 1 and the machine's cores)")
     parser.add_argument("--only-large", action="store_true", help="run only the huge-image part")
     parser.add_argument("--large-threads", type=int, default=1, help="torch threads of the huge-image run")
-    parser.add_argument("--spin", action="store_true", help="keep OpenMP's default spin-waiting")
+    parser.add_argument("--passive", action="store_true",
+                        help="OMP_WAIT_POLICY=PASSIVE (for a shared or busy CPU; default: OpenMP's spin-waiting)")
     parser.add_argument("--synthetic", action="store_true", help="do not use ../shared/data even when present")
     parser.add_argument("--large-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, default=None, help=argparse.SUPPRESS)
@@ -555,7 +558,7 @@ def measure(args: argparse.Namespace, keeps_freed_memory: bool) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 part = Path(tmp) / "part.json"
                 command = [sys.executable, __file__, "--threads", str(threads), "--large-size", "0", "--out", str(part)]
-                command += ["--quick"] * quick + ["--synthetic"] * args.synthetic + ["--spin"] * args.spin
+                command += ["--quick"] * quick + ["--synthetic"] * args.synthetic + ["--passive"] * args.passive
                 subprocess.run(command, check=True)
                 sub = json.loads(part.read_text())
             doc["runs"] += sub["runs"]
