@@ -341,6 +341,7 @@ def bench_training(image: np.ndarray, labels: np.ndarray, config: TrainConfig, r
     info = ModelInfo(model=ModelConfig(num_classes=int(labels.max())), normalization=norm)
     torch.manual_seed(0)
     plain = PlainLoop(SegmentationModel.create(info), sampler, long)
+    flops = step_flops(plain)
 
     def several(fn):
         def run():
@@ -370,6 +371,34 @@ def bench_training(image: np.ndarray, labels: np.ndarray, config: TrainConfig, r
         # on a shared machine the fastest round is the least disturbed one: both are reported
         "speedup_of_minimums": low["plain_float32"] / low["fast"],
         "selfreg_overhead_ratio_of_minimums": low["fast"] / low["fast_without_selfreg"],
+        "gflop_per_step": flops / 1e9,
+    }
+
+
+def step_flops(plain: PlainLoop) -> float:
+    """FLOPs of one training step (convolutions and matmuls, forward and backward, SelfReg's
+    included), counted by FlopCounterMode on one step of the plain loop."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        plain.step()
+    return float(counter.get_total_flops())
+
+
+def training_ceiling(training: dict, peak: dict) -> dict:
+    """Why a speed-up has a ceiling: a step's FLOPs, each run at the bfloat16 matmul peak measured
+    in the same run, with every other pass (BatchNorm, pooling, copies, optimiser) free, would
+    still take ``floor_s``; no bfloat16 step can beat the plain loop by more than ``plain / floor``."""
+    flops = training["gflop_per_step"] * 1e9
+    floor = flops / (peak["bfloat16"]["gflops_median"] * 1e9)
+    return {
+        "floor_at_bf16_matmul_peak_s": floor,
+        "speedup_ceiling": training["plain_float32"]["median_s"] / floor,
+        "plain_float32_gflops": flops / training["plain_float32"]["median_s"] / 1e9,
+        "fast_gflops": flops / training["fast"]["median_s"] / 1e9,
+        "plain_fraction_of_fp32_matmul_peak": flops / training["plain_float32"]["median_s"]
+        / (peak["float32"]["gflops_median"] * 1e9),
+        "fast_fraction_of_bf16_matmul_peak": floor / training["fast"]["median_s"],
     }
 
 
@@ -484,6 +513,15 @@ def table(doc: dict) -> str:
                      f"SelfReg overhead x{t['selfreg_overhead_ratio']:.3f}"
                      + (f" (of the fastest rounds x{t['selfreg_overhead_ratio_of_minimums']:.3f})"
                         if "selfreg_overhead_ratio_of_minimums" in t else "")))
+        if "ceiling" in t:
+            c = t["ceiling"]
+            rows.append((f"  a step's {t['gflop_per_step']:.1f} GFLOP at the bf16 matmul peak",
+                         f"{1000 * c['floor_at_bf16_matmul_peak_s']:.1f} ms",
+                         f"speed-up ceiling x{c['speedup_ceiling']:.2f}"))
+            rates = f"{c['plain_float32_gflops']:.0f} / {c['fast_gflops']:.0f} GFLOP/s"
+            rows.append(("  plain fp32 / fast step", rates,
+                         f"{100 * c['plain_fraction_of_fp32_matmul_peak']:.0f} % of fp32 / "
+                         f"{100 * c['fast_fraction_of_bf16_matmul_peak']:.0f} % of bf16 matmul"))
     if doc.get("training_agreement"):
         a = doc["training_agreement"]
         rows.append(("  one step bf16 vs fp32: rel. loss diff / grad cosine",
@@ -571,6 +609,7 @@ def measure(args: argparse.Namespace, keeps_freed_memory: bool) -> int:
         run["prediction"] = bench_prediction(model, image, repeats)
         run["network_efficiency"] = bench_network_efficiency(model, 128 if quick else 1000, repeats, run["matmul"])
         run["training"] = bench_training(image, labels, train_config, repeats, steps_per_sample=1 if quick else 4)
+        run["training"]["ceiling"] = training_ceiling(run["training"], run["matmul"])
         doc["runs"].append(run)
         print(f"--- torch threads: {threads}")
         print(table(run), flush=True)

@@ -286,6 +286,12 @@ def test_speed_benchmark_smoke_run_writes_its_ratios(tmp_path):
     assert training["selfreg_overhead_ratio_of_minimums"] == pytest.approx(
         training["fast"]["min_s"] / training["fast_without_selfreg"]["min_s"]
     )
+    ceiling = training["ceiling"]  # a step's FLOPs at the bf16 matmul peak bound any speed-up
+    assert training["gflop_per_step"] > 0
+    floor = training["gflop_per_step"] / run["matmul"]["bfloat16"]["gflops_median"]
+    assert ceiling["floor_at_bf16_matmul_peak_s"] == pytest.approx(floor)
+    assert ceiling["speedup_ceiling"] == pytest.approx(training["plain_float32"]["median_s"] / floor)
+    assert ceiling["fast_fraction_of_bf16_matmul_peak"] == pytest.approx(floor / training["fast"]["median_s"])
     prediction = run["prediction"]
     assert prediction["agreement_vs_plain"]["label_agreement"] > 0.99
     pristine = prediction["plain_float32_pristine_process"]  # timed by the worker process
