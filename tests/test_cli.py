@@ -185,13 +185,17 @@ TRAIN = ["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--
          "is a stack \\(Z=3\\)"),
         (["train", "--image", "{tmp}/volume.nii.gz", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"],
          "is a stack \\(Z=3\\)"),
+        (["train", "--image", "{tmp}/pages.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"],
+         "is a stack \\(pages=3\\)"),
+        (["train", "--image", "{tmp}/bare_pages.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"],
+         "is a stack \\(pages=4\\)"),
         ([*TRAIN, "--depth", "12"], "depth must be 1 to 8"),
         ([*TRAIN, "--width", "100000"], "width .* must be 2 to 512"),
     ],
     ids=["no-model", "not-a-model", "unpainted", "shape", "pair-count", "no-image", "cuda", "eval-shape",
          "out-folder", "out-under-file", "budget-0", "one-class-name", "resume-width", "model-folder",
          "labels-jpeg", "probabilities-png", "inspect-out-file", "seed", "imagej-z-stack", "nifti-volume",
-         "depth-12", "width-100000"],
+         "gray-pages", "bare-gray-pages", "depth-12", "width-100000"],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     import re
@@ -200,6 +204,10 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     tifffile.imwrite(tmp_path / "empty.tif", np.zeros((32, 32), np.uint8))
     tifffile.imwrite(tmp_path / "small.tif", np.zeros((16, 16), np.uint8))
     tifffile.imwrite(tmp_path / "zstack.tif", np.zeros((3, 32, 32), np.uint8), imagej=True, metadata={"axes": "ZYX"})
+    # three or four gray pages would pass for a channel-first RGB(A) image
+    tifffile.imwrite(tmp_path / "pages.tif", np.zeros((3, 32, 32), np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "bare_pages.tif", np.zeros((4, 32, 32), np.uint8), photometric="minisblack",
+                     metadata=None)
     import SimpleITK as sitk
 
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 32, 32), np.uint8)), str(tmp_path / "volume.nii.gz"))

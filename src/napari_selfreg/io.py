@@ -35,9 +35,13 @@ def suffix_of(path: str | Path) -> str:
     return Path(name).suffix
 
 
+_PLANE_NAMES = {"Z": "Z", "T": "T"}  # tifffile's other plane axes (I, Q, ...) are plain pages
+
+
 def check_planar(path: str | Path) -> None:
-    """Refuse a file that holds a z-stack or time series, from its header alone: squeezed to
-    (3, H, W) or (4, H, W) such a stack would pass for a channel-first RGB(A) image."""
+    """Refuse a file that holds a z-stack, time series or several gray pages, from its header
+    alone: squeezed to (3, H, W) or (4, H, W) such a stack would pass for a channel-first
+    RGB(A) image. Only samples (S) and channels (C) may sit beside Y and X."""
     path = Path(path)
     suffix = suffix_of(path)
     if not path.is_file() or suffix not in (*TIFF_SUFFIXES, *ITK_SUFFIXES):
@@ -50,7 +54,7 @@ def check_planar(path: str | Path) -> None:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
                 axes = zip(series.axes.upper(), series.shape, strict=True)
-                planes = "".join(f"{a}={n} " for a, n in axes if a in "ZT" and n > 1)
+                planes = "".join(f"{_PLANE_NAMES.get(a, 'pages')}={n} " for a, n in axes if a not in "YXSC" and n > 1)
         else:
             import SimpleITK as sitk
 
