@@ -15,6 +15,7 @@ import torch
 
 from napari_selfreg.core.config import ModelConfig, ModelInfo, Normalization, PredictConfig, TrainConfig
 from napari_selfreg.core.cpu_fusion import is_fused
+from napari_selfreg.core.data import intensity_range
 from napari_selfreg.core.metrics import binary_dice
 from napari_selfreg.core.model import SegmentationModel
 from napari_selfreg.core.predict import (
@@ -25,6 +26,7 @@ from napari_selfreg.core.predict import (
     predict_tiled,
     predict_whole,
     tile_layout,
+    value_range_of,
 )
 from napari_selfreg.core.progress import drain
 
@@ -227,6 +229,18 @@ def test_grayscale_16bit_channel_first_and_rgba(gray16_model, random_model):
     rgba = np.concatenate([image, np.full((70, 80, 1), 255, np.uint8)], axis=-1)
     for variant in (channel_first, rgba):
         np.testing.assert_allclose(predict(random_model, variant, PredictConfig(**F32)).probabilities, reference)
+
+
+@pytest.mark.parametrize("shape", [(2827, 2829), (1415, 1414, 3), (3, 1600, 1300)])
+def test_prediction_scales_an_image_as_training_does(shape):
+    """Prediction reads its intensity subsample tile-wise; it must be the very subsample
+    training takes, also for sizes just over the sample's pixel budget (2827 x 2829)."""
+    rng = np.random.default_rng(0)
+    image = rng.gamma(2.0, 3000.0, shape).astype(np.uint16)
+    channels = 1 if len(shape) == 2 else 3
+    for norm in (Normalization(mode="percentile", channels=channels), Normalization(mode="uint8", channels=channels)):
+        for train_side, predict_side in zip(intensity_range(image, norm), value_range_of(image, norm), strict=True):
+            np.testing.assert_array_equal(train_side, predict_side)
 
 
 def test_nan_image_is_refused(gray16_model):

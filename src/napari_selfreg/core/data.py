@@ -84,9 +84,16 @@ def normalization_for(image: np.ndarray) -> Normalization:
     return Normalization(mode=mode, channels=int(image.shape[-1]))
 
 
-def _sample_for_percentiles(image: np.ndarray, max_pixels: int = 2_000_000) -> np.ndarray:
-    h, w = image.shape[:2]
-    step = max(1, int(np.ceil(np.sqrt(h * w / max_pixels))))
+RANGE_SAMPLE_PIXELS = 2_000_000  # intensity ranges and finiteness are judged on this many pixels
+
+
+def sample_step(height: int, width: int, max_pixels: int = RANGE_SAMPLE_PIXELS) -> int:
+    """The stride of the strided subsample with at most about ``max_pixels`` pixels."""
+    return max(1, int(np.ceil(np.sqrt(height * width / max_pixels))))
+
+
+def _sample_for_percentiles(image: np.ndarray) -> np.ndarray:
+    step = sample_step(*image.shape[:2])
     return np.asarray(image[::step, ::step])
 
 
@@ -129,10 +136,21 @@ def _white_level(sample: np.ndarray) -> float | None:
 def intensity_range(image: np.ndarray, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (low, high) used to scale an image; computed on a subsample of big images."""
     image = as_channels_last(image)
-    c = norm.channels
     if image.dtype == np.uint8 and norm.mode == "uint8":
-        return np.zeros(c, np.float32), np.full(c, 255.0, np.float32)
-    raw = _sample_for_percentiles(image)
+        return _eight_bit_range(norm)
+    return sample_range(_sample_for_percentiles(image), norm)
+
+
+def _eight_bit_range(norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(norm.channels, np.float32), np.full(norm.channels, 255.0, np.float32)
+
+
+def sample_range(raw: np.ndarray, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
+    """``intensity_range`` from its channels-last subsample (``sample_step``), which a tiled
+    reader takes itself."""
+    c = norm.channels
+    if raw.dtype == np.uint8 and norm.mode == "uint8":
+        return _eight_bit_range(norm)
     if norm.mode == "uint8":
         # an 8-bit model given a 16-bit, 12-bit or float image: the same picture in its units
         # (dividing such an image by 255 would saturate the network's input)

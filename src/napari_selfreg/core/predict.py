@@ -30,7 +30,15 @@ from torch import nn
 from .allocator import freed_memory_kept
 from .config import Normalization, PredictConfig
 from .cpu_fusion import fuse_for_cpu
-from .data import InputError, check_plane_shape, intensity_range, normalize
+from .data import (
+    RANGE_SAMPLE_PIXELS,
+    InputError,
+    check_plane_shape,
+    intensity_range,
+    normalize,
+    sample_range,
+    sample_step,
+)
 from .device import autocast, autocast_dtype, resolve_device
 from .model import SegmentationModel, evaluating
 from .progress import drain
@@ -153,10 +161,16 @@ class _TileReader:
             region = np.asarray(self.image[rows, cols])
         return region[..., :3] if region.shape[-1] == 4 else region
 
-    def sample(self, max_pixels: int) -> np.ndarray:
-        """A strided subsample with at most about ``max_pixels`` pixels (the whole image if smaller)."""
-        step = max(1, int(np.ceil(np.sqrt(self.height * self.width / max_pixels))))
+    def sample(self, max_pixels: int = RANGE_SAMPLE_PIXELS) -> np.ndarray:
+        """A strided subsample of at most about ``max_pixels`` pixels; by default the one
+        ``data.intensity_range`` takes of an image in memory, so both scale an image alike."""
+        step = sample_step(self.height, self.width, max_pixels)
         return self.read(slice(None, None, step), slice(None, None, step))
+
+
+def value_range_of(image, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
+    """The (low, high) prediction scales ``image`` by: ``data.intensity_range``, read tile-wise."""
+    return _value_range(_TileReader(image), norm)
 
 
 def plane_shape(image) -> tuple[int, int]:
@@ -174,9 +188,9 @@ def _value_range(reader: _TileReader, norm: Normalization) -> tuple[np.ndarray, 
     """``data.intensity_range`` of the whole image, computed from the same subsample it would take."""
     if norm.mode == "uint8" and reader.dtype == np.uint8:
         return intensity_range(np.zeros((1, 1, reader.channels), np.uint8), norm)
-    sample = reader.sample(2_000_000)
+    sample = reader.sample()
     _check_finite(sample)  # percentiles of NaN would make every tile NaN
-    return intensity_range(sample, norm)
+    return sample_range(sample, norm)
 
 
 # ----------------------------------------------------------------------------- network
