@@ -149,9 +149,14 @@ def _set(doc, **changes):
         (lambda doc: _set(doc, normalization__mode="bogus"), "unknown normalisation"),
         (lambda doc: _set(doc, normalization__low_percentile="x"), "percentiles"),
         (lambda doc: _set(doc, normalization__high_percentile=150), "percentiles"),
+        # continued training reads the history after its last step: refused now, not then
+        (lambda doc: _set(doc, history="old"), "history must be a list of step records"),
+        (lambda doc: _set(doc, history=[{"step": 0, "round": "two"}]), "rounds must be whole numbers"),
+        (lambda doc: _set(doc, training=[1]), "damaged model document"),
     ],
     ids=["list-document", "list-model", "class-names", "depth-30", "width-100000", "width-512", "names-string",
-         "norm-channels", "norm-mode", "norm-low-text", "norm-high-150"],
+         "norm-channels", "norm-mode", "norm-low-text", "norm-high-150", "history-text", "history-round-text",
+         "training-list"],
 )
 def test_a_crafted_document_is_refused_before_its_network_is_built(tmp_path, model, monkeypatch, edit, message):
     from napari_selfreg.core import model as model_module

@@ -118,6 +118,11 @@ def _document_problem(document: dict, info: ModelInfo) -> str | None:
     names = document.get("class_names")
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         return "class_names must be a list of names"
+    history = document.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(record, dict) for record in history):
+        return "history must be a list of step records"  # continued training reads it
+    if not all(isinstance(r.get("round", 1), int) and not isinstance(r.get("round"), bool) for r in history):
+        return "history rounds must be whole numbers"
     norm = info.normalization
     if norm.mode not in ("uint8", "percentile"):
         return f"unknown normalisation {norm.mode!r} (uint8 or percentile)"
