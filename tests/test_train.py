@@ -258,3 +258,18 @@ def test_a_stopped_widget_run_hands_over_the_weights_the_settings_keep():
     kept = result.model.network.state_dict()
     assert all(torch.equal(kept[k], v) for k, v in weights[best].items())
     assert result.last.network.state_dict().keys() == kept.keys()
+
+
+def test_the_warm_up_follows_the_decay_when_the_time_budget_runs_out():
+    from napari_selfreg.core.train import _learning_rate
+
+    peak = 1e-3
+    steps = TrainConfig(steps=300, learning_rate=peak)
+    timed = TrainConfig(steps=300, time_budget=2.0, learning_rate=peak)
+    # a step budget ramps up over its first 10 steps, whatever the clock says
+    assert [_learning_rate(steps, s, 100.0) for s in (0, 9)] == pytest.approx([peak / 10, peak])
+    # a time budget that ends inside the warm-up hands over weights trained at the decayed tenth
+    assert _learning_rate(timed, 9, elapsed=2.0) == pytest.approx(peak / 10)
+    assert _learning_rate(timed, 9, elapsed=1.0) == pytest.approx(0.55 * peak)
+    # early in a long budget the ramp is unchanged
+    assert _learning_rate(timed, 4, elapsed=0.01) == pytest.approx(peak / 2)

@@ -164,16 +164,22 @@ def _validate(network, crops, device, dtype, memory_format) -> float | None:
 
 
 def _learning_rate(config: TrainConfig, step: int, elapsed: float) -> float:
-    """Short warm-up, then cosine decay to a tenth over the step or time budget."""
+    """Short warm-up, then cosine decay to a tenth over the step or time budget.
+
+    A time budget can run out during the warm-up (a slow machine, a budget of a second or
+    two); the warm-up then follows the decay down, so the last steps still take small ones.
+    """
     warmup = min(10, max(1, config.steps // 20))
-    if step < warmup:
-        return config.learning_rate * (step + 1) / warmup
     progress = step / config.steps
     if config.time_budget:
         progress = max(progress, elapsed / config.time_budget)
     progress = min(progress, 1.0)
     low = config.learning_rate * 0.1
-    return low + 0.5 * (config.learning_rate - low) * (1 + math.cos(math.pi * progress))
+    decayed = low + 0.5 * (config.learning_rate - low) * (1 + math.cos(math.pi * progress))
+    if step < warmup:
+        ramp = config.learning_rate * (step + 1) / warmup
+        return min(ramp, decayed) if config.time_budget else ramp
+    return decayed
 
 
 def _adamw(network: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
