@@ -27,6 +27,8 @@ def test_round_trip_keeps_weights_and_document(tmp_path, model):
     assert loaded.class_names == ["bg", "nuclei", "glands"]
     assert loaded.config.num_classes == 3 and loaded.info.training == {"steps": 5}
     assert read_model_info(path).package_version
+    # a name that already ends so, in any case, keeps its one suffix
+    assert save_model(model, tmp_path / "upper.SAFETENSORS").name == "upper.SAFETENSORS"
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(model.network.eval()(x), loaded.network(x))

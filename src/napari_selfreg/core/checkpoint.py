@@ -49,7 +49,7 @@ def model_path(path: str | Path) -> Path:
     """The file a model saved as ``path`` goes to: ``.safetensors`` is added unless the name
     ends so already ("nuclei_v1.5" -> "nuclei_v1.5.safetensors"), so Load... finds it."""
     path = Path(path)
-    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+    return path if path.suffix.lower() == ".safetensors" else path.with_name(path.name + ".safetensors")
 
 
 def _umask() -> int:
