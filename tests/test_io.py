@@ -40,6 +40,21 @@ def test_png_keeps_ids_up_to_65535_and_refuses_more(tmp_path):
         write_image(tmp_path / "b.png", np.array([[70000]], np.int64))
 
 
+@pytest.mark.parametrize("channels", [3, 4])
+def test_a_16_bit_colour_png_keeps_its_16_bits(tmp_path, channels):
+    """Pillow cuts 16-bit RGB(A) PNGs to their high byte: a 12-bit image would become 16 gray levels."""
+    import SimpleITK as sitk
+
+    data = np.random.default_rng(0).integers(0, 4096, (20, 30, channels)).astype(np.uint16)
+    sitk.WriteImage(sitk.GetImageFromArray(data, isVector=True), str(tmp_path / "deep.png"))
+    back = read_image(tmp_path / "deep.png")
+    assert back.dtype == np.uint16 and np.array_equal(back, data)
+    assert np.array_equal(open_image(tmp_path / "deep.png"), data)
+    # 8-bit colour PNGs still go through Pillow, palettes included
+    write_image(tmp_path / "plain.png", (data >> 4).astype(np.uint8))
+    assert np.array_equal(read_image(tmp_path / "plain.png"), (data >> 4).astype(np.uint8))
+
+
 def test_jpeg_refuses_labels(tmp_path, labels):
     with pytest.raises(ImageFileError, match="lossy"):
         write_image(tmp_path / "a.jpg", labels)

@@ -86,6 +86,16 @@ def _tiff_to_yx(data: np.ndarray, axes: str) -> np.ndarray:
     return data
 
 
+def _is_deep_colour_png(path: Path) -> bool:
+    """A 16-bit RGB(A) or gray+alpha PNG, which Pillow would cut to 8 bits (16-bit gray it keeps):
+    the bit depth and colour type are bytes 24 and 25 of the file, in its IHDR chunk."""
+    if suffix_of(path) != ".png":
+        return False
+    with open(path, "rb") as handle:
+        head = handle.read(26)
+    return len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 4, 6)
+
+
 def read_image(path: str | Path, labels: bool = False) -> np.ndarray:
     """The pixel array of an image file (H, W) or (H, W, C); stacks keep their leading axes.
 
@@ -102,7 +112,7 @@ def read_image(path: str | Path, labels: bool = False) -> np.ndarray:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
                 return _tiff_to_yx(series.asarray(), series.axes)
-        if suffix in PIL_SUFFIXES:
+        if suffix in PIL_SUFFIXES and not _is_deep_colour_png(path):
             from PIL import Image
 
             with Image.open(path) as img:
@@ -111,7 +121,7 @@ def read_image(path: str | Path, labels: bool = False) -> np.ndarray:
                 if img.mode in ("P", "CMYK", "YCbCr", "LA"):
                     img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
                 return np.array(img)
-        if suffix in ITK_SUFFIXES:
+        if suffix in ITK_SUFFIXES or suffix == ".png":
             import SimpleITK as sitk
 
             data = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
