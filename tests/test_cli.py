@@ -189,13 +189,24 @@ TRAIN = ["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--
          "is a stack \\(pages=3\\)"),
         (["train", "--image", "{tmp}/bare_pages.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"],
          "is a stack \\(pages=4\\)"),
+        ([*TRAIN, "--time-budget", "inf"], "positive number of seconds"),
+        ([*TRAIN, "--lambda-scr", "-1"], "SCR and IFD weights must be finite numbers, 0 or more"),
+        (["predict", "--model", "{tmp}/m", "--image", "{tmp}/img.tif", "--out", "{tmp}/img.tif"],
+         "--out and --image name the same file"),
+        (["predict", "--model", "{tmp}/m", "--image", "{tmp}/img.tif", "--out", "{tmp}/o.tif",
+          "--probabilities", "{tmp}/o.tif"], "--probabilities and --out name the same file"),
+        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/colour.png", "--out", "{tmp}/m"],
+         "colour.png is a colour picture, not labels"),
+        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/painted.tif", "--out", "{tmp}/m",
+          "--class-names", "background,nuclei,glands"], "gives 3 names but there are 2 classes"),
         ([*TRAIN, "--depth", "12"], "depth must be 1 to 8"),
         ([*TRAIN, "--width", "100000"], "width .* must be 2 to 512"),
     ],
     ids=["no-model", "not-a-model", "unpainted", "shape", "pair-count", "no-image", "cuda", "eval-shape",
          "out-folder", "out-under-file", "budget-0", "one-class-name", "resume-width", "model-folder",
          "labels-jpeg", "probabilities-png", "inspect-out-file", "seed", "imagej-z-stack", "nifti-volume",
-         "gray-pages", "bare-gray-pages", "depth-12", "width-100000"],
+         "gray-pages", "bare-gray-pages", "budget-inf", "negative-lambda", "out-is-image",
+         "probabilities-is-out", "colour-labels", "extra-class-name", "depth-12", "width-100000"],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     import re
@@ -204,6 +215,13 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     tifffile.imwrite(tmp_path / "empty.tif", np.zeros((32, 32), np.uint8))
     tifffile.imwrite(tmp_path / "small.tif", np.zeros((16, 16), np.uint8))
     tifffile.imwrite(tmp_path / "zstack.tif", np.zeros((3, 32, 32), np.uint8), imagej=True, metadata={"axes": "ZYX"})
+    from PIL import Image
+
+    painted = np.zeros((32, 32), np.uint8)
+    painted[2:6, 2:20], painted[20:26, 5:25] = 1, 2
+    tifffile.imwrite(tmp_path / "painted.tif", painted)
+    colour = np.stack([painted * 60, painted * 20, painted], axis=-1)  # a screenshot of painted labels
+    Image.fromarray(colour).save(tmp_path / "colour.png")
     # three or four gray pages would pass for a channel-first RGB(A) image
     tifffile.imwrite(tmp_path / "pages.tif", np.zeros((3, 32, 32), np.uint8), photometric="minisblack")
     tifffile.imwrite(tmp_path / "bare_pages.tif", np.zeros((4, 32, 32), np.uint8), photometric="minisblack",
@@ -219,6 +237,44 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     assert rc == 2
     assert len(err) == 1 and re.search(message, err[0]), err
     assert "Traceback" not in err[0]
+
+
+def test_gray_rgb_labels_a_tiny_budget_and_a_model_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    """Labels saved as an RGB picture of gray ids train; a budget shorter than a step still
+    trains one; a model whose file fails at the end is saved elsewhere, and the message says where."""
+    from PIL import Image
+
+    from napari_selfreg.core import checkpoint
+    from napari_selfreg.core.checkpoint import load_model
+
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(tmp_path / "img.tif", rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    painted = np.zeros((48, 48), np.uint8)
+    painted[2:8, 2:30], painted[30:40, 5:35] = 1, 2
+    Image.fromarray(np.repeat(painted[..., None], 3, axis=-1)).save(tmp_path / "gray_rgb.png")
+    argv = ["train", "--image", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "gray_rgb.png"),
+            "--width", "4", "--depth", "2", "--patch-size", "32", "--batch-size", "1", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "tiny"), "--time-budget", "0.0001"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 1 and summary["final_loss"] is not None
+    assert load_model(summary["model"]).class_names == ["background", "foreground"]
+
+    real_save = checkpoint.save_model
+    full_disk = tmp_path / "full"
+
+    def save(model, path):
+        if full_disk in checkpoint.model_path(path).parents:
+            raise OSError(28, "No space left on device")
+        return real_save(model, path)
+
+    monkeypatch.setattr(checkpoint, "save_model", save)
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--out", str(full_disk / "m"), "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0], err
+    rescued = list(tmp_path.glob("m-rescued-*.safetensors"))
+    assert len(rescued) == 1 and str(rescued[0].name) in err[0]
+    assert load_model(rescued[0]).info.history[-1]["step"] == 2  # both steps kept
 
 
 def test_console_script_is_installed():

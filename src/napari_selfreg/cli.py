@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import threading
@@ -72,9 +73,9 @@ def _stop_on_first_interrupt(stop: threading.Event):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .core.checkpoint import load_model, model_path, save_model
+    from .core.checkpoint import load_model, model_path
     from .core.config import ModelConfig, TrainConfig
-    from .core.data import InputError
+    from .core.data import InputError, check_painted
     from .core.train import train
     from .io import check_planar, open_image, read_image
 
@@ -82,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise InputError(f"{len(args.image)} --image but {len(args.labels)} --labels; give one --labels per --image")
     if args.seed < 0:
         raise InputError("--seed must be 0 or more")
-    if args.time_budget is not None and args.time_budget <= 0:
+    if args.time_budget is not None and not 0 < args.time_budget < math.inf:
         raise InputError("--time-budget must be a positive number of seconds")
     if args.resume and (args.width != DEFAULT_WIDTH or args.depth != DEFAULT_DEPTH):
         raise InputError("--width and --depth come from the model when training continues (--resume); leave them out")
@@ -90,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for p in args.image:
         check_planar(p)
     images = [open_image(p) for p in args.image]  # slides lazily: training reads the windows around the paint
-    labels = [read_image(p, labels=True) for p in args.labels]
+    labels = [one_channel_labels(read_image(p, labels=True), p) for p in args.labels]
     steps = args.steps if args.steps is not None else (10**9 if args.time_budget is not None else TrainConfig.steps)
     config = TrainConfig(
         steps=steps,
@@ -110,6 +111,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     if names is not None and (len(names) < 2 or not all(names)):
         raise InputError("--class-names needs a name for background and each structure, e.g. background,nuclei")
+    if names is not None:
+        classes = check_painted(labels, initial.config.num_classes if initial else None)
+        if len(names) > classes:
+            raise InputError(
+                f"--class-names gives {len(names)} names but there are {classes} classes "
+                f"(labels 1..{classes}); give one name per class"
+            )
     stop = threading.Event()
     run = train(images, labels, config, model_config, class_names=names, initial=initial, stop=stop)
     total = steps if args.steps is not None or not args.time_budget else int(args.time_budget)
@@ -135,8 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.close()
     if result.stopped:
         print("stopped: saving the weights trained so far", file=sys.stderr)
-    model = result.model
-    path = save_model(model, args.out)
+    path = save_or_rescue(result.model, args.out)
     last = result.history[-1] if result.history else None
     summary = {
         "model": str(path),
@@ -151,8 +158,63 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def one_channel_labels(labels, path):
+    """Labels saved as an RGB(A) picture of gray ids are their first channel; colours are refused."""
+    import numpy as np
+
+    from .core.data import InputError
+
+    if labels.ndim == 3 and labels.shape[-1] in (3, 4):
+        ids = labels[..., 0]
+        if not all(np.array_equal(ids, labels[..., c]) for c in (1, 2)):
+            raise InputError(
+                f"{Path(path).name} is a colour picture, not labels; save the label ids as one channel "
+                "(0 = not painted, 1 = background, 2.. = structures), e.g. from napari's Labels layer"
+            )
+        return ids
+    return labels
+
+
+def save_or_rescue(model, out: Path) -> Path:
+    """Save the trained model; if ``out`` cannot be written after all (a full disk, a permission
+    the early check could not see), save it under the working or temporary folder and say where."""
+    import tempfile
+    import time
+
+    from safetensors import SafetensorError
+
+    from .core.checkpoint import model_path, save_model
+    from .core.data import InputError
+
+    try:
+        return save_model(model, out)
+    except (OSError, SafetensorError) as error:
+        problem = getattr(error, "strerror", None) or error
+    name = f"{model_path(out).stem}-rescued-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
+    for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+        try:
+            rescued = save_model(model, folder / name)
+        except (OSError, SafetensorError):
+            continue
+        raise InputError(f"could not write {model_path(out)} ({problem}); the trained model is saved as {rescued}")
+    raise InputError(f"could not write {model_path(out)} ({problem}), nor a copy in the working or temporary folder")
+
+
 # ---------------------------------------------------------------------------------- predict
 
+
+def check_distinct(inputs: dict[str, Path], outputs: dict[str, Path | None]) -> None:
+    """Refuse a command whose output would overwrite one of its inputs or another output."""
+    from .core.data import InputError
+
+    seen = {Path(path).resolve(): option for option, path in inputs.items()}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        key = Path(path).resolve()
+        if key in seen:
+            raise InputError(f"{option} and {seen[key]} name the same file {path}; give {option} its own file")
+        seen[key] = option
 
 def label_counts(labels, ids: list[int], rows: int = 512) -> dict[str, int]:
     """Pixels per label id, a band of rows at a time (a slide's labels may be a memory map)."""
@@ -176,6 +238,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .core.predict import allocate_outputs, plane_shape, predict_tiled
     from .io import FLOAT_SUFFIXES, LABEL_SUFFIXES, check_planar, open_image, write_image
 
+    outputs = {"--out": args.out, "--probabilities": args.probabilities}
+    check_distinct({"--image": args.image, "--model": args.model}, outputs)
     check_output(args.out, "--out", LABEL_SUFFIXES)
     if args.probabilities is not None:
         check_output(args.probabilities, "--probabilities", FLOAT_SUFFIXES)

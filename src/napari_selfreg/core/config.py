@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -121,8 +122,10 @@ class TrainConfig(_JsonMixin):
             raise ValueError("learning rate must be above 0")
         if self.validation_every < 1:
             raise ValueError("validation_every must be at least 1 step")
-        if self.time_budget is not None and self.time_budget < 0:
-            raise ValueError("time budget must not be negative")
+        if self.time_budget is not None and not 0 <= self.time_budget < math.inf:
+            raise ValueError("time budget must be a finite number of seconds, 0 or more")
+        if not all(0 <= weight < math.inf for weight in (self.lambda_scr, self.lambda_ifd)):
+            raise ValueError("the SCR and IFD weights must be finite numbers, 0 or more")
         if self.scr_pairing not in ("random", "mean"):
             raise ValueError("scr_pairing must be 'random' or 'mean'")
         if self.keep not in ("last", "best"):

@@ -328,8 +328,8 @@ def train(
             if _stop_requested(stop):
                 stopped = True
                 break
-            if config.time_budget and elapsed >= config.time_budget:
-                break
+            if config.time_budget and step and elapsed >= config.time_budget:
+                break  # a budget shorter than one step still trains that step
             step_start = time.perf_counter()
             lr = _learning_rate(config, step, elapsed)
             for group in optimizer.param_groups:
