@@ -217,3 +217,8 @@ def test_a_simpleitk_output_keeps_the_images_spacing_and_origin(tmp_path):
     assert written.GetSpacing() == (0.25, 0.5) and written.GetOrigin() == (10.0, 20.0)
     write_image(tmp_path / "plain.nii.gz", np.ones((20, 30), np.uint8), like=tmp_path / "nothing.png")
     assert sitk.ReadImage(str(tmp_path / "plain.nii.gz")).GetSpacing() == (1.0, 1.0)
+    # (K, H, W) probabilities: the plane's geometry, one unit per class
+    write_image(tmp_path / "p.nii.gz", np.zeros((2, 20, 30), np.float32), like=tmp_path / "image.nii.gz")
+    probabilities = sitk.ReadImage(str(tmp_path / "p.nii.gz"))
+    assert probabilities.GetSize() == (30, 20, 2)
+    assert probabilities.GetSpacing() == (0.25, 0.5, 1.0) and probabilities.GetOrigin() == (10.0, 20.0, 0.0)

@@ -278,7 +278,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 bar.close()
         write_image(args.out, prediction.labels, like=args.image)
         if want_probabilities:
-            write_image(args.probabilities, np.asarray(prediction.probabilities, np.float32))
+            write_image(args.probabilities, np.asarray(prediction.probabilities, np.float32), like=args.image)
         counts = label_counts(prediction.labels, model.info.label_ids)
         del prediction, out_labels, out_probabilities  # release the memory maps before their folder goes
     print(json.dumps({"labels": str(args.out), "classes": model.class_names, "pixels_per_label": counts}))

@@ -237,10 +237,14 @@ def write_image(path: str | Path, data: np.ndarray, like: str | Path | None = No
 
         out = sitk.GetImageFromArray(data)
         geometry = _plane_geometry(like)
-        if geometry is not None and out.GetDimension() == 2:
-            out.SetSpacing(geometry[0])
-            out.SetOrigin(geometry[1])
-            out.SetDirection(geometry[2])
+        if geometry is not None and out.GetDimension() in (2, 3):
+            spacing, origin, direction = geometry
+            if out.GetDimension() == 3:  # (K, H, W) probabilities: one plane per class, a unit apart
+                (a, b), (c, d) = np.reshape(direction, (2, 2))
+                spacing, origin, direction = (*spacing, 1.0), (*origin, 0.0), (a, b, 0.0, c, d, 0.0, 0.0, 0.0, 1.0)
+            out.SetSpacing(spacing)
+            out.SetOrigin(origin)
+            out.SetDirection(direction)
         sitk.WriteImage(out, str(path))
     else:
         raise ImageFileError(f"{path.name}: unsupported format for writing; use .tif, .png or .nii.gz")
