@@ -156,3 +156,97 @@ def test_loading_a_model_shows_its_training_settings(make_napari_viewer, message
     assert shown.device == device  # this machine's choice, not the file's
     assert train.base_channels.value() == 8
     assert train.class_names() == ["bg", "gland"]
+
+
+def test_closing_the_train_dock_stops_its_training(he_viewer, qtbot):
+    """napari's ✕ on a dock detaches the widget without deleting it; its training must not run on."""
+    from test_widgets import tiny
+
+    from napari_selfreg.widgets.train_widget import TrainWidget
+
+    train = TrainWidget(he_viewer)
+    dock = he_viewer.window.add_dock_widget(train)
+    train.image_combo.select("H&E tissue")
+    train.labels_combo.select("strokes")
+    tiny(train, steps=100_000)
+    train.start()
+    qtbot.waitUntil(lambda: len(train.plot.steps) >= 2, timeout=60_000)
+    dock.destroyOnClose()
+    qtbot.waitUntil(lambda: not train.running, timeout=30_000)
+    assert train.result is not None and train.result.stopped
+    assert train.model_combo.currentText() in train.registry  # the model so far is kept
+    wait_idle(qtbot, train)
+
+
+def test_a_rounds_final_prediction_lands_on_its_own_image(he_viewer, qtbot, messages, monkeypatch):
+    """The end-of-round prediction may come back after the next round started on another image."""
+    from test_widgets import tiny
+
+    from napari_selfreg.widgets import train_widget
+
+    gate = threading.Event()
+    real = train_widget._predict_labels
+
+    def held(*args):
+        gate.wait(60)
+        return real(*args)
+
+    monkeypatch.setattr(train_widget, "_predict_labels", held)
+    image = he_viewer.layers["H&E tissue"]
+    he_viewer.add_image(np.asarray(image.data)[64:128, 64:160].copy(), name="small", rgb=True)
+    he_viewer.add_labels(np.asarray(he_viewer.layers["strokes"].data)[64:128, 64:160].copy(), name="small strokes")
+    train = train_widget_for(he_viewer)
+    tiny(train, steps=3)
+    train.patch_size.setValue(32)
+    train.start()
+    qtbot.waitUntil(lambda: not train.running and train.final_worker is not None, timeout=60_000)
+    train.image_combo.select("small")
+    train.labels_combo.select("small strokes")
+    train.model_combo.setCurrentText(train_widget.NEW_MODEL)
+    assert train.start() is not None, messages.errors
+    qtbot.waitUntil(lambda: not train.running, timeout=60_000)
+    gate.set()
+    wait_idle(qtbot, train)
+    first, second = he_viewer.layers["H&E tissue prediction"], he_viewer.layers["small prediction"]
+    assert first.data.shape == (256, 256) and second.data.shape == (64, 96)
+    assert np.asarray(first.data).min() >= 1 and np.asarray(second.data).min() >= 1  # each filled whole
+    assert not messages.errors
+
+
+def test_ids_beyond_the_class_table_and_misaligned_strokes_are_refused(he_viewer, messages):
+    train = train_widget_for(he_viewer)
+    strokes = he_viewer.layers["strokes"]
+    strokes.data[:5, :5] = 9  # e.g. an instance image loaded as labels
+    assert train.start() is None
+    assert "id 9 but there are 2 classes" in messages.errors[-1]
+    strokes.data[:5, :5] = 0
+    strokes.translate = (40, 40)
+    assert train.start() is None
+    assert "moved or scaled against 'H&E tissue'" in messages.errors[-1]
+    train.image_combo.select("H&E tissue")
+    train.add_pair().image.select("H&E tissue")
+    strokes.translate = (0, 0)
+    assert train.start() is None
+    assert "strokes on 'H&E tissue' (extra pair 1)" in messages.errors[-1]
+
+
+def test_segmenting_again_keeps_a_segmentation_the_user_edited(he_viewer, qtbot, messages):
+    from napari_selfreg.widgets.segment_widget import SegmentWidget
+
+    segment = SegmentWidget(he_viewer)
+    _add_tiny_model(segment)
+    segment.image_combo.select("H&E tissue")
+    segment.instances.setChecked(False)
+    segment.start()
+    wait_idle(qtbot, segment, timeout=60_000)
+    edited = he_viewer.layers["H&E tissue segmentation"]
+    edited.paint((100, 100), 3 - int(edited.data[100, 100]))  # the brush, with the other class
+    painted = np.array(edited.data, copy=True)
+    segment.start()
+    wait_idle(qtbot, segment, timeout=60_000)
+    names = [layer.name for layer in he_viewer.layers]
+    assert "H&E tissue segmentation (corrected)" in names and "H&E tissue segmentation" in names
+    assert he_viewer.layers["H&E tissue segmentation (corrected)"] is edited
+    assert np.array_equal(edited.data, painted)
+    assert "H&E tissue segmentation (previous)" not in names
+    assert any("Your edits are kept in 'H&E tissue segmentation (corrected)'" in m for m in messages.infos)

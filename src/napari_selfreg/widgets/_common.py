@@ -11,6 +11,7 @@ import time
 import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_warning
+from qtpy.QtCore import QEvent, QObject
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QSizePolicy, QVBoxLayout, QWidget
 
 from ..core.data import InputError
@@ -47,6 +48,24 @@ def connect_while_alive(widget, *pairs) -> None:
     widget.destroyed.connect(disconnect)
 
 
+class _CloseWatcher(QObject):
+    def __init__(self, widget, on_closed) -> None:
+        super().__init__(widget)
+        self._on_closed = on_closed
+
+    def eventFilter(self, watched, event) -> bool:
+        if event.type() == QEvent.ParentChange and watched.parent() is None:
+            self._on_closed()
+        return False
+
+
+def stop_when_closed(widget, on_closed) -> None:
+    """Call ``on_closed`` when the dock's ✕ is clicked. napari then detaches the widget
+    (``setParent(None)``) without deleting it, so a running worker would go on, invisible
+    and out of reach of its Stop button."""
+    widget.installEventFilter(_CloseWatcher(widget, on_closed))
+
+
 def ask_model_file(parent) -> str | None:
     """A file dialog for napari-selfreg model files; None when cancelled."""
     path, _ = QFileDialog.getOpenFileName(parent, "Load model", "", "napari-selfreg model (*.safetensors)")
@@ -80,6 +99,14 @@ def stack_problem(layer) -> str | None:
     return (
         f"'{layer.name}' is a stack of 2-D planes {tuple(layer_data(layer).shape)}, not one 2-D or RGB "
         "image; add the plane you want as its own layer (or open an RGB image) and try again."
+    )
+
+
+def misaligned(layer, other) -> bool:
+    """Whether two layers' planes are scaled or moved against each other: pixels paired by
+    index would then not be the pixels that overlap on screen."""
+    return not (
+        np.allclose(layer.scale[-2:], other.scale[-2:]) and np.allclose(layer.translate[-2:], other.translate[-2:])
     )
 
 

@@ -33,6 +33,7 @@ from ._common import (
     image_shape_2d,
     layer_data,
     stack_problem,
+    stop_when_closed,
     viewer_camera,
 )
 from .model_registry import model_registry
@@ -143,6 +144,7 @@ class RedundancyWidget(QWidget):
         self.worker = None
         self._stopping = False
         self.result: ComputeResult | None = None
+        stop_when_closed(self, lambda: self.worker is not None and self.worker.quit())
 
         form = QFormLayout()
         self.model_box = NameCombo()

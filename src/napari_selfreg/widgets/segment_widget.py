@@ -7,6 +7,7 @@ stays responsive. Outputs that would not fit comfortably in memory are memory ma
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import threading
 import time
@@ -40,6 +41,7 @@ from ._common import (
     image_shape_2d,
     layer_data,
     stack_problem,
+    stop_when_closed,
 )
 from ._workers import run_prediction
 from .classes import class_colormap, class_features
@@ -48,6 +50,18 @@ from .model_registry import model_registry
 MEMMAP_PIXELS = 64_000_000  # outputs above this many pixels go to memory-mapped files
 INSTANCE_PIXELS = 64_000_000  # largest image the watershed instance split runs on
 REFRESH_SECONDS = 0.5
+
+
+DIGEST_KEY = "napari_selfreg_digest"  # in a segmentation layer's metadata: its labels as predicted
+
+
+def _digest(data) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(data).data, digest_size=16).hexdigest()
+
+
+def _edited(layer) -> bool:
+    """Whether a segmentation layer differs from what Segment wrote into it (painted on, filled)."""
+    return layer.metadata.get(DIGEST_KEY) != _digest(layer.data)
 
 
 class SegmentWidget(QWidget):
@@ -67,6 +81,7 @@ class SegmentWidget(QWidget):
         self._tempdir: tempfile.TemporaryDirectory | None = None
         self._build()
         connect_while_alive(self, (self.registry.changed, self._refresh_models))
+        stop_when_closed(self, lambda: self.running and self.stop())
         self._refresh_models()
 
     def _build(self) -> None:
@@ -214,12 +229,16 @@ class SegmentWidget(QWidget):
         labels, probs = self._outputs(shape, model.config.num_classes, self.probabilities.isChecked())
         layer_name = f"{image.name} segmentation"
         # the last result stays, renamed, until this run completes: a stopped or failed run
-        # must not cost the user a segmentation they may have corrected
+        # must not cost the user a segmentation; one they edited is kept for good
         previous_name = f"{layer_name} (previous)"
+        if previous_name in self.viewer.layers:
+            self._drop_unless_edited(self.viewer.layers[previous_name])
         if layer_name in self.viewer.layers:
-            if previous_name in self.viewer.layers:
-                self.viewer.layers.remove(previous_name)
-            self.viewer.layers[layer_name].name = previous_name
+            last = self.viewer.layers[layer_name]
+            if _edited(last):
+                self._keep_edited(last)
+            else:
+                last.name = previous_name
         self._previous_name = previous_name
         self.output_layer = self.viewer.add_labels(
             labels,
@@ -256,9 +275,25 @@ class SegmentWidget(QWidget):
             self._last_refresh = now
             self.output_layer.refresh()
 
+    def _drop_unless_edited(self, layer) -> None:
+        if _edited(layer):
+            self._keep_edited(layer)
+        else:
+            self.viewer.layers.remove(layer)
+
+    def _keep_edited(self, layer) -> None:
+        """A segmentation the user painted on is theirs: renamed out of the way, never removed."""
+        base = layer.name.removesuffix(" (previous)") + " (corrected)"
+        name, n = base, 2
+        while name in self.viewer.layers:
+            name, n = f"{base} {n}", n + 1
+        layer.name = name
+        show_info(f"Your edits are kept in '{name}'.")
+
     def _on_returned(self, prediction) -> None:
         self.prediction = prediction
         if self.output_layer is not None and self.output_layer in self.viewer.layers:
+            self.output_layer.metadata[DIGEST_KEY] = _digest(self.output_layer.data)
             self.output_layer.refresh()
         else:
             show_warning("The segmentation layer was removed; press Segment again to remake it.")
@@ -270,7 +305,7 @@ class SegmentWidget(QWidget):
             show_info(f"Segmentation stopped; the part done so far is kept.{kept}")
             return
         if kept:
-            self.viewer.layers.remove(self._previous_name)
+            self._drop_unless_edited(self.viewer.layers[self._previous_name])
         self.status.setText(f"Done in {seconds:.1f} s: '{self.output_layer.name}'.")
         image = self._image
         if prediction.probabilities is not None:
@@ -301,7 +336,9 @@ class SegmentWidget(QWidget):
 
         self.status.setText(self.status.text() + " Separating touching objects…")
         worker = create_worker(separate_instances, np.asarray(labels), _ignore_errors=True)
-        worker.returned.connect(self._add_instances)
+        # this run's image and output, not whichever the next Segment has made current
+        image, output_name = self._image, self.output_layer.name
+        worker.returned.connect(lambda instances: self._add_instances(instances, image, output_name))
         worker.errored.connect(self._on_instances_error)
         worker.finished.connect(self._on_instances_finished)
         self.instance_worker = worker
@@ -313,13 +350,12 @@ class SegmentWidget(QWidget):
     def _on_instances_finished(self) -> None:
         self.instance_worker = None
 
-    def _add_instances(self, instances) -> None:
-        image = self._image
+    def _add_instances(self, instances, image, output_name: str) -> None:
         name = f"{image.name} instances"
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
         self.viewer.add_labels(instances, name=name, scale=image.scale[-2:], translate=image.translate[-2:])
-        self.status.setText(f"Done: '{self.output_layer.name}' and '{name}' ({int(instances.max())} objects).")
+        self.status.setText(f"Done: '{output_name}' and '{name}' ({int(instances.max())} objects).")
 
     def _kept_note(self) -> str:
         if self._previous_name and self._previous_name in self.viewer.layers:

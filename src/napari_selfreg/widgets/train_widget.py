@@ -49,8 +49,10 @@ from ._common import (
     explain,
     image_shape_2d,
     layer_data,
+    misaligned,
     notify_error,
     stack_problem,
+    stop_when_closed,
     visible_corners,
 )
 from ._workers import WorkerError, run_training, visible_box
@@ -114,7 +116,7 @@ class TrainWidget(QWidget):
         self.viewer = napari_viewer
         self.registry = model_registry()
         self.worker = None
-        self.final_worker = None
+        self._final_workers: list = []
         self.stop_event = threading.Event()
         self.result = None
         self._run_layers: list = []
@@ -129,6 +131,7 @@ class TrainWidget(QWidget):
             (self.registry.changed, self._refresh_models),
             (self.viewer.layers.events.removed, self._on_layer_removed),
         )
+        stop_when_closed(self, self.stop)
         self.labels_combo.currentTextChanged.connect(self._show_classes_of_layer)
         self._refresh_models()
         self._show_classes_of_layer()
@@ -350,6 +353,9 @@ class TrainWidget(QWidget):
         if image is None:
             show_error("Open or choose an image first; the labels layer is made to fit it.")
             return None
+        if stack_problem(image):
+            show_error(stack_problem(image))
+            return None
         shape = image_shape_2d(image)
         layer = self.viewer.add_labels(
             np.zeros(shape, np.uint8),
@@ -515,12 +521,16 @@ class TrainWidget(QWidget):
         """Copy the painted data and settings, then train in a thread worker."""
         self.status.setText("")  # no earlier run's status beside this run's errors
         pairs = self._pairs()
-        for image, labels in pairs:
+        for row, (image, labels) in enumerate(pairs):
             if image is None:
-                show_error("Choose an image layer to train on (open an image or load the sample data).")
+                where = "" if row == 0 else f" in extra pair {row}"
+                show_error(f"Choose an image layer to train on{where} (open an image or load the sample data).")
                 return None
             if labels is None:
-                show_error("Choose the labels layer with your strokes, or click 'New labels layer for painting'.")
+                if row:
+                    show_error(f"Choose the labels layer with the strokes on '{image.name}' (extra pair {row}).")
+                else:
+                    show_error("Choose the labels layer with your strokes, or click 'New labels layer for painting'.")
                 return None
             if stack_problem(image):
                 show_error(stack_problem(image))
@@ -529,6 +539,13 @@ class TrainWidget(QWidget):
                 show_error(
                     f"'{labels.name}' has shape {tuple(np.shape(layer_data(labels)))} but '{image.name}' is "
                     f"{image_shape_2d(image)}; click 'New labels layer for painting' to make one that fits."
+                )
+                return None
+            if misaligned(labels, image):
+                show_error(
+                    f"'{labels.name}' is moved or scaled against '{image.name}' (its translate or scale "
+                    "differ), so the strokes do not sit on the pixels they cover on screen; click 'New labels "
+                    "layer for painting' for one that fits, or give both layers the same scale and translate."
                 )
                 return None
         try:
@@ -545,11 +562,20 @@ class TrainWidget(QWidget):
         self.labels_combo.select(pairs[0][1].name)
         images = [layer_data(image) for image, _ in pairs]  # lazy: training reads only the painted windows
         labels = [np.array(layer_data(lbl), copy=True) for _, lbl in pairs]  # a snapshot: painting may go on
+        highest = max(int(np.max(lbl, initial=0)) for lbl in labels)
+        initial = self.selected_model()
+        known = max(len(self.class_names()), initial.config.num_classes if initial is not None else 0)
+        if highest > known:
+            show_error(
+                f"The labels hold id {highest} but there are {known} classes. Ids run 1 = background, "
+                "2, 3, ... = structures: add classes (+), or, for a mask or an instance image, map it to "
+                "1 and 2 first."
+            )
+            return None
         self._run_layers = [layer for pair in pairs for layer in pair]
         self._run_image = pairs[0][0]
         self._prediction_name = f"{self._run_image.name} prediction"
         names = self.class_names()
-        initial = self.selected_model()
         self._write_classes()
         self.stop_event = threading.Event()
         self._stop_requested_at = None
@@ -609,12 +635,10 @@ class TrainWidget(QWidget):
             box, labels = value
             self._show_prediction(box, labels)
 
-    def _prediction_layer(self):
-        """The prediction layer of the current image, created (or re-created) when missing."""
-        name = self._prediction_name
+    def _prediction_layer(self, image, name: str):
+        """The prediction layer of ``image``, created (or re-created) when missing."""
         if name in self.viewer.layers and isinstance(self.viewer.layers[name], Labels):
             return self.viewer.layers[name]
-        image = self._run_image
         shape = image_shape_2d(image) if image is not None else None
         if shape is None:
             return None
@@ -628,15 +652,17 @@ class TrainWidget(QWidget):
             opacity=0.6,
         )
 
-    def _show_prediction(self, box, labels) -> None:
-        layer = self._prediction_layer()
-        if layer is None or layer.data.shape[-2:] != self._run_shape():
+    def _show_prediction(self, box, labels, image=None, name: str | None = None) -> None:
+        """Into the prediction layer of ``image`` (default: the running round's image)."""
+        if image is None:
+            image, name = self._run_image, self._prediction_name
+        if image is None or image not in self.viewer.layers:
+            return
+        layer = self._prediction_layer(image, name)
+        if layer is None or layer.data.shape[-2:] != image_shape_2d(image):
             return
         layer.data[box[0], box[1]] = labels
         layer.refresh()
-
-    def _run_shape(self):
-        return image_shape_2d(self._run_image) if self._run_image is not None else None
 
     def _on_returned(self, result) -> None:
         self.result = result
@@ -672,22 +698,22 @@ class TrainWidget(QWidget):
 
         crop = np.asarray(layer_data(image)[box[0], box[1]])
         config = PredictConfig(tile_size=512, device=self._config.device)
-        self._final_box = box
         worker = create_worker(_predict_labels, model, crop, config, None, _ignore_errors=True)
-        worker.returned.connect(self._on_final_prediction)
+        # this round's image and layer: the next round may have started on another image by now
+        name = self._prediction_name
+        worker.returned.connect(lambda labels: self._show_prediction(box, labels, image, name))
         worker.errored.connect(self._on_final_error)
-        worker.finished.connect(self._on_final_finished)
-        self.final_worker = worker
+        worker.finished.connect(lambda: self._final_workers.remove(worker))
+        self._final_workers.append(worker)
         worker.start()
 
-    def _on_final_prediction(self, labels) -> None:
-        self._show_prediction(self._final_box, labels)
+    @property
+    def final_worker(self):
+        """The latest end-of-round prediction still running, if any."""
+        return self._final_workers[-1] if self._final_workers else None
 
     def _on_final_error(self, error) -> None:
         notify_error(error, "Prediction after training failed")
-
-    def _on_final_finished(self) -> None:
-        self.final_worker = None
 
     def _on_errored(self, error: BaseException) -> None:
         partial = getattr(error, "partial", None)
