@@ -88,7 +88,7 @@ def test_user_errors(files, tmp_path):
         run_inspect(files["model"], tmp_path / "missing.png", tmp_path / "x", device="cpu")
     stack = tmp_path / "stack.tif"
     tifffile.imwrite(stack, np.zeros((5, 30, 30), np.uint16))
-    with pytest.raises(InputError):
+    with pytest.raises(ImageFileError, match=r"is a stack \(pages=5\)"):  # from the file's header
         run_inspect(files["model"], stack, tmp_path / "x", device="cpu")
     with pytest.raises(InputError):
         run_inspect(files["model"], files["image"], tmp_path / "x", device="cpu", region=(100, 100, 200, 200))
