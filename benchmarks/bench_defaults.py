@@ -24,7 +24,7 @@ SETTINGS = {
 
 def main(argv: list[str] | None = None) -> int:
     from napari_selfreg.bench.baselines import otsu_segment, random_forest_segment
-    from napari_selfreg.bench.datasets import load_split
+    from napari_selfreg.bench.datasets import SharedDataMissing, load_split
     from napari_selfreg.bench.interactive import stroke_seed
     from napari_selfreg.bench.strokes import simulate_strokes
     from napari_selfreg.core.config import ModelConfig, TrainConfig
@@ -36,9 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=45.0)
     parser.add_argument("--images", type=int, nargs="+", default=[0, 7], help="indices into the MoNuSeg train split")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "defaults.json")
+    parser.add_argument("--data", type=Path, help="the folder holding monuseg/ (default: ../shared/data)")
     args = parser.parse_args(argv)
 
-    split = load_split("monuseg")
+    try:
+        split = load_split("monuseg", args.data)
+    except SharedDataMissing as missing:
+        print(f"skipped: {missing}; or pass --data", file=sys.stderr)
+        return 2
     rows = []
     for index in args.images:
         sample = split.train[index]

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from napari_selfreg.bench.baselines import otsu_segment
-    from napari_selfreg.bench.datasets import load_split
+    from napari_selfreg.bench.datasets import SharedDataMissing, load_split
     from napari_selfreg.bench.interactive import stroke_seed
     from napari_selfreg.bench.strokes import simulate_strokes
     from napari_selfreg.core.config import ModelConfig, PredictConfig, TrainConfig
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dense", action="store_true", help="train on the full mask (a ceiling), not strokes")
     parser.add_argument("--out", type=Path, help="JSON lines, one row per image (default: print only)")
+    parser.add_argument("--data", type=Path, help="the folder holding monuseg/ (default: ../shared/data)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -74,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     def probability(model, image: np.ndarray) -> np.ndarray:
         return predict(model, image).probabilities[1]
 
-    split = load_split("monuseg")
+    try:
+        split = load_split("monuseg", args.data)
+    except SharedDataMissing as missing:
+        print(f"skipped: {missing}; or pass --data", file=sys.stderr)
+        return 2
     rows = []
     for index in args.images:
         sample = getattr(split, args.split)[index]
