@@ -161,6 +161,15 @@ def test_maps_have_the_image_shape_and_values_in_range(odd_image):
     json.dumps(report.summary())
 
 
+def test_a_block_too_coarse_for_any_window_maps_its_own_index(odd_image):
+    """Depth 4 on a 101 x 87 image: the bottleneck's 16 x 16 windows cover too little of it
+    to be scored; its map shows the block's index, not 0 (which reads as orthogonal channels)."""
+    report = redundancy_report(_tiny_model(depth=4), odd_image, RedundancyConfig(device="cpu"))
+    bottleneck = report.block("E5")
+    assert bottleneck.redundancy_index > 0.05
+    np.testing.assert_allclose(report.image_map("E5", "redundancy"), bottleneck.redundancy_index, rtol=1e-6)
+
+
 def test_tiled_maps_equal_the_one_pass_maps(odd_image):
     model = _tiny_model(depth=3)
     whole = redundancy_report(model, odd_image, RedundancyConfig(device="cpu", window=4))

@@ -675,7 +675,7 @@ def _compute_redundancy(
         s = state.stride
         region_rows = slice(top // s - grid[0] // s, -(-bottom // s) - grid[0] // s)
         region_cols = slice(left // s - grid[1] // s, -(-right // s) - grid[1] // s)
-        redundancy = _fill_nan(state.redundancy)
+        redundancy = _fill_nan(state.redundancy, index)
         blocks.append(
             BlockRedundancy(
                 name=name,
@@ -714,14 +714,16 @@ def _compute_redundancy(
     )
 
 
-def _fill_nan(values: np.ndarray) -> np.ndarray:
-    """Windows too sparse to score (edges) take the nearest scored window's value."""
+def _fill_nan(values: np.ndarray, whole: float) -> np.ndarray:
+    """Windows too sparse to score (edges) take the nearest scored window's value; where no
+    window is scored (a coarse block of a small image), the region's own index ``whole``:
+    0 would read as "orthogonal channels"."""
     values = values.copy()
     missing = np.isnan(values)
     if not missing.any():
         return values
     if missing.all():
-        return np.zeros_like(values)
+        return np.full_like(values, whole)
     from scipy import ndimage
 
     _, (rows, cols) = ndimage.distance_transform_edt(missing, return_indices=True)
