@@ -20,9 +20,9 @@ from napari_selfreg.io import ImageFileError
 BLOCKS = ["E1", "E2", "E3", "D2", "D1"]
 
 
-def _save_tiny(path, seed):
+def _save_tiny(path, seed, depth=2):
     torch.manual_seed(seed)
-    model = SegmentationModel.create(ModelInfo(model=ModelConfig(base_channels=4, depth=2)))
+    model = SegmentationModel.create(ModelInfo(model=ModelConfig(base_channels=4, depth=depth)))
     return save_model(model, path)
 
 
@@ -92,3 +92,31 @@ def test_user_errors(files, tmp_path):
         run_inspect(files["model"], stack, tmp_path / "x", device="cpu")
     with pytest.raises(InputError):
         run_inspect(files["model"], files["image"], tmp_path / "x", device="cpu", region=(100, 100, 200, 200))
+
+
+def test_inputs_the_report_would_overwrite_are_refused(files, tmp_path, capsys):
+    import shutil
+
+    from napari_selfreg.cli import main
+
+    out = tmp_path / "report"
+    (out / "compare").mkdir(parents=True)
+    image = shutil.copy(files["image"], out / "redundancy.png")
+    before = (out / "redundancy.png").read_bytes()
+    assert main(["inspect", "--model", str(files["model"]), "--image", str(image), "--out", str(out)]) == 2
+    assert "--image" in capsys.readouterr().err and (out / "redundancy.png").read_bytes() == before
+    shutil.copy(files["image"], out / "compare" / "E1_features.png")
+    with pytest.raises(InputError, match="would be overwritten"):
+        run_inspect(files["model"], out / "compare" / "E1_features.png", out, compare_path=files["other"])
+    # other files in the folder are no reason to refuse it
+    path = run_inspect(files["model"], shutil.copy(files["image"], out / "tissue.png"), out, device="cpu")
+    assert path == out / "redundancy.json" and (out / "tissue.png").exists()
+
+
+def test_models_of_other_depths_are_refused_before_computing(files, tmp_path, monkeypatch):
+    from napari_selfreg.core import progress
+
+    deeper = _save_tiny(tmp_path / "deep.safetensors", 2, depth=3)
+    monkeypatch.setattr(progress, "drain", lambda *a: pytest.fail("computed before refusing"))
+    with pytest.raises(InputError, match="depths 2 and 3"):
+        run_inspect(files["model"], files["image"], tmp_path / "x", compare_path=deeper, device="cpu")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -133,6 +134,25 @@ def _block_entries(report: RedundancyReport, scales, files) -> list[dict]:
     return entries
 
 
+REPORT_FILE = re.compile(r"^(redundancy\.(json|png)|[A-Z]\d+_(redundancy|scr|ifd)\.tif|[A-Z]\d+_features\.png)$")
+
+
+def check_inputs_outside_report(out_dir: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an input that the report would overwrite: a file of the report's names in the
+    output folder or its ``compare/`` folder (the folder itself may hold other files)."""
+    from .core.data import InputError
+
+    folders = {Path(out_dir).resolve(), (Path(out_dir) / "compare").resolve()}
+    for option, path in inputs.items():
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved.parent in folders and REPORT_FILE.match(resolved.name):
+            raise InputError(
+                f"{option} {path} would be overwritten by the report written into {out_dir}; give --out another folder"
+            )
+
+
 def run_inspect(
     model_path: str | Path,
     image_path: str | Path,
@@ -161,8 +181,14 @@ def run_inspect(
         torch_device = resolve_device(device)
     except ValueError as error:
         raise InputError(str(error)) from None
+    check_inputs_outside_report(out_dir, {"--image": image_path, "--model": model_path, "--compare": compare_path})
     paths = [Path(model_path)] + ([Path(compare_path)] if compare_path is not None else [])
     models = [load_model(p, device=torch_device) for p in paths]
+    if len(models) == 2 and models[0].config.depth != models[1].config.depth:
+        raise InputError(  # before minutes of computing what cannot be paired
+            f"the models have depths {models[0].config.depth} and {models[1].config.depth}; "
+            "compare models of the same depth"
+        )
     check_planar(image_path)
     image = as_channels_last(read_image(image_path))
     config = RedundancyConfig(similarity=similarity, window=window, device=str(torch_device))
