@@ -118,3 +118,45 @@ def test_missing_inputs_and_bad_model_file(make_napari_viewer, tmp_path):
     bad.write_bytes(b"nope")
     assert widget.load_model_file(bad) is None
     assert "bad.safetensors" in widget.status.text()
+
+
+def test_a_run_replaces_the_last_runs_maps_and_lets_deleted_layers_go(make_napari_viewer, qtbot, registry_models):
+    from napari_selfreg.widgets.redundancy_widget import RedundancyWidget
+
+    viewer = _viewer_with_image(make_napari_viewer)
+    widget = RedundancyWidget(viewer)
+    widget.model_box.setCurrentText(registry_models[0])
+    widget.image_box.setCurrentText("tissue")
+    widget.kind_checks["features"].setChecked(True)
+    widget.compute()
+    _wait(qtbot, widget)
+    assert len(viewer.layers) == 1 + len(BLOCKS) * 4
+    assert widget.result.layers == []  # the maps live in the layers only
+    widget.kind_checks["features"].setChecked(False)
+    widget.kind_checks["scr"].setChecked(False)
+    widget.compute()
+    _wait(qtbot, widget)
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["tissue", *[f"plain: {b} {k}" for b in BLOCKS for k in ("redundancy", "IFD")]]
+
+
+def test_stop_restores_the_models_mode_and_adds_nothing(make_napari_viewer, qtbot, registry_models):
+    from napari_selfreg.widgets.model_registry import model_registry
+    from napari_selfreg.widgets.redundancy_widget import RedundancyWidget
+
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(1)
+    viewer.add_image(rng.integers(0, 256, size=(3000, 3000, 3)).astype(np.uint8), name="big", rgb=True)
+    model = model_registry().get(registry_models[0])
+    model.network.train()  # a model that is mid-training elsewhere must stay so
+    widget = RedundancyWidget(viewer)
+    widget.model_box.setCurrentText(registry_models[0])
+    widget.image_box.setCurrentText("big")
+    widget.view_only.setChecked(False)
+    widget.compute()
+    qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=60_000)
+    widget._run_or_stop()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    assert widget.status.text() == "Stopped; no maps were added."
+    assert [layer.name for layer in viewer.layers] == ["big"]
+    assert model.network.training

@@ -8,6 +8,7 @@ docking the widget is fast.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,20 +71,23 @@ def layer_name(tag: str, block: str, kind: str) -> str:
     return f"{tag}: {block} {KIND_LABELS[kind]}"
 
 
-def redundancy_job(models, labels, image, similarity, kinds, region, window=16):
-    """Generator run in the worker: yields (done, total, text); returns a ``ComputeResult``.
+def redundancy_job(models, labels, image, similarity, kinds, region, window=16, stop=None):
+    """Generator run in the worker: yields (done, total, text); returns a ``ComputeResult``, or
+    None when ``stop`` (a ``threading.Event``) is set.
 
     Errors leave as ``WorkerError``: superqt drops a RuntimeError from a generator silently.
+    Stopping goes through ``stop``, not the worker's quit: a quit worker leaves its generator
+    suspended, holding the block features and the model's training mode for the session.
     """
     from ._workers import WorkerError
 
     try:
-        return (yield from _redundancy_job(models, labels, image, similarity, kinds, region, window))
+        return (yield from _redundancy_job(models, labels, image, similarity, kinds, region, window, stop))
     except Exception as error:
         raise WorkerError(error) from error
 
 
-def _redundancy_job(models, labels, image, similarity, kinds, region, window):
+def _redundancy_job(models, labels, image, similarity, kinds, region, window, stop):
     from ..core.redundancy import RedundancyConfig, compute_redundancy, map_scale
 
     config = RedundancyConfig(similarity=similarity, window=window, render_features="features" in kinds)
@@ -91,6 +95,9 @@ def _redundancy_job(models, labels, image, similarity, kinds, region, window):
     for i, (model, label) in enumerate(zip(models, labels, strict=True)):
         gen = compute_redundancy(model, image, config, region)
         while True:
+            if stop is not None and stop.is_set():
+                gen.close()  # runs its clean-up: the model's mode restored, the features freed
+                return None
             try:
                 step = next(gen)
             except StopIteration as done:
@@ -143,8 +150,9 @@ class RedundancyWidget(QWidget):
         self.registry = model_registry()
         self.worker = None
         self._stopping = False
+        self._stop_event = threading.Event()
         self.result: ComputeResult | None = None
-        stop_when_closed(self, lambda: self.worker is not None and self.worker.quit())
+        stop_when_closed(self, self._stop_event.set)
 
         form = QFormLayout()
         self.model_box = NameCombo()
@@ -266,7 +274,7 @@ class RedundancyWidget(QWidget):
 
     def _run_or_stop(self) -> None:
         if self.worker is not None:
-            self.worker.quit()
+            self._stop_event.set()
             self._stopping = True
             self.status.setText("stopping…")
             return
@@ -301,9 +309,10 @@ class RedundancyWidget(QWidget):
         models = [self.registry.get(n) for n in names]
         labels = _short_labels(names)
         self._image_layer = layer
+        self._stop_event = threading.Event()
         worker = create_worker(
             redundancy_job, models, labels, image, self.similarity_box.currentText(), kinds, region,
-            _start_thread=False,
+            stop=self._stop_event, _start_thread=False,
         )
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_result)
@@ -346,10 +355,14 @@ class RedundancyWidget(QWidget):
         self.progress.setRange(0, 1)
         self.progress.setValue(1 if self.result is not None else 0)
 
-    def _on_result(self, result: ComputeResult) -> None:
+    def _on_result(self, result: ComputeResult | None) -> None:
+        if result is None:  # stopped
+            return
         self._stopping = False  # the maps came in before the stop took effect
         self.result = result
+        added = len(result.layers)
         self._apply_layers(result)
+        result.layers = []  # the layers hold the maps now; a deleted layer must free its memory
         names = result.reports[0].names
         self.block_box.blockSignals(True)
         current = self.block_box.currentText()
@@ -360,11 +373,16 @@ class RedundancyWidget(QWidget):
         self.block_box.blockSignals(False)
         self._draw()
         seconds = sum(r.seconds for r in result.reports)
-        self.status.setText(f"{len(result.layers)} layers from {len(names)} blocks in {seconds:.1f} s")
+        self.status.setText(f"{added} layers from {len(names)} blocks in {seconds:.1f} s")
 
     def _apply_layers(self, result: ComputeResult) -> None:
-        """Add (or update in place) the layers, aligned with the image layer, kept adjacent."""
+        """Add (or update in place) the layers, aligned with the image layer, kept adjacent; maps
+        of earlier runs that this one does not remake go, so the layers match the chart."""
         image = self._image_layer
+        made = {spec.name for spec in result.layers}
+        for layer in [layer for layer in self.viewer.layers if layer.metadata.get(MAP_FLAG)]:
+            if layer.name not in made:
+                self.viewer.layers.remove(layer)
         top, left = result.region[:2]
         scale = np.asarray(image.scale[-2:], float)
         translate = np.asarray(image.translate[-2:], float) + scale * np.array([top, left], float)
