@@ -160,3 +160,21 @@ def test_stop_restores_the_models_mode_and_adds_nothing(make_napari_viewer, qtbo
     assert widget.status.text() == "Stopped; no maps were added."
     assert [layer.name for layer in viewer.layers] == ["big"]
     assert model.network.training
+
+
+def test_closing_the_dock_stops_a_run(make_napari_viewer, qtbot, registry_models):
+    from napari_selfreg.widgets.redundancy_widget import RedundancyWidget
+
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(2)
+    viewer.add_image(rng.integers(0, 256, size=(3000, 3000, 3)).astype(np.uint8), name="big", rgb=True)
+    widget = RedundancyWidget(viewer)
+    dock = viewer.window.add_dock_widget(widget)
+    widget.model_box.setCurrentText(registry_models[0])
+    widget.image_box.setCurrentText("big")
+    widget.view_only.setChecked(False)
+    widget.compute()
+    qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=60_000)
+    dock.destroyOnClose()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    assert [layer.name for layer in viewer.layers] == ["big"]

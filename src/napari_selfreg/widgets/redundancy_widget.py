@@ -152,7 +152,7 @@ class RedundancyWidget(QWidget):
         self._stopping = False
         self._stop_event = threading.Event()
         self.result: ComputeResult | None = None
-        stop_when_closed(self, self._stop_event.set)
+        stop_when_closed(self, lambda: self._stop_event.set())  # each run makes its own event
 
         form = QFormLayout()
         self.model_box = NameCombo()
