@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
+DEFAULT_DATA = Path(os.environ.get("SELFREG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 DATASETS = {
     # first images of the official training splits, in a fixed order

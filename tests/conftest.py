@@ -1,5 +1,6 @@
 """Shared fixtures: the real data in ../shared/data (skipped cleanly when absent); every test
-that opens a napari viewer is marked ``gui``, so ``-m "not gui"`` runs without a display."""
+that opens a napari viewer is marked ``gui``, so ``-m "not gui"`` runs without a display, and
+every test that reads the real data (through ``shared_data``, at any depth) is marked ``data``."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ SHARED_DATA = Path(os.environ.get("SELFREG_SHARED_DATA", _DEFAULT_DATA))
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if "make_napari_viewer" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "make_napari_viewer" in fixtures:
             item.add_marker(pytest.mark.gui)
+        if "shared_data" in fixtures:
+            item.add_marker(pytest.mark.data)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""Reading and writing images and labels: TIFF (tifffile), PNG/JPEG (Pillow), and the
-medical formats SimpleITK reads (.nii, .nii.gz, .mha, .nrrd).
+"""Reading and writing images and labels: TIFF (tifffile), PNG/JPEG/BMP (Pillow; 16-bit colour
+PNGs through SimpleITK, since Pillow keeps only their high byte), and the medical formats
+SimpleITK reads (.nii, .nii.gz, .mha, .mhd, .nrrd).
 
 Used by the command line and, through the npe2 manifest, by napari's reader/writer hooks.
 """
