@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_selfreg.io import ImageFileError, napari_get_reader, open_image, read_image, write_image, write_labels
+from napari_selfreg.io import (
+    ImageFileError,
+    labels_note,
+    napari_get_reader,
+    open_image,
+    read_image,
+    write_image,
+    write_labels,
+)
 
 
 @pytest.fixture
@@ -201,6 +209,50 @@ def test_viewer_opens_and_saves_with_the_plugin(make_napari_viewer, tmp_path, la
     assert layer.__class__.__name__ == "Labels"
     written = viewer.layers.save(str(tmp_path / "saved.png"), selected=False, plugin="napari-selfreg")
     assert np.array_equal(read_image(written[0]), labels)
+
+
+@pytest.mark.gui
+@pytest.mark.parametrize("suffix", [".tif", ".nii.gz"])
+def test_a_saved_labels_layer_reopens_as_labels_with_its_classes_and_place(make_napari_viewer, tmp_path, suffix):
+    """Whatever its name: the file says it holds labels, and which classes."""
+    from napari_selfreg.widgets.classes import class_features, class_names_of
+
+    viewer = make_napari_viewer()
+    data = np.zeros((30, 40), np.uint8)
+    data[5:10, 5:30], data[20:25, 10:20] = 1, 3
+    viewer.add_labels(data, name="strokes", features=class_features(["stroma", "gland", "lumen"]),
+                      scale=(0.5, 0.25), translate=(20.0, 10.0))
+    path = str(tmp_path / f"strokes{suffix}")
+    assert viewer.layers.save(path, selected=False, plugin="napari-selfreg") == [path]
+    [layer] = viewer.open(path, plugin="napari-selfreg")
+    assert layer.__class__.__name__ == "Labels" and np.array_equal(layer.data, data)
+    assert class_names_of(layer) == ["stroma", "gland", "lumen"]
+    if suffix != ".tif":  # SimpleITK formats carry the geometry
+        np.testing.assert_allclose(layer.scale, (0.5, 0.25))
+        np.testing.assert_allclose(layer.translate, (20.0, 10.0))
+
+
+@pytest.mark.gui
+def test_the_writers_refusals_reach_the_user(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_labels(np.full((4, 4), 70000, np.int64), name="many")
+    with pytest.raises(OSError, match="do not fit a PNG"):
+        viewer.layers.save(str(tmp_path / "many.png"), selected=False, plugin="napari-selfreg")
+    with pytest.raises(ImageFileError, match="3-D array does not fit a PNG"):
+        write_image(tmp_path / "volume.png", np.zeros((2, 4, 5), np.uint8))
+    # class names reach MHA and NRRD headers too (the CLI writes those)
+    for suffix in (".mha", ".nrrd"):
+        write_image(tmp_path / f"l{suffix}", np.ones((4, 4), np.uint8), class_names=["bg", "gland"])
+        assert labels_note(tmp_path / f"l{suffix}") == ["bg", "gland"]
+
+
+def test_the_reader_keeps_two_channels_first_and_an_rgb_picture_named_mask_an_image(tmp_path):
+    two = np.zeros((2, 16, 20), np.uint16)
+    tifffile.imwrite(tmp_path / "two.tif", two, metadata={"axes": "CYX"}, photometric="minisblack")
+    assert read_image(tmp_path / "two.tif").shape == (2, 16, 20)  # not (16, 20, 2), drawn sideways
+    tifffile.imwrite(tmp_path / "masked tissue.tif", np.zeros((16, 20, 3), np.uint8))
+    [(_, meta, kind)] = napari_get_reader(str(tmp_path / "masked tissue.tif"))(str(tmp_path / "masked tissue.tif"))
+    assert kind == "image" and meta["rgb"]
 
 
 def test_a_simpleitk_output_keeps_the_images_spacing_and_origin(tmp_path):

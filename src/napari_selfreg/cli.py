@@ -276,7 +276,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         finally:
             if bar is not None:
                 bar.close()
-        write_image(args.out, prediction.labels, like=args.image)
+        write_image(args.out, prediction.labels, like=args.image, class_names=model.class_names)
         if want_probabilities:
             write_image(args.probabilities, np.asarray(prediction.probabilities, np.float32), like=args.image)
         counts = label_counts(prediction.labels, model.info.label_ids)

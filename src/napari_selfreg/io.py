@@ -7,6 +7,7 @@ Used by the command line and, through the npe2 manifest, by napari's reader/writ
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,10 @@ FLOAT_SUFFIXES = (*TIFF_SUFFIXES, *ITK_SUFFIXES)  # float32 probability maps
 # TIFFs with more pixels than this open lazily (``open_image``): a slide is read tile by
 # tile as prediction reaches it instead of all at once
 LAZY_PIXELS = 64 * 1024 * 1024
+
+
+LABELS_KEY = "napari_selfreg_labels"  # in a labels file's header: its class names as JSON
+NIFTI_NOTE = "napari-selfreg labels "  # NIfTI's description field: the same, after this prefix
 
 
 class ImageFileError(ValueError):
@@ -80,7 +85,8 @@ def _tiff_to_yx(data: np.ndarray, axes: str) -> np.ndarray:
     data = data.reshape([data.shape[i] for i in keep])
     axes = "".join(axes[i] for i in keep)
     for channel_axis in ("S", "C"):
-        if channel_axis in axes and data.shape[axes.index(channel_axis)] <= 4 and axes[-1] != channel_axis:
+        # RGB(A) only: two channels last would be drawn as a plane of X by channel
+        if channel_axis in axes and data.shape[axes.index(channel_axis)] in (3, 4) and axes[-1] != channel_axis:
             i = axes.index(channel_axis)
             data = np.moveaxis(data, i, -1)
             axes = axes[:i] + axes[i + 1 :] + channel_axis
@@ -209,20 +215,30 @@ def _plane_geometry(reference: str | Path):
     return reader.GetSpacing()[:2], reader.GetOrigin()[:2], tuple(direction.ravel())
 
 
-def write_image(path: str | Path, data: np.ndarray, like: str | Path | None = None) -> Path:
+def write_image(
+    path: str | Path,
+    data: np.ndarray,
+    like: str | Path | None = None,
+    geometry: tuple | None = None,
+    class_names: list[str] | None = None,
+) -> Path:
     """Write labels or images; integer labels keep their ids (no scaling).
 
     ``like``: an input image whose spacing, origin and direction a SimpleITK output keeps,
-    so the labels overlay the image in ITK-SNAP or 3D Slicer.
+    so the labels overlay the image in ITK-SNAP or 3D Slicer; ``geometry`` gives them
+    directly as (spacing, origin, direction) in x, y order. ``class_names`` (labels) are
+    stored in TIFF, MHA and NRRD headers and marks the file as labels for the plugin's reader.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = np.asarray(data)
     suffix = suffix_of(path)
+    note = None if class_names is None else json.dumps(list(class_names))
     if suffix in TIFF_SUFFIXES:
         import tifffile
 
-        tifffile.imwrite(path, data, compression="zlib" if data.dtype != np.float32 else None)
+        compression = "zlib" if data.dtype != np.float32 else None
+        tifffile.imwrite(path, data, compression=compression, metadata={LABELS_KEY: note} if note else {})
     elif suffix in PIL_SUFFIXES:
         from PIL import Image
 
@@ -232,12 +248,18 @@ def write_image(path: str | Path, data: np.ndarray, like: str | Path | None = No
             data = data.astype(np.uint16 if data.max(initial=0) > 255 else np.uint8)
         if suffix in (".jpg", ".jpeg") and np.issubdtype(data.dtype, np.integer) and data.ndim == 2:
             raise ImageFileError("JPEG is lossy and would change label ids; save labels as TIFF or PNG")
+        if data.ndim != 2 and not (data.ndim == 3 and data.shape[-1] in (3, 4)):
+            raise ImageFileError(f"{path.name}: a {data.ndim}-D array does not fit a PNG; save it as TIFF or NIfTI")
         Image.fromarray(data).save(path)
     elif suffix in ITK_SUFFIXES:
         import SimpleITK as sitk
 
         out = sitk.GetImageFromArray(data)
-        geometry = _plane_geometry(like)
+        geometry = geometry if geometry is not None else _plane_geometry(like)
+        if note is not None:
+            out.SetMetaData(LABELS_KEY, note)  # MHA, NRRD
+            if suffix in (".nii", ".nii.gz"):  # NIfTI keeps only its 80-byte description
+                out.SetMetaData("ITK_FileNotes", NIFTI_NOTE + (note if len(NIFTI_NOTE + note) < 80 else "[]"))
         if geometry is not None and out.GetDimension() in (2, 3):
             spacing, origin, direction = geometry
             if out.GetDimension() == 3:  # (K, H, W) probabilities: one plane per class, a unit apart
@@ -276,8 +298,15 @@ def _read_layers(path):
         levels = open_levels(p)
         data = levels[0]
         rgb = data.ndim == 3 and data.shape[-1] in (3, 4)
-        kind = "labels" if _looks_like_labels(p, data) else "image"
+        names = labels_note(p)
+        kind = "labels" if names is not None or _looks_like_labels(p, data) else "image"
         meta = {"name": Path(p).name.split(".")[0]}
+        if data.ndim - rgb == 2:
+            meta.update(_plane_placement(p))
+        if names:
+            from .widgets.classes import class_colormap, class_features
+
+            meta.update(features=class_features(names), colormap=class_colormap())
         if kind == "labels" and not isinstance(data, np.ndarray):
             data = np.asarray(data)
         elif kind == "image":
@@ -289,12 +318,80 @@ def _read_layers(path):
 
 
 def _looks_like_labels(path, data) -> bool:
+    """A 2-D integer file named like labels (an RGB picture called "masked ..." is no labels)."""
     name = Path(path).name.lower()
-    return np.issubdtype(data.dtype, np.integer) and any(
-        word in name for word in ("label", "mask", "seg", "anno")
+    return (
+        data.ndim == 2
+        and np.issubdtype(data.dtype, np.integer)
+        and any(word in name for word in ("label", "mask", "seg", "anno"))
     )
 
 
+def labels_note(path) -> list[str] | None:
+    """The class names a file written by ``write_labels`` holds ([] when it holds none), or None
+    for any other file."""
+    suffix = suffix_of(path)
+    try:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                shaped = tif.shaped_metadata or ({},)
+                note = shaped[0].get(LABELS_KEY)
+        elif suffix in ITK_SUFFIXES:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            note = reader.GetMetaData(LABELS_KEY) if reader.HasMetaDataKey(LABELS_KEY) else None
+            descrip = reader.GetMetaData("descrip") if reader.HasMetaDataKey("descrip") else ""
+            if note is None and descrip.startswith(NIFTI_NOTE):
+                note = descrip[len(NIFTI_NOTE) :]
+        else:
+            return None
+        names = json.loads(note) if note else None
+    except Exception:  # no note, or not one of ours
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def _plane_placement(path) -> dict:
+    """napari's scale and translate (y, x) from a SimpleITK file's spacing and origin."""
+    geometry = _plane_geometry(path)
+    if geometry is None:
+        return {}
+    (sx, sy), (ox, oy), _ = geometry
+    return {"scale": (sy, sx), "translate": (oy, ox)}
+
+
 def write_labels(path: str, data, attributes: dict) -> list[str]:
-    """Writer contribution: a Labels layer to TIFF, PNG or NIfTI, ids unchanged."""
-    return [str(write_image(path, np.asarray(data)))]
+    """Writer contribution: a Labels layer to TIFF, PNG or NIfTI, ids unchanged; its class
+    names and (for SimpleITK formats) its scale and translate go into the file.
+
+    A refusal is raised as ``OSError``: napari swallows a writer's ``ValueError``.
+    """
+    names = _feature_class_names(attributes.get("features"))
+    geometry = None
+    if suffix_of(path) in ITK_SUFFIXES and np.ndim(data) == 2:
+        sy, sx = attributes.get("scale", (1.0, 1.0))[-2:]
+        ty, tx = attributes.get("translate", (0.0, 0.0))[-2:]
+        geometry = ((float(sx), float(sy)), (float(tx), float(ty)), (1.0, 0.0, 0.0, 1.0))
+    try:
+        return [str(write_image(path, np.asarray(data), geometry=geometry, class_names=names or []))]
+    except ImageFileError as error:
+        raise OSError(str(error)) from None
+
+
+def _feature_class_names(features) -> list[str] | None:
+    if features is None:
+        return None
+    from types import SimpleNamespace
+
+    from .widgets.classes import class_names_of
+
+    if isinstance(features, dict):
+        import pandas as pd
+
+        features = pd.DataFrame(features)
+    return class_names_of(SimpleNamespace(features=features))
