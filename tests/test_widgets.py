@@ -52,6 +52,23 @@ def test_demo_without_a_qt_binding_is_one_line():
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.gui
+def test_closing_napari_right_after_docking_exits_cleanly():
+    """A device-listing thread started at docking used to outlive a viewer closed at once and
+    abort Python (exit 134) when it finished."""
+    code = (
+        "import napari\n"
+        "viewer = napari.Viewer(show=True)\n"
+        "viewer.window.add_plugin_dock_widget('napari-selfreg', 'Segment')\n"
+        "viewer.window.add_plugin_dock_widget('napari-selfreg', 'Train SelfReg UNet')\n"
+        "viewer.close()\n"
+        "print('closed')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "closed", out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
 def test_separate_instances_splits_touching_nuclei():
     from napari_selfreg.widgets.instances import separate_instances
 

@@ -1,7 +1,7 @@
 """Pieces shared by the dock widgets: layer pickers, device picker, error messages, loss plot.
 
 Nothing here imports torch at module level, so opening a dock widget stays fast; the
-device list is filled in the background, where torch is imported once.
+device list is filled when it is first opened, which imports torch once.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import QEvent, QObject
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QSizePolicy, QVBoxLayout, QWidget
@@ -220,23 +219,24 @@ _DEVICES: list[str] = []  # found once per session
 
 
 class DeviceCombo(QComboBox):
-    """'auto' plus the devices torch finds; the list is filled off the main thread, once."""
+    """'auto' plus the devices torch finds, listed when the list is first opened.
+
+    Listing imports torch (a second or two, once per session). A background thread did it
+    at docking before, and a viewer closed within that time aborted Python: the thread
+    outlived the widget whose signals it was to emit.
+    """
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         self.addItems(["auto", "cpu"])
         self.setToolTip(DEVICE_TOOLTIP)
-        self.worker = None
         if _DEVICES:
             self._fill(_DEVICES)
-            return
-        self.worker = create_worker(_list_devices, _ignore_errors=True)
-        self.worker.returned.connect(self._fill)
-        self.worker.finished.connect(self._done)
-        self.worker.start()
 
-    def _done(self) -> None:
-        self.worker = None
+    def showPopup(self) -> None:
+        if not _DEVICES:
+            self._fill(_list_devices())
+        super().showPopup()
 
     def _fill(self, devices: list[str]) -> None:
         _DEVICES[:] = devices
