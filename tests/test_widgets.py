@@ -40,6 +40,10 @@ def test_demo_help():
         [sys.executable, "-m", "napari_selfreg.demo", "--help"], capture_output=True, text=True, check=True
     )
     assert "--train" in out.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", "napari_selfreg.demo", "--steps", "0"], capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "--steps must be at least 1" in refused.stderr
 
 
 def test_demo_without_a_qt_binding_is_one_line():

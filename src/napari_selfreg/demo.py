@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the widget's)")
     parser.add_argument("--fluorescence", action="store_true", help="also load the fluorescence sample")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be at least 1")
     try:
         import qtpy.QtCore  # noqa: F401  (napari's own error would come as a long traceback)
     except ImportError:
@@ -69,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import napari
 
-    viewer = napari.Viewer(title="napari-selfreg demo")
-    setup_demo(viewer, start_training=args.train, steps=args.steps, fluorescence=args.fluorescence)
-    napari.run()
+    try:
+        viewer = napari.Viewer(title="napari-selfreg demo")
+        setup_demo(viewer, start_training=args.train, steps=args.steps, fluorescence=args.fluorescence)
+        napari.run()
+    except KeyboardInterrupt:  # Ctrl-C in the terminal: close quietly
+        print("napari-selfreg demo: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
