@@ -250,3 +250,26 @@ def test_segmenting_again_keeps_a_segmentation_the_user_edited(he_viewer, qtbot,
     assert np.array_equal(edited.data, painted)
     assert "H&E tissue segmentation (previous)" not in names
     assert any("Your edits are kept in 'H&E tissue segmentation (corrected)'" in m for m in messages.infos)
+
+
+def test_three_classes_give_one_named_probability_layer_per_structure(he_viewer, qtbot, messages):
+    from napari_selfreg.core.config import ModelConfig, ModelInfo
+    from napari_selfreg.core.model import SegmentationModel
+    from napari_selfreg.widgets.segment_widget import SegmentWidget
+
+    info = ModelInfo(model=ModelConfig(base_channels=4, depth=2, num_classes=3), class_names=["bg", "nuclei", "glands"])
+    segment = SegmentWidget(he_viewer)
+    segment.registry.add("three", SegmentationModel.create(info), replace=True)
+    segment.model_combo.set_names(segment.registry.names())
+    segment.model_combo.setCurrentText("three")
+    segment.image_combo.select("H&E tissue")
+    segment.probabilities.setChecked(True)
+    segment.instances.setChecked(False)
+    for _ in range(2):  # the second run replaces the layers
+        segment.start()
+        wait_idle(qtbot, segment, timeout=60_000)
+    layers = [layer for layer in he_viewer.layers if "probabilities" in layer.name]
+    assert [layer.name for layer in layers] == ["H&E tissue probabilities: nuclei", "H&E tissue probabilities: glands"]
+    assert all(layer.data.shape == (256, 256) for layer in layers)
+    total = sum(np.asarray(layer.data, np.float32) for layer in layers)
+    assert float(total.max()) <= 1.0 + 1e-3 and he_viewer.dims.ndim == 2

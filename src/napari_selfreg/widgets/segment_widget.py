@@ -309,21 +309,29 @@ class SegmentWidget(QWidget):
         self.status.setText(f"Done in {seconds:.1f} s: '{self.output_layer.name}'.")
         image = self._image
         if prediction.probabilities is not None:
-            probs = prediction.probabilities[1:]
-            if f"{image.name} probabilities" in self.viewer.layers:  # replaced, as the segmentation is
-                self.viewer.layers.remove(f"{image.name} probabilities")
+            self._add_probabilities(image, prediction.probabilities, self._model.class_names)
+        if self.instances.isChecked():
+            self._start_instances(prediction.labels)
+
+    def _add_probabilities(self, image, probabilities, class_names: list[str]) -> None:
+        """One 2-D layer per structure class, named after it ("… probabilities" alone for a
+        single structure); a stack would add an unnamed slider and turn the viewer 3-D."""
+        base = f"{image.name} probabilities"
+        for layer in [layer for layer in self.viewer.layers if layer.name.startswith(base)]:
+            self.viewer.layers.remove(layer)  # replaced, as the segmentation is
+        structures = list(range(1, len(probabilities)))
+        for k in structures:
+            name = base if len(structures) == 1 else f"{base}: {class_names[k]}"
             self.viewer.add_image(
-                probs[0] if len(probs) == 1 else probs,
-                name=f"{image.name} probabilities",
+                probabilities[k],
+                name=name,
                 colormap="magma",
                 contrast_limits=(0.0, 1.0),
                 blending="additive",
-                scale=image.scale[-2:] if len(probs) == 1 else (1.0, *image.scale[-2:]),
-                translate=image.translate[-2:] if len(probs) == 1 else (0.0, *image.translate[-2:]),
+                scale=image.scale[-2:],
+                translate=image.translate[-2:],
                 visible=False,
             )
-        if self.instances.isChecked():
-            self._start_instances(prediction.labels)
 
     def _start_instances(self, labels) -> None:
         h, w = labels.shape
