@@ -140,21 +140,29 @@ def test_a_run_replaces_the_last_runs_maps_and_lets_deleted_layers_go(make_napar
     assert names == ["tissue", *[f"plain: {b} {k}" for b in BLOCKS for k in ("redundancy", "IFD")]]
 
 
-def test_stop_restores_the_models_mode_and_adds_nothing(make_napari_viewer, qtbot, registry_models):
-    from napari_selfreg.widgets.model_registry import model_registry
+def _running_on_a_big_image(make_napari_viewer, qtbot, model_name):
+    """A widget docked in a viewer, computing the whole of a 3000 x 3000 image (several seconds)."""
     from napari_selfreg.widgets.redundancy_widget import RedundancyWidget
 
     viewer = make_napari_viewer()
     rng = np.random.default_rng(1)
     viewer.add_image(rng.integers(0, 256, size=(3000, 3000, 3)).astype(np.uint8), name="big", rgb=True)
-    model = model_registry().get(registry_models[0])
-    model.network.train()  # a model that is mid-training elsewhere must stay so
     widget = RedundancyWidget(viewer)
-    widget.model_box.setCurrentText(registry_models[0])
+    dock = viewer.window.add_dock_widget(widget)
+    widget.model_box.setCurrentText(model_name)
     widget.image_box.setCurrentText("big")
     widget.view_only.setChecked(False)
     widget.compute()
     qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=60_000)
+    return viewer, widget, dock
+
+
+def test_stop_restores_the_models_mode_and_adds_nothing(make_napari_viewer, qtbot, registry_models):
+    from napari_selfreg.widgets.model_registry import model_registry
+
+    model = model_registry().get(registry_models[0])
+    model.network.train()  # a model that is mid-training elsewhere must stay so
+    viewer, widget, _ = _running_on_a_big_image(make_napari_viewer, qtbot, registry_models[0])
     widget._run_or_stop()
     qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
     assert widget.status.text() == "Stopped; no maps were added."
@@ -163,18 +171,7 @@ def test_stop_restores_the_models_mode_and_adds_nothing(make_napari_viewer, qtbo
 
 
 def test_closing_the_dock_stops_a_run(make_napari_viewer, qtbot, registry_models):
-    from napari_selfreg.widgets.redundancy_widget import RedundancyWidget
-
-    viewer = make_napari_viewer()
-    rng = np.random.default_rng(2)
-    viewer.add_image(rng.integers(0, 256, size=(3000, 3000, 3)).astype(np.uint8), name="big", rgb=True)
-    widget = RedundancyWidget(viewer)
-    dock = viewer.window.add_dock_widget(widget)
-    widget.model_box.setCurrentText(registry_models[0])
-    widget.image_box.setCurrentText("big")
-    widget.view_only.setChecked(False)
-    widget.compute()
-    qtbot.waitUntil(lambda: widget.progress.value() > 0, timeout=60_000)
+    viewer, widget, dock = _running_on_a_big_image(make_napari_viewer, qtbot, registry_models[0])
     dock.destroyOnClose()
     qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
     assert [layer.name for layer in viewer.layers] == ["big"]
