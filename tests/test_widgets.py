@@ -73,6 +73,30 @@ def test_closing_napari_right_after_docking_exits_cleanly():
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
+@pytest.mark.gui
+def test_exiting_while_the_final_prediction_runs_is_clean():
+    """The end-of-round prediction outlived a viewer closed at once, and Python aborted (134)."""
+    code = (
+        "import time\n"
+        "import napari\n"
+        "from qtpy.QtWidgets import QApplication\n"
+        "viewer = napari.Viewer(show=True)\n"
+        "viewer.open_sample('napari-selfreg', 'he_tissue')\n"
+        "_, train = viewer.window.add_plugin_dock_widget('napari-selfreg', 'Train SelfReg UNet')\n"
+        "train.steps.setValue(3); train.patch_size.setValue(32); train.base_channels.setValue(8)\n"
+        "train.device.setCurrentText('cpu')\n"
+        "train.start()\n"
+        "end = time.time() + 120\n"
+        "while time.time() < end and not (train.worker is None and train.final_worker is not None):\n"
+        "    QApplication.processEvents(); time.sleep(0.005)\n"
+        "print('final prediction running:', train.final_worker is not None)\n"
+        "viewer.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert "final prediction running: True" in out.stdout, out.stderr[-2000:]
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
 def test_separate_instances_splits_touching_nuclei():
     from napari_selfreg.widgets.instances import separate_instances
 

@@ -6,11 +6,12 @@ device list is filled when it is first opened, which imports torch once.
 
 from __future__ import annotations
 
+import atexit
 import time
 
 import numpy as np
 from napari.utils.notifications import show_error, show_warning
-from qtpy.QtCore import QEvent, QObject
+from qtpy.QtCore import QEvent, QObject, QThreadPool
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QSizePolicy, QVBoxLayout, QWidget
 
 from ..core.data import InputError
@@ -19,6 +20,16 @@ DEVICE_TOOLTIP = (
     "Where the network runs. 'auto' picks a CUDA or Apple GPU when there is one, else the CPU. "
     "Only devices present on this machine are listed."
 )
+
+
+EXIT_WAIT_MS = 30_000  # the longest Python's exit waits for a running worker (a final prediction)
+
+
+@atexit.register
+def _let_workers_finish() -> None:
+    """A worker still running when Python exits (the end-of-round prediction of a viewer just
+    closed) emits into Qt objects already deleted, which aborts the process (exit 134)."""
+    QThreadPool.globalInstance().waitForDone(EXIT_WAIT_MS)
 
 
 def check_box(text: str, tip: str, checked: bool = False) -> QCheckBox:
