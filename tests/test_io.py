@@ -274,3 +274,28 @@ def test_a_simpleitk_output_keeps_the_images_spacing_and_origin(tmp_path):
     probabilities = sitk.ReadImage(str(tmp_path / "p.nii.gz"))
     assert probabilities.GetSize() == (30, 20, 2)
     assert probabilities.GetSpacing() == (0.25, 0.5, 1.0) and probabilities.GetOrigin() == (10.0, 20.0, 0.0)
+
+
+def _png(path, array: np.ndarray, colour_type: int) -> None:
+    """A 16-bit PNG written byte by byte (Pillow cannot write 16-bit colour)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w = array.shape[:2]
+    rows = b"".join(b"\0" + array[y].astype(">u2").tobytes() for y in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+def test_a_16_bit_gray_alpha_png_still_opens_and_an_integer_stack_named_mask_is_labels(tmp_path):
+    _png(tmp_path / "la16.png", np.full((6, 8, 2), 40000, np.uint16), colour_type=4)
+    assert read_image(tmp_path / "la16.png").shape == (6, 8, 4)  # Pillow's 8 bits, as before
+    _png(tmp_path / "rgb16.png", np.full((6, 8, 3), 40000, np.uint16), colour_type=2)
+    assert (read_image(tmp_path / "rgb16.png") == 40000).all()
+    tifffile.imwrite(tmp_path / "nuclei_mask_stack.tif", np.zeros((5, 16, 20), np.uint16))
+    [(_, _, kind)] = napari_get_reader(str(tmp_path / "nuclei_mask_stack.tif"))(str(tmp_path / "nuclei_mask_stack.tif"))
+    assert kind == "labels"

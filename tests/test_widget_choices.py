@@ -273,3 +273,41 @@ def test_three_classes_give_one_named_probability_layer_per_structure(he_viewer,
     assert all(layer.data.shape == (256, 256) for layer in layers)
     total = sum(np.asarray(layer.data, np.float32) for layer in layers)
     assert float(total.max()) <= 1.0 + 1e-3 and he_viewer.dims.ndim == 2
+
+
+def test_a_device_can_be_chosen_before_the_list_was_opened(he_viewer, monkeypatch):
+    from napari_selfreg.widgets import _common
+
+    monkeypatch.setattr(_common, "_DEVICES", [])
+    monkeypatch.setattr(_common, "_list_devices", lambda: ["cuda", "cpu"])
+    monkeypatch.delitem(__import__("sys").modules, "torch", raising=False)  # as at docking
+    combo = _common.DeviceCombo()
+    assert [combo.itemText(i) for i in range(combo.count())] == ["auto", "cpu"]  # torch not imported
+    combo.setCurrentText("cuda")
+    assert combo.currentText() == "cuda"
+
+
+def test_a_failed_segmentation_is_replaced_not_kept_as_corrected(he_viewer, qtbot, messages, monkeypatch):
+    from napari_selfreg.widgets import segment_widget
+    from napari_selfreg.widgets.segment_widget import SegmentWidget
+
+    segment = SegmentWidget(he_viewer)
+    _add_tiny_model(segment)
+    segment.image_combo.select("H&E tissue")
+    segment.instances.setChecked(False)
+    real = segment_widget.run_prediction
+
+    def out_of_memory(*args):
+        raise MemoryError("simulated")
+        yield
+
+    monkeypatch.setattr(segment_widget, "run_prediction", out_of_memory)
+    segment.start()
+    wait_idle(qtbot, segment, timeout=60_000)
+    assert any("Segmentation failed" in m for m in messages.errors)
+    monkeypatch.setattr(segment_widget, "run_prediction", real)
+    for _ in range(2):
+        segment.start()
+        wait_idle(qtbot, segment, timeout=60_000)
+    names = [layer.name for layer in he_viewer.layers]
+    assert names.count("H&E tissue segmentation") == 1 and not any("corrected" in n or "previous" in n for n in names)

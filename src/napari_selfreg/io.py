@@ -94,13 +94,14 @@ def _tiff_to_yx(data: np.ndarray, axes: str) -> np.ndarray:
 
 
 def _is_deep_colour_png(path: Path) -> bool:
-    """A 16-bit RGB(A) or gray+alpha PNG, which Pillow would cut to 8 bits (16-bit gray it keeps):
-    the bit depth and colour type are bytes 24 and 25 of the file, in its IHDR chunk."""
+    """A 16-bit RGB(A) PNG, which Pillow would cut to 8 bits (16-bit gray it keeps; 16-bit gray +
+    alpha SimpleITK cannot read, so Pillow's 8 bits stay): the bit depth and colour type are
+    bytes 24 and 25 of the file, in its IHDR chunk."""
     if suffix_of(path) != ".png":
         return False
     with open(path, "rb") as handle:
         head = handle.read(26)
-    return len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 4, 6)
+    return len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 6)
 
 
 def read_image(path: str | Path, labels: bool = False) -> np.ndarray:
@@ -318,10 +319,11 @@ def _read_layers(path):
 
 
 def _looks_like_labels(path, data) -> bool:
-    """A 2-D integer file named like labels (an RGB picture called "masked ..." is no labels)."""
+    """An integer file named like labels, unless it is an RGB(A) picture ("masked tissue.tif")."""
     name = Path(path).name.lower()
+    rgb = data.ndim == 3 and data.shape[-1] in (3, 4)
     return (
-        data.ndim == 2
+        not rgb
         and np.issubdtype(data.dtype, np.integer)
         and any(word in name for word in ("label", "mask", "seg", "anno"))
     )

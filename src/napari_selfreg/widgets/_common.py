@@ -7,6 +7,7 @@ device list is filled when it is first opened, which imports torch once.
 from __future__ import annotations
 
 import atexit
+import sys
 import time
 
 import numpy as np
@@ -230,7 +231,8 @@ _DEVICES: list[str] = []  # found once per session
 
 
 class DeviceCombo(QComboBox):
-    """'auto' plus the devices torch finds, listed when the list is first opened.
+    """'auto' plus the devices torch finds, listed once torch is imported anyway, or when the
+    list is opened, focused or asked for a device it does not show yet.
 
     Listing imports torch (a second or two, once per session). A background thread did it
     at docking before, and a viewer closed within that time aborted Python: the thread
@@ -241,13 +243,26 @@ class DeviceCombo(QComboBox):
         super().__init__(parent)
         self.addItems(["auto", "cpu"])
         self.setToolTip(DEVICE_TOOLTIP)
-        if _DEVICES:
-            self._fill(_DEVICES)
+        if _DEVICES or "torch" in sys.modules:
+            self._list()
+
+    def _list(self) -> None:
+        self._fill(_DEVICES or _list_devices())
 
     def showPopup(self) -> None:
         if not _DEVICES:
-            self._fill(_list_devices())
+            self._list()
         super().showPopup()
+
+    def focusInEvent(self, event) -> None:  # the keyboard and wheel reach every device too
+        if not _DEVICES:
+            self._list()
+        super().focusInEvent(event)
+
+    def setCurrentText(self, text: str) -> None:
+        if self.findText(text) < 0 and not _DEVICES:
+            self._list()
+        super().setCurrentText(text)
 
     def _fill(self, devices: list[str]) -> None:
         _DEVICES[:] = devices
