@@ -46,10 +46,17 @@ def test_train_predict_evaluate_on_a_real_image(tmp_path, monuseg_pair, capsys):
     rc = main([
         "predict", "--model", str(tmp_path / "model.safetensors"), "--image", str(tmp_path / "image.tif"),
         "--out", str(tmp_path / "pred.tif"), "--probabilities", str(tmp_path / "prob.tif"), "--tile-size", "256",
+        "--instances", str(tmp_path / "inst.tif"),
     ])
     assert rc == 0
-    capsys.readouterr()
+    predicted_json = json.loads(capsys.readouterr().out)
     labels = tifffile.imread(tmp_path / "pred.tif")
+    # instances: the watershed split of the written labels, objects only where structure is predicted
+    from napari_selfreg.core.instances import separate_instances
+
+    instances = tifffile.imread(tmp_path / "inst.tif")
+    np.testing.assert_array_equal(instances, separate_instances(labels))
+    assert predicted_json["instances"] == instances.max() > 10 and not (instances[labels == 1] > 0).any()
     probs = tifffile.imread(tmp_path / "prob.tif")
     assert labels.shape == (384, 384) and set(np.unique(labels)) <= {1, 2}
     assert probs.shape == (2, 384, 384) and probs.dtype == np.float32
@@ -199,6 +206,8 @@ TRAIN = ["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--
          "colour.png is a colour picture, not labels"),
         (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/painted.tif", "--out", "{tmp}/m",
           "--class-names", "background,nuclei,glands"], "gives 3 names but there are 2 classes"),
+        (["predict", "--model", "{tmp}/m", "--image", "{tmp}/img.tif", "--out", "{tmp}/o.tif",
+          "--instances", "{tmp}/i.png"], "--instances i.png: cannot write this format"),
         ([*TRAIN, "--depth", "12"], "depth must be 1 to 8"),
         ([*TRAIN, "--width", "100000"], "width .* must be 2 to 512"),
     ],
@@ -206,7 +215,7 @@ TRAIN = ["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--
          "out-folder", "out-under-file", "budget-0", "one-class-name", "resume-width", "model-folder",
          "labels-jpeg", "probabilities-png", "inspect-out-file", "seed", "imagej-z-stack", "nifti-volume",
          "gray-pages", "bare-gray-pages", "budget-inf", "negative-lambda", "out-is-image",
-         "probabilities-is-out", "colour-labels", "extra-class-name", "depth-12", "width-100000"],
+         "probabilities-is-out", "colour-labels", "extra-class-name", "instances-png", "depth-12", "width-100000"],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     import re

@@ -235,21 +235,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from .core.checkpoint import load_model
     from .core.config import PredictConfig
+    from .core.data import InputError
+    from .core.instances import INSTANCE_PIXELS, separate_instances
     from .core.predict import allocate_outputs, plane_shape, predict_tiled
-    from .io import FLOAT_SUFFIXES, LABEL_SUFFIXES, check_planar, open_image, write_image
+    from .io import FLOAT_SUFFIXES, INSTANCE_SUFFIXES, LABEL_SUFFIXES, check_planar, open_image, write_image
 
-    outputs = {"--out": args.out, "--probabilities": args.probabilities}
+    outputs = {"--out": args.out, "--probabilities": args.probabilities, "--instances": args.instances}
     check_distinct({"--image": args.image, "--model": args.model}, outputs)
     check_output(args.out, "--out", LABEL_SUFFIXES)
     if args.probabilities is not None:
         check_output(args.probabilities, "--probabilities", FLOAT_SUFFIXES)
+    if args.instances is not None:
+        check_output(args.instances, "--instances", INSTANCE_SUFFIXES)
     model = load_model(args.model)
     check_planar(args.image)
     image = open_image(args.image)
+    if args.instances is not None and np.prod(plane_shape(image)) > INSTANCE_PIXELS:
+        raise InputError(
+            f"--instances works on images up to {INSTANCE_PIXELS // 1_000_000} M pixels; this one has "
+            f"{np.prod(plane_shape(image)) // 1_000_000} M: predict a crop for instances"
+        )
     config = PredictConfig(
         tile_size=args.tile_size, overlap=args.overlap, device=args.device, precision=args.precision, flips=args.flips
     )
     want_probabilities = args.probabilities is not None
+    summary: dict = {}
     with contextlib.ExitStack() as cleanup:
         out_labels = out_probabilities = None
         if not isinstance(image, np.ndarray):
@@ -279,9 +289,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_image(args.out, prediction.labels, like=args.image, class_names=model.class_names)
         if want_probabilities:
             write_image(args.probabilities, np.asarray(prediction.probabilities, np.float32), like=args.image)
-        counts = label_counts(prediction.labels, model.info.label_ids)
+        if args.instances is not None:
+            instances = separate_instances(np.asarray(prediction.labels))
+            write_image(args.instances, instances, like=args.image)
+            summary["instances"] = int(instances.max())
+        summary["pixels_per_label"] = label_counts(prediction.labels, model.info.label_ids)
         del prediction, out_labels, out_probabilities  # release the memory maps before their folder goes
-    print(json.dumps({"labels": str(args.out), "classes": model.class_names, "pixels_per_label": counts}))
+    print(json.dumps({"labels": str(args.out), "classes": model.class_names, **summary}))
     return 0
 
 
@@ -370,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path, help="labels file (1 = background, 2.. = structures)")
     p.add_argument("--probabilities", type=Path, help="also write per-class probabilities (K, H, W) float32")
+    p.add_argument("--instances", type=Path,
+                   help="also write instance ids of the structures (touching objects split; TIFF or NIfTI)")
     p.add_argument("--tile-size", type=int, default=PredictConfig.tile_size, help="pixels per tile side")
     p.add_argument("--overlap", type=float, default=PredictConfig.overlap, help="fraction shared by neighbours")
     p.add_argument("--device", default="auto")

@@ -18,6 +18,7 @@ PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 ITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
 LABEL_SUFFIXES = (*TIFF_SUFFIXES, ".png", ".bmp", *ITK_SUFFIXES)  # lossless, integer ids
 FLOAT_SUFFIXES = (*TIFF_SUFFIXES, *ITK_SUFFIXES)  # float32 probability maps
+INSTANCE_SUFFIXES = (*TIFF_SUFFIXES, *ITK_SUFFIXES)  # int32 instance ids, more than a PNG holds
 
 
 # TIFFs with more pixels than this open lazily (``open_image``): a slide is read tile by

@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.config import PredictConfig
+from ..core.instances import INSTANCE_PIXELS
 from ._common import (
     DeviceCombo,
     LayerCombo,
@@ -47,7 +48,6 @@ from .classes import class_colormap, class_features
 from .model_registry import model_registry
 
 MEMMAP_PIXELS = 64_000_000  # outputs above this many pixels go to memory-mapped files
-INSTANCE_PIXELS = 64_000_000  # largest image the watershed instance split runs on
 REFRESH_SECONDS = 0.5
 
 
@@ -343,7 +343,7 @@ class SegmentWidget(QWidget):
                 "The image is too large for the instance split in one go; segment a cropped region for instances."
             )
             return
-        from .instances import separate_instances
+        from ..core.instances import separate_instances
 
         self.status.setText(self.status.text() + " Separating touching objects…")
         worker = create_worker(separate_instances, np.asarray(labels), _ignore_errors=True)

@@ -1,13 +1,15 @@
 """Separate touching objects of a class map into instances (distance-transform watershed).
 
-Qt-free and torch-free; the Segment widget calls it in a worker. It could move to the
-core when the command line wants instances too.
+torch-free; the Segment widget runs it in a worker, ``predict --instances`` after the tiles.
+It works on the whole map in memory, so images are limited to ``INSTANCE_PIXELS``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+
+INSTANCE_PIXELS = 64_000_000  # largest map split at once (a few GB of scratch arrays)
 
 
 def separate_instances(
