@@ -216,6 +216,7 @@ def check_distinct(inputs: dict[str, Path], outputs: dict[str, Path | None]) -> 
             raise InputError(f"{option} and {seen[key]} name the same file {path}; give {option} its own file")
         seen[key] = option
 
+
 def label_counts(labels, ids: list[int], rows: int = 512) -> dict[str, int]:
     """Pixels per label id, a band of rows at a time (a slide's labels may be a memory map)."""
     import numpy as np
@@ -250,10 +251,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     check_planar(args.image)
     image = open_image(args.image)
-    if args.instances is not None and np.prod(plane_shape(image)) > INSTANCE_PIXELS:
+    pixels = int(np.prod(plane_shape(image)))
+    if args.instances is not None and pixels > INSTANCE_PIXELS:
         raise InputError(
             f"--instances works on images up to {INSTANCE_PIXELS // 1_000_000} M pixels; this one has "
-            f"{np.prod(plane_shape(image)) // 1_000_000} M: predict a crop for instances"
+            f"{pixels // 1_000_000} M: predict a crop for instances"
         )
     config = PredictConfig(
         tile_size=args.tile_size, overlap=args.overlap, device=args.device, precision=args.precision, flips=args.flips

@@ -194,11 +194,6 @@ def run_inspect(
     config = RedundancyConfig(similarity=similarity, window=window, device=str(torch_device))
 
     reports = [drain(compute_redundancy(model, image, config, region), progress) for model in models]
-    if len(reports) == 2 and reports[0].names != reports[1].names:
-        raise InputError(
-            f"the models have different blocks ({reports[0].names} vs {reports[1].names}); "
-            "compare models of the same depth"
-        )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

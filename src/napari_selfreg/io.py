@@ -42,9 +42,6 @@ def suffix_of(path: str | Path) -> str:
     return Path(name).suffix
 
 
-_PLANE_NAMES = {"Z": "Z", "T": "T"}  # tifffile's other plane axes (I, Q, ...) are plain pages
-
-
 def check_planar(path: str | Path) -> None:
     """Refuse a file that holds a z-stack, time series or several gray pages, from its header
     alone: squeezed to (3, H, W) or (4, H, W) such a stack would pass for a channel-first
@@ -61,7 +58,8 @@ def check_planar(path: str | Path) -> None:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
                 axes = zip(series.axes.upper(), series.shape, strict=True)
-                planes = "".join(f"{_PLANE_NAMES.get(a, 'pages')}={n} " for a, n in axes if a not in "YXSC" and n > 1)
+                # tifffile's plane axes other than Z and T (I, Q, ...) are plain pages
+                planes = "".join(f"{a if a in 'ZT' else 'pages'}={n} " for a, n in axes if a not in "YXSC" and n > 1)
         else:
             import SimpleITK as sitk
 
@@ -228,8 +226,9 @@ def write_image(
 
     ``like``: an input image whose spacing, origin and direction a SimpleITK output keeps,
     so the labels overlay the image in ITK-SNAP or 3D Slicer; ``geometry`` gives them
-    directly as (spacing, origin, direction) in x, y order. ``class_names`` (labels) are
-    stored in TIFF, MHA and NRRD headers and marks the file as labels for the plugin's reader.
+    directly as (spacing, origin, direction) in x, y order. ``class_names`` (labels) go into
+    TIFF, MHA and NRRD headers and NIfTI's description, and mark the file as labels for the
+    plugin's reader.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -301,7 +300,7 @@ def _read_layers(path):
         data = levels[0]
         rgb = data.ndim == 3 and data.shape[-1] in (3, 4)
         names = labels_note(p)
-        kind = "labels" if names is not None or _looks_like_labels(p, data) else "image"
+        kind = "labels" if names is not None or _looks_like_labels(p, data, rgb) else "image"
         meta = {"name": Path(p).name.split(".")[0]}
         if data.ndim - rgb == 2:
             meta.update(_plane_placement(p))
@@ -319,10 +318,9 @@ def _read_layers(path):
     return layers
 
 
-def _looks_like_labels(path, data) -> bool:
+def _looks_like_labels(path, data, rgb: bool) -> bool:
     """An integer file named like labels, unless it is an RGB(A) picture ("masked tissue.tif")."""
     name = Path(path).name.lower()
-    rgb = data.ndim == 3 and data.shape[-1] in (3, 4)
     return (
         not rgb
         and np.issubdtype(data.dtype, np.integer)

@@ -244,24 +244,23 @@ class DeviceCombo(QComboBox):
         self.addItems(["auto", "cpu"])
         self.setToolTip(DEVICE_TOOLTIP)
         if _DEVICES or "torch" in sys.modules:
-            self._list()
+            self._fill(_DEVICES or _list_devices())
 
-    def _list(self) -> None:
-        self._fill(_DEVICES or _list_devices())
+    def _ensure_listed(self) -> None:
+        if not _DEVICES:
+            self._fill(_list_devices())
 
     def showPopup(self) -> None:
-        if not _DEVICES:
-            self._list()
+        self._ensure_listed()
         super().showPopup()
 
     def focusInEvent(self, event) -> None:  # the keyboard and wheel reach every device too
-        if not _DEVICES:
-            self._list()
+        self._ensure_listed()
         super().focusInEvent(event)
 
     def setCurrentText(self, text: str) -> None:
-        if self.findText(text) < 0 and not _DEVICES:
-            self._list()
+        if self.findText(text) < 0:
+            self._ensure_listed()
         super().setCurrentText(text)
 
     def _fill(self, devices: list[str]) -> None:
