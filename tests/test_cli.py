@@ -210,12 +210,23 @@ TRAIN = ["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--
           "--instances", "{tmp}/i.png"], "--instances i.png: cannot write this format"),
         ([*TRAIN, "--depth", "12"], "depth must be 1 to 8"),
         ([*TRAIN, "--width", "100000"], "width .* must be 2 to 512"),
+        (["predict", "--model", "{tmp}/m", "--image", "{tmp}/img.tif", "{tmp}/painted.tif", "--out", "{tmp}/o.tif"],
+         "--out must hold {stem} when predicting several images"),
+        (["predict", "--model", "{tmp}/m", "--image", "{tmp}/img.tif", "{tmp}/adir/img.tif",
+          "--out", "{tmp}/{{stem}}_labels.tif"], "share the name img, so their outputs would overwrite each other"),
+        (["predict", "--model", "{tmp}/m", "--image", "{tmp}/img.tif", "--image", "{tmp}/adir/../img.tif",
+          "--out", "{tmp}/{{stem}}_labels.tif"], "an --image is given twice"),
+        (["predict", "--model", "{tmp}/m", "--image", "{tmp}/img.tif", "--out", "{tmp}/out/{{stem}}.tif",
+          "--probabilities", "{tmp}/{{stem}}.tif"], "--probabilities and --image name the same file"),
+        (["evaluate", "--prediction", "{tmp}/img.tif", "{tmp}/empty.tif", "--mask", "{tmp}/empty.tif"],
+         "2 --prediction files but 1 --mask files"),
     ],
     ids=["no-model", "not-a-model", "unpainted", "shape", "pair-count", "no-image", "cuda", "eval-shape",
          "out-folder", "out-under-file", "budget-0", "one-class-name", "resume-width", "model-folder",
          "labels-jpeg", "probabilities-png", "inspect-out-file", "seed", "imagej-z-stack", "nifti-volume",
          "gray-pages", "bare-gray-pages", "budget-inf", "negative-lambda", "out-is-image",
-         "probabilities-is-out", "colour-labels", "extra-class-name", "instances-png", "depth-12", "width-100000"],
+         "probabilities-is-out", "colour-labels", "extra-class-name", "instances-png", "depth-12", "width-100000",
+         "several-without-stem", "same-stem", "image-twice", "stem-names-the-image", "eval-pair-count"],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     import re
@@ -239,6 +250,7 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
 
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 32, 32), np.uint8)), str(tmp_path / "volume.nii.gz"))
     (tmp_path / "adir").mkdir()
+    tifffile.imwrite(tmp_path / "adir" / "img.tif", np.zeros((32, 32, 3), np.uint8))
     (tmp_path / "adir.safetensors").mkdir()
     (tmp_path / "afile").write_text("not a folder")
     rc = main([a.format(tmp=tmp_path) for a in argv])
@@ -284,6 +296,60 @@ def test_gray_rgb_labels_a_tiny_budget_and_a_model_that_cannot_be_written(tmp_pa
     rescued = list(tmp_path.glob("m-rescued-*.safetensors"))
     assert len(rescued) == 1 and str(rescued[0].name) in err[0]
     assert load_model(rescued[0]).info.history[-1]["step"] == 2  # both steps kept
+
+
+@pytest.mark.data
+def test_several_images_in_one_run_match_single_runs_and_a_bad_one_is_skipped(tmp_path, monuseg_pair, capsys):
+    """predict with several images names each output after its image ({stem}), writes what a
+    run per image writes, reports a bad image and goes on (exit 2 at the end); evaluate
+    scores pairs and their mean."""
+    image, mask = monuseg_pair
+    crops = {"a": (slice(0, 256), slice(0, 256)), "b": (slice(300, 556), slice(400, 656))}
+    for name, window in crops.items():
+        tifffile.imwrite(tmp_path / f"{name}.tif", image[window])
+        tifffile.imwrite(tmp_path / f"{name}_mask.tif", (mask[window] * 255).astype(np.uint8))
+    tifffile.imwrite(tmp_path / "strokes.tif", _strokes(mask[crops["a"]]))
+    bad = np.ones((64, 64), np.float32)
+    bad[5, 5] = np.nan
+    tifffile.imwrite(tmp_path / "bad.tif", bad)
+    model = tmp_path / "m.safetensors"
+    assert main(["train", "--image", str(tmp_path / "a.tif"), "--labels", str(tmp_path / "strokes.tif"),
+                 "--out", str(model), "--steps", "15", "--width", "8", "--device", "cpu"]) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "out"
+    rc = main(["predict", "--model", str(model), "--image", str(tmp_path / "a.tif"), str(tmp_path / "bad.tif"),
+               "--image", str(tmp_path / "b.tif"), "--out", str(out / "{stem}_labels.tif"),
+               "--probabilities", str(out / "{stem}_p.tif"), "--tile-size", "128", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    lines = [json.loads(line) for line in captured.out.strip().splitlines()]
+    assert [line["image"] for line in lines] == [str(tmp_path / "a.tif"), str(tmp_path / "b.tif")]
+    err = captured.err.strip().splitlines()
+    assert "bad.tif: the image contains NaN" in err[0] and "1 of 3 images failed" in err[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.tif", "a_p.tif", "b_labels.tif", "b_p.tif"]
+    for name in crops:
+        single = tmp_path / f"single_{name}.tif"
+        assert main(["predict", "--model", str(model), "--image", str(tmp_path / f"{name}.tif"),
+                     "--out", str(single), "--tile-size", "128", "--device", "cpu"]) == 0
+        batch = tifffile.imread(out / f"{name}_labels.tif")
+        np.testing.assert_array_equal(batch, tifffile.imread(single))
+        assert set(np.unique(batch)) == {1, 2}
+    capsys.readouterr()
+
+    pairs = [(out / f"{name}_labels.tif", tmp_path / f"{name}_mask.tif") for name in crops]
+    singles = []
+    for prediction, truth in pairs:
+        assert main(["evaluate", "--prediction", str(prediction), "--mask", str(truth)]) == 0
+        singles.append(json.loads(capsys.readouterr().out)["classes"])
+    assert main(["evaluate", "--prediction", *(str(p) for p, _ in pairs), "--mask", *(str(m) for _, m in pairs)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [pair["classes"] for pair in report["pairs"]] == singles
+    assert report["pairs"][1]["mask"] == str(tmp_path / "b_mask.tif")
+    for c in ("1", "2"):
+        mean = (singles[0][c]["dice"] + singles[1][c]["dice"]) / 2
+        assert report["mean"]["classes"][c]["dice"] == pytest.approx(mean)
+        assert report["mean"]["classes"][c]["images"] == 2
 
 
 def test_console_script_is_installed():

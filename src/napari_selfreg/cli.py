@@ -12,6 +12,7 @@ import math
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -228,45 +229,139 @@ def label_counts(labels, ids: list[int], rows: int = 512) -> dict[str, int]:
     return {str(i): int(counts[i]) for i in ids}
 
 
+STEM = "{stem}"
+
+
+def image_stem(path: Path) -> str:
+    """The file name without its image suffix (``a.nii.gz`` -> ``a``)."""
+    from .io import suffix_of
+
+    name = Path(path).name
+    suffix = suffix_of(path)
+    return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else Path(name).stem
+
+
+def output_for(template: Path | None, image: Path, option: str, several: bool) -> Path | None:
+    """An output path of one image: ``{stem}`` in the template becomes the image's stem."""
+    from .core.data import InputError
+
+    if template is None:
+        return None
+    if STEM not in str(template):
+        if several:
+            raise InputError(f"{option} must hold {STEM} when predicting several images (e.g. out/{STEM}.tif)")
+        return Path(template)
+    return Path(str(template).replace(STEM, image_stem(image)))
+
+
+@dataclass
+class PredictJob:
+    """One image of a ``predict`` run and where its results go."""
+
+    image: Path
+    out: Path
+    probabilities: Path | None
+    instances: Path | None
+
+    def outputs(self) -> dict[str, Path | None]:
+        return {"--out": self.out, "--probabilities": self.probabilities, "--instances": self.instances}
+
+
+def predict_jobs(args: argparse.Namespace) -> list[PredictJob]:
+    """Every image's outputs, refused before any work when one would overwrite an input or
+    another output, or could not be written."""
+    from .core.data import InputError
+    from .io import FLOAT_SUFFIXES, INSTANCE_SUFFIXES, LABEL_SUFFIXES, check_planar
+
+    images = [Path(p) for p in args.image]
+    several = len(images) > 1
+    if len({image.resolve() for image in images}) < len(images):
+        raise InputError("an --image is given twice; name each image once")
+    stems: dict[str, Path] = {}
+    for image in images if STEM in f"{args.out}{args.probabilities}{args.instances}" else ():
+        if image_stem(image) in stems:
+            raise InputError(f"{stems[image_stem(image)]} and {image} share the name {image_stem(image)}, so their "
+                             f"outputs would overwrite each other; predict them in separate runs")
+        stems[image_stem(image)] = image
+    jobs = [
+        PredictJob(image, *(output_for(t, image, o, several) for t, o in (
+            (args.out, "--out"), (args.probabilities, "--probabilities"), (args.instances, "--instances"))))
+        for image in images
+    ]
+    inputs = {"--model": args.model} | {_of("--image", job, several): job.image for job in jobs}
+    outputs = {_of(option, job, several): path for job in jobs for option, path in job.outputs().items()}
+    check_distinct(inputs, outputs)
+    for job in jobs:
+        check_output(job.out, _of("--out", job, several), LABEL_SUFFIXES)
+        if job.probabilities is not None:
+            check_output(job.probabilities, _of("--probabilities", job, several), FLOAT_SUFFIXES)
+        if job.instances is not None:
+            check_output(job.instances, _of("--instances", job, several), INSTANCE_SUFFIXES)
+        if not job.image.exists():
+            raise FileNotFoundError(f"--image {job.image} does not exist")
+        check_planar(job.image)
+    return jobs
+
+
+def _of(option: str, job: PredictJob, several: bool) -> str:
+    return f"{option} of {job.image}" if several else option
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    """One image, or several with ``{stem}`` in the output names: the model is loaded once,
+    and an image that fails is reported and skipped (exit code 2 at the end)."""
+    from .core.checkpoint import load_model
+    from .core.config import PredictConfig
+
+    jobs = predict_jobs(args)
+    model = load_model(args.model)
+    config = PredictConfig(
+        tile_size=args.tile_size, overlap=args.overlap, device=args.device, precision=args.precision, flips=args.flips
+    )
+    if len(jobs) == 1:
+        print(json.dumps(predict_one(model, jobs[0], config)))
+        return 0
+    failed = 0
+    for number, job in enumerate(jobs, 1):
+        try:
+            summary = predict_one(model, job, config, f"{job.image.name} ({number}/{len(jobs)})")
+        except _user_errors() as error:
+            failed += 1
+            print(f"napari-selfreg predict: error: {job.image}: {error}", file=sys.stderr)
+            continue
+        print(json.dumps(summary), flush=True)
+    if failed:
+        print(f"napari-selfreg predict: {failed} of {len(jobs)} images failed (see above)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def predict_one(model, job: PredictJob, config, desc: str = "predicting") -> dict:
+    """Predict one image into its files; the JSON summary printed for it."""
     import contextlib
     import tempfile
 
     import numpy as np
 
-    from .core.checkpoint import load_model
-    from .core.config import PredictConfig
     from .core.data import InputError
     from .core.instances import INSTANCE_PIXELS, separate_instances
     from .core.predict import allocate_outputs, plane_shape, predict_tiled
-    from .io import FLOAT_SUFFIXES, INSTANCE_SUFFIXES, LABEL_SUFFIXES, check_planar, open_image, write_image
+    from .io import open_image, write_image
 
-    outputs = {"--out": args.out, "--probabilities": args.probabilities, "--instances": args.instances}
-    check_distinct({"--image": args.image, "--model": args.model}, outputs)
-    check_output(args.out, "--out", LABEL_SUFFIXES)
-    if args.probabilities is not None:
-        check_output(args.probabilities, "--probabilities", FLOAT_SUFFIXES)
-    if args.instances is not None:
-        check_output(args.instances, "--instances", INSTANCE_SUFFIXES)
-    model = load_model(args.model)
-    check_planar(args.image)
-    image = open_image(args.image)
+    image = open_image(job.image)
     pixels = int(np.prod(plane_shape(image)))
-    if args.instances is not None and pixels > INSTANCE_PIXELS:
+    if job.instances is not None and pixels > INSTANCE_PIXELS:
         raise InputError(
             f"--instances works on images up to {INSTANCE_PIXELS // 1_000_000} M pixels; this one has "
             f"{pixels // 1_000_000} M: predict a crop for instances"
         )
-    config = PredictConfig(
-        tile_size=args.tile_size, overlap=args.overlap, device=args.device, precision=args.precision, flips=args.flips
-    )
-    want_probabilities = args.probabilities is not None
-    summary: dict = {}
+    want_probabilities = job.probabilities is not None
+    summary: dict = {"image": str(job.image), "labels": str(job.out), "classes": model.class_names}
     with contextlib.ExitStack() as cleanup:
         out_labels = out_probabilities = None
         if not isinstance(image, np.ndarray):
             # a slide opened lazily: the outputs go to memory maps beside the result, not to RAM
-            folder = Path(args.out).resolve().parent
+            folder = job.out.resolve().parent
             folder.mkdir(parents=True, exist_ok=True)
             scratch = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".selfreg-", dir=folder))
             out_labels, out_probabilities = allocate_outputs(
@@ -281,43 +376,75 @@ def cmd_predict(args: argparse.Namespace) -> int:
             while True:
                 progress = next(run)
                 if bar is None:
-                    bar = _progress(progress.total, "predicting", "tile")
+                    bar = _progress(progress.total, desc, "tile")
                 bar.update(progress.done - bar.n)
         except StopIteration as done:
             prediction = done.value
         finally:
             if bar is not None:
                 bar.close()
-        write_image(args.out, prediction.labels, like=args.image, class_names=model.class_names)
+        write_image(job.out, prediction.labels, like=job.image, class_names=model.class_names)
         if want_probabilities:
-            write_image(args.probabilities, np.asarray(prediction.probabilities, np.float32), like=args.image)
-        if args.instances is not None:
+            write_image(job.probabilities, np.asarray(prediction.probabilities, np.float32), like=job.image)
+        if job.instances is not None:
             instances = separate_instances(np.asarray(prediction.labels))
-            write_image(args.instances, instances, like=args.image)
+            write_image(job.instances, instances, like=job.image)
             summary["instances"] = int(instances.max())
         summary["pixels_per_label"] = label_counts(prediction.labels, model.info.label_ids)
         del prediction, out_labels, out_probabilities  # release the memory maps before their folder goes
-    print(json.dumps({"labels": str(args.out), "classes": model.class_names, **summary}))
-    return 0
+    return summary
 
 
 # --------------------------------------------------------------------------------- evaluate
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """One prediction against its mask; or several, paired in the order given, each scored
+    and then the mean over the images per class."""
+    from .core.data import InputError
+
+    if len(args.prediction) != len(args.mask):
+        raise InputError(
+            f"{len(args.prediction)} --prediction files but {len(args.mask)} --mask files; give one mask per prediction"
+        )
+    pairs = [evaluate_pair(p, m) for p, m in zip(args.prediction, args.mask, strict=True)]
+    if len(pairs) == 1:
+        print(json.dumps({"classes": pairs[0]["classes"]}, indent=2))
+        return 0
+    print(json.dumps({"pairs": pairs, "mean": {"images": len(pairs), "classes": mean_scores(pairs)}}, indent=2))
+    return 0
+
+
+def evaluate_pair(prediction_path: Path, mask_path: Path) -> dict:
     from .core.data import InputError
     from .core.metrics import per_class_overlap
     from .io import read_image
 
-    prediction = read_image(args.prediction, labels=True)
-    mask = read_image(args.mask, labels=True)
+    prediction = read_image(prediction_path, labels=True)
+    mask = read_image(mask_path, labels=True)
     if mask.ndim == 3:
         mask = mask[..., 0]
     if prediction.shape != mask.shape:
-        raise InputError(f"prediction {prediction.shape} and mask {mask.shape} differ in shape")
+        raise InputError(
+            f"prediction {prediction_path.name} {prediction.shape} and mask {mask_path.name} {mask.shape} "
+            "differ in shape"
+        )
     scores = per_class_overlap(prediction, mask)
-    print(json.dumps({"classes": {k: {"dice": v.dice, "iou": v.iou} for k, v in scores.items()}}, indent=2))
-    return 0
+    return {
+        "prediction": str(prediction_path),
+        "mask": str(mask_path),
+        "classes": {k: {"dice": v.dice, "iou": v.iou} for k, v in scores.items()},
+    }
+
+
+def mean_scores(pairs: list[dict]) -> dict:
+    """Per class, the mean Dice and IoU over the images that report the class."""
+    classes = sorted({c for pair in pairs for c in pair["classes"]}, key=int)
+    means = {}
+    for c in classes:
+        scored = [pair["classes"][c] for pair in pairs if c in pair["classes"]]
+        means[c] = {k: sum(s[k] for s in scored) / len(scored) for k in ("dice", "iou")} | {"images": len(scored)}
+    return means
 
 
 # ---------------------------------------------------------------------- delegated commands
@@ -381,10 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which weights to save: the last step (default) or the best Dice on held-out strokes")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("predict", help="segment an image with a trained model")
+    p = sub.add_parser("predict", help="segment images with a trained model (the model is loaded once)")
     p.add_argument("--model", required=True, type=Path)
-    p.add_argument("--image", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path, help="labels file (1 = background, 2.. = structures)")
+    p.add_argument("--image", required=True, type=Path, nargs="+", action="extend",
+                   help="image file(s); with several, the outputs' names hold {stem}")
+    p.add_argument("--out", required=True, type=Path,
+                   help="labels file (1 = background, 2.. = structures); {stem} becomes the image's name")
     p.add_argument("--probabilities", type=Path, help="also write per-class probabilities (K, H, W) float32")
     p.add_argument("--instances", type=Path,
                    help="also write instance ids of the structures (touching objects split; TIFF or NIfTI)")
@@ -395,9 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flips", action="store_true", help="average the four flipped views of every tile (4x slower)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="Dice and IoU per class of a prediction against a mask (JSON)")
-    p.add_argument("--prediction", required=True, type=Path)
-    p.add_argument("--mask", required=True, type=Path, help="0/255, 0/1 or instance ids: non-zero = structure")
+    p = sub.add_parser("evaluate", help="Dice and IoU per class of predictions against masks (JSON)")
+    p.add_argument("--prediction", required=True, type=Path, nargs="+", action="extend",
+                   help="labels file(s) written by predict")
+    p.add_argument("--mask", required=True, type=Path, nargs="+", action="extend",
+                   help="0/255, 0/1 or instance ids: non-zero = structure; one per --prediction, in the same order")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("inspect", help="per-block feature redundancy maps and indices")
