@@ -311,3 +311,34 @@ def test_a_failed_segmentation_is_replaced_not_kept_as_corrected(he_viewer, qtbo
         wait_idle(qtbot, segment, timeout=60_000)
     names = [layer.name for layer in he_viewer.layers]
     assert names.count("H&E tissue segmentation") == 1 and not any("corrected" in n or "previous" in n for n in names)
+
+
+def test_widgets_docked_through_napari_keep_their_layers_when_the_list_changes(he_viewer, qtbot, messages):
+    """napari hands a docked plugin widget a proxy of the viewer, which wraps every layer anew
+    on each access: the choices must survive another layer being added, and Segment must run
+    twice without the image being chosen again."""
+    from napari_selfreg.widgets._common import LayerCombo
+
+    docked = {title: he_viewer.window.add_plugin_dock_widget(PLUGIN, title)[1]
+              for title in ("Train SelfReg UNet", "Segment", "Feature redundancy")}
+    assert type(docked["Segment"].viewer).__name__ == "PublicOnlyProxy"  # what users get
+    train, segment = docked["Train SelfReg UNet"], docked["Segment"]
+    train.image_combo.select("H&E tissue")
+    train.labels_combo.select("strokes")
+    segment.image_combo.select("H&E tissue")
+    combos = [c for widget in docked.values() for c in widget.findChildren(LayerCombo)]
+    before = [c.currentText() for c in combos]
+    assert "H&E tissue" in before and "strokes" in before
+    he_viewer.add_points(name="points")
+    he_viewer.layers.remove("points")
+    assert [c.currentText() for c in combos] == before
+    assert train.labels_combo.layer().name == "strokes"
+
+    _add_tiny_model(segment)
+    for _ in range(2):
+        segment.start()
+        qtbot.waitUntil(lambda: segment.worker is None, timeout=60_000)
+        assert segment.image_combo.currentText() == "H&E tissue"
+    assert not messages.errors
+    assert "H&E tissue segmentation" in he_viewer.layers
+    wait_idle(qtbot, *docked.values())

@@ -113,6 +113,15 @@ def stack_problem(layer) -> str | None:
     )
 
 
+def same_layer(layer, other) -> bool:
+    """Whether two references name the same layer. A widget docked through napari gets a
+    proxy of the viewer that hands out a new proxy of a layer on every access, so ``is``
+    alone never matches there."""
+    if layer is None or other is None:
+        return False
+    return getattr(layer, "__wrapped__", layer) is getattr(other, "__wrapped__", other)
+
+
 def misaligned(layer, other) -> bool:
     """Whether two layers' planes are scaled or moved against each other: pixels paired by
     index would then not be the pixels that overlap on screen."""
@@ -156,7 +165,7 @@ class LayerCombo(QComboBox):
         return [layer.name for layer in self.viewer.layers if isinstance(layer, self.layer_type)]
 
     def _present(self, layer) -> bool:
-        return layer is not None and any(layer is other for other in self.viewer.layers)
+        return layer is not None and any(same_layer(layer, other) for other in self.viewer.layers)
 
     def _remember(self, name: str) -> None:
         layer = self.viewer.layers[name] if name and name in self.viewer.layers else None

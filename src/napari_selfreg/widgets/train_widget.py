@@ -51,6 +51,7 @@ from ._common import (
     layer_data,
     misaligned,
     notify_error,
+    same_layer,
     stack_problem,
     stop_when_closed,
     visible_corners,
@@ -760,7 +761,7 @@ class TrainWidget(QWidget):
             return None
         # the chosen image's own prediction: the live preview of training, else the Segment output
         names = [f"{image.name} prediction", f"{image.name} segmentation"]
-        if image is self._run_image and self._prediction_name:
+        if same_layer(image, self._run_image) and self._prediction_name:
             names.insert(0, self._prediction_name)
         name = next((n for n in names if n in self.viewer.layers), None)
         if name is None:
@@ -772,7 +773,7 @@ class TrainWidget(QWidget):
             return None
         data = np.array(prediction.data, copy=True)
         strokes = self.labels_combo.layer()
-        if strokes is not None and strokes is not prediction and strokes.data.shape == data.shape:
+        if strokes is not None and not same_layer(strokes, prediction) and strokes.data.shape == data.shape:
             painted = np.asarray(strokes.data) > 0
             if not painted.all():  # strokes, not an earlier dense correction that would hide the prediction
                 data[painted] = np.asarray(strokes.data)[painted]
