@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytest.importorskip("napari")
+
+from test_widgets import docked
+
 pytestmark = pytest.mark.gui
 
 BLOCKS = ["E1", "E2", "E3", "D2", "D1"]
@@ -43,10 +47,9 @@ def _viewer_with_image(make_napari_viewer):
 
 
 def test_compute_adds_aligned_layers_and_chart(make_napari_viewer, qtbot, registry_models):
-    from napari_selfreg.widgets.redundancy_widget import RedundancyWidget
 
     viewer = _viewer_with_image(make_napari_viewer)
-    widget = RedundancyWidget(viewer)
+    _, widget = docked(viewer, "Feature redundancy")
     widget.model_box.setCurrentText(registry_models[0])
     widget.image_box.setCurrentText("tissue")
     assert widget.compute() is not None
@@ -81,10 +84,9 @@ def test_compute_adds_aligned_layers_and_chart(make_napari_viewer, qtbot, regist
 
 def test_compare_two_models_pairs_the_layers(make_napari_viewer, qtbot, registry_models):
     from napari_selfreg.widgets._common import viewer_camera
-    from napari_selfreg.widgets.redundancy_widget import RedundancyWidget
 
     viewer = _viewer_with_image(make_napari_viewer)
-    widget = RedundancyWidget(viewer)
+    _, widget = docked(viewer, "Feature redundancy")
     widget.model_box.setCurrentText(registry_models[0])
     widget.compare_check.setChecked(True)
     widget.compare_box.setCurrentText(registry_models[1])
@@ -109,10 +111,9 @@ def test_compare_two_models_pairs_the_layers(make_napari_viewer, qtbot, registry
 
 
 def test_missing_inputs_and_bad_model_file(make_napari_viewer, tmp_path):
-    from napari_selfreg.widgets.redundancy_widget import RedundancyWidget
 
     viewer = make_napari_viewer()
-    widget = RedundancyWidget(viewer)
+    _, widget = docked(viewer, "Feature redundancy")
     assert widget.compute() is None
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"nope")
@@ -121,10 +122,9 @@ def test_missing_inputs_and_bad_model_file(make_napari_viewer, tmp_path):
 
 
 def test_a_run_replaces_the_last_runs_maps_and_lets_deleted_layers_go(make_napari_viewer, qtbot, registry_models):
-    from napari_selfreg.widgets.redundancy_widget import RedundancyWidget
 
     viewer = _viewer_with_image(make_napari_viewer)
-    widget = RedundancyWidget(viewer)
+    _, widget = docked(viewer, "Feature redundancy")
     widget.model_box.setCurrentText(registry_models[0])
     widget.image_box.setCurrentText("tissue")
     widget.kind_checks["features"].setChecked(True)
@@ -142,13 +142,11 @@ def test_a_run_replaces_the_last_runs_maps_and_lets_deleted_layers_go(make_napar
 
 def _running_on_a_big_image(make_napari_viewer, qtbot, model_name):
     """A widget docked in a viewer, computing the whole of a 3000 x 3000 image (several seconds)."""
-    from napari_selfreg.widgets.redundancy_widget import RedundancyWidget
 
     viewer = make_napari_viewer()
     rng = np.random.default_rng(1)
     viewer.add_image(rng.integers(0, 256, size=(3000, 3000, 3)).astype(np.uint8), name="big", rgb=True)
-    widget = RedundancyWidget(viewer)
-    dock = viewer.window.add_dock_widget(widget)
+    dock, widget = docked(viewer, "Feature redundancy")
     widget.model_box.setCurrentText(model_name)
     widget.image_box.setCurrentText("big")
     widget.view_only.setChecked(False)

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("napari")
 
-from test_widgets import PLUGIN, Messages, train_widget_for, wait_idle
+from test_widgets import PLUGIN, Messages, docked, train_widget_for, wait_idle
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def _add_tiny_model(segment) -> None:
 def test_a_removed_strokes_layer_leaves_nothing_chosen_and_a_renamed_one_stays(he_viewer, messages):
     train = train_widget_for(he_viewer)
     he_viewer.layers["strokes"].name = "my strokes"
-    assert train.labels_combo.layer() is he_viewer.layers["my strokes"]
+    assert train.labels_combo.layer() == he_viewer.layers["my strokes"]
     he_viewer.layers.selection.active = he_viewer.layers["ground truth"]  # as napari selects a neighbour
     he_viewer.layers.remove("my strokes")
     assert train.labels_combo.layer() is None  # not silently the "ground truth" layer
@@ -49,7 +49,7 @@ def test_a_removed_strokes_layer_leaves_nothing_chosen_and_a_renamed_one_stays(h
     new = he_viewer.add_labels(np.zeros((256, 256), np.uint8), name="fresh strokes")
     assert train.labels_combo.layer() is None  # the user chooses again
     train.labels_combo.setCurrentText("fresh strokes")
-    assert train.labels_combo.layer() is new
+    assert train.labels_combo.layer() == new
 
 
 def test_an_added_pair_row_starts_empty_and_is_not_a_pair(he_viewer):
@@ -62,14 +62,13 @@ def test_an_added_pair_row_starts_empty_and_is_not_a_pair(he_viewer):
 
 
 def test_a_three_plane_stack_is_not_taken_for_rgb(he_viewer, messages):
-    from napari_selfreg.widgets.segment_widget import SegmentWidget
 
     stack = he_viewer.add_image(np.zeros((3, 256, 256), np.uint8), name="z-stack")
     assert not stack.rgb and stack.ndim == 3
     train = train_widget_for(he_viewer)
     train.image_combo.select("z-stack")
     assert train.start() is None and "stack of 2-D planes" in messages.errors[-1]
-    segment = SegmentWidget(he_viewer)
+    _, segment = docked(he_viewer, "Segment")
     _add_tiny_model(segment)
     segment.image_combo.select("z-stack")
     assert segment.start() is None and "stack of 2-D planes" in messages.errors[-1]
@@ -86,7 +85,7 @@ def test_correction_starts_from_the_chosen_images_own_prediction(he_viewer, qtbo
     # the Segment widget's output counts as a prediction of its image
     he_viewer.add_labels(np.ones((256, 256), np.uint8), name="other tissue segmentation")
     corrected = train.use_prediction_as_labels()
-    assert corrected.name == "other tissue corrected" and train.labels_combo.layer() is corrected
+    assert corrected.name == "other tissue corrected" and train.labels_combo.layer() == corrected
     painted = np.asarray(he_viewer.layers["strokes"].data) > 0
     assert (np.asarray(corrected.data)[~painted] == 1).all()  # from other's segmentation, not H&E's 2s
     train.image_combo.select("H&E tissue")
@@ -95,9 +94,8 @@ def test_correction_starts_from_the_chosen_images_own_prediction(he_viewer, qtbo
 
 
 def test_segmenting_again_replaces_the_probabilities_and_drops_the_previous_result(he_viewer, qtbot, messages):
-    from napari_selfreg.widgets.segment_widget import SegmentWidget
 
-    segment = SegmentWidget(he_viewer)
+    _, segment = docked(he_viewer, "Segment")
     _add_tiny_model(segment)
     segment.image_combo.select("H&E tissue")
     segment.probabilities.setChecked(True)
@@ -162,10 +160,8 @@ def test_closing_the_train_dock_stops_its_training(he_viewer, qtbot):
     """napari's ✕ on a dock detaches the widget without deleting it; its training must not run on."""
     from test_widgets import tiny
 
-    from napari_selfreg.widgets.train_widget import TrainWidget
 
-    train = TrainWidget(he_viewer)
-    dock = he_viewer.window.add_dock_widget(train)
+    dock, train = docked(he_viewer, "Train SelfReg UNet")
     train.image_combo.select("H&E tissue")
     train.labels_combo.select("strokes")
     tiny(train, steps=100_000)
@@ -231,9 +227,8 @@ def test_ids_beyond_the_class_table_and_misaligned_strokes_are_refused(he_viewer
 
 
 def test_segmenting_again_keeps_a_segmentation_the_user_edited(he_viewer, qtbot, messages):
-    from napari_selfreg.widgets.segment_widget import SegmentWidget
 
-    segment = SegmentWidget(he_viewer)
+    _, segment = docked(he_viewer, "Segment")
     _add_tiny_model(segment)
     segment.image_combo.select("H&E tissue")
     segment.instances.setChecked(False)
@@ -255,10 +250,9 @@ def test_segmenting_again_keeps_a_segmentation_the_user_edited(he_viewer, qtbot,
 def test_three_classes_give_one_named_probability_layer_per_structure(he_viewer, qtbot, messages):
     from napari_selfreg.core.config import ModelConfig, ModelInfo
     from napari_selfreg.core.model import SegmentationModel
-    from napari_selfreg.widgets.segment_widget import SegmentWidget
 
     info = ModelInfo(model=ModelConfig(base_channels=4, depth=2, num_classes=3), class_names=["bg", "nuclei", "glands"])
-    segment = SegmentWidget(he_viewer)
+    _, segment = docked(he_viewer, "Segment")
     segment.registry.add("three", SegmentationModel.create(info), replace=True)
     segment.model_combo.set_names(segment.registry.names())
     segment.model_combo.setCurrentText("three")
@@ -289,9 +283,8 @@ def test_a_device_can_be_chosen_before_the_list_was_opened(he_viewer, monkeypatc
 
 def test_a_failed_segmentation_is_replaced_not_kept_as_corrected(he_viewer, qtbot, messages, monkeypatch):
     from napari_selfreg.widgets import segment_widget
-    from napari_selfreg.widgets.segment_widget import SegmentWidget
 
-    segment = SegmentWidget(he_viewer)
+    _, segment = docked(he_viewer, "Segment")
     _add_tiny_model(segment)
     segment.image_combo.select("H&E tissue")
     segment.instances.setChecked(False)

@@ -159,11 +159,14 @@ def he_viewer(make_napari_viewer):
     return viewer
 
 
-def train_widget_for(viewer):
-    from napari_selfreg.widgets.train_widget import TrainWidget
+def docked(viewer, title: str):
+    """(dock, widget) as users get them: docked by napari from the manifest, which hands the
+    widget a proxy of the viewer (each layer wrapped anew on every access)."""
+    return viewer.window.add_plugin_dock_widget(PLUGIN, title)
 
-    widget = TrainWidget(viewer)
-    viewer.window.add_dock_widget(widget)
+
+def train_widget_for(viewer):
+    _, widget = docked(viewer, "Train SelfReg UNet")
     widget.image_combo.select("H&E tissue")
     widget.labels_combo.select("strokes")
     return widget
@@ -221,13 +224,11 @@ def test_new_labels_layer_and_classes(he_viewer, qtbot):
 @pytest.mark.gui
 def test_flow_sample_train_stop_segment(he_viewer, qtbot, messages, tmp_path):
     """Sample -> train a few steps -> Stop -> Segment: a real segmentation, clearly above chance."""
-    from napari_selfreg.widgets.segment_widget import SegmentWidget
 
     viewer = he_viewer
     train = train_widget_for(viewer)
     tiny(train, steps=1000)
-    segment = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(segment)
+    _, segment = docked(viewer, "Segment")
     train.start_button.click()
     assert train.running and train.start_button.text() == "Stop"
     qtbot.waitUntil(lambda: len(train.plot.steps) >= 30, timeout=150_000)
@@ -399,10 +400,9 @@ def test_mistakes_give_notifications(he_viewer, qtbot, messages):
 
 @pytest.mark.gui
 def test_bad_model_file_is_a_notification(make_napari_viewer, qtbot, messages, tmp_path):
-    from napari_selfreg.widgets.segment_widget import SegmentWidget
 
     viewer = make_napari_viewer()
-    widget = SegmentWidget(viewer)
+    _, widget = docked(viewer, "Segment")
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\x80\x02not a model")
     assert widget.load_model(bad) is None
@@ -461,7 +461,7 @@ def test_segment_dask_image_into_memmap(make_napari_viewer, qtbot, messages, mon
     big = da.from_array(np.tile(sample["image"], (3, 3, 1)), chunks=(256, 256, 3))  # 768 x 768
     viewer = make_napari_viewer()
     viewer.add_image([big, big[::2, ::2], big[::4, ::4]] if pyramid else big, name="big", rgb=True, multiscale=pyramid)
-    widget = segment_widget.SegmentWidget(viewer)
+    _, widget = docked(viewer, "Segment")
     widget.model_combo.setCurrentText("tiny dask test model")
     widget.tile_size.setValue(256)
     widget.device.setCurrentText("cpu")

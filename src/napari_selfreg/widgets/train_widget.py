@@ -736,7 +736,7 @@ class TrainWidget(QWidget):
         layer = event.value
         if self.worker is None:
             return
-        if any(layer is used for used in self._run_layers):
+        if any(same_layer(layer, used) for used in self._run_layers):
             message = (
                 f"'{layer.name}' was removed while training. Training goes on with the copy taken at Start "
                 "and the model will be kept; press Stop to end it now."
