@@ -57,6 +57,9 @@ def test_train_predict_evaluate_on_a_real_image(tmp_path, monuseg_pair, capsys):
     instances = tifffile.imread(tmp_path / "inst.tif")
     np.testing.assert_array_equal(instances, separate_instances(labels))
     assert predicted_json["instances"] == instances.max() > 10 and not (instances[labels == 1] > 0).any()
+    from napari_selfreg.io import labels_note
+
+    assert labels_note(tmp_path / "inst.tif") == []  # reopens in napari as labels, not as an image
     probs = tifffile.imread(tmp_path / "prob.tif")
     assert labels.shape == (384, 384) and set(np.unique(labels)) <= {1, 2}
     assert probs.shape == (2, 384, 384) and probs.dtype == np.float32

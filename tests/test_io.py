@@ -227,9 +227,8 @@ def test_a_saved_labels_layer_reopens_as_labels_with_its_classes_and_place(make_
     [layer] = viewer.open(path, plugin="napari-selfreg")
     assert layer.__class__.__name__ == "Labels" and np.array_equal(layer.data, data)
     assert class_names_of(layer) == ["stroma", "gland", "lumen"]
-    if suffix != ".tif":  # SimpleITK formats carry the geometry
-        np.testing.assert_allclose(layer.scale, (0.5, 0.25))
-        np.testing.assert_allclose(layer.translate, (20.0, 10.0))
+    np.testing.assert_allclose(layer.scale, (0.5, 0.25))
+    np.testing.assert_allclose(layer.translate, (20.0, 10.0))
 
 
 @pytest.mark.gui
@@ -299,3 +298,57 @@ def test_a_16_bit_gray_alpha_png_still_opens_and_an_integer_stack_named_mask_is_
     tifffile.imwrite(tmp_path / "nuclei_mask_stack.tif", np.zeros((5, 16, 20), np.uint16))
     [(_, _, kind)] = napari_get_reader(str(tmp_path / "nuclei_mask_stack.tif"))(str(tmp_path / "nuclei_mask_stack.tif"))
     assert kind == "labels"
+
+
+@pytest.mark.gui
+@pytest.mark.parametrize("suffix", [".nii.gz", ".tif"])
+def test_labels_painted_on_an_image_with_a_direction_overlay_it_in_other_viewers(make_napari_viewer, tmp_path, suffix):
+    """A NIfTI read by ITK usually has direction diag(-1, -1): labels made on it in napari and
+    saved must carry the same direction and origin, or ITK-SNAP / 3D Slicer place them mirrored."""
+    import SimpleITK as sitk
+
+    from napari_selfreg.widgets._common import placement
+
+    source = sitk.GetImageFromArray(np.zeros((20, 30), np.uint8))
+    source.SetSpacing((0.5, 0.25))
+    source.SetOrigin((15.0, -4.0))
+    source.SetDirection((-1.0, 0.0, 0.0, -1.0))
+    sitk.WriteImage(source, str(tmp_path / "image.nii.gz"))
+    viewer = make_napari_viewer()
+    [image] = viewer.open(str(tmp_path / "image.nii.gz"), plugin="napari-selfreg")
+    labels = viewer.add_labels(np.ones((20, 30), np.uint8), name="strokes", **placement(image))
+    path = str(tmp_path / f"strokes{suffix}")
+    viewer.layers.selection = {labels}
+    assert viewer.layers.save(path, selected=True, plugin="napari-selfreg") == [path]
+    if suffix != ".tif":
+        written = sitk.ReadImage(path)
+        for index in ((0, 0), (7, 3), (29, 19)):  # the same pixel lies at the same physical point
+            expected = source.TransformIndexToPhysicalPoint(index)
+            assert written.TransformIndexToPhysicalPoint(index) == pytest.approx(expected)
+    [reopened] = viewer.open(path, plugin="napari-selfreg")
+    np.testing.assert_allclose(reopened.scale, image.scale)
+    np.testing.assert_allclose(reopened.translate, image.translate)
+    assert reopened.metadata["napari_selfreg_direction"] == [-1.0, 0.0, 0.0, -1.0]
+
+
+def test_probabilities_of_three_classes_and_instances_reopen_as_what_they_are(tmp_path):
+    """(3, H, W) probabilities are three planes, not a channel-first RGB picture; instance ids
+    written by predict reopen as labels whatever the file is called."""
+    probabilities = np.random.default_rng(0).random((3, 12, 16)).astype(np.float32)
+    write_image(tmp_path / "p.tif", probabilities)
+    np.testing.assert_array_equal(read_image(tmp_path / "p.tif"), probabilities)
+    [(data, meta, kind)] = napari_get_reader(str(tmp_path / "p.tif"))(str(tmp_path / "p.tif"))
+    assert kind == "image" and not meta["rgb"] and data.shape == (3, 12, 16)
+    instances = np.arange(12 * 16, dtype=np.int32).reshape(12, 16)
+    write_image(tmp_path / "crop_inst.tif", instances, class_names=[])
+    [(data, _, kind)] = napari_get_reader(str(tmp_path / "crop_inst.tif"))(str(tmp_path / "crop_inst.tif"))
+    assert kind == "labels" and np.array_equal(data, instances)
+
+
+def test_class_names_too_long_for_nifti_are_a_warning_and_the_ids_are_kept(tmp_path):
+    names = ["background", "epithelial nucleus", "lymphocyte", "stroma cell"]
+    with pytest.warns(UserWarning, match="room for about 55 characters of class names"):
+        write_image(tmp_path / "l.nii.gz", np.full((4, 4), 3, np.uint8), class_names=names)
+    assert labels_note(tmp_path / "l.nii.gz") == [] and (read_image(tmp_path / "l.nii.gz") == 3).all()
+    write_image(tmp_path / "l.mha", np.full((4, 4), 3, np.uint8), class_names=names)
+    assert labels_note(tmp_path / "l.mha") == names

@@ -335,3 +335,67 @@ def test_widgets_docked_through_napari_keep_their_layers_when_the_list_changes(h
     assert not messages.errors
     assert "H&E tissue segmentation" in he_viewer.layers
     wait_idle(qtbot, *docked.values())
+
+
+def test_stopped_runs_never_cost_the_last_complete_segmentation(he_viewer, qtbot, messages, monkeypatch):
+    """Two stopped runs after a complete one: the complete result stays as '(previous)'; the
+    output cannot be painted while it fills in (the tiles would overwrite the strokes)."""
+    from napari_selfreg.widgets import segment_widget
+
+    _, segment = docked(he_viewer, "Segment")
+    _add_tiny_model(segment)
+    segment.image_combo.select("H&E tissue")
+    segment.instances.setChecked(False)
+    segment.start()
+    assert segment.output_layer.editable is False
+    wait_idle(qtbot, segment, timeout=60_000)
+    assert segment.output_layer.editable is True
+    complete = he_viewer.layers["H&E tissue segmentation"]
+    kept = np.array(complete.data, copy=True)
+    assert set(np.unique(kept)) <= {1, 2} and kept.min() >= 1  # every pixel predicted
+
+    real = segment_widget.run_prediction
+
+    def stopped_at_once(*args):
+        args[-1].set()  # the stop event, before the first tile
+        return (yield from real(*args))
+
+    monkeypatch.setattr(segment_widget, "run_prediction", stopped_at_once)
+    for _ in range(2):
+        segment.start()
+        wait_idle(qtbot, segment, timeout=60_000)
+        assert (np.asarray(he_viewer.layers["H&E tissue segmentation"].data) == 0).all()  # nothing done
+    assert he_viewer.layers["H&E tissue segmentation (previous)"] is complete
+    np.testing.assert_array_equal(complete.data, kept)
+    assert "kept as 'H&E tissue segmentation (previous)'" in segment.status.text()
+    names = [layer.name for layer in he_viewer.layers]
+    assert names.count("H&E tissue segmentation") == 1 and not any("corrected" in n for n in names)
+
+    monkeypatch.setattr(segment_widget, "run_prediction", real)
+    segment.start()
+    wait_idle(qtbot, segment, timeout=60_000)
+    names = [layer.name for layer in he_viewer.layers]
+    assert "H&E tissue segmentation (previous)" not in names  # a complete run replaces it
+
+
+def test_segmenting_again_keeps_the_users_instances_and_probability_layers(he_viewer, qtbot, messages):
+    _, segment = docked(he_viewer, "Segment")
+    _add_tiny_model(segment)
+    segment.image_combo.select("H&E tissue")
+    segment.probabilities.setChecked(True)
+    segment.instances.setChecked(True)
+    segment.start()
+    wait_idle(qtbot, segment, timeout=60_000)
+    instances = he_viewer.layers["H&E tissue instances"]
+    instances.paint((10, 10), 999)
+    painted = np.array(instances.data, copy=True)
+    ours = he_viewer.layers["H&E tissue probabilities"]
+    mine = he_viewer.add_image(np.asarray(ours.data) > 0.5, name="H&E tissue probabilities thresholded by me")
+    segment.start()
+    wait_idle(qtbot, segment, timeout=60_000)
+    names = [layer.name for layer in he_viewer.layers]
+    assert he_viewer.layers["H&E tissue instances (corrected)"] is instances
+    np.testing.assert_array_equal(instances.data, painted)
+    assert names.count("H&E tissue instances") == 1 and 999 not in he_viewer.layers["H&E tissue instances"].data
+    assert mine in he_viewer.layers and ours not in he_viewer.layers
+    assert names.count("H&E tissue probabilities") == 1

@@ -388,7 +388,7 @@ def predict_one(model, job: PredictJob, config, desc: str = "predicting") -> dic
             write_image(job.probabilities, np.asarray(prediction.probabilities, np.float32), like=job.image)
         if job.instances is not None:
             instances = separate_instances(np.asarray(prediction.labels))
-            write_image(job.instances, instances, like=job.image)
+            write_image(job.instances, instances, like=job.image, class_names=[])  # reopens as labels
             summary["instances"] = int(instances.max())
         summary["pixels_per_label"] = label_counts(prediction.labels, model.info.label_ids)
         del prediction, out_labels, out_probabilities  # release the memory maps before their folder goes

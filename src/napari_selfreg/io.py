@@ -28,6 +28,9 @@ LAZY_PIXELS = 64 * 1024 * 1024
 
 LABELS_KEY = "napari_selfreg_labels"  # in a labels file's header: its class names as JSON
 NIFTI_NOTE = "napari-selfreg labels "  # NIfTI's description field: the same, after this prefix
+GEOMETRY_KEY = "napari_selfreg_geometry"  # in a TIFF's header: spacing, origin, direction (x, y)
+DIRECTION_KEY = "napari_selfreg_direction"  # in a layer's metadata: its file's 2 x 2 direction
+IDENTITY = (1.0, 0.0, 0.0, 1.0)
 
 
 class ImageFileError(ValueError):
@@ -202,8 +205,13 @@ def _lazy_level(path: Path, axes: str, level: int):
 
 
 def _plane_geometry(reference: str | Path):
-    """(spacing, origin, direction) of the 2-D plane of a SimpleITK-readable file, or None."""
-    if reference is None or suffix_of(reference) not in ITK_SUFFIXES or not Path(reference).is_file():
+    """(spacing, origin, direction) of the 2-D plane of a SimpleITK-readable file, or of a TIFF
+    that ``write_image`` gave one; None for any other file."""
+    if reference is None or not Path(reference).is_file():
+        return None
+    if suffix_of(reference) in TIFF_SUFFIXES:
+        return _tiff_geometry(reference)
+    if suffix_of(reference) not in ITK_SUFFIXES:
         return None
     import SimpleITK as sitk
 
@@ -213,6 +221,34 @@ def _plane_geometry(reference: str | Path):
     n = reader.GetDimension()
     direction = np.asarray(reader.GetDirection()).reshape(n, n)[:2, :2]
     return reader.GetSpacing()[:2], reader.GetOrigin()[:2], tuple(direction.ravel())
+
+
+def _tiff_metadata(path) -> dict:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            shaped = tif.shaped_metadata or ({},)
+            return dict(shaped[0])
+    except Exception:  # not a TIFF tifffile can read: no metadata of ours
+        return {}
+
+
+def _tiff_geometry(path):
+    try:
+        found = json.loads(_tiff_metadata(path).get(GEOMETRY_KEY) or "null")
+        if found is None:
+            return None
+        spacing, origin, direction = (tuple(float(v) for v in found[k]) for k in ("spacing", "origin", "direction"))
+    except (TypeError, ValueError, KeyError):
+        return None
+    return (spacing, origin, direction) if (len(spacing), len(origin), len(direction)) == (2, 2, 4) else None
+
+
+def _placed(geometry) -> bool:
+    """Whether a geometry places the plane anywhere but at unit pixels from the origin."""
+    spacing, origin, direction = geometry
+    return not (np.allclose(spacing, 1.0) and np.allclose(origin, 0.0) and np.allclose(direction, IDENTITY))
 
 
 def write_image(
@@ -235,11 +271,18 @@ def write_image(
     data = np.asarray(data)
     suffix = suffix_of(path)
     note = None if class_names is None else json.dumps(list(class_names))
+    geometry = geometry if geometry is not None else _plane_geometry(like)
     if suffix in TIFF_SUFFIXES:
         import tifffile
 
         compression = "zlib" if data.dtype != np.float32 else None
-        tifffile.imwrite(path, data, compression=compression, metadata={LABELS_KEY: note} if note else {})
+        metadata = {LABELS_KEY: note} if note else {}
+        if geometry is not None and _placed(geometry):
+            spacing, origin, direction = ([float(v) for v in part] for part in geometry)
+            metadata[GEOMETRY_KEY] = json.dumps({"spacing": spacing, "origin": origin, "direction": direction})
+        # (K, H, W) probabilities of 3 or 4 classes are planes, not a channel-first RGB(A) picture
+        photometric = "rgb" if data.ndim == 3 and data.shape[-1] in (3, 4) else "minisblack"
+        tifffile.imwrite(path, data, compression=compression, metadata=metadata, photometric=photometric)
     elif suffix in PIL_SUFFIXES:
         from PIL import Image
 
@@ -256,11 +299,16 @@ def write_image(
         import SimpleITK as sitk
 
         out = sitk.GetImageFromArray(data)
-        geometry = geometry if geometry is not None else _plane_geometry(like)
         if note is not None:
             out.SetMetaData(LABELS_KEY, note)  # MHA, NRRD
             if suffix in (".nii", ".nii.gz"):  # NIfTI keeps only its 80-byte description
-                out.SetMetaData("ITK_FileNotes", NIFTI_NOTE + (note if len(NIFTI_NOTE + note) < 80 else "[]"))
+                fits = len(NIFTI_NOTE + note) < 80
+                if not fits:
+                    warnings.warn(
+                        f"{path.name}: NIfTI's header has room for about 55 characters of class names, so they "
+                        "are not saved (the ids are); save as .mha, .nrrd or .tif to keep them", stacklevel=2,
+                    )
+                out.SetMetaData("ITK_FileNotes", NIFTI_NOTE + (note if fits else "[]"))
         if geometry is not None and out.GetDimension() in (2, 3):
             spacing, origin, direction = geometry
             if out.GetDimension() == 3:  # (K, H, W) probabilities: one plane per class, a unit apart
@@ -334,11 +382,7 @@ def labels_note(path) -> list[str] | None:
     suffix = suffix_of(path)
     try:
         if suffix in TIFF_SUFFIXES:
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                shaped = tif.shaped_metadata or ({},)
-                note = shaped[0].get(LABELS_KEY)
+            note = _tiff_metadata(path).get(LABELS_KEY)
         elif suffix in ITK_SUFFIXES:
             import SimpleITK as sitk
 
@@ -358,26 +402,33 @@ def labels_note(path) -> list[str] | None:
 
 
 def _plane_placement(path) -> dict:
-    """napari's scale and translate (y, x) from a SimpleITK file's spacing and origin."""
+    """napari's scale and translate (y, x) from a file's spacing and origin. A direction other
+    than the identity goes into the layer's metadata, so labels saved from the layer keep it
+    and overlay the image in ITK-SNAP or 3D Slicer (napari itself shows the plane unrotated)."""
     geometry = _plane_geometry(path)
     if geometry is None:
         return {}
-    (sx, sy), (ox, oy), _ = geometry
-    return {"scale": (sy, sx), "translate": (oy, ox)}
+    (sx, sy), (ox, oy), direction = geometry
+    placement = {"scale": (sy, sx), "translate": (oy, ox)}
+    if not np.allclose(direction, IDENTITY):
+        placement["metadata"] = {DIRECTION_KEY: [float(v) for v in direction]}
+    return placement
 
 
 def write_labels(path: str, data, attributes: dict) -> list[str]:
     """Writer contribution: a Labels layer to TIFF, PNG or NIfTI, ids unchanged; its class
-    names and (for SimpleITK formats) its scale and translate go into the file.
+    names, scale, translate and its image's direction go into TIFF and SimpleITK files (PNG
+    keeps the ids only).
 
     A refusal is raised as ``OSError``: napari swallows a writer's ``ValueError``.
     """
     names = _feature_class_names(attributes.get("features"))
     geometry = None
-    if suffix_of(path) in ITK_SUFFIXES and np.ndim(data) == 2:
+    if np.ndim(data) == 2:
         sy, sx = attributes.get("scale", (1.0, 1.0))[-2:]
         ty, tx = attributes.get("translate", (0.0, 0.0))[-2:]
-        geometry = ((float(sx), float(sy)), (float(tx), float(ty)), (1.0, 0.0, 0.0, 1.0))
+        direction = (attributes.get("metadata") or {}).get(DIRECTION_KEY, IDENTITY)
+        geometry = ((float(sx), float(sy)), (float(tx), float(ty)), tuple(float(v) for v in direction))
     try:
         return [str(write_image(path, np.asarray(data), geometry=geometry, class_names=names or []))]
     except ImageFileError as error:

@@ -16,6 +16,7 @@ from qtpy.QtCore import QEvent, QObject, QThreadPool
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QSizePolicy, QVBoxLayout, QWidget
 
 from ..core.data import InputError
+from ..io import DIRECTION_KEY
 
 DEVICE_TOOLTIP = (
     "Where the network runs. 'auto' picks a CUDA or Apple GPU when there is one, else the CPU. "
@@ -111,6 +112,17 @@ def stack_problem(layer) -> str | None:
         f"'{layer.name}' is a stack of 2-D planes {tuple(layer_data(layer).shape)}, not one 2-D or RGB "
         "image; add the plane you want as its own layer (or open an RGB image) and try again."
     )
+
+
+def placement(image) -> dict:
+    """Where a layer made from ``image`` goes: its plane's scale and translate, and its file's
+    direction (metadata), so labels saved from the layer overlay the image file elsewhere too."""
+    direction = image.metadata.get(DIRECTION_KEY)
+    return {
+        "scale": tuple(image.scale[-2:]),
+        "translate": tuple(image.translate[-2:]),
+        "metadata": {DIRECTION_KEY: direction} if direction is not None else {},
+    }
 
 
 def same_layer(layer, other) -> bool:

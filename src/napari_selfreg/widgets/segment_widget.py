@@ -40,6 +40,7 @@ from ._common import (
     explain,
     image_shape_2d,
     layer_data,
+    placement,
     stack_problem,
     stop_when_closed,
 )
@@ -53,6 +54,7 @@ REFRESH_SECONDS = 0.5
 
 OURS_KEY = "napari_selfreg_segmentation"  # layer metadata: made by Segment
 EDITED_KEY = "napari_selfreg_edited"  # layer metadata: painted on, filled or erased since
+PARTIAL_KEY = "napari_selfreg_partial"  # layer metadata: its run has not completed
 
 
 def _edited(layer) -> bool:
@@ -234,25 +236,31 @@ class SegmentWidget(QWidget):
         # the last result stays, renamed, until this run completes: a stopped or failed run
         # must not cost the user a segmentation; one they edited is kept for good
         previous_name = f"{layer_name} (previous)"
-        if previous_name in self.viewer.layers:
-            self._drop_unless_edited(self.viewer.layers[previous_name])
-        if layer_name in self.viewer.layers:
-            last = self.viewer.layers[layer_name]
-            if _edited(last):
-                self._keep_edited(last)
-            else:
-                last.name = previous_name
+        last = self.viewer.layers[layer_name] if layer_name in self.viewer.layers else None
+        if last is not None and last.metadata.get(PARTIAL_KEY) and previous_name in self.viewer.layers:
+            # a stopped or failed run's part: the complete result before it stays the previous one
+            self._drop_unless_edited(last)
+        else:
+            if previous_name in self.viewer.layers:
+                self._drop_unless_edited(self.viewer.layers[previous_name])
+            if last is not None:
+                if _edited(last):
+                    self._keep_edited(last)
+                else:
+                    last.name = previous_name
         self._previous_name = previous_name
         self.output_layer = self.viewer.add_labels(
             labels,
             name=layer_name,
             features=class_features(model.class_names),
             colormap=class_colormap(show_background=False),
-            scale=image.scale[-2:],
-            translate=image.translate[-2:],
+            **placement(image),
             opacity=0.6,
         )
         _mark_edits(self.output_layer)
+        self.output_layer.metadata[PARTIAL_KEY] = True
+        # strokes painted while the tiles fill in would be overwritten: editable again at the end
+        self.output_layer.editable = False
         self._image = image
         self._model = model
         self.stop_event = threading.Event()
@@ -303,6 +311,8 @@ class SegmentWidget(QWidget):
             return
         seconds = time.perf_counter() - self._started
         kept = self._kept_note()
+        if prediction.complete:
+            self.output_layer.metadata[PARTIAL_KEY] = False
         if not prediction.complete:
             self.status.setText(f"Stopped; the rows finished so far are kept in the segmentation layer.{kept}")
             show_info(f"Segmentation stopped; the part done so far is kept.{kept}")
@@ -321,8 +331,10 @@ class SegmentWidget(QWidget):
         single structure); a stack would add an unnamed slider and turn the viewer 3-D."""
         base = f"{image.name} probabilities"
         for layer in [layer for layer in self.viewer.layers if layer.name.startswith(base)]:
-            self.viewer.layers.remove(layer)  # replaced, as the segmentation is
+            if layer.metadata.get(OURS_KEY):
+                self.viewer.layers.remove(layer)  # replaced, as the segmentation is; the user's own stay
         structures = list(range(1, len(probabilities)))
+        place = placement(image)
         for k in structures:
             name = base if len(structures) == 1 else f"{base}: {class_names[k]}"
             self.viewer.add_image(
@@ -331,9 +343,8 @@ class SegmentWidget(QWidget):
                 colormap="magma",
                 contrast_limits=(0.0, 1.0),
                 blending="additive",
-                scale=image.scale[-2:],
-                translate=image.translate[-2:],
                 visible=False,
+                **{**place, "metadata": {**place["metadata"], OURS_KEY: True}},
             )
 
     def _start_instances(self, labels) -> None:
@@ -364,8 +375,9 @@ class SegmentWidget(QWidget):
     def _add_instances(self, instances, image, output_name: str) -> None:
         name = f"{image.name} instances"
         if name in self.viewer.layers:
-            self.viewer.layers.remove(name)
-        self.viewer.add_labels(instances, name=name, scale=image.scale[-2:], translate=image.translate[-2:])
+            self._drop_unless_edited(self.viewer.layers[name])  # instances the user corrected stay
+        layer = self.viewer.add_labels(instances, name=name, **placement(image))
+        _mark_edits(layer)
         self.status.setText(f"Done: '{output_name}' and '{name}' ({int(instances.max())} objects).")
 
     def _kept_note(self) -> str:
@@ -381,4 +393,6 @@ class SegmentWidget(QWidget):
 
     def _on_finished(self) -> None:
         self.worker = None
+        if self.output_layer is not None:
+            self.output_layer.editable = True
         self.run_button.setText("Segment")

@@ -51,6 +51,7 @@ from ._common import (
     layer_data,
     misaligned,
     notify_error,
+    placement,
     same_layer,
     stack_problem,
     stop_when_closed,
@@ -363,8 +364,7 @@ class TrainWidget(QWidget):
             name=f"{image.name} strokes",
             features=class_features(self.class_names()),
             colormap=class_colormap(),
-            scale=image.scale[-2:],
-            translate=image.translate[-2:],
+            **placement(image),
             opacity=1.0,
         )
         layer.brush_size = max(3, min(shape) // 100)
@@ -648,8 +648,7 @@ class TrainWidget(QWidget):
             name=name,
             features=class_features(self.class_names()),
             colormap=class_colormap(show_background=False),
-            scale=image.scale[-2:],
-            translate=image.translate[-2:],
+            **placement(image),
             opacity=0.6,
         )
 
