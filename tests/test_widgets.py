@@ -488,3 +488,52 @@ def test_view_of_a_pyramid_is_given_in_full_resolution_pixels(make_napari_viewer
     assert np.array_equal(visible_corners(layer), [[0, 0], [767, 767]])
     flat = viewer.add_image(base, name="flat")
     assert visible_corners(flat) is flat.corner_pixels
+
+
+def _blue_pixels(plot) -> int:
+    """Pixels of the CE curve's colour (tab:blue) in what the plot widget shows."""
+    from qtpy.QtGui import QImage
+
+    image = plot.canvas.grab().toImage().convertToFormat(QImage.Format.Format_RGB32)
+    h, w = image.height(), image.width()
+    bits = image.constBits()
+    bits.setsize(h * image.bytesPerLine())
+    pixels = np.frombuffer(bytes(bits), np.uint8)
+    bgr = pixels.reshape(h, image.bytesPerLine() // 4, 4)[:, :w, :3].astype(int)
+    return int((np.abs(bgr - (180, 119, 31)).sum(axis=-1) < 40).sum())
+
+
+@pytest.mark.gui
+def test_the_loss_plot_redraws_its_axes_only_when_the_limits_move(qtbot):
+    """Between limit changes only the curves are drawn over the saved axes; the curves are
+    on screen either way, and after a resize."""
+    from types import SimpleNamespace
+
+    from napari_selfreg.widgets._common import LossPlot
+
+    plot = LossPlot(interval=0.0)
+    qtbot.addWidget(plot)
+    plot.resize(420, 260)
+    plot.show()
+    qtbot.waitExposed(plot)
+
+    def report(step, ce):
+        return SimpleNamespace(step=step, total_steps=200, ce=ce, dice=0.3, scr=0.01, ifd=0.002,
+                               val_dice=0.6 if step % 10 == 0 else None)
+
+    plot.add(report(1, 0.5))
+    qtbot.wait(50)
+    first = plot.full_draws
+    for step in range(2, 151):
+        plot.add(report(step, 0.5 - step / 1000))
+    qtbot.wait(50)
+    assert plot.full_draws == first  # 149 reports, no axes redrawn: the limits stayed
+    assert plot.axes.get_xlim() == (0.0, 200.0) and plot.axes.get_ylim() == pytest.approx((1e-3, 1.0))
+    assert _blue_pixels(plot) > 50  # the legend alone has about 16
+    plot.add(report(151, 3.0))  # a loss above the top decade moves the limits
+    qtbot.wait(50)
+    assert plot.full_draws > first and plot.axes.get_ylim() == pytest.approx((1e-3, 10.0))
+    assert _blue_pixels(plot) > 50  # the legend alone has about 16
+    plot.resize(500, 300)
+    qtbot.wait(100)
+    assert _blue_pixels(plot) > 50  # redrawn whole after the resize, curves included

@@ -330,7 +330,10 @@ class LossPlot(QWidget):
     """Live curves of CE, Dice, SCR and IFD losses and the validation Dice.
 
     Lines are created once and only their data change; redraws come at most every
-    ``interval`` seconds, so a fast training loop cannot flood the main thread.
+    ``interval`` seconds, so a fast training loop cannot flood the main thread. The axes,
+    ticks and legend are drawn only when the limits move (they step by whole decades of
+    loss and by the round's length in steps); in between only the curves are drawn over a
+    saved background (blitting), a few ms instead of about 40 on a laptop CPU.
     """
 
     CURVES = (("ce", "CE"), ("dice", "Dice loss"), ("scr", "SCR"), ("ifd", "IFD"))
@@ -353,10 +356,10 @@ class LossPlot(QWidget):
         ax = self.axes = self.figure.add_subplot(111)
         vax = self.val_axes = ax.twinx()
         self.lines = {
-            key: ax.plot([], [], label=label, color=colour, lw=1)[0]
+            key: ax.plot([], [], label=label, color=colour, lw=1, animated=True)[0]
             for (key, label), colour in zip(self.CURVES, self.COLOURS, strict=True)
         }
-        self.val_line = vax.plot([], [], "k.-", label="val Dice", lw=1)[0]
+        self.val_line = vax.plot([], [], "k.-", label="val Dice", lw=1, animated=True)[0]
         ax.set_yscale("log")
         vax.set_ylim(0, 1)
         ax.set_xlabel("step", fontsize=8)
@@ -365,6 +368,9 @@ class LossPlot(QWidget):
         ax.tick_params(labelsize=7)
         vax.tick_params(labelsize=7)
         ax.legend(handles=[*self.lines.values(), self.val_line], fontsize=6, loc="lower left", framealpha=0.6)
+        self._background = None
+        self.full_draws = 0  # how often the axes were redrawn (the costly part)
+        self.canvas.mpl_connect("draw_event", self._on_full_draw)
         self.clear()
 
     def clear(self) -> None:
@@ -373,6 +379,7 @@ class LossPlot(QWidget):
         self.val_steps: list[int] = []
         self.val_dice: list[float] = []
         self.offset = 0
+        self._round_end = 0
         self._draw(force=True)
 
     def start_round(self) -> None:
@@ -381,6 +388,7 @@ class LossPlot(QWidget):
 
     def add(self, report) -> None:
         step = self.offset + report.step
+        self._round_end = self.offset + int(getattr(report, "total_steps", 0) or 0)
         self.steps.append(step)
         for key, _ in self.CURVES:
             self.values[key].append(float(getattr(report, key)))
@@ -392,20 +400,54 @@ class LossPlot(QWidget):
     def flush(self) -> None:
         self._draw(force=True)
 
+    def _limits(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """x up to the round's last step (doubling past it); y in whole decades of the losses."""
+        last = self.steps[-1] if self.steps else 0
+        right = max(float(self._round_end), 10.0)
+        while right < last:
+            right *= 2
+        positive = [v for key in self.values for v in self.values[key] if v > 0]
+        if not positive:
+            return (0.0, right), (1e-3, 1.0)
+        low, high = min(positive), max(positive)
+        return (0.0, right), (10.0 ** np.floor(np.log10(low)), 10.0 ** np.ceil(np.log10(high) + 1e-9))
+
     def _draw(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last_draw < self.interval:
             return
         self._last_draw = now
+        steps = np.asarray(self.steps)
         for key, line in self.lines.items():
             values = np.asarray(self.values[key], float)
             shown = values > 0  # a log axis: a switched-off term (SelfReg off) is not drawn
-            line.set_data(np.asarray(self.steps)[shown], values[shown])
+            line.set_data(steps[shown], values[shown])
         self.val_line.set_data(self.val_steps, self.val_dice)
-        if self.steps:
-            self.axes.relim()
-            self.axes.autoscale_view()
-        self.canvas.draw_idle()
+        xlim, ylim = self._limits()
+        if self._background is None or xlim != self.axes.get_xlim() or ylim != self.axes.get_ylim():
+            self.axes.set_xlim(*xlim)
+            self.axes.set_ylim(*ylim)
+            self._background = None
+            self.canvas.draw_idle()  # the axes moved: everything, then the curves (_on_full_draw)
+        else:
+            self._blit_curves()
+
+    def _on_full_draw(self, _event) -> None:
+        """After any full draw (limits moved, a resize, an expose): keep the background, then
+        draw the curves on it."""
+        self.full_draws += 1
+        self._background = self.canvas.copy_from_bbox(self.figure.bbox)
+        self._draw_curves()
+
+    def _blit_curves(self) -> None:
+        self.canvas.restore_region(self._background)
+        self._draw_curves()
+        self.canvas.blit(self.figure.bbox)
+
+    def _draw_curves(self) -> None:
+        for line in self.lines.values():
+            self.axes.draw_artist(line)
+        self.val_axes.draw_artist(self.val_line)
 
 
 def viewer_camera(viewer):

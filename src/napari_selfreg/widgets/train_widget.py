@@ -62,6 +62,7 @@ from .classes import DEFAULT_CLASSES, class_colormap, class_features, class_name
 from .model_registry import model_registry
 
 NEW_MODEL = "new model"
+STATUS_SECONDS = 0.2  # the progress bar and status line change at most this often
 FULL_PREVIEW_PIXELS = 4_000_000  # after training, predict the whole image when it is at most this big
 
 
@@ -123,6 +124,7 @@ class TrainWidget(QWidget):
         self.result = None
         self._run_layers: list = []
         self._run_image = None
+        self._last_status = 0.0
         self._prediction_name: str | None = None
         self._view_box = None
         self._stop_requested_at: float | None = None
@@ -620,6 +622,11 @@ class TrainWidget(QWidget):
         if kind == "report":
             report = value
             self.plot.add(report)
+            now = time.monotonic()
+            last = report.step >= report.total_steps or report.stopped
+            if now - self._last_status < STATUS_SECONDS and not last:
+                return  # a progress bar repaints at once: at most a few times a second
+            self._last_status = now
             if self._config.time_budget:
                 fraction = max(report.step / report.total_steps, report.elapsed / self._config.time_budget)
                 self.progress.setValue(int(min(1.0, fraction) * 1000))
