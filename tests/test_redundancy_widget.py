@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 
@@ -175,28 +173,3 @@ def test_closing_the_dock_stops_a_run(make_napari_viewer, qtbot, registry_models
     dock.destroyOnClose()
     qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
     assert [layer.name for layer in viewer.layers] == ["big"]
-
-
-def test_the_maps_are_added_one_per_turn_of_the_event_loop(make_napari_viewer, qtbot, registry_models):
-    """napari takes 0.1-0.2 s to make a layer: the viewer must get its events between them,
-    and Compute comes back only when the last one is in."""
-    from qtpy.QtCore import QTimer
-
-    viewer = _viewer_with_image(make_napari_viewer)
-    _, widget = docked(viewer, "Feature redundancy")
-    widget.model_box.setCurrentText(registry_models[0])
-    widget.image_box.setCurrentText("tissue")
-    ticks = [0]
-    timer = QTimer()
-    timer.timeout.connect(lambda: ticks.__setitem__(0, ticks[0] + 1))
-    timer.start(0)
-    seen = []
-    viewer.layers.events.inserted.connect(lambda event: seen.append((ticks[0], widget.run_button.isEnabled())))
-    widget.compute()
-    _wait(qtbot, widget)
-    timer.stop()
-    assert len(seen) == len(BLOCKS) * 3
-    assert all(b[0] > a[0] for a, b in itertools.pairwise(seen))  # events ran between layers
-    assert not any(enabled for _, enabled in seen)  # nothing to start or stop meanwhile
-    assert widget.run_button.isEnabled() and widget.run_button.text() == "Compute"
-    assert widget.status.text().startswith(f"{len(BLOCKS) * 3} layers from {len(BLOCKS)} blocks")

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -153,9 +152,7 @@ class RedundancyWidget(QWidget):
         self._stopping = False
         self._stop_event = threading.Event()
         self.result: ComputeResult | None = None
-        self._pending: list = []  # map layers still to add, one per turn of the event loop
-        self._done_text = ""
-        stop_when_closed(self, self._on_closed)
+        stop_when_closed(self, lambda: self._stop_event.set())  # each run makes its own event
 
         form = QFormLayout()
         self.model_box = NameCombo()
@@ -273,11 +270,7 @@ class RedundancyWidget(QWidget):
 
     @property
     def running(self) -> bool:
-        return self.worker is not None or bool(self._pending)
-
-    def _on_closed(self) -> None:
-        self._stop_event.set()  # each run makes its own event
-        self._pending = []
+        return self.worker is not None
 
     def _run_or_stop(self) -> None:
         if self.worker is not None:
@@ -291,9 +284,6 @@ class RedundancyWidget(QWidget):
         """Start the computation in a thread worker and return the worker (None if inputs are missing)."""
         from napari.qt.threading import create_worker
 
-        if self.running:
-            self.status.setText("the last run is still adding its layers; compute again when it is done")
-            return None
         names = [self.model_box.currentText()]
         if self.compare_check.isChecked():
             names.append(self.compare_box.currentText())
@@ -361,12 +351,7 @@ class RedundancyWidget(QWidget):
             self.status.setText("Stopped; no maps were added.")
         self._stopping = False
         self.worker = None
-        if not self._pending:  # else the button comes back when the last map layer is in
-            self._ready()
-
-    def _ready(self) -> None:
         self.run_button.setText("Compute")
-        self.run_button.setEnabled(True)
         self.progress.setRange(0, 1)
         self.progress.setValue(1 if self.result is not None else 0)
 
@@ -388,36 +373,11 @@ class RedundancyWidget(QWidget):
         self.block_box.blockSignals(False)
         self._draw()
         seconds = sum(r.seconds for r in result.reports)
-        self._done_text = f"{added} layers from {len(names)} blocks in {seconds:.1f} s"
-        if self._pending:
-            self.run_button.setText("Adding layers…")
-            self.run_button.setEnabled(False)  # the maps are computed: nothing left to stop
-            self.progress.setRange(0, len(self._pending))
-            self.progress.setValue(0)
-            self.status.setText(f"adding {len(self._pending)} layers…")
-            QTimer.singleShot(0, self._add_next)
-        else:
-            self.status.setText(self._done_text)
-
-    def _add_next(self) -> None:
-        """One map layer per turn of the event loop: napari takes 0.1-0.2 s to make a layer,
-        and 27 at once froze the viewer for seconds."""
-        if not self._pending:
-            return
-        name, data, kwargs = self._pending.pop(0)
-        self.viewer.add_image(data, name=name, **kwargs)
-        if self._pending:
-            self.progress.setValue(self.progress.value() + 1)
-            QTimer.singleShot(0, self._add_next)
-            return
-        self.status.setText(self._done_text)
-        if self.worker is None:
-            self._ready()
+        self.status.setText(f"{added} layers from {len(names)} blocks in {seconds:.1f} s")
 
     def _apply_layers(self, result: ComputeResult) -> None:
-        """Update in place the layers this run remakes and queue the new ones (``_add_next``),
-        aligned with the image layer, kept adjacent; maps of earlier runs that this one does not
-        remake go, so the layers match the chart."""
+        """Add (or update in place) the layers, aligned with the image layer, kept adjacent; maps
+        of earlier runs that this one does not remake go, so the layers match the chart."""
         image = self._image_layer
         made = {spec.name for spec in result.layers}
         for layer in [layer for layer in self.viewer.layers if layer.metadata.get(MAP_FLAG)]:
@@ -439,9 +399,10 @@ class RedundancyWidget(QWidget):
             kwargs = {"rgb": True} if spec.rgb else {
                 "colormap": COLORMAP, "contrast_limits": (0.0, 1.0), "interpolation2d": "nearest"
             }
-            kwargs.update(scale=scale, translate=translate, opacity=OPACITY, blending="translucent", visible=visible,
-                          metadata={MAP_FLAG: True})
-            self._pending.append((spec.name, spec.data, kwargs))
+            self.viewer.add_image(
+                spec.data, name=spec.name, scale=scale, translate=translate, opacity=OPACITY,
+                blending="translucent", visible=visible, metadata={MAP_FLAG: True}, **kwargs,
+            )
 
     # ------------------------------------------------------------------ chart
 
