@@ -221,7 +221,7 @@ def build(paper: Path, interactive: Path, correction: Path | None = None) -> str
     return "\n".join(lines)
 
 
-SECTIONS = ("overview", "defaults", "accuracy", "speed", "redundancy", "pending")
+SECTIONS = ("overview", "defaults", "accuracy", "speed", "usability", "redundancy", "pending")
 
 
 def assemble(sections: Path, out: Path, accuracy: Path | None = None) -> None:

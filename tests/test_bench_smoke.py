@@ -299,3 +299,42 @@ def test_speed_benchmark_smoke_run_writes_its_ratios(tmp_path):
     ratio = pristine["median_s"] / prediction["fast"]["median_s"]
     assert prediction["speedup_median_vs_pristine"] == pytest.approx(ratio)
     assert abs(doc["training_agreement"]["loss_relative_difference"]) < 0.05
+
+
+def _script(name: str):
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "benchmarks" / name
+
+
+def test_batch_benchmark_smoke_run_compares_like_with_like(shared_data, tmp_path, monkeypatch):
+    """benchmarks/bench_batch.py on two images: both ways write the same labels, and the ratio
+    is the one of the times it reports."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("SELFREG_SHARED_DATA", str(shared_data))
+    out = tmp_path / "batch.json"
+    subprocess.run([sys.executable, str(_script("bench_batch.py")), "--images", "2", "--repeats", "1",
+                    "--out", str(out)], check=True, capture_output=True)
+    doc = json.loads(out.read_text())
+    (run,) = doc["runs"]
+    assert len(doc["images"]) == 2 and run["same_labels"] is True
+    assert run["ratio"] == pytest.approx(run["run_per_image_s"] / run["one_run_s"])
+    assert run["one_run_s"] > 0
+
+
+@pytest.mark.gui
+def test_gui_benchmark_smoke_run_records_every_phase(tmp_path):
+    """benchmarks/bench_gui.py with a few steps: each phase ran to its end and was timed."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "gui.json"
+    subprocess.run([sys.executable, str(_script("bench_gui.py")), "--steps", "3", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    phases = json.loads(out.read_text())["phases"]
+    assert set(phases) == {"idle", "train", "redundancy", "segment"}
+    assert phases["train"]["steps"] == 3 and phases["redundancy"]["layers"] > 0
+    for phase in phases.values():
+        assert phase["ticks"] > 0 and phase["max_gap_ms"] >= phase["median_gap_ms"] > 0
