@@ -358,3 +358,65 @@ def test_several_images_in_one_run_match_single_runs_and_a_bad_one_is_skipped(tm
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "napari_selfreg.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "predict" in out.stdout
+
+
+def _untrained_model(path):
+    from napari_selfreg.core.checkpoint import save_model
+    from napari_selfreg.core.config import ModelConfig, ModelInfo
+    from napari_selfreg.core.model import SegmentationModel
+
+    return save_model(SegmentationModel.create(ModelInfo(model=ModelConfig(base_channels=4, depth=2))), path)
+
+
+def test_a_damaged_slide_in_a_batch_is_one_line_and_the_rest_is_predicted(tmp_path, capsys, monkeypatch):
+    """A slide is read lazily, so a damaged tile shows up mid-prediction, as the codec's own
+    error: it is reported for that image, and the next image is still predicted."""
+    import napari_selfreg.io as io
+
+    model = _untrained_model(tmp_path / "m")
+    rng = np.random.default_rng(0)
+    for name in ("a", "slide", "c"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", rng.integers(0, 255, (96, 128, 3), dtype=np.uint8),
+                         tile=(32, 32), compression="zlib", photometric="rgb")
+    with tifffile.TiffFile(tmp_path / "slide.tif") as tif:
+        offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]
+    with open(tmp_path / "slide.tif", "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * count)
+    monkeypatch.setattr(io, "LAZY_PIXELS", 1000)  # every image here counts as a slide
+    rc = main(["predict", "--model", str(model), "--image", *(str(tmp_path / f"{n}.tif") for n in ("a", "slide", "c")),
+               "--out", str(tmp_path / "out" / "{stem}.tif"), "--tile-size", "64", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    err = captured.err.strip().splitlines()
+    assert "slide.tif: could not read part of the image" in err[0] and "Traceback" not in captured.err
+    assert [json.loads(line)["image"] for line in captured.out.strip().splitlines()] == [
+        str(tmp_path / "a.tif"), str(tmp_path / "c.tif")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.tif", "c.tif"]  # no scratch folder left
+
+
+def test_several_pairs_are_scored_alike_when_one_mask_shows_no_background(tmp_path, capsys):
+    """Painting-id masks, one of which holds no background (1): both are scored class by
+    class, so the mean of class 2 is the mean of class 2."""
+    truth_a = np.ones((20, 20), np.uint8)
+    truth_a[:10, :10], truth_a[10:, 10:] = 2, 3
+    truth_b = np.full((20, 20), 2, np.uint8)
+    truth_b[:, 12:] = 3
+    prediction_b = np.full((20, 20), 2, np.uint8)
+    prediction_b[:, 10:] = 3
+    for name, array in (("ma", truth_a), ("mb", truth_b), ("pa", truth_a), ("pb", prediction_b)):
+        tifffile.imwrite(tmp_path / f"{name}.tif", array)
+    assert main(["evaluate", "--prediction", str(tmp_path / "pa.tif"), str(tmp_path / "pb.tif"),
+                 "--mask", str(tmp_path / "ma.tif"), str(tmp_path / "mb.tif")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["masks"] == "ids"
+    b = report["pairs"][1]["classes"]
+    assert b["2"]["dice"] == pytest.approx(2 * 200 / (200 + 240)) and b["3"]["dice"] == pytest.approx(2 * 160 / 360)
+    assert report["mean"]["classes"]["2"]["dice"] == pytest.approx((1.0 + 400 / 440) / 2)
+    assert report["mean"]["classes"]["3"]["images"] == 2 and report["mean"]["classes"]["1"]["images"] == 1
+
+
+def test_an_ome_tiff_stem_drops_its_ome():
+    from napari_selfreg.cli import image_stem
+
+    assert [image_stem(n) for n in ("x.ome.tif", "Y.OME.TIFF", "z.nii.gz", "w.png")] == ["x", "Y", "z", "w"]

@@ -352,3 +352,26 @@ def test_class_names_too_long_for_nifti_are_a_warning_and_the_ids_are_kept(tmp_p
     assert labels_note(tmp_path / "l.nii.gz") == [] and (read_image(tmp_path / "l.nii.gz") == 3).all()
     write_image(tmp_path / "l.mha", np.full((4, 4), 3, np.uint8), class_names=names)
     assert labels_note(tmp_path / "l.mha") == names
+
+
+def test_probabilities_keep_their_place_and_a_narrow_image_stays_planes(tmp_path):
+    """(K, H, W) probabilities written like a placed image open in the same place, their
+    class axis unscaled; an image 3 pixels wide does not turn its planes into an RGB picture."""
+    import SimpleITK as sitk
+
+    source = sitk.GetImageFromArray(np.zeros((12, 16), np.uint8))
+    source.SetSpacing((0.25, 0.5))
+    source.SetOrigin((10.0, 20.0))
+    sitk.WriteImage(source, str(tmp_path / "image.nii.gz"))
+    for suffix in (".tif", ".mha"):
+        path = tmp_path / f"p{suffix}"
+        write_image(path, np.zeros((3, 12, 16), np.float32), like=tmp_path / "image.nii.gz", planes=True)
+        [(data, meta, kind)] = napari_get_reader(str(path))(str(path))
+        assert data.shape == (3, 12, 16) and kind == "image" and not meta["rgb"]
+        np.testing.assert_allclose(meta["scale"], (1.0, 0.5, 0.25))
+        np.testing.assert_allclose(meta["translate"], (0.0, 20.0, 10.0))
+    narrow = np.random.default_rng(0).random((2, 40, 3)).astype(np.float32)
+    write_image(tmp_path / "narrow.tif", narrow, planes=True)
+    np.testing.assert_array_equal(read_image(tmp_path / "narrow.tif"), narrow)
+    [(data, meta, _)] = napari_get_reader(str(tmp_path / "narrow.tif"))(str(tmp_path / "narrow.tif"))
+    assert data.shape == (2, 40, 3) and not meta["rgb"]

@@ -233,12 +233,13 @@ STEM = "{stem}"
 
 
 def image_stem(path: Path) -> str:
-    """The file name without its image suffix (``a.nii.gz`` -> ``a``)."""
+    """The file name without its image suffix (``a.nii.gz`` and ``a.ome.tif`` -> ``a``)."""
     from .io import suffix_of
 
     name = Path(path).name
     suffix = suffix_of(path)
-    return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else Path(name).stem
+    stem = name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else Path(name).stem
+    return stem[:-4] if suffix in (".tif", ".tiff") and stem.lower().endswith(".ome") else stem
 
 
 def output_for(template: Path | None, image: Path, option: str, several: bool) -> Path | None:
@@ -385,7 +386,8 @@ def predict_one(model, job: PredictJob, config, desc: str = "predicting") -> dic
                 bar.close()
         write_image(job.out, prediction.labels, like=job.image, class_names=model.class_names)
         if want_probabilities:
-            write_image(job.probabilities, np.asarray(prediction.probabilities, np.float32), like=job.image)
+            write_image(job.probabilities, np.asarray(prediction.probabilities, np.float32), like=job.image,
+                        planes=True)
         if job.instances is not None:
             instances = separate_instances(np.asarray(prediction.labels))
             write_image(job.instances, instances, like=job.image, class_names=[])  # reopens as labels
@@ -402,34 +404,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """One prediction against its mask; or several, paired in the order given, each scored
     and then the mean over the images per class."""
     from .core.data import InputError
+    from .core.metrics import masks_kind
 
     if len(args.prediction) != len(args.mask):
         raise InputError(
             f"{len(args.prediction)} --prediction files but {len(args.mask)} --mask files; give one mask per prediction"
         )
-    pairs = [evaluate_pair(p, m) for p, m in zip(args.prediction, args.mask, strict=True)]
-    if len(pairs) == 1:
-        print(json.dumps({"classes": pairs[0]["classes"]}, indent=2))
+    if len(args.prediction) == 1:
+        pair = evaluate_pair(args.prediction[0], args.mask[0])
+        print(json.dumps({"classes": pair["classes"]}, indent=2))
         return 0
-    print(json.dumps({"pairs": pairs, "mean": {"images": len(pairs), "classes": mean_scores(pairs)}}, indent=2))
+    # one reading of the masks for all pairs (ids or binary), so the mean compares like with like
+    kind = masks_kind(read_mask(path) for path in args.mask)
+    pairs = [evaluate_pair(p, m, kind) for p, m in zip(args.prediction, args.mask, strict=True)]
+    mean = {"images": len(pairs), "classes": mean_scores(pairs)}
+    print(json.dumps({"masks": kind, "pairs": pairs, "mean": mean}, indent=2))
     return 0
 
 
-def evaluate_pair(prediction_path: Path, mask_path: Path) -> dict:
+def read_mask(path: Path):
+    from .io import read_image
+
+    mask = read_image(path, labels=True)
+    return mask[..., 0] if mask.ndim == 3 else mask
+
+
+def evaluate_pair(prediction_path: Path, mask_path: Path, kind: str | None = None) -> dict:
     from .core.data import InputError
     from .core.metrics import per_class_overlap
     from .io import read_image
 
     prediction = read_image(prediction_path, labels=True)
-    mask = read_image(mask_path, labels=True)
-    if mask.ndim == 3:
-        mask = mask[..., 0]
+    mask = read_mask(mask_path)
     if prediction.shape != mask.shape:
         raise InputError(
             f"prediction {prediction_path.name} {prediction.shape} and mask {mask_path.name} {mask.shape} "
             "differ in shape"
         )
-    scores = per_class_overlap(prediction, mask)
+    scores = per_class_overlap(prediction, mask, kind)
     return {
         "prediction": str(prediction_path),
         "mask": str(mask_path),

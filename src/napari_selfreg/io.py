@@ -257,6 +257,7 @@ def write_image(
     like: str | Path | None = None,
     geometry: tuple | None = None,
     class_names: list[str] | None = None,
+    planes: bool = False,
 ) -> Path:
     """Write labels or images; integer labels keep their ids (no scaling).
 
@@ -264,7 +265,8 @@ def write_image(
     so the labels overlay the image in ITK-SNAP or 3D Slicer; ``geometry`` gives them
     directly as (spacing, origin, direction) in x, y order. ``class_names`` (labels) go into
     TIFF, MHA and NRRD headers and NIfTI's description, and mark the file as labels for the
-    plugin's reader.
+    plugin's reader. ``planes``: a (K, H, W) stack, never a colour picture (an image 3 or 4
+    pixels wide would look like one).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -281,7 +283,7 @@ def write_image(
             spacing, origin, direction = ([float(v) for v in part] for part in geometry)
             metadata[GEOMETRY_KEY] = json.dumps({"spacing": spacing, "origin": origin, "direction": direction})
         # (K, H, W) probabilities of 3 or 4 classes are planes, not a channel-first RGB(A) picture
-        photometric = "rgb" if data.ndim == 3 and data.shape[-1] in (3, 4) else "minisblack"
+        photometric = "rgb" if data.ndim == 3 and data.shape[-1] in (3, 4) and not planes else "minisblack"
         tifffile.imwrite(path, data, compression=compression, metadata=metadata, photometric=photometric)
     elif suffix in PIL_SUFFIXES:
         from PIL import Image
@@ -346,12 +348,15 @@ def _read_layers(path):
     for p in paths:
         levels = open_levels(p)
         data = levels[0]
-        rgb = data.ndim == 3 and data.shape[-1] in (3, 4)
+        rgb = data.ndim == 3 and data.shape[-1] in (3, 4) and _colour_last(p)
         names = labels_note(p)
         kind = "labels" if names is not None or _looks_like_labels(p, data, rgb) else "image"
         meta = {"name": Path(p).name.split(".")[0]}
         if data.ndim - rgb == 2:
             meta.update(_plane_placement(p))
+        elif data.ndim - rgb == 3 and (placement := _plane_placement(p)):  # (K, H, W) probabilities
+            placement.update(scale=(1.0, *placement["scale"]), translate=(0.0, *placement["translate"]))
+            meta.update(placement)
         if names:
             from .widgets.classes import class_colormap, class_features
 
@@ -364,6 +369,22 @@ def _read_layers(path):
                 data, meta["multiscale"] = levels, True
         layers.append((data, meta, kind))
     return layers
+
+
+def _colour_last(path) -> bool:
+    """Whether a TIFF's last axis holds colour samples (YXS), not a third pixel axis: (K, H, W)
+    planes of an image 3 or 4 pixels wide end in 3 or 4 too. Other formats: True."""
+    if suffix_of(path) not in TIFF_SUFFIXES:
+        return True
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes = "".join(a for a, n in zip(series.axes.upper(), series.shape, strict=True) if n > 1 or a in "YX")
+    except Exception:  # unreadable headers are reported when the pixels are read
+        return True
+    return axes[-1:] in ("S", "C") or (len(axes) == 3 and axes[0] in "SC")
 
 
 def _looks_like_labels(path, data, rgb: bool) -> bool:

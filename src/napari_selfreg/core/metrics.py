@@ -40,22 +40,44 @@ def binary_dice(predicted: np.ndarray, truth: np.ndarray) -> float:
 MAX_PAINTING_ID = 64  # as ``data.MAX_CLASSES``; metrics stays free of the data module
 
 
-def per_class_overlap(prediction: np.ndarray, mask: np.ndarray) -> dict[str, Overlap]:
+def per_class_overlap(prediction: np.ndarray, mask: np.ndarray, kind: str | None = None) -> dict[str, Overlap]:
     """Compare painting-id labels with a ground-truth mask.
 
     A binary or instance mask (0/255, 0/1, instance ids) counts every non-zero pixel as
     structure: then class "2" is any predicted structure id >= 2 and "1" is background.
     A mask whose values are painting ids (1 = background, 2.. = classes, no 0) is compared
     class by class; a mask without 0 that has no 1 either (all 255 inside one nucleus) or ids
-    no painting uses is binary. An all-1 mask stays ambiguous and is read as ids.
+    no painting uses is binary. An all-1 mask stays ambiguous and is read as ids. ``kind``
+    ("ids" or "binary") overrides that guess, for masks scored together (``masks_kind``).
     """
     prediction = np.asarray(prediction)
     mask = np.asarray(mask)
     if prediction.shape != mask.shape:
         raise ValueError(f"prediction {prediction.shape} and mask {mask.shape} differ in shape")
-    if mask.min() >= 1 and mask.max() <= MAX_PAINTING_ID and (mask == 1).any():  # painting ids
+    if (kind or mask_kind(mask)) == "ids":
         classes = sorted(set(np.unique(mask)) | set(np.unique(prediction)) - {0})
         return {str(int(c)): overlap(prediction == c, mask == c) for c in classes}
     truth = mask > 0
     predicted = prediction >= 2
     return {"1": overlap(~predicted, ~truth), "2": overlap(predicted, truth)}
+
+
+def could_be_ids(mask: np.ndarray) -> bool:
+    """No 0 and no id beyond what painting uses: painting ids, unless it is one object's crop."""
+    mask = np.asarray(mask)
+    return bool(mask.min() >= 1 and mask.max() <= MAX_PAINTING_ID)
+
+
+def mask_kind(mask: np.ndarray) -> str:
+    """"ids" for painting ids (1 = background present), else "binary" (non-zero = structure)."""
+    return "ids" if could_be_ids(mask) and bool((np.asarray(mask) == 1).any()) else "binary"
+
+
+def masks_kind(masks) -> str:
+    """One kind for a set of masks scored together, so that a mean compares like with like:
+    painting ids when every mask could hold them and one shows background (1), else binary."""
+    all_could, any_background = True, False
+    for mask in masks:  # one at a time: a generator of masks read from files is not held
+        all_could = all_could and could_be_ids(mask)
+        any_background = any_background or mask_kind(mask) == "ids"
+    return "ids" if all_could and any_background else "binary"

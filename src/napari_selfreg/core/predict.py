@@ -153,12 +153,22 @@ class _TileReader:
         return np.dtype(self.image.dtype)
 
     def read(self, rows: slice, cols: slice) -> np.ndarray:
-        if self.ndim == 2:
-            region = np.asarray(self.image[rows, cols])[..., None]
-        elif self.channel_first:
-            region = np.moveaxis(np.asarray(self.image[:, rows, cols]), 0, -1)
-        else:
-            region = np.asarray(self.image[rows, cols])
+        try:
+            if self.ndim == 2:
+                region = np.asarray(self.image[rows, cols])[..., None]
+            elif self.channel_first:
+                region = np.moveaxis(np.asarray(self.image[:, rows, cols]), 0, -1)
+            else:
+                region = np.asarray(self.image[rows, cols])
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            if isinstance(self.image, np.ndarray):
+                raise
+            # a slide read lazily: a damaged tile surfaces only here, as a codec's own error
+            raise InputError(
+                f"could not read part of the image ({type(error).__name__}: {error}); the file may be damaged"
+            ) from error
         return region[..., :3] if region.shape[-1] == 4 else region
 
     def sample(self, max_pixels: int = RANGE_SAMPLE_PIXELS) -> np.ndarray:
