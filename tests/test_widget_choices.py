@@ -399,3 +399,60 @@ def test_segmenting_again_keeps_the_users_instances_and_probability_layers(he_vi
     assert names.count("H&E tissue instances") == 1 and 999 not in he_viewer.layers["H&E tissue instances"].data
     assert mine in he_viewer.layers and ours not in he_viewer.layers
     assert names.count("H&E tissue probabilities") == 1
+
+
+def test_correction_starts_from_the_prediction_the_user_corrected(he_viewer, qtbot, messages):
+    """With a training preview and a Segment output of the same image, the one painted on is
+    copied; the preview's class names follow the class table."""
+    from test_widgets import tiny
+
+    train = train_widget_for(he_viewer)
+    tiny(train, steps=3)
+    train.start()
+    wait_idle(qtbot, train)
+    assert "H&E tissue prediction" in he_viewer.layers
+    _, segment = docked(he_viewer, "Segment")
+    _add_tiny_model(segment)
+    segment.image_combo.select("H&E tissue")
+    segment.instances.setChecked(False)
+    segment.start()
+    wait_idle(qtbot, segment)
+    untouched = train.use_prediction_as_labels()
+    assert "Copied from 'H&E tissue prediction'" in messages.infos[-1]  # nothing corrected: the preview
+    he_viewer.layers.remove(untouched)
+    segmentation = he_viewer.layers["H&E tissue segmentation"]
+    segmentation.paint((200, 30), 3)  # a correction with a third class
+    corrected = train.use_prediction_as_labels()
+    assert "Copied from 'H&E tissue segmentation'" in messages.infos[-1]
+    assert np.asarray(corrected.data)[200, 30] == 3
+
+    train.class_table.item(1, 1).setText("tumour nucleus")
+    preview = train._prediction_layer(he_viewer.layers["H&E tissue"], "H&E tissue prediction")
+    assert list(preview.features["class"])[2] == "tumour nucleus"
+
+
+def test_a_segmentation_removed_mid_run_is_reported_and_the_previous_one_kept(he_viewer, qtbot, messages, monkeypatch):
+    from napari_selfreg.widgets import segment_widget
+
+    _, segment = docked(he_viewer, "Segment")
+    _add_tiny_model(segment)
+    segment.image_combo.select("H&E tissue")
+    segment.instances.setChecked(False)
+    segment.start()
+    wait_idle(qtbot, segment)
+    complete = he_viewer.layers["H&E tissue segmentation"]
+    segment.start()
+    he_viewer.layers.remove("H&E tissue segmentation")  # the new, unfinished one
+    wait_idle(qtbot, segment)
+    assert "removed during the run" in segment.status.text()
+    assert "kept as 'H&E tissue segmentation (previous)'" in segment.status.text()
+    real = segment_widget.run_prediction
+
+    def stopped_at_once(*args):
+        args[-1].set()
+        return (yield from real(*args))
+
+    monkeypatch.setattr(segment_widget, "run_prediction", stopped_at_once)
+    segment.start()
+    wait_idle(qtbot, segment)
+    assert he_viewer.layers["H&E tissue segmentation (previous)"] is complete

@@ -39,6 +39,7 @@ from superqt import QCollapsible
 
 from ..core.config import ModelConfig, TrainConfig
 from ._common import (
+    EDITED_KEY,
     DeviceCombo,
     LayerCombo,
     LossPlot,
@@ -55,6 +56,7 @@ from ._common import (
     same_layer,
     stack_problem,
     stop_when_closed,
+    track_edits,
     visible_corners,
 )
 from ._workers import WorkerError, run_training, visible_box
@@ -646,11 +648,16 @@ class TrainWidget(QWidget):
     def _prediction_layer(self, image, name: str):
         """The prediction layer of ``image``, created (or re-created) when missing."""
         if name in self.viewer.layers and isinstance(self.viewer.layers[name], Labels):
-            return self.viewer.layers[name]
+            layer = self.viewer.layers[name]
+            names = self.class_names()
+            if class_names_of(layer) != names:  # classes renamed or added since it was made
+                layer.features = class_features(names)
+            track_edits(layer)
+            return layer
         shape = image_shape_2d(image) if image is not None else None
         if shape is None:
             return None
-        return self.viewer.add_labels(
+        layer = self.viewer.add_labels(
             np.zeros(shape, np.uint8),
             name=name,
             features=class_features(self.class_names()),
@@ -658,6 +665,8 @@ class TrainWidget(QWidget):
             **placement(image),
             opacity=0.6,
         )
+        track_edits(layer)
+        return layer
 
     def _show_prediction(self, box, labels, image=None, name: str | None = None) -> None:
         """Into the prediction layer of ``image`` (default: the running round's image)."""
@@ -669,6 +678,7 @@ class TrainWidget(QWidget):
         if layer is None or layer.data.shape[-2:] != image_shape_2d(image):
             return
         layer.data[box[0], box[1]] = labels
+        layer.metadata[EDITED_KEY] = False  # a fresh prediction: the user's corrections are not in it
         layer.refresh()
 
     def _on_returned(self, result) -> None:
@@ -769,7 +779,10 @@ class TrainWidget(QWidget):
         names = [f"{image.name} prediction", f"{image.name} segmentation"]
         if same_layer(image, self._run_image) and self._prediction_name:
             names.insert(0, self._prediction_name)
-        name = next((n for n in names if n in self.viewer.layers), None)
+        names = [n for n in names if n in self.viewer.layers]
+        # the one the user corrected, whichever it is; else the newest kind (the live preview)
+        edited = [n for n in names if self.viewer.layers[n].metadata.get(EDITED_KEY)]
+        name = (edited or names or [None])[0]
         if name is None:
             show_error(f"There is no prediction of '{image.name}' yet: train (or segment it) first, then correct it.")
             return None
@@ -795,7 +808,8 @@ class TrainWidget(QWidget):
         layer.mode = "paint"
         self.labels_combo.select(layer.name)
         self.viewer.layers.selection.active = layer
-        show_info("Correct mistakes with the brush on this layer, then press Start to train the next round.")
+        show_info(f"Copied from '{name}'. Correct mistakes with the brush on this layer, then press Start to "
+                  "train the next round.")
         return layer
 
 
