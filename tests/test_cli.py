@@ -420,3 +420,16 @@ def test_an_ome_tiff_stem_drops_its_ome():
     from napari_selfreg.cli import image_stem
 
     assert [image_stem(n) for n in ("x.ome.tif", "Y.OME.TIFF", "z.nii.gz", "w.png")] == ["x", "Y", "z", "w"]
+
+
+def test_a_label_id_without_strokes_is_a_warning(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(tmp_path / "img.tif", rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    painted = np.zeros((48, 48), np.uint8)
+    painted[2:8, 2:30], painted[30:40, 5:35] = 1, 3  # no 2
+    tifffile.imwrite(tmp_path / "gap.tif", painted)
+    assert main(["train", "--image", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "gap.tif"),
+                 "--out", str(tmp_path / "m"), "--steps", "1", "--width", "4", "--depth", "2",
+                 "--patch-size", "32", "--batch-size", "1", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: label 2 is not painted, so this training does not teach that class" in err

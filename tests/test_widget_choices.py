@@ -456,3 +456,19 @@ def test_a_segmentation_removed_mid_run_is_reported_and_the_previous_one_kept(he
     segment.start()
     wait_idle(qtbot, segment)
     assert he_viewer.layers["H&E tissue segmentation (previous)"] is complete
+
+
+def test_a_class_without_strokes_is_a_warning_at_start(he_viewer, qtbot, messages):
+    from test_widgets import tiny
+
+    from napari_selfreg.widgets.train_widget import painted_ids
+
+    train = train_widget_for(he_viewer)
+    train.add_class("gland")
+    tiny(train, steps=2)
+    assert train.start() is not None  # a warning, not a refusal
+    assert "No strokes of 'gland' (3): this training does not teach that class" in messages.warnings[-1]
+    wait_idle(qtbot, train)
+    labels = np.zeros((1500, 7), np.int32)
+    labels[3, 2], labels[1400, 5] = 1, 4
+    assert painted_ids([labels, np.full((2, 2), 2, np.uint8)], rows=512) == {1, 2, 4}

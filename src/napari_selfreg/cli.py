@@ -74,6 +74,8 @@ def _stop_on_first_interrupt(stop: threading.Event):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from .core.checkpoint import load_model, model_path
     from .core.config import ModelConfig, TrainConfig
     from .core.data import InputError, check_painted
@@ -119,6 +121,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"--class-names gives {len(names)} names but there are {classes} classes "
                 f"(labels 1..{classes}); give one name per class"
             )
+    painted = set().union(*(np.unique(lbl).tolist() for lbl in labels))
+    gaps = [i for i in range(2, max(painted, default=0)) if i not in painted]
     stop = threading.Event()
     run = train(images, labels, config, model_config, class_names=names, initial=initial, stop=stop)
     total = steps if args.steps is not None or not args.time_budget else int(args.time_budget)
@@ -128,6 +132,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         while True:
             report = next(run)
+            if gaps:  # the inputs passed every check: warn once, above the bar
+                gaps, missing = [], gaps
+                bar.write(f"napari-selfreg train: warning: label {', '.join(map(str, missing))} is not painted, so "
+                          "this training does not teach that class", file=sys.stderr)
             if args.time_budget and args.steps is None:
                 bar.n = min(int(report.elapsed), total)
                 bar.refresh()

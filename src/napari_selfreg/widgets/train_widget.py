@@ -68,6 +68,17 @@ STATUS_SECONDS = 0.2  # the progress bar and status line change at most this oft
 FULL_PREVIEW_PIXELS = 4_000_000  # after training, predict the whole image when it is at most this big
 
 
+def painted_ids(labels: list[np.ndarray], rows: int = 512) -> set[int]:
+    """The ids painted in any of the arrays, a band of rows at a time (np.unique would sort a
+    slide's labels whole)."""
+    found: set[int] = set()
+    for array in labels:
+        for top in range(0, array.shape[0], rows):
+            band = np.asarray(array[top : top + rows]).ravel()
+            found.update(int(i) for i in np.flatnonzero(np.bincount(band[band > 0])))
+    return found
+
+
 def _spin(value: int, low: int, high: int, tip: str, step: int = 1, suffix: str = "") -> QSpinBox:
     box = QSpinBox()
     box.setRange(low, high)
@@ -577,6 +588,14 @@ class TrainWidget(QWidget):
                 "1 and 2 first."
             )
             return None
+        painted = painted_ids(labels)
+        unpainted = [(i, name) for i, name in enumerate(self.class_names(), 1) if i > 1 and i not in painted]
+        if unpainted and highest >= 2:
+            listed = ", ".join(f"'{name}' ({i})" for i, name in unpainted)
+            show_warning(
+                f"No strokes of {listed}: this training does not teach "
+                f"{'that class' if len(unpainted) == 1 else 'those classes'}. Paint some, or remove the class."
+            )
         self._run_layers = [layer for pair in pairs for layer in pair]
         self._run_image = pairs[0][0]
         self._prediction_name = f"{self._run_image.name} prediction"
