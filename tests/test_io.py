@@ -212,7 +212,7 @@ def test_viewer_opens_and_saves_with_the_plugin(make_napari_viewer, tmp_path, la
 
 
 @pytest.mark.gui
-@pytest.mark.parametrize("suffix", [".tif", ".nii.gz"])
+@pytest.mark.parametrize("suffix", [".tif", ".nii.gz", ".mha"])
 def test_a_saved_labels_layer_reopens_as_labels_with_its_classes_and_place(make_napari_viewer, tmp_path, suffix):
     """Whatever its name: the file says it holds labels, and which classes."""
     from napari_selfreg.widgets.classes import class_features, class_names_of

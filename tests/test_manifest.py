@@ -45,7 +45,7 @@ def test_readers_and_writers(manifest):
         assert pattern in reader.filename_patterns
     (writer,) = manifest.contributions.writers
     assert [str(t) for t in writer.layer_types] == ["labels"]
-    assert {".tif", ".png", ".nii", ".nii.gz"} <= set(writer.filename_extensions)
+    assert {".tif", ".png", ".nii", ".nii.gz", ".mha", ".nrrd"} <= set(writer.filename_extensions)
 
 
 def test_every_command_imports(manifest):

@@ -601,6 +601,8 @@ class TrainWidget(QWidget):
         self._prediction_name = f"{self._run_image.name} prediction"
         names = self.class_names()
         self._write_classes()
+        if self.preview_every.value() > 0:  # made now, not mid-training: napari takes 0.3-0.4 s for it
+            self._prediction_layer(self._run_image, self._prediction_name)
         self.stop_event = threading.Event()
         self._stop_requested_at = None
         self.result = None
