@@ -461,7 +461,7 @@ def test_a_segmentation_removed_mid_run_is_reported_and_the_previous_one_kept(he
 def test_a_class_without_strokes_is_a_warning_at_start(he_viewer, qtbot, messages):
     from test_widgets import tiny
 
-    from napari_selfreg.widgets.train_widget import painted_ids
+    from napari_selfreg.core.data import painted_ids
 
     train = train_widget_for(he_viewer)
     train.add_class("gland")

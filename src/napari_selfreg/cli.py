@@ -74,11 +74,9 @@ def _stop_on_first_interrupt(stop: threading.Event):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from .core.checkpoint import load_model, model_path
     from .core.config import ModelConfig, TrainConfig
-    from .core.data import InputError, check_painted
+    from .core.data import InputError, check_painted, painted_ids
     from .core.train import train
     from .io import check_planar, open_image, read_image
 
@@ -121,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"--class-names gives {len(names)} names but there are {classes} classes "
                 f"(labels 1..{classes}); give one name per class"
             )
-    painted = set().union(*(np.unique(lbl).tolist() for lbl in labels))
+    painted = painted_ids(labels)
     gaps = [i for i in range(2, max(painted, default=0)) if i not in painted]
     stop = threading.Event()
     run = train(images, labels, config, model_config, class_names=names, initial=initial, stop=stop)

@@ -223,12 +223,25 @@ def check_pair(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
 MAX_CLASSES = 64  # predictions are written with 8-bit ids; a class table longer than this is a mistake
 
 
+def painted_ids(labels_list: list[np.ndarray], rows: int = 512) -> set[int]:
+    """The ids (above 0) painted in any of the arrays, a band of rows at a time: np.unique
+    would sort a slide's labels whole."""
+    found: set[int] = set()
+    for labels in labels_list:
+        labels = np.asarray(labels)
+        for top in range(0, labels.shape[0], rows):
+            band = labels[top : top + rows].ravel()
+            if band.dtype.kind not in "iu":  # bool, or float ids read from a float file
+                band = band.astype(np.int64)
+            if band.size and band.min() < 0:
+                raise InputError(f"labels hold the negative id {int(band.min())}; ids run 0 = not painted, 1, 2, ...")
+            found.update(int(i) for i in np.flatnonzero(np.bincount(band[band > 0])))
+    return found
+
+
 def check_painted(labels_list: list[np.ndarray], num_classes: int | None = None) -> int:
     """Check that background and at least one structure are painted; return the class count."""
-    present: set[int] = set()
-    for labels in labels_list:
-        present.update(int(v) for v in np.unique(labels))
-    present.discard(0)
+    present = painted_ids(labels_list)
     if not present:
         raise InputError("nothing is painted; paint background (label 1) and at least one structure (label 2)")
     if 1 not in present:

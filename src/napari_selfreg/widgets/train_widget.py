@@ -38,6 +38,7 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from ..core.config import ModelConfig, TrainConfig
+from ..core.data import painted_ids
 from ._common import (
     EDITED_KEY,
     DeviceCombo,
@@ -66,17 +67,6 @@ from .model_registry import model_registry
 NEW_MODEL = "new model"
 STATUS_SECONDS = 0.2  # the progress bar and status line change at most this often
 FULL_PREVIEW_PIXELS = 4_000_000  # after training, predict the whole image when it is at most this big
-
-
-def painted_ids(labels: list[np.ndarray], rows: int = 512) -> set[int]:
-    """The ids painted in any of the arrays, a band of rows at a time (np.unique would sort a
-    slide's labels whole)."""
-    found: set[int] = set()
-    for array in labels:
-        for top in range(0, array.shape[0], rows):
-            band = np.asarray(array[top : top + rows]).ravel()
-            found.update(int(i) for i in np.flatnonzero(np.bincount(band[band > 0])))
-    return found
 
 
 def _spin(value: int, low: int, high: int, tip: str, step: int = 1, suffix: str = "") -> QSpinBox:
