@@ -312,12 +312,11 @@ class SegmentWidget(QWidget):
             return
         seconds = time.perf_counter() - self._started
         kept = self._kept_note()
-        if prediction.complete:
-            self.output_layer.metadata[PARTIAL_KEY] = False
         if not prediction.complete:
             self.status.setText(f"Stopped; the rows finished so far are kept in the segmentation layer.{kept}")
             show_info(f"Segmentation stopped; the part done so far is kept.{kept}")
             return
+        self.output_layer.metadata[PARTIAL_KEY] = False
         if kept:
             self._drop_unless_edited(self.viewer.layers[self._previous_name])
         self.status.setText(f"Done in {seconds:.1f} s: '{self.output_layer.name}'.")
