@@ -414,11 +414,15 @@ class LossPlot(QWidget):
         self._draw(force=True)
 
     def _limits(self) -> tuple[tuple[float, float], tuple[float, float]]:
-        """x up to the round's last step (doubling past it); y in whole decades of the losses."""
+        """x doubling from 50 steps as training goes, up to the round's last step (a round of
+        100000 steps under a time budget must not squash the curves at the left); y in whole
+        decades of the losses."""
         last = self.steps[-1] if self.steps else 0
-        right = max(float(self._round_end), 10.0)
+        right = 50.0
         while right < last:
             right *= 2
+        if self._round_end:
+            right = min(right, max(float(self._round_end), float(last)))
         positive = [v for key in self.values for v in self.values[key] if v > 0]
         if not positive:
             return (0.0, right), (1e-3, 1.0)
