@@ -37,6 +37,29 @@ def _add_tiny_model(segment) -> None:
     segment.model_combo.setCurrentText("tiny")
 
 
+def _segment_he(viewer, probabilities: bool = False, instances: bool = False):
+    """The Segment widget docked, a tiny model chosen, the H&E sample as its image."""
+    _, segment = docked(viewer, "Segment")
+    _add_tiny_model(segment)
+    segment.image_combo.select("H&E tissue")
+    segment.probabilities.setChecked(probabilities)
+    segment.instances.setChecked(instances)
+    return segment
+
+
+def _stop_at_once(monkeypatch) -> None:
+    """Every later Segment run is stopped before its first tile."""
+    from napari_selfreg.widgets import segment_widget
+
+    real = segment_widget.run_prediction
+
+    def stopped_at_once(*args):
+        args[-1].set()  # the stop event
+        return (yield from real(*args))
+
+    monkeypatch.setattr(segment_widget, "run_prediction", stopped_at_once)
+
+
 def test_a_removed_strokes_layer_leaves_nothing_chosen_and_a_renamed_one_stays(he_viewer, messages):
     train = train_widget_for(he_viewer)
     he_viewer.layers["strokes"].name = "my strokes"
@@ -95,11 +118,7 @@ def test_correction_starts_from_the_chosen_images_own_prediction(he_viewer, qtbo
 
 def test_segmenting_again_replaces_the_probabilities_and_drops_the_previous_result(he_viewer, qtbot, messages):
 
-    _, segment = docked(he_viewer, "Segment")
-    _add_tiny_model(segment)
-    segment.image_combo.select("H&E tissue")
-    segment.probabilities.setChecked(True)
-    segment.instances.setChecked(False)
+    segment = _segment_he(he_viewer, probabilities=True)
     for _ in range(2):
         assert segment.start() is not None
         wait_idle(qtbot, segment, timeout=60_000)
@@ -228,10 +247,7 @@ def test_ids_beyond_the_class_table_and_misaligned_strokes_are_refused(he_viewer
 
 def test_segmenting_again_keeps_a_segmentation_the_user_edited(he_viewer, qtbot, messages):
 
-    _, segment = docked(he_viewer, "Segment")
-    _add_tiny_model(segment)
-    segment.image_combo.select("H&E tissue")
-    segment.instances.setChecked(False)
+    segment = _segment_he(he_viewer)
     segment.start()
     wait_idle(qtbot, segment, timeout=60_000)
     edited = he_viewer.layers["H&E tissue segmentation"]
@@ -284,10 +300,7 @@ def test_a_device_can_be_chosen_before_the_list_was_opened(he_viewer, monkeypatc
 def test_a_failed_segmentation_is_replaced_not_kept_as_corrected(he_viewer, qtbot, messages, monkeypatch):
     from napari_selfreg.widgets import segment_widget
 
-    _, segment = docked(he_viewer, "Segment")
-    _add_tiny_model(segment)
-    segment.image_combo.select("H&E tissue")
-    segment.instances.setChecked(False)
+    segment = _segment_he(he_viewer)
     real = segment_widget.run_prediction
 
     def out_of_memory(*args):
@@ -342,10 +355,7 @@ def test_stopped_runs_never_cost_the_last_complete_segmentation(he_viewer, qtbot
     output cannot be painted while it fills in (the tiles would overwrite the strokes)."""
     from napari_selfreg.widgets import segment_widget
 
-    _, segment = docked(he_viewer, "Segment")
-    _add_tiny_model(segment)
-    segment.image_combo.select("H&E tissue")
-    segment.instances.setChecked(False)
+    segment = _segment_he(he_viewer)
     segment.start()
     assert segment.output_layer.editable is False
     wait_idle(qtbot, segment, timeout=60_000)
@@ -355,12 +365,7 @@ def test_stopped_runs_never_cost_the_last_complete_segmentation(he_viewer, qtbot
     assert set(np.unique(kept)) <= {1, 2} and kept.min() >= 1  # every pixel predicted
 
     real = segment_widget.run_prediction
-
-    def stopped_at_once(*args):
-        args[-1].set()  # the stop event, before the first tile
-        return (yield from real(*args))
-
-    monkeypatch.setattr(segment_widget, "run_prediction", stopped_at_once)
+    _stop_at_once(monkeypatch)
     for _ in range(2):
         segment.start()
         wait_idle(qtbot, segment, timeout=60_000)
@@ -379,11 +384,7 @@ def test_stopped_runs_never_cost_the_last_complete_segmentation(he_viewer, qtbot
 
 
 def test_segmenting_again_keeps_the_users_instances_and_probability_layers(he_viewer, qtbot, messages):
-    _, segment = docked(he_viewer, "Segment")
-    _add_tiny_model(segment)
-    segment.image_combo.select("H&E tissue")
-    segment.probabilities.setChecked(True)
-    segment.instances.setChecked(True)
+    segment = _segment_he(he_viewer, probabilities=True, instances=True)
     segment.start()
     wait_idle(qtbot, segment, timeout=60_000)
     instances = he_viewer.layers["H&E tissue instances"]
@@ -411,10 +412,7 @@ def test_correction_starts_from_the_prediction_the_user_corrected(he_viewer, qtb
     train.start()
     wait_idle(qtbot, train)
     assert "H&E tissue prediction" in he_viewer.layers
-    _, segment = docked(he_viewer, "Segment")
-    _add_tiny_model(segment)
-    segment.image_combo.select("H&E tissue")
-    segment.instances.setChecked(False)
+    segment = _segment_he(he_viewer)
     segment.start()
     wait_idle(qtbot, segment)
     untouched = train.use_prediction_as_labels()
@@ -432,12 +430,7 @@ def test_correction_starts_from_the_prediction_the_user_corrected(he_viewer, qtb
 
 
 def test_a_segmentation_removed_mid_run_is_reported_and_the_previous_one_kept(he_viewer, qtbot, messages, monkeypatch):
-    from napari_selfreg.widgets import segment_widget
-
-    _, segment = docked(he_viewer, "Segment")
-    _add_tiny_model(segment)
-    segment.image_combo.select("H&E tissue")
-    segment.instances.setChecked(False)
+    segment = _segment_he(he_viewer)
     segment.start()
     wait_idle(qtbot, segment)
     complete = he_viewer.layers["H&E tissue segmentation"]
@@ -446,13 +439,7 @@ def test_a_segmentation_removed_mid_run_is_reported_and_the_previous_one_kept(he
     wait_idle(qtbot, segment)
     assert "removed during the run" in segment.status.text()
     assert "kept as 'H&E tissue segmentation (previous)'" in segment.status.text()
-    real = segment_widget.run_prediction
-
-    def stopped_at_once(*args):
-        args[-1].set()
-        return (yield from real(*args))
-
-    monkeypatch.setattr(segment_widget, "run_prediction", stopped_at_once)
+    _stop_at_once(monkeypatch)
     segment.start()
     wait_idle(qtbot, segment)
     assert he_viewer.layers["H&E tissue segmentation (previous)"] is complete
