@@ -205,6 +205,23 @@ def test_training_terms_in_bfloat16_match_the_definitions_to_its_rounding():
         assert (grad.float() - reference).abs().max() <= 1e-2 * reference.abs().max(), name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_training_gradients_in_half_precision_match_the_float32_gradients(dtype):
+    # the backward multiplies in the student's precision (bfloat16) or in float32 (float16)
+    roles = BlockRoles(encoder=("E2", "E3"), decoder=("D2",), teacher="D1")
+    grads = {}
+    for kind in (torch.float32, dtype):
+        blocks = {k: v.clone().requires_grad_(True) for k, v in _separated_blocks(kind).items()}
+        scr, ifd = selfreg_losses(blocks, roles, "random", torch.Generator().manual_seed(3))
+        (0.015 * scr + 0.015 * ifd).backward()
+        grads[kind] = {n: blocks[n].grad for n in roles.students}
+    for name in roles.students:
+        half, full = grads[dtype][name], grads[torch.float32][name]
+        assert half.dtype == dtype
+        # the half-precision maps round their values by 2^-8 (bfloat16) or 2^-11 (float16)
+        assert (half.float() - full).abs().max() <= 2e-2 * full.abs().max(), name
+
+
 def test_training_terms_pool_the_teacher_to_sizes_that_do_not_divide_it():
     # 7 x 5 and 3 x 2 students of a 15 x 11 teacher: adaptive pooling with uneven windows
     roles = BlockRoles(encoder=("E2",), decoder=("D2",), teacher="D1")

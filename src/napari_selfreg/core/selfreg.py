@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -121,12 +122,31 @@ def ifd_term(feature: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _StudentTerms:
-    """One student's SCR and IFD values and the matrices their gradients are made of."""
+    """One student's SCR and IFD values and the channel pairs their gradients are made of."""
 
     scr: float
     ifd: float
-    scr_weights: np.ndarray  # (C + Ct + 1, C): d SCR / d rows = operand @ scr_weights
-    ifd_weights: np.ndarray  # (C + Ct + 1, C)
+    channels: int
+    width: int  # of the operand [rows | target | 1]
+    top: np.ndarray  # IFD: the top-ranked half of the channels, paired rank by rank with
+    bottom: np.ndarray  # the bottom half
+    s_idx: np.ndarray  # SCR: student channel s_idx[j] against teacher column t_idx[j]
+    t_idx: np.ndarray
+    ifd_scale: float  # d IFD / d top = ifd_scale * (top - bottom)
+    scr_scale: float
+
+    def weights(self, d_scr: float, d_ifd: float) -> np.ndarray:
+        """(width, C): d (d_scr * SCR + d_ifd * IFD) / d rows = operand @ weights."""
+        c = self.channels
+        out = np.zeros((self.width, c), dtype=np.float32)
+        a, v = d_ifd * self.ifd_scale, d_scr * self.scr_scale
+        out[self.top, self.top] = a
+        out[self.bottom, self.bottom] = a
+        out[self.top, self.bottom] = -a
+        out[self.bottom, self.top] = -a
+        out[self.s_idx, self.s_idx] += v
+        out[c + self.t_idx, self.s_idx] = -v
+        return out
 
 
 def _student_terms(squares: np.ndarray, sums: np.ndarray, total: np.ndarray, pixels: int,
@@ -140,32 +160,20 @@ def _student_terms(squares: np.ndarray, sums: np.ndarray, total: np.ndarray, pix
     ``channel_scores`` gives; either order is the definition's.
     """
     b, c = squares.shape
-    width = total.shape[1]
-    ct = width - c - 1
     n = b * pixels
     scores = (sums / np.maximum(np.sqrt(np.maximum(squares, 0.0)), 1e-12)).mean(axis=0) / pixels
-    gram, cross = total[:, :c], total[:, c : c + ct]
-
+    diagonal = np.diagonal(total)
     half = c // 2
     order = np.argsort(-scores, kind="stable")
     top, bottom = order[:half], order[half : 2 * half]
-    ifd_weights = np.zeros((width, c))
-    ifd = 0.0
-    if half:
-        ifd = (gram[top, top].sum() + gram[bottom, bottom].sum() - 2.0 * gram[top, bottom].sum()) / (n * half)
-        scale = 2.0 / (n * half)
-        ifd_weights[top, top] = scale
-        ifd_weights[bottom, bottom] = scale
-        ifd_weights[top, bottom] = -scale
-        ifd_weights[bottom, top] = -scale
-
+    ifd = (diagonal[top].sum() + diagonal[bottom].sum() - 2.0 * total[top, bottom].sum()) / (n * half) if half else 0.0
     k = len(s_idx)
-    scr = (gram[s_idx, s_idx].sum() + target_squares[t_idx].sum() - 2.0 * cross[s_idx, t_idx].sum()) / (n * k)
-    scr_weights = np.zeros((width, c))
-    scale = 2.0 / (n * k)
-    scr_weights[s_idx, s_idx] = scale
-    scr_weights[c + t_idx, s_idx] = -scale
-    return _StudentTerms(max(scr, 0.0), max(ifd, 0.0), scr_weights, ifd_weights)
+    cross = total[s_idx, c + t_idx].sum()
+    scr = (diagonal[s_idx].sum() + target_squares[t_idx].sum() - 2.0 * cross) / (n * k)
+    return _StudentTerms(
+        scr=max(scr, 0.0), ifd=max(ifd, 0.0), channels=c, width=total.shape[1], top=top, bottom=bottom,
+        s_idx=s_idx, t_idx=t_idx, ifd_scale=2.0 / (n * half) if half else 0.0, scr_scale=2.0 / (n * k),
+    )
 
 
 def _summaries(products: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -175,24 +183,38 @@ def _summaries(products: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return np.diagonal(host, axis1=1, axis2=2), host[:, :, -1], host.sum(axis=0, dtype=np.float64)
 
 
+class _Plan(NamedTuple):
+    """What ``_SelfRegTerms`` needs of the teacher and the random pairing for one student."""
+
+    target: torch.Tensor  # the pooled teacher's float32 (pixels, Ct) rows
+    target_squares: np.ndarray  # their sums of squares per column
+    s_idx: np.ndarray
+    t_idx: np.ndarray
+    backward_target: torch.Tensor  # the rows in the backward's precision
+
+
 class _SelfRegTerms(torch.autograd.Function):
     """SCR and IFD of every student in one step, valued through channel Gram matrices.
 
     Per student: one copy of its map into a float32 (pixels, C + Ct + 1) operand ``[rows |
     pooled teacher | 1]``, one batched matmul ``rows^T operand`` for the values and the
-    channel ranking, and in the backward one matmul of the operand with a small pairing
-    matrix (the terms are quadratic, so their gradient is linear in the maps). The
+    channel ranking, and in the backward one matmul of the student's own map (and the
+    pooled teacher) with a small pairing matrix: the terms are quadratic, so their gradient
+    is linear in the maps. That matmul runs in the student's precision (bfloat16 under CPU
+    autocast, whose gradient is rounded to it anyway; float16 goes through float32), and
+    the float32 operands are not kept for it. The
     bookkeeping on the small products (ranking, pairing, values) runs in numpy, after all
     students' matmuls are queued, so a GPU waits for the host once a step. Gathering the
     paired channels instead took about three times the operations, each of which starts
     a parallel region on the CPU. Values agree with ``scr_loss`` and ``ifd_loss`` (the
-    definitions) to float32 rounding; the arithmetic is float32 whatever autocast runs.
+    definitions) to float32 rounding; the forward's arithmetic is float32 whatever
+    autocast runs.
     """
 
     @staticmethod
     def forward(ctx, plan, *students):
-        operands, products = [], []
-        for student, (target, _, _, _) in zip(students, plan, strict=True):
+        products = []
+        for student, target in zip(students, (p.target for p in plan), strict=True):
             b, c, h, w = student.shape
             n, ct = b * h * w, target.shape[1]
             operand = torch.empty(n, c + ct + 1, dtype=torch.float32, device=student.device)
@@ -201,14 +223,12 @@ class _SelfRegTerms(torch.autograd.Function):
             operand[:, -1] = 1.0
             per_sample = operand.view(b, h * w, -1)
             products.append(torch.bmm(per_sample[:, :, :c].transpose(1, 2), per_sample))
-            operands.append(operand)
         terms = [
-            _student_terms(*_summaries(prod), s.shape[2] * s.shape[3], s_idx, t_idx, squares.cpu().double().numpy())
-            for prod, s, (_, squares, s_idx, t_idx) in zip(products, students, plan, strict=True)
+            _student_terms(*_summaries(prod), s.shape[2] * s.shape[3], p.s_idx, p.t_idx, p.target_squares)
+            for prod, s, p in zip(products, students, plan, strict=True)
         ]
-        ctx.save_for_backward(*operands)
+        ctx.save_for_backward(*students, *(p.backward_target for p in plan))
         ctx.terms = terms
-        ctx.layouts = [(*s.shape, s.dtype) for s in students]
         values = [[t.scr for t in terms], [t.ifd for t in terms]]
         return torch.tensor(values, dtype=torch.float32, device=students[0].device)
 
@@ -216,45 +236,63 @@ class _SelfRegTerms(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_values):
         g = grad_values.detach().cpu().double().numpy()  # MPS has no float64
+        saved = ctx.saved_tensors
+        students, targets = saved[: len(saved) // 2], saved[len(saved) // 2 :]
         grads = []
-        for i, (operand, terms, (b, c, h, w, dtype)) in enumerate(
-            zip(ctx.saved_tensors, ctx.terms, ctx.layouts, strict=True)
-        ):
-            weights = (g[0, i] * terms.scr_weights + g[1, i] * terms.ifd_weights).astype(np.float32)
-            with _full_precision(operand.device):
-                grad = operand @ torch.from_numpy(weights).to(operand.device)
-            grads.append(grad.view(b, h, w, c).permute(0, 3, 1, 2).to(dtype))
+        for i, (student, target, terms) in enumerate(zip(students, targets, ctx.terms, strict=True)):
+            b, c, h, w = student.shape
+            dtype = _gradient_dtype(student.dtype)
+            weights = torch.from_numpy(terms.weights(g[0, i], g[1, i])).to(device=student.device, dtype=dtype)
+            rows = student.permute(0, 2, 3, 1).reshape(-1, c).to(dtype)  # a view of channels-last maps
+            with _full_precision(student.device):
+                grad = torch.addmm(target @ weights[c:-1], rows, weights[:c])
+            grads.append(grad.view(b, h, w, c).permute(0, 3, 1, 2).to(student.dtype))
         return (None, *grads)
+
+
+def _gradient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The backward's matmul type: the student's own, except float16, whose range the small
+    pairing weights (about 1e-8 without a gradient scaler) would underflow."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 class _PooledTeacher:
     """The detached teacher, average-pooled to each student size once per step, as float32
-    (pixels, channels) rows; exact 2x reductions are pooled from the previous level."""
+    (pixels, channels) rows; exact reductions are pooled from the nearest larger level."""
 
     def __init__(self, teacher: torch.Tensor, pairing: str) -> None:
         self.full = teacher.detach()
         self.pairing = pairing
         self.maps: dict[tuple[int, int], torch.Tensor] = {}
-        self.rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rows: dict[tuple[int, int], tuple[torch.Tensor, np.ndarray]] = {}
+        self.cast: dict[tuple[tuple[int, int], torch.dtype], torch.Tensor] = {}
 
     def _map(self, size: tuple[int, int]) -> torch.Tensor:
         th, tw = self.full.shape[-2:]
-        for (h, w), level in sorted(self.maps.items()):
+        levels = [*sorted(self.maps.items()), ((th, tw), self.full)]
+        for (h, w), level in levels:
             exact = th % h == 0 and tw % w == 0 and h % size[0] == 0 and w % size[1] == 0
-            if exact and (h, w) != size:
-                return F.avg_pool2d(level, (h // size[0], w // size[1]))
+            if exact and (h, w) != size:  # the full map is pooled in its own precision, as ``scr_term`` does
+                return F.avg_pool2d(level, (h // size[0], w // size[1])).float()
         return F.adaptive_avg_pool2d(self.full, size).float()
 
-    def at(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, sum of squares per column); "mean" pairing keeps only the channel mean."""
+    def at(self, size: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
+        """(rows, float64 sum of squares per column); "mean" pairing keeps only the channel mean."""
         if size not in self.rows:
             pooled = self._map(size)
             self.maps[size] = pooled
             if self.pairing == "mean":
                 pooled = pooled.mean(dim=1, keepdim=True)
             rows = pooled.permute(0, 2, 3, 1).reshape(-1, pooled.shape[1])
-            self.rows[size] = (rows, torch.linalg.vector_norm(rows, dim=0).square())
+            squares = torch.linalg.vector_norm(rows, dim=0).square()
+            self.rows[size] = (rows, squares.cpu().double().numpy())
         return self.rows[size]
+
+    def rows_as(self, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """The rows at ``size`` in ``dtype`` (the backward's), converted once per size."""
+        if (size, dtype) not in self.cast:
+            self.cast[size, dtype] = self.at(size)[0].to(dtype)
+        return self.cast[size, dtype]
 
 
 def scr_loss(
@@ -301,9 +339,11 @@ def selfreg_losses(
     students = [blocks[name] for name in roles.students]
     plan = []
     for student in students:
-        target, squares = teacher.at(tuple(student.shape[-2:]))
+        size = tuple(student.shape[-2:])
+        target, squares = teacher.at(size)
         s_idx, t_idx = _pairings(student.shape[1], teacher.full.shape[1], pairing, generator)
-        plan.append((target, squares, s_idx.numpy(), t_idx.numpy()))
+        backward_target = teacher.rows_as(size, _gradient_dtype(student.dtype))
+        plan.append(_Plan(target, squares, s_idx.numpy(), t_idx.numpy(), backward_target))
     with _full_precision(teacher.full.device):
         values = _SelfRegTerms.apply(plan, *students)
     scr_value = values[0].mean() if scr else None
