@@ -20,3 +20,17 @@ def test_separate_instances_splits_touching_nuclei():
     assert instances[30, 25] != instances[30, 43] and instances[0].max() == 0
     truth = he_arrays()["ground_truth"]
     assert separate_instances(truth).max() == 55  # the sample's nuclei, touching ones included
+
+
+def test_elongated_objects_stay_whole():
+    # a ridge of equal distance along a rod or a spindle-shaped nucleus is one maximum, not many
+    from napari_selfreg.core.instances import separate_instances
+
+    rod = np.ones((40, 260), np.uint8)
+    rod[15:25, 30:230] = 2
+    yy, xx = np.mgrid[:120, :120] - 60
+    spindle = np.ones((120, 120), np.uint8)
+    spindle[(yy / 5) ** 2 + (xx / 25) ** 2 <= 1] = 2
+    block = np.ones((400, 500), np.uint8)
+    block[100:250, 100:400] = 2
+    assert [separate_instances(m).max() for m in (rod, spindle, block)] == [1, 1, 1]

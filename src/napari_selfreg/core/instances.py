@@ -13,16 +13,20 @@ INSTANCE_PIXELS = 64_000_000  # largest map split at once (a few GB of scratch a
 
 
 def separate_instances(
-    labels: np.ndarray, classes: list[int] | None = None, min_distance: int = 3, min_size: int = 16
+    labels: np.ndarray, classes: list[int] | None = None, height: float = 1.0, min_size: int = 16
 ) -> np.ndarray:
     """Instance ids (0 = background) for the structure classes of ``labels`` (ids >= 2).
 
-    Each class is split on its own: peaks of the smoothed distance to the class border
-    seed a watershed, so two touching nuclei become two objects. A small opening first
+    Each class is split on its own: the maxima of the smoothed distance to the class
+    border seed a watershed, so two touching nuclei become two objects. A maximum is a
+    connected plateau or ridge that stands at least ``height`` pixels above its
+    surroundings (h-maxima): a long gland or a spindle-shaped nucleus has a ridge along its
+    middle, which single-pixel peaks cut every ``min_distance`` pixels (BENCHMARKS.md,
+    "Instances"). A small opening first
     removes slivers one or two pixels thin (edge artefacts would otherwise shatter into
     many tiny "objects"); objects smaller than ``min_size`` pixels are dropped.
     """
-    from skimage.feature import peak_local_max
+    from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
 
     labels = np.asarray(labels)
@@ -37,10 +41,8 @@ def separate_instances(
         mask = _remove_small(ndimage.binary_opening(mask, iterations=1), min_size)
         distance = ndimage.gaussian_filter(ndimage.distance_transform_edt(mask), 1.0)
         components, _ = ndimage.label(mask)
-        peaks = peak_local_max(distance, min_distance=min_distance, labels=components, exclude_border=False)
-        markers = np.zeros(labels.shape, np.int32)
-        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-        # components without a peak (tiny or flat) keep one seed each
+        markers, _ = ndimage.label(h_maxima(distance, height) & mask)
+        # components without a maximum (tiny or flat) keep one seed each
         seeded = np.unique(components[markers > 0])
         for index in np.setdiff1d(np.arange(1, components.max() + 1), seeded):
             y, x = np.argwhere(components == index)[0]

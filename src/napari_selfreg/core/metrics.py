@@ -81,3 +81,41 @@ def masks_kind(masks) -> str:
         all_could = all_could and could_be_ids(mask)
         any_background = any_background or mask_kind(mask) == "ids"
     return "ids" if all_could and any_background else "binary"
+
+
+@dataclass
+class ObjectScores:
+    """Objects matched one to one at IoU > 0.5 (a match is then unique): detection F1,
+    the mean IoU of the matches (SQ) and panoptic quality PQ = SQ x F1."""
+
+    predicted: int
+    true: int
+    matched: int
+    f1: float
+    mean_matched_iou: float
+    panoptic_quality: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def object_scores(predicted: np.ndarray, truth: np.ndarray) -> ObjectScores:
+    """Instance maps (0 = background, other ids = objects, any numbering) compared object by object."""
+    predicted, truth = np.asarray(predicted), np.asarray(truth)
+    if predicted.shape != truth.shape:
+        raise ValueError(f"prediction {predicted.shape} and truth {truth.shape} differ in shape")
+    p_ids, p = np.unique(predicted, return_inverse=True)
+    t_ids, t = np.unique(truth, return_inverse=True)
+    p, t = p.reshape(-1), t.reshape(-1)
+    p_sizes, t_sizes = np.bincount(p, minlength=len(p_ids)), np.bincount(t, minlength=len(t_ids))
+    pairs, overlaps = np.unique(p.astype(np.int64) * len(t_ids) + t, return_counts=True)
+    pi, ti = pairs // len(t_ids), pairs % len(t_ids)
+    objects = (p_ids[pi] != 0) & (t_ids[ti] != 0)
+    pi, ti, overlaps = pi[objects], ti[objects], overlaps[objects]
+    iou = overlaps / (p_sizes[pi] + t_sizes[ti] - overlaps)
+    matched = iou > 0.5
+    n_pred, n_true, n_match = int((p_ids != 0).sum()), int((t_ids != 0).sum()), int(matched.sum())
+    detections = n_pred + n_true
+    f1 = 2.0 * n_match / detections if detections else 1.0
+    sq = float(iou[matched].mean()) if n_match else (1.0 if not detections else 0.0)
+    return ObjectScores(n_pred, n_true, n_match, f1, sq, sq * f1)
