@@ -32,3 +32,19 @@ def test_an_object_split_in_two_halves_matches_neither_half():
     assert object_scores(truth, truth).panoptic_quality == 1.0
     empty = np.zeros_like(truth)
     assert object_scores(empty, empty).f1 == 1.0
+
+
+def test_boolean_masks_are_structure_and_painting_ids_keep_background_in_binary_scoring():
+    from napari_selfreg.core.metrics import masks_kind, per_class_overlap
+
+    prediction = np.full((8, 8), 2, np.uint8)
+    inside = np.ones((8, 8), bool)  # a crop that lies wholly inside a nucleus
+    assert per_class_overlap(prediction, inside)["2"].dice == 1.0
+    ids = np.ones((8, 8), np.uint8)
+    ids[:, 4:] = 2  # painting ids: 1 background, 2 nuclei
+    binary = np.where(ids == 2, 255, 0).astype(np.uint8)
+    assert masks_kind([ids, binary]) == "binary"
+    # scored with a 0/255 mask, the ids mask still means what it says
+    for mask in (ids, binary):
+        assert per_class_overlap(ids, mask, "binary")["2"].dice == 1.0
+        assert per_class_overlap(ids, mask, "binary")["1"].dice == 1.0

@@ -361,3 +361,27 @@ def test_a_lazy_float_image_is_never_read_whole():
         bad[y, x, 0] = np.nan
         with pytest.raises(InputError, match="NaN"):
             predict(model, _CountingArray(bad), PredictConfig(tile_size=512, **F32))
+
+
+def test_a_stop_between_tile_rows_keeps_the_finished_rows(random_model):
+    # 100 x 300 at tile 64: two tile rows (starting at 0 and 36), six tiles each
+    image = _image(100, 300)
+    whole = drain(predict_tiled(random_model, image, PredictConfig(tile_size=64, batch_size=1, **F32)))
+    tiles_done = []
+    run = predict_tiled(
+        random_model, image, PredictConfig(tile_size=64, batch_size=1, **F32), stop=lambda: len(tiles_done) >= 6
+    )
+    stopped = drain(run, tiles_done.append)
+    assert not stopped.complete
+    np.testing.assert_array_equal(stopped.labels[:36], whole.labels[:36])
+    assert not stopped.labels[36:].any()
+
+
+def test_work_on_another_device_leaves_the_model_where_it_is():
+    from napari_selfreg.core.device import network_on
+
+    network = torch.nn.Conv2d(3, 2, 1)
+    assert network_on(network, torch.device("cpu")) is network
+    elsewhere = network_on(network, torch.device("meta"))  # a device without data stands in for a GPU
+    assert next(elsewhere.parameters()).device.type == "meta"
+    assert next(network.parameters()).device.type == "cpu"

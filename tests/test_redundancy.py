@@ -266,3 +266,27 @@ def test_reading_a_model_in_training_mode_leaves_it_training(odd_image):
     model.network.eval()
     redundancy_report(model, odd_image, RedundancyConfig(device="cpu"))
     assert not model.network.training
+
+
+def test_lazy_gray_images_are_read_and_their_tiles_checked_for_nan(tmp_path):
+    import dask.array as da
+    import zarr
+
+    from napari_selfreg.core.config import Normalization
+
+    torch.manual_seed(0)
+    gray = SegmentationModel.create(
+        ModelInfo(model=ModelConfig(base_channels=4, depth=2, in_channels=1), normalization=Normalization(channels=1))
+    )
+    pixels = np.random.default_rng(0).integers(0, 256, (90, 70)).astype(np.uint8)
+    stored = zarr.open_array(str(tmp_path / "g.zarr"), mode="w", shape=pixels.shape, chunks=(32, 32), dtype="u1")
+    stored[:] = pixels
+    config = RedundancyConfig(device="cpu", window=4)
+    from_zarr = redundancy_report(gray, stored, config)
+    in_memory = redundancy_report(gray, pixels, config)
+    assert from_zarr.block("E2").redundancy_index == pytest.approx(in_memory.block("E2").redundancy_index)
+    # a NaN off the grid that the whole-image check samples is found in its tile
+    floats = np.random.default_rng(1).random((1500, 1500)).astype(np.float32)
+    floats[1, 1] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        redundancy_report(gray, da.from_array(floats, chunks=500), config, region=(0, 0, 40, 40))

@@ -56,7 +56,7 @@ def as_channels_last(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image) if not hasattr(image, "shape") else image
     check_plane_shape(tuple(int(s) for s in image.shape))
     if image.ndim == 2:
-        return image[..., None]
+        return _viewable(image)[..., None]  # zarr arrays take no None index: through dask
     if image.ndim == 3:
         if image.shape[-1] in (1, 3, 4):
             c = image.shape[-1]
@@ -166,12 +166,17 @@ def sample_range(raw: np.ndarray, norm: Normalization) -> tuple[np.ndarray, np.n
 
 def check_finite(image: np.ndarray) -> None:
     """NaN/inf in an image in memory, or in the subsample a lazy one (dask, zarr, memory map)
-    is scaled by: reading a lazy image whole only to check it would defeat the laziness."""
+    is scaled by: reading a lazy image whole only to check it would defeat the laziness, so
+    its tiles are checked as they are read (``check_finite_pixels``)."""
     if np.issubdtype(np.asarray(image[:1, :1]).dtype, np.floating):
         in_memory = type(image) is np.ndarray and image.size <= 50_000_000
-        sample = image if in_memory else _sample_for_percentiles(image)
-        if not np.isfinite(sample).all():
-            raise InputError("the image contains NaN or infinite values; replace them (e.g. with 0) and try again")
+        check_finite_pixels(image if in_memory else _sample_for_percentiles(image))
+
+
+def check_finite_pixels(pixels: np.ndarray) -> None:
+    """NaN/inf in pixels already read (a tile of a lazy image, or a sample of one)."""
+    if np.issubdtype(pixels.dtype, np.floating) and not np.isfinite(pixels).all():
+        raise InputError("the image contains NaN or infinite values; replace them (e.g. with 0) and try again")
 
 
 def normalize(

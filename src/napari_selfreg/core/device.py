@@ -77,3 +77,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def network_on(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The network on ``device`` without moving the caller's: itself when its weights are
+    there, else a copy. Maps computed on the GPU must not pull a model that trains on the
+    CPU (or the other way round) away from its optimiser."""
+    parameter = next(network.parameters(), None)
+    here = None if parameter is None else parameter.device
+    if here is None or (here.type == device.type and device.index in (None, here.index)):  # "cuda" is "cuda:0"
+        return network
+    import copy
+
+    return copy.deepcopy(network).to(device)

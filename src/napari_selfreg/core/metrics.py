@@ -57,7 +57,8 @@ def per_class_overlap(prediction: np.ndarray, mask: np.ndarray, kind: str | None
     if (kind or mask_kind(mask)) == "ids":
         classes = sorted(set(np.unique(mask)) | set(np.unique(prediction)) - {0})
         return {str(int(c)): overlap(prediction == c, mask == c) for c in classes}
-    truth = mask > 0
+    # painting ids read with binary masks (``masks_kind``): 1 is background there too
+    truth = mask >= 2 if mask_kind(mask) == "ids" else mask > 0
     predicted = prediction >= 2
     return {"1": overlap(~predicted, ~truth), "2": overlap(predicted, truth)}
 
@@ -65,6 +66,8 @@ def per_class_overlap(prediction: np.ndarray, mask: np.ndarray, kind: str | None
 def could_be_ids(mask: np.ndarray) -> bool:
     """No 0 and no id beyond what painting uses: painting ids, unless it is one object's crop."""
     mask = np.asarray(mask)
+    if mask.dtype == bool:  # True is structure, whatever the pixels hold
+        return False
     return bool(mask.min() >= 1 and mask.max() <= MAX_PAINTING_ID)
 
 

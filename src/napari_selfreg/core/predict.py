@@ -33,13 +33,14 @@ from .cpu_fusion import fuse_for_cpu
 from .data import (
     RANGE_SAMPLE_PIXELS,
     InputError,
+    check_finite_pixels,
     check_plane_shape,
     intensity_range,
     normalize,
     sample_range,
     sample_step,
 )
-from .device import autocast, autocast_dtype, resolve_device
+from .device import autocast, autocast_dtype, network_on, resolve_device
 from .model import SegmentationModel, evaluating
 from .progress import drain
 from .train import StopRequest, _stop_requested
@@ -189,17 +190,12 @@ def plane_shape(image) -> tuple[int, int]:
     return reader.height, reader.width
 
 
-def _check_finite(region: np.ndarray) -> None:
-    if np.issubdtype(region.dtype, np.floating) and not np.isfinite(region).all():
-        raise InputError("the image contains NaN or infinite values; replace them (e.g. with 0) and try again")
-
-
 def _value_range(reader: _TileReader, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
     """``data.intensity_range`` of the whole image, computed from the same subsample it would take."""
     if norm.mode == "uint8" and reader.dtype == np.uint8:
         return intensity_range(np.zeros((1, 1, reader.channels), np.uint8), norm)
     sample = reader.sample()
-    _check_finite(sample)  # percentiles of NaN would make every tile NaN
+    check_finite_pixels(sample)  # percentiles of NaN would make every tile NaN
     return sample_range(sample, norm)
 
 
@@ -364,7 +360,7 @@ def predict_tiled(
     # map) tile by tile, so that checking never reads it whole
     checked = reader.dtype.kind != "f" or (type(reader.image) is np.ndarray and h * w <= FINITE_CHECK_PIXELS)
     if reader.dtype.kind == "f" and checked:
-        _check_finite(reader.sample(FINITE_CHECK_PIXELS))
+        check_finite_pixels(reader.sample(FINITE_CHECK_PIXELS))
     check_tiles = not checked
     value_range = _value_range(reader, norm)
     k = model.config.num_classes
@@ -402,13 +398,16 @@ def predict_tiled(
         done = 0
         for first in range(0, total, batch_size):
             if _stop_requested(stop):
+                next_top = ys[tiles[first][0]]
+                if next_top != band_top:  # the rows above the next tile row are final: keep them
+                    _flush(band, band_top, next_top, labels_out, probs_out)
                 return Prediction(labels_out, probs_out, complete=False)
             chunk = tiles[first : first + batch_size]
             batch = np.empty((len(chunk), th, tw, norm.channels), np.float32)
             for i, (row, col) in enumerate(chunk):
                 region = reader.read(slice(ys[row], ys[row] + th), slice(xs[col], xs[col] + tw))
                 if check_tiles:
-                    _check_finite(region)
+                    check_finite_pixels(region)
                 batch[i] = _pad_tile(normalize(region, norm, value_range), th, tw)
             probs = _forward_probabilities(network, batch, device, dtype, config.flips).cpu()
             for (row, col), p in zip(chunk, probs, strict=True):
@@ -491,6 +490,6 @@ def predict_whole(model: SegmentationModel, image, device: str = "cpu", precisio
     x = normalize(reader.read(slice(None), slice(None)), norm, _value_range(reader, norm))
     dev = resolve_device(device)
     dtype = autocast_dtype(dev, precision)
-    with evaluating(model.network.to(dev)) as network, torch.no_grad(), autocast(dev, dtype):
+    with evaluating(network_on(model.network, dev)) as network, torch.no_grad(), autocast(dev, dtype):
         logits = network(torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0)))[None].to(dev))
     return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import InputError, as_channels_last, check_finite, intensity_range, normalize
-from .device import resolve_device
+from .data import InputError, as_channels_last, check_finite, check_finite_pixels, intensity_range, normalize
+from .device import network_on, resolve_device
 from .model import SegmentationModel, evaluating
 from .progress import drain
 from .selfreg import BlockRoles
@@ -502,7 +502,7 @@ def block_features(model: SegmentationModel, image, device: str = "auto") -> dic
     dev = resolve_device(device)
     x = normalize(np.asarray(image), model.info.normalization)
     x = _pad_input(torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0)))[None].to(dev), model.config.divisor)
-    with evaluating(model.network.to(dev)) as network, torch.no_grad():
+    with evaluating(network_on(model.network, dev)) as network, torch.no_grad():
         _, blocks = network.forward_blocks(x)
     out = {}
     for name, value in blocks.items():
@@ -544,7 +544,7 @@ def _compute_redundancy(
     norm = model.info.normalization
     value_range = intensity_range(image, norm)  # whole image: a region is scaled as the whole
     device = resolve_device(config.device)
-    network = model.network.to(device)
+    network = network_on(model.network, device)
     divisor = model.config.divisor
     window = config.window
     align = window * divisor
@@ -571,7 +571,9 @@ def _compute_redundancy(
 
     def features_of(tile: Tile) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         wt, wl, wb, wr = tile.window
-        x = normalize(np.asarray(image[wt:wb, wl:wr]), norm, value_range)
+        pixels = np.asarray(image[wt:wb, wl:wr])
+        check_finite_pixels(pixels)  # a lazy image was checked on a subsample only
+        x = normalize(pixels, norm, value_range)
         x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0)))[None].to(device)
         x = _pad_input(x, divisor)
         with torch.no_grad():
@@ -618,6 +620,8 @@ def _compute_redundancy(
             )
         if cached is not None:
             cached.append(features)
+        # let this tile's maps go before the next tile's forward pass allocates its own
+        features = pooled_teacher = f = part = scr = None
         yield RedundancyProgress("features", number + 1, total)
 
     # whole-region statistics: similarity, IFD ranking, principal components
@@ -665,6 +669,7 @@ def _compute_redundancy(
                 projection = torch.einsum("kc,chw->hwk", state.basis, centred) / (4 * state.spread)
                 rgb = ((projection + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
                 state.rgb[r0 : r0 + rgb.shape[0], c0 : c0 + rgb.shape[1], : rgb.shape[2]] = rgb
+        features = f = part = centred = projection = None
         if passes == 2:
             yield RedundancyProgress("maps", len(tiles) + number + 1, total)
     cached = None
