@@ -433,3 +433,34 @@ def test_a_label_id_without_strokes_is_a_warning(tmp_path, capsys):
                  "--patch-size", "32", "--batch-size", "1", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert "warning: label 2 is not painted, so this training does not teach that class" in err
+
+
+def test_mistakes_found_by_an_audit_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from napari_selfreg import cli
+    from napari_selfreg.bench.__main__ import main as bench_main
+
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)
+    Image.fromarray(picture).save(tmp_path / "photo.png")
+    Image.fromarray(np.full((16, 16), 2, np.uint8)).save(tmp_path / "p.png")
+    strokes = np.ones((16, 16), np.uint8)
+    strokes[:4] = 2
+    Image.fromarray(strokes).save(tmp_path / "strokes.jpg")
+    # a colour picture given as the mask (it used to score its red channel)
+    assert main(["evaluate", "--prediction", str(tmp_path / "p.png"), "--mask", str(tmp_path / "photo.png")]) == 2
+    assert "colour picture" in capsys.readouterr().err
+    # JPEG labels (their compression adds ids nobody painted)
+    args = ["train", "--image", str(tmp_path / "photo.png"), "--labels", str(tmp_path / "strokes.jpg")]
+    assert main([*args, "--out", str(tmp_path / "m.safetensors"), "--steps", "1"]) == 2
+    assert "PNG or TIFF" in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()
+    # an allocation too large for the machine
+    monkeypatch.setattr(cli, "cmd_evaluate", lambda args: np.empty(1 << 62, np.uint8))
+    assert main(["evaluate", "--prediction", str(tmp_path / "p.png"), "--mask", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and len(err.strip().splitlines()) == 1
+    # a device that does not exist, refused before the runs (it used to fail each run and exit 0)
+    assert bench_main(["interactive", "--device", "tpu", "--smoke", "--out", str(tmp_path / "b.json")]) == 2
+    assert not (tmp_path / "b.json").exists()

@@ -89,8 +89,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and (args.width != DEFAULT_WIDTH or args.depth != DEFAULT_DEPTH):
         raise InputError("--width and --depth come from the model when training continues (--resume); leave them out")
     check_output(model_path(args.out), "--out")
-    for p in args.image:
+    for p in [*args.image, *args.labels]:
         check_planar(p)
+    for p in args.labels:
+        if Path(p).suffix.lower() in (".jpg", ".jpeg"):
+            raise InputError(f"{Path(p).name}: JPEG changes label ids as it compresses; save the labels as PNG or TIFF")
     images = [open_image(p) for p in args.image]  # slides lazily: training reads the windows around the paint
     labels = [one_channel_labels(read_image(p, labels=True), p) for p in args.labels]
     steps = args.steps if args.steps is not None else (10**9 if args.time_budget is not None else TrainConfig.steps)
@@ -429,10 +432,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def read_mask(path: Path):
-    from .io import read_image
+    """A mask of one channel: gray ids saved as RGB(A) are their first channel; a colour
+    picture or a stack is refused."""
+    from .io import check_planar, read_image
 
-    mask = read_image(path, labels=True)
-    return mask[..., 0] if mask.ndim == 3 else mask
+    check_planar(path)
+    return one_channel_labels(read_image(path, labels=True), path)
 
 
 def evaluate_pair(prediction_path: Path, mask_path: Path, kind: str | None = None) -> dict:
@@ -505,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or continue training) a model on painted strokes")
     p.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
     p.add_argument("--labels", action="append", required=True, help="painted labels for the --image in the same place")
-    p.add_argument("--out", required=True, type=Path, help="model file to write (.safetensors)")
+    p.add_argument("--out", required=True, type=Path, help="model file to write (.safetensors is added when missing)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="number of training steps (default 300)")
     budget.add_argument("--time-budget", type=float, help="train for this many seconds")
@@ -534,11 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels file (1 = background, 2.. = structures); {stem} becomes the image's name")
     p.add_argument("--probabilities", type=Path, help="also write per-class probabilities (K, H, W) float32")
     p.add_argument("--instances", type=Path,
-                   help="also write instance ids of the structures (touching objects split; TIFF or NIfTI)")
+                   help="also write instance ids of the structures (touching objects split; TIFF, NIfTI, MHA or NRRD)")
     p.add_argument("--tile-size", type=int, default=PredictConfig.tile_size, help="pixels per tile side")
     p.add_argument("--overlap", type=float, default=PredictConfig.overlap, help="fraction shared by neighbours")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--precision", default="auto",
+                   help="auto | float32 | bfloat16 | float16 (float16 needs CUDA or MPS; on a CPU it runs bfloat16)")
     p.add_argument("--flips", action="store_true", help="average the four flipped views of every tile (4x slower)")
     p.set_defaults(func=cmd_predict)
 
@@ -584,6 +590,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except ValueError as error:  # settings out of range (dataclass checks)
         print(f"napari-selfreg {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except MemoryError as error:  # numpy's allocation failures; torch's CPU ones are RuntimeErrors
+        print(
+            f"napari-selfreg {args.command}: error: out of memory ({error}); "
+            "lower --patch-size, --batch-size or --tile-size",
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
     except KeyboardInterrupt:  # Ctrl-C twice during training, or once elsewhere
         print(f"napari-selfreg {args.command}: aborted", file=sys.stderr)

@@ -219,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
+        if args.device is not None:  # refused once here, not in each run of a protocol
+            from ..core.device import resolve_device
+
+            resolve_device(args.device)
         if args.protocol == "interactive":
             return _interactive(args)
         if args.protocol == "correction":
