@@ -183,3 +183,30 @@ def test_a_script_that_leaves_training_unfinished_still_exits():
         pytest.fail(f"the interpreter did not exit: {hung.stdout!r}")
     assert done.returncode == 0, done.stderr
     assert "left unfinished" in done.stdout
+
+
+TRIM = """
+import numpy as np
+from napari_selfreg.core import allocator
+
+def resident_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+blocks = [np.ones(12_500) for _ in range(2000)]  # 200 MB in blocks below the mmap threshold: the heap
+last = blocks[-1]  # holds the top of the heap, so free() cannot shrink it by itself
+del blocks
+before = resident_mib()
+trimmed = allocator.trim_freed_memory()
+print(trimmed, before - resident_mib())
+with allocator.freed_memory_kept():
+    print(allocator.trim_freed_memory())
+"""
+
+
+@glibc_only
+def test_trimming_returns_the_freed_heap_unless_a_block_keeps_it():
+    done = subprocess.run([sys.executable, "-c", TRIM], env=_glibc_defaults_env(), capture_output=True,
+                          text=True, check=True)
+    (trimmed, returned_mib), (inside,) = (line.split() for line in done.stdout.splitlines())
+    assert trimmed == "True" and float(returned_mib) > 150
+    assert inside == "False"  # training or prediction keeps its freed memory for reuse

@@ -92,6 +92,19 @@ def release_freed_memory() -> bool:
         return True
 
 
+def trim_freed_memory() -> bool:
+    """Return freed heap memory to the system now (``malloc_trim``), unless a block keeps it.
+
+    For work in steps whose buffers are freed and allocated again, such as the tiles of a
+    map whose memory a user bounds: glibc would otherwise keep each step's freed buffers and
+    the process would grow past the bound. True when memory was trimmed.
+    """
+    with _lock:
+        if _holders or _libc() is None:
+            return False
+        return bool(_libc().malloc_trim(0))
+
+
 def _allowed() -> bool:
     if os.environ.get("NAPARI_SELFREG_KEEP_MEMORY", "1") == "0":
         return False

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .allocator import trim_freed_memory
 from .data import InputError, as_channels_last, check_finite, check_finite_pixels, intensity_range, normalize
 from .device import network_on, resolve_device
 from .model import SegmentationModel, evaluating
@@ -149,7 +150,9 @@ class RedundancyConfig:
     ``tile_size`` is the core of a tile in image pixels (rounded up to the alignment grid);
     ``halo`` the context added around it (None: the network's receptive-field radius, which
     makes tiled maps equal the one-pass maps up to float rounding). Images whose features fit
-    in ``memory_mb`` are done in one pass.
+    in ``memory_mb`` are done in one pass. The budget bounds the block features; the report's
+    own maps (about 29 bytes per image pixel for the default model) come on top, and a tile
+    is never smaller than the alignment grid plus its halo (544 pixels square by default).
     """
 
     similarity: str = "cosine"  # "cosine" | "pearson"
@@ -622,6 +625,8 @@ def _compute_redundancy(
             cached.append(features)
         # let this tile's maps go before the next tile's forward pass allocates its own
         features = pooled_teacher = f = part = scr = None
+        if cached is None:
+            trim_freed_memory()  # the next tile's maps would come on top of this one's freed ones
         yield RedundancyProgress("features", number + 1, total)
 
     # whole-region statistics: similarity, IFD ranking, principal components
@@ -671,6 +676,7 @@ def _compute_redundancy(
                 state.rgb[r0 : r0 + rgb.shape[0], c0 : c0 + rgb.shape[1], : rgb.shape[2]] = rgb
         features = f = part = centred = projection = None
         if passes == 2:
+            trim_freed_memory()
             yield RedundancyProgress("maps", len(tiles) + number + 1, total)
     cached = None
 
