@@ -464,3 +464,15 @@ def test_mistakes_found_by_an_audit_are_one_line_errors(tmp_path, capsys, monkey
     # a device that does not exist, refused before the runs (it used to fail each run and exit 0)
     assert bench_main(["interactive", "--device", "tpu", "--smoke", "--out", str(tmp_path / "b.json")]) == 2
     assert not (tmp_path / "b.json").exists()
+
+
+def test_help_shows_the_defaults_worth_showing(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: 128)" in text and "(default: 0.015)" in text and "(default: None)" not in text
+    from napari_selfreg.bench.__main__ import main as bench_main
+
+    with pytest.raises(SystemExit):
+        bench_main(["--help"])
+    assert "``" not in capsys.readouterr().out

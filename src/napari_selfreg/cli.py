@@ -498,6 +498,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------- parser
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, where it has one worth showing."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .core.config import PredictConfig  # torch-free
     parser = argparse.ArgumentParser(
@@ -506,33 +515,35 @@ def build_parser() -> argparse.ArgumentParser:
         "Labels: 0 = not painted, 1 = background, 2.. = structures.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    shown = {"formatter_class": _DefaultsShown}
 
-    p = sub.add_parser("train", help="train (or continue training) a model on painted strokes")
+    p = sub.add_parser("train", help="train (or continue training) a model on painted strokes", **shown)
     p.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
     p.add_argument("--labels", action="append", required=True, help="painted labels for the --image in the same place")
     p.add_argument("--out", required=True, type=Path, help="model file to write (.safetensors is added when missing)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help="number of training steps (default 300)")
-    budget.add_argument("--time-budget", type=float, help="train for this many seconds")
+    budget.add_argument("--steps", type=int, help="number of training steps (300 when neither is given)")
+    budget.add_argument("--time-budget", type=float, help="train for this many seconds instead of --steps")
     p.add_argument("--no-selfreg", action="store_true", help="train without the SCR and IFD terms")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="makes a CPU run repeatable")
     p.add_argument("--resume", type=Path, help="continue training from this model file (fine-tuning)")
     p.add_argument("--width", type=int, default=DEFAULT_WIDTH,
                    help="base channels of the UNet (64 = the paper's width)")
     p.add_argument("--depth", type=int, default=DEFAULT_DEPTH, help="number of down-samplings")
-    p.add_argument("--patch-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--lambda-scr", type=float, default=0.015)
-    p.add_argument("--lambda-ifd", type=float, default=0.015)
-    p.add_argument("--class-names", help="comma-separated names for labels 1, 2, ... (e.g. background,nuclei)")
+    p.add_argument("--patch-size", type=int, default=128, help="side of the training patches in pixels")
+    p.add_argument("--batch-size", type=int, default=4, help="patches per step")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW's peak learning rate")
+    p.add_argument("--lambda-scr", type=float, default=0.015, help="weight of SCR (0 leaves it out)")
+    p.add_argument("--lambda-ifd", type=float, default=0.015, help="weight of IFD (0 leaves it out)")
+    p.add_argument("--class-names", help="comma-separated names for labels 1, 2, ... (e.g. background,nuclei); "
+                   "missing ones are 'class N'")
     p.add_argument("--keep", choices=("last", "best"), default="last",
-                   help="which weights to save: the last step (default) or the best Dice on held-out strokes")
+                   help="which weights to save: the last step or the best Dice on held-out strokes")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("predict", help="segment images with a trained model (the model is loaded once)")
-    p.add_argument("--model", required=True, type=Path)
+    p = sub.add_parser("predict", help="segment images with a trained model (the model is loaded once)", **shown)
+    p.add_argument("--model", required=True, type=Path, help="model file written by train")
     p.add_argument("--image", required=True, type=Path, nargs="+", action="extend",
                    help="image file(s); with several, the outputs' names hold {stem}")
     p.add_argument("--out", required=True, type=Path,
@@ -542,25 +553,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write instance ids of the structures (touching objects split; TIFF, NIfTI, MHA or NRRD)")
     p.add_argument("--tile-size", type=int, default=PredictConfig.tile_size, help="pixels per tile side")
     p.add_argument("--overlap", type=float, default=PredictConfig.overlap, help="fraction shared by neighbours")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--precision", default="auto",
                    help="auto | float32 | bfloat16 | float16 (float16 needs CUDA or MPS; on a CPU it runs bfloat16)")
     p.add_argument("--flips", action="store_true", help="average the four flipped views of every tile (4x slower)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="Dice and IoU per class of predictions against masks (JSON)")
+    p = sub.add_parser("evaluate", help="Dice and IoU per class of predictions against masks (JSON)", **shown)
     p.add_argument("--prediction", required=True, type=Path, nargs="+", action="extend",
                    help="labels file(s) written by predict")
     p.add_argument("--mask", required=True, type=Path, nargs="+", action="extend",
-                   help="0/255, 0/1 or instance ids: non-zero = structure; one per --prediction, in the same order")
+                   help="ground truth, one per --prediction in the same order: 0/255, 0/1 or instance ids "
+                   "(non-zero = structure), or painting ids without 0 (1 = background)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("inspect", help="per-block feature redundancy maps and indices")
-    p.add_argument("--model", required=True, type=Path)
-    p.add_argument("--image", required=True, type=Path)
+    p = sub.add_parser("inspect", help="per-block feature redundancy maps and indices", **shown)
+    p.add_argument("--model", required=True, type=Path, help="model file written by train")
+    p.add_argument("--image", required=True, type=Path, help="image file")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--compare", type=Path, help="a second model to compare (e.g. trained without SelfReg)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="benchmarks (see `napari-selfreg bench --help`)", add_help=False)

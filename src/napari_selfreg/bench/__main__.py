@@ -70,7 +70,8 @@ def _strokes_arguments(parser, budgets: list[str], methods: list[str], choices: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="napari-selfreg bench", description=__doc__.split("\n\n")[0])
+    summary = __doc__.split("\n\n")[0].replace("``", "")  # plain text in --help
+    parser = argparse.ArgumentParser(prog="napari-selfreg bench", description=summary)
     sub = parser.add_subparsers(dest="protocol", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
