@@ -476,3 +476,20 @@ def test_help_shows_the_defaults_worth_showing(capsys):
     with pytest.raises(SystemExit):
         bench_main(["--help"])
     assert "``" not in capsys.readouterr().out
+
+
+def test_train_takes_the_widgets_precision_and_validation_interval(tmp_path, capsys):
+    from PIL import Image
+
+    from napari_selfreg.core.checkpoint import load_model
+    from napari_selfreg.sample_data import he_arrays
+
+    sample = he_arrays()
+    Image.fromarray(sample["image"]).save(tmp_path / "im.png")
+    Image.fromarray(sample["strokes"]).save(tmp_path / "st.png")
+    base = ["train", "--image", str(tmp_path / "im.png"), "--labels", str(tmp_path / "st.png"), "--steps", "4"]
+    assert main([*base, "--out", str(tmp_path / "m"), "--precision", "float32", "--validate-every", "2"]) == 0
+    settings = load_model(tmp_path / "m.safetensors").info.training
+    assert settings["precision"] == "float32" and settings["validation_every"] == 2
+    assert main([*base, "--out", str(tmp_path / "n"), "--precision", "half"]) == 2
+    assert "unknown precision" in capsys.readouterr().err

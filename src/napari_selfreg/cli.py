@@ -108,6 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         lambda_ifd=args.lambda_ifd,
         keep=args.keep,
         device=args.device,
+        precision=args.precision,
+        validation_every=args.validate_every,
         seed=args.seed,
     )
     initial = load_model(args.resume) if args.resume else None
@@ -508,7 +510,7 @@ class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .core.config import PredictConfig  # torch-free
+    from .core.config import PredictConfig, TrainConfig  # torch-free
     parser = argparse.ArgumentParser(
         prog="napari-selfreg",
         description="Train a SelfReg UNet on painted strokes, predict, evaluate, inspect. "
@@ -540,6 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "missing ones are 'class N'")
     p.add_argument("--keep", choices=("last", "best"), default="last",
                    help="which weights to save: the last step or the best Dice on held-out strokes")
+    p.add_argument("--validate-every", type=int, default=TrainConfig.validation_every,
+                   help="steps between two measurements of the Dice on held-out strokes")
+    p.add_argument("--precision", default="auto",
+                   help="auto | float32 | bfloat16 | float16 (float32 for a CPU shared with other work)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="segment images with a trained model (the model is loaded once)", **shown)
