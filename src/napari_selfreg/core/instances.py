@@ -13,16 +13,21 @@ INSTANCE_PIXELS = 64_000_000  # largest map split at once (a few GB of scratch a
 
 
 def separate_instances(
-    labels: np.ndarray, classes: list[int] | None = None, height: float = 1.0, min_size: int = 16
+    labels: np.ndarray,
+    classes: list[int] | None = None,
+    height: float = 1.0,
+    relative_height: float = 0.1,
+    min_size: int = 16,
 ) -> np.ndarray:
     """Instance ids (0 = background) for the structure classes of ``labels`` (ids >= 2).
 
     Each class is split on its own: the maxima of the smoothed distance to the class
     border seed a watershed, so two touching nuclei become two objects. A maximum is a
     connected plateau or ridge that stands at least ``height`` pixels above its
-    surroundings (h-maxima): a long gland or a spindle-shaped nucleus has a ridge along its
-    middle, which single-pixel peaks cut every ``min_distance`` pixels (BENCHMARKS.md,
-    "Instances"). A small opening first
+    surroundings (h-maxima), or ``relative_height`` of its object's deepest point where that
+    is more: a long gland or a spindle-shaped nucleus has a ridge along its middle, which
+    single-pixel peaks cut every few pixels, and a large gland has bays whose lobes would
+    each keep a maximum of a pixel or two (BENCHMARKS.md, "Instances"). A small opening first
     removes slivers one or two pixels thin (edge artefacts would otherwise shatter into
     many tiny "objects"); objects smaller than ``min_size`` pixels are dropped.
     """
@@ -40,8 +45,11 @@ def separate_instances(
             continue
         mask = _remove_small(ndimage.binary_opening(mask, iterations=1), min_size)
         distance = ndimage.gaussian_filter(ndimage.distance_transform_edt(mask), 1.0)
-        components, _ = ndimage.label(mask)
-        markers, _ = ndimage.label(h_maxima(distance, height) & mask)
+        components, count = ndimage.label(mask)
+        # each object's distances scaled so that one height test serves small and large objects
+        deepest = np.asarray(ndimage.maximum(distance, components, np.arange(1, count + 1)), float).reshape(-1)
+        scale = np.concatenate([[1.0], np.maximum(1.0, relative_height * deepest / height)])
+        markers, _ = ndimage.label(h_maxima(distance / scale[components], height) & mask)
         # components without a maximum (tiny or flat) keep one seed each
         seeded = np.unique(components[markers > 0])
         for index in np.setdiff1d(np.arange(1, components.max() + 1), seeded):
