@@ -31,7 +31,6 @@ def separate_instances(
     removes slivers one or two pixels thin (edge artefacts would otherwise shatter into
     many tiny "objects"); objects smaller than ``min_size`` pixels are dropped.
     """
-    from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
 
     labels = np.asarray(labels)
@@ -45,11 +44,8 @@ def separate_instances(
             continue
         mask = _remove_small(ndimage.binary_opening(mask, iterations=1), min_size)
         distance = ndimage.gaussian_filter(ndimage.distance_transform_edt(mask), 1.0)
-        components, count = ndimage.label(mask)
-        # each object's distances scaled so that one height test serves small and large objects
-        deepest = np.asarray(ndimage.maximum(distance, components, np.arange(1, count + 1)), float).reshape(-1)
-        scale = np.concatenate([[1.0], np.maximum(1.0, relative_height * deepest / height)])
-        markers, _ = ndimage.label(h_maxima(distance / scale[components], height) & mask)
+        components, _ = ndimage.label(mask)
+        markers, _ = ndimage.label(_seeds(distance, components, height, relative_height))
         # components without a maximum (tiny or flat) keep one seed each
         seeded = np.unique(components[markers > 0])
         for index in np.setdiff1d(np.arange(1, components.max() + 1), seeded):
@@ -59,6 +55,25 @@ def separate_instances(
         out[instances > 0] = instances[instances > 0] + offset
         offset = int(out.max())
     return out
+
+
+def _seeds(distance: np.ndarray, components: np.ndarray, height: float, relative_height: float) -> np.ndarray:
+    """The h-maxima of each object, in its own bounding box: the reconstruction behind
+    h-maxima costs about a microsecond per pixel, and most pixels of a nuclei map are
+    background (a 2000 x 2000 map with 3000 nuclei: 0.7 s this way, 5 s on the whole map)."""
+    from skimage.morphology import h_maxima
+
+    seeds = np.zeros(components.shape, bool)
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        if box is None:
+            continue
+        box = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)  # a rim of background
+        own = components[box] == index
+        values = np.where(own, distance[box], 0.0)
+        # one height test for small and large objects: a large one's distances are scaled down
+        values /= max(1.0, relative_height * values.max() / height)
+        seeds[box] |= h_maxima(values, height).astype(bool) & own
+    return seeds
 
 
 def _remove_small(mask: np.ndarray, min_size: int) -> np.ndarray:
