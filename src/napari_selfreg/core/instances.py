@@ -45,7 +45,7 @@ def separate_instances(
         mask = _remove_small(ndimage.binary_opening(mask, iterations=1), min_size)
         distance = ndimage.gaussian_filter(ndimage.distance_transform_edt(mask), 1.0)
         components, _ = ndimage.label(mask)
-        markers, _ = ndimage.label(_seeds(distance, components, height, relative_height))
+        markers, _ = ndimage.label(_seeds(distance, components, height, relative_height), np.ones((3, 3)))
         # components without a maximum (tiny or flat) keep one seed each
         seeded = np.unique(components[markers > 0])
         for index in np.setdiff1d(np.arange(1, components.max() + 1), seeded):
@@ -59,9 +59,10 @@ def separate_instances(
 
 def _seeds(distance: np.ndarray, components: np.ndarray, height: float, relative_height: float) -> np.ndarray:
     """The h-maxima of each object, in its own bounding box: the reconstruction behind
-    h-maxima costs about a microsecond per pixel, and most pixels of a nuclei map are
-    background (a 2000 x 2000 map with 3000 nuclei: 0.7 s this way, 5 s on the whole map)."""
-    from skimage.morphology import h_maxima
+    them costs about a microsecond per pixel, and most pixels of a nuclei map are
+    background (a 2000 x 2000 map with 3000 nuclei: the whole split 1.4-1.9 s, where the
+    seeds alone took 5 s over the whole map)."""
+    from skimage.morphology import local_maxima, reconstruction
 
     seeds = np.zeros(components.shape, bool)
     for index, box in enumerate(ndimage.find_objects(components), start=1):
@@ -72,7 +73,11 @@ def _seeds(distance: np.ndarray, components: np.ndarray, height: float, relative
         values = np.where(own, distance[box], 0.0)
         # one height test for small and large objects: a large one's distances are scaled down
         values /= max(1.0, relative_height * values.max() / height)
-        seeds[box] |= h_maxima(values, height).astype(bool) & own
+        # the h-maxima: the plateaus of the distance lowered by ``height`` and rebuilt under it.
+        # (skimage's ``h_maxima`` keeps only the top pixels of each, which a ridge at an angle
+        # to the pixel grid repeats a pixel or two apart: 15 seeds in a rod at 30 degrees)
+        lowered = reconstruction(values - height, values, method="dilation")
+        seeds[box] |= local_maxima(lowered, connectivity=2) & own
     return seeds
 
 
