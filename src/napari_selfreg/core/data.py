@@ -164,13 +164,16 @@ def sample_range(raw: np.ndarray, norm: Normalization) -> tuple[np.ndarray, np.n
     return low, high
 
 
-def check_finite(image: np.ndarray) -> None:
+def check_finite(image: np.ndarray) -> bool:
     """NaN/inf in an image in memory, or in the subsample a lazy one (dask, zarr, memory map)
     is scaled by: reading a lazy image whole only to check it would defeat the laziness, so
-    its tiles are checked as they are read (``check_finite_pixels``)."""
-    if np.issubdtype(np.asarray(image[:1, :1]).dtype, np.floating):
-        in_memory = type(image) is np.ndarray and image.size <= 50_000_000
-        check_finite_pixels(image if in_memory else _sample_for_percentiles(image))
+    its tiles are checked as they are read (``check_finite_pixels``). True when every pixel
+    was checked (or the image holds no floats), so that its tiles need no check."""
+    if not np.issubdtype(np.asarray(image[:1, :1]).dtype, np.floating):
+        return True
+    in_memory = type(image) is np.ndarray and image.size <= 50_000_000
+    check_finite_pixels(image if in_memory else _sample_for_percentiles(image))
+    return in_memory
 
 
 def check_finite_pixels(pixels: np.ndarray) -> None:

@@ -540,7 +540,7 @@ def _compute_redundancy(
     config = config or RedundancyConfig()
     start_time = time.perf_counter()
     image = as_channels_last(image)
-    check_finite(image)
+    every_pixel_checked = check_finite(image)
     h, w = image.shape[:2]
     region = check_region(region, (h, w))
     top, left, bottom, right = region
@@ -575,7 +575,8 @@ def _compute_redundancy(
     def features_of(tile: Tile) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         wt, wl, wb, wr = tile.window
         pixels = np.asarray(image[wt:wb, wl:wr])
-        check_finite_pixels(pixels)  # a lazy image was checked on a subsample only
+        if not every_pixel_checked:  # a lazy image was checked on a subsample only
+            check_finite_pixels(pixels)
         x = normalize(pixels, norm, value_range)
         x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 0)))[None].to(device)
         x = _pad_input(x, divisor)
