@@ -15,6 +15,7 @@ from napari_selfreg.core.data import (
     intensity_range,
     normalization_for,
     normalize,
+    painted_ids,
     split_strokes,
 )
 from napari_selfreg.core.train import train_to_end
@@ -140,6 +141,22 @@ def test_label_mistakes_give_clear_errors(labels, message):
     image = np.zeros((40, 48, 3), np.uint8)
     with pytest.raises(InputError, match=message):
         _train(image, labels)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(np.uint32(3_000_000_000), "label 3000000000 is painted.*at most 64"),
+     (np.int64(2**62), "at most 64"),
+     (np.float32(np.nan), "whole numbers"),
+     (np.float32(np.inf), "whole numbers")],
+    ids=["uint32-id", "int64-id", "nan", "inf"],
+)
+def test_painted_ids_refuse_huge_and_non_finite_ids_before_counting_them(value, message):
+    # np.bincount up to 3e9 would allocate 22 GiB; a NaN cast to int64 became a "negative id"
+    labels = _painted().astype(np.asarray(value).dtype)
+    labels[5, 5] = value
+    with pytest.raises(InputError, match=message):
+        painted_ids([labels])
 
 
 def test_nan_image_is_refused():

@@ -207,6 +207,9 @@ def normalize(
 # ----------------------------------------------------------------------------- labels
 
 
+WHOLE_NUMBERS = "labels must be whole numbers (0 = not painted, 1 = background, 2.. = structures)"
+
+
 def check_pair(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Validate one painted image; return the labels as int64 (H, W)."""
     image = as_channels_last(image)
@@ -220,7 +223,7 @@ def check_pair(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
         )
     if np.issubdtype(labels.dtype, np.floating):
         if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
-            raise InputError("labels must be whole numbers (0 = not painted, 1 = background, 2.. = structures)")
+            raise InputError(WHOLE_NUMBERS)
     labels = labels.astype(np.int64)
     if labels.min() < 0:
         raise InputError("labels must not be negative (0 = not painted, 1 = background, 2.. = structures)")
@@ -233,16 +236,27 @@ MAX_CLASSES = 64  # predictions are written with 8-bit ids; a class table longer
 
 def painted_ids(labels_list: list[np.ndarray], rows: int = 512) -> set[int]:
     """The ids (above 0) painted in any of the arrays, a band of rows at a time: np.unique
-    would sort a slide's labels whole."""
+    would sort a slide's labels whole. An id above ``MAX_CLASSES`` is refused here, before
+    ``np.bincount`` would allocate a count for every id below it (gigabytes for a
+    hash-like instance id)."""
     found: set[int] = set()
     for labels in labels_list:
         labels = np.asarray(labels)
         for top in range(0, labels.shape[0], rows):
             band = labels[top : top + rows].ravel()
+            if not band.size:
+                continue
+            if band.dtype.kind == "f" and not (np.all(np.isfinite(band)) and np.all(band == np.round(band))):
+                raise InputError(WHOLE_NUMBERS)
             if band.dtype.kind not in "iu":  # bool, or float ids read from a float file
                 band = band.astype(np.int64)
-            if band.size and band.min() < 0:
+            if band.min() < 0:
                 raise InputError(f"labels hold the negative id {int(band.min())}; ids run 0 = not painted, 1, 2, ...")
+            if band.max() > MAX_CLASSES:
+                raise InputError(
+                    f"label {int(band.max())} is painted, but ids run 1 = background, 2, 3, ... = structures, at "
+                    f"most {MAX_CLASSES}; if this is a mask or an instance image, map it to 1 and 2 first"
+                )
             found.update(int(i) for i in np.flatnonzero(np.bincount(band[band > 0])))
     return found
 
@@ -257,11 +271,6 @@ def check_painted(labels_list: list[np.ndarray], num_classes: int | None = None)
     if len(present) < 2:
         raise InputError("only background is painted; paint at least one structure with label 2")
     highest = max(present)
-    if highest > MAX_CLASSES:
-        raise InputError(
-            f"label {highest} is painted, but ids run 1 = background, 2, 3, ... = structures, at most "
-            f"{MAX_CLASSES}; if this is a mask or an instance image, map it to 1 and 2 first"
-        )
     unused = highest - len(present)
     if num_classes is None and unused > highest // 2:  # a new model gets a class per id
         raise InputError(
