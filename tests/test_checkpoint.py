@@ -1,5 +1,6 @@
 """Model files: round trip, and unsafe or broken files fail clearly without running code."""
 
+import json
 import pickle
 
 import pytest
@@ -155,10 +156,13 @@ def _set(doc, **changes):
         (lambda doc: _set(doc, history="old"), "history must be a list of step records"),
         (lambda doc: _set(doc, history=[{"step": 0, "round": "two"}]), "rounds must be whole numbers"),
         (lambda doc: _set(doc, training=[1]), "damaged model document"),
+        # predictions hold 8-bit ids: 300 classes crashed prediction
+        (lambda doc: _set(doc, model__num_classes=300, class_names=[f"c{i}" for i in range(300)]), "300 classes"),
+        (lambda doc: {k: v for k, v in doc.items() if k != "format"}, "names no model-file format"),
     ],
     ids=["list-document", "list-model", "class-names", "depth-30", "width-100000", "width-512", "names-string",
          "norm-channels", "norm-mode", "norm-low-text", "norm-high-150", "history-text", "history-round-text",
-         "training-list"],
+         "training-list", "300-classes", "no-format"],
 )
 def test_a_crafted_document_is_refused_before_its_network_is_built(tmp_path, model, monkeypatch, edit, message):
     from napari_selfreg.core import model as model_module
@@ -169,6 +173,25 @@ def test_a_crafted_document_is_refused_before_its_network_is_built(tmp_path, mod
     with pytest.raises(ModelFileError, match=message):
         load_model(path)
     assert not built
+
+
+def test_weights_that_are_not_finite_are_refused(tmp_path, model):
+    from safetensors.torch import save_file
+
+    tensors = model.state_dict_cpu()
+    name = next(iter(tensors))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    path = tmp_path / "diverged.safetensors"
+    save_file(tensors, str(path), metadata={"napari_selfreg": json.dumps({"format": "1", **model.info.to_dict()})})
+    with pytest.raises(ModelFileError, match=f"NaN or infinite weights \\({name}\\)"):
+        load_model(path)
+
+
+def test_a_model_is_found_by_the_name_it_was_saved_as(tmp_path, model):
+    saved = save_model(model, tmp_path / "m1")  # written as m1.safetensors
+    assert saved.name == "m1.safetensors"
+    assert load_model(tmp_path / "m1").class_names == model.class_names
+    assert read_model_info(tmp_path / "m1").class_names == model.class_names
 
 
 def test_a_folder_is_not_a_model(tmp_path):

@@ -15,6 +15,7 @@ import torch
 
 from .. import __version__
 from .config import ModelInfo
+from .data import MAX_CLASSES
 from .device import resolve_device
 from .model import SegmentationModel
 
@@ -60,7 +61,12 @@ def _umask() -> int:
 
 def read_model_info(path: str | Path) -> ModelInfo:
     """Only the JSON document, without loading the weights."""
-    return _open(Path(path))[0]
+    return _open(_saved_as(Path(path)))[0]
+
+
+def _saved_as(path: Path) -> Path:
+    """``path``, or the file a model saved as ``path`` went to ("m1" -> "m1.safetensors")."""
+    return model_path(path) if not path.exists() and model_path(path).is_file() else path
 
 
 def _open(path: Path) -> tuple[ModelInfo, dict]:
@@ -97,7 +103,9 @@ def _open(path: Path) -> tuple[ModelInfo, dict]:
         info = ModelInfo.from_dict(document)
     except (ValueError, TypeError, AttributeError) as error:
         raise ModelFileError(f"{path.name} has a damaged model document: {error}") from None
-    if str(document.get("format", "")) != FORMAT_VERSION:
+    if "format" not in document:
+        raise ModelFileError(f"{path.name} has a damaged model document: it names no model-file format")
+    if str(document["format"]) != FORMAT_VERSION:
         raise ModelFileError(
             f"{path.name} uses model-file format {document.get('format')!r}; this napari-selfreg "
             f"reads format {FORMAT_VERSION}; update napari-selfreg"
@@ -123,6 +131,8 @@ def _document_problem(document: dict, info: ModelInfo) -> str | None:
         return "history must be a list of step records"  # continued training reads it
     if not all(isinstance(r.get("round", 1), int) and not isinstance(r.get("round"), bool) for r in history):
         return "history rounds must be whole numbers"
+    if not 2 <= info.model.num_classes <= MAX_CLASSES:  # predictions hold 8-bit ids
+        return f"{info.model.num_classes} classes; a model has background and 1 to {MAX_CLASSES - 1} structures"
     norm = info.normalization
     if norm.mode not in ("uint8", "percentile"):
         return f"unknown normalisation {norm.mode!r} (uint8 or percentile)"
@@ -155,9 +165,14 @@ def _check_shapes(path: Path, info: ModelInfo, tensors: dict) -> None:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> SegmentationModel:
     """Load a model file; raises ``ModelFileError`` with a clear message on any problem."""
-    path = Path(path)
+    path = _saved_as(Path(path))
     info, tensors = _open(path)
     _check_shapes(path, info, tensors)
+    broken = next((name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()), None)
+    if broken is not None:  # it would predict background everywhere, without a word
+        raise ModelFileError(
+            f"{path.name} holds NaN or infinite weights ({broken}); the training that wrote it diverged"
+        )
     try:
         model = SegmentationModel.from_weights(info, tensors)
     except RuntimeError as error:
