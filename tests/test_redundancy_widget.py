@@ -173,3 +173,52 @@ def test_closing_the_dock_stops_a_run(make_napari_viewer, qtbot, registry_models
     dock.destroyOnClose()
     qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
     assert [layer.name for layer in viewer.layers] == ["big"]
+
+
+def test_a_run_whose_maps_would_not_fit_in_memory_is_refused(make_napari_viewer, qtbot, registry_models,
+                                                              monkeypatch):
+    from napari_selfreg.widgets import redundancy_widget
+
+    viewer = _viewer_with_image(make_napari_viewer)
+    _, widget = docked(viewer, "Feature redundancy")
+    widget.model_box.setCurrentText(registry_models[0])
+    widget.image_box.setCurrentText("tissue")
+    # 57 x 75 pixels, 5 blocks x 3 float32 maps + the report's 29 bytes: 4275 x 89 = 380 kB
+    monkeypatch.setattr(redundancy_widget, "available_memory", lambda: 400_000)
+    assert widget.compute() is None
+    assert "would take about" in widget.status.text() and "Only the region in view" in widget.status.text()
+    assert [layer.name for layer in viewer.layers] == ["tissue"]
+    monkeypatch.setattr(redundancy_widget, "available_memory", lambda: 500_000)
+    assert widget.compute() is not None
+    _wait(qtbot, widget)
+    maps = [layer.data for layer in viewer.layers if layer.name != "tissue"]
+    held = sum(m.nbytes for m in maps)
+    estimate = redundancy_widget.maps_bytes(57 * 75, len(BLOCKS), ["redundancy", "scr", "ifd"], 1)
+    assert held == estimate - 57 * 75 * redundancy_widget.REPORT_BYTES_PER_PIXEL  # the layers, as estimated
+
+
+def test_a_stop_while_the_maps_are_built_adds_none(registry_models, monkeypatch):
+    # on a slide the maps take seconds each after the last tile: Stop must still add nothing
+    import threading
+
+    from napari_selfreg.core.redundancy import RedundancyReport
+    from napari_selfreg.widgets.model_registry import model_registry
+    from napari_selfreg.widgets.redundancy_widget import redundancy_job
+
+    model = model_registry().get(registry_models[0])
+    image = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3)).astype(np.uint8)
+    stop = threading.Event()
+    built = RedundancyReport.image_map
+
+    def build_then_stop(self, *args, **kwargs):
+        stop.set()  # pressed while the first map was being built
+        return built(self, *args, **kwargs)
+
+    monkeypatch.setattr(RedundancyReport, "image_map", build_then_stop)
+    run = redundancy_job([model], ["m"], image, "cosine", ["redundancy", "scr"], None, stop=stop)
+    steps = []
+    with pytest.raises(StopIteration) as end:
+        while True:
+            steps.append(next(run))
+    assert end.value.value is None
+    assert steps and steps[-1][2] != "done"

@@ -113,6 +113,8 @@ def _redundancy_job(models, labels, image, similarity, kinds, region, window, st
     for kind in ("scr", "ifd"):
         result.scales[kind] = {n: map_scale(reports, n, kind) for n in names}
     for name in names:  # block by block, then map kind, then model: paired layers sit together
+        if stop is not None and stop.is_set():  # seconds per map on a slide: Stop still adds nothing
+            return None
         for kind in kinds:
             for report, label in zip(reports, labels, strict=True):
                 if kind == "features":
@@ -126,6 +128,24 @@ def _redundancy_job(models, labels, image, similarity, kinds, region, window, st
 
 
 MAP_FLAG = "napari_selfreg_redundancy"  # layer metadata of the maps this widget adds
+REPORT_BYTES_PER_PIXEL = 29  # a report's own grids and maps, per model (BENCHMARKS.md, redundancy)
+
+
+def maps_bytes(pixels: int, blocks: int, kinds: list[str], models: int) -> int:
+    """Memory the maps of a run take: every layer is a float32 (or RGB uint8) map at image
+    pixels, and each model's report keeps its own maps besides."""
+    per_block = sum(3 if kind == "features" else 4 for kind in kinds)
+    return pixels * models * (blocks * per_block + REPORT_BYTES_PER_PIXEL)
+
+
+def available_memory() -> int | None:
+    """Bytes the system can still give (napari depends on psutil); None when unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except (ImportError, OSError, AttributeError):
+        return None
 
 
 class _SourceImageCombo(LayerCombo):
@@ -307,6 +327,10 @@ class RedundancyWidget(QWidget):
         image = layer_data(layer)
         region = self.view_region(layer) if self.view_only.isChecked() else None
         models = [self.registry.get(n) for n in names]
+        too_big = self._memory_problem(models, kinds, region, image_shape_2d(layer))
+        if too_big:
+            self.status.setText(too_big)
+            return None
         labels = _short_labels(names)
         self._image_layer = layer
         self._stop_event = threading.Event()
@@ -324,6 +348,21 @@ class RedundancyWidget(QWidget):
         self.progress.setRange(0, 0)
         worker.start()
         return worker
+
+    def _memory_problem(self, models, kinds, region, shape) -> str | None:
+        """Refuse a run whose maps would not fit: the system would kill napari, and unsaved
+        labels with it, long before a MemoryError could be reported."""
+        top, left, bottom, right = region if region is not None else (0, 0, *shape)
+        pixels = (bottom - top) * (right - left)
+        blocks = len(models[0].network.block_names)
+        needed, free = maps_bytes(pixels, blocks, kinds, len(models)), available_memory()
+        if free is None or needed <= 0.8 * free:
+            return None
+        where = "the region in view" if region is not None else "this image"
+        return (
+            f"the maps of {where} ({bottom - top} x {right - left} pixels) would take about {needed / 2**30:.1f} GB "
+            f"and {free / 2**30:.1f} GB is free: tick 'Only the region in view' and zoom in, or tick fewer maps"
+        )
 
     def _on_progress(self, step) -> None:
         done, total, text = step
