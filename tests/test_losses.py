@@ -158,13 +158,23 @@ def _separated_blocks(dtype=torch.float32, channels_last=True, sizes=((2, 8, 16,
     return {k: v.to(dtype).contiguous(memory_format=layout) for k, v in blocks.items()}
 
 
+# students of one size share the pooled teacher and one operand (in pairs): none, two, three
+SHARED_SIZES = {
+    "distinct": ((2, 8, 16, 12), (2, 6, 8, 6), (2, 5, 4, 3)),
+    "E2 and D2": ((2, 8, 16, 12), (2, 6, 8, 6), (2, 5, 16, 12)),
+    "all three": ((2, 8, 8, 6), (2, 6, 8, 6), (2, 5, 8, 6)),
+}
+
+
 @pytest.mark.parametrize("pairing", ["random", "mean"])
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_training_terms_match_the_definitions_in_value_and_gradient(pairing, channels_last):
+@pytest.mark.parametrize("sizes", SHARED_SIZES.values(), ids=SHARED_SIZES.keys())
+def test_training_terms_match_the_definitions_in_value_and_gradient(pairing, channels_last, sizes):
     roles = BlockRoles(encoder=("E2", "E3"), decoder=("D2",), teacher="D1")
     results = []
     for compute in ("definition", "training"):
-        blocks = {k: v.clone().requires_grad_(True) for k, v in _separated_blocks(channels_last=channels_last).items()}
+        separated = _separated_blocks(channels_last=channels_last, sizes=sizes)
+        blocks = {k: v.clone().requires_grad_(True) for k, v in separated.items()}
         gen = torch.Generator().manual_seed(5)
         if compute == "definition":
             scr, ifd = scr_loss(blocks, roles, pairing, gen), ifd_loss(blocks, roles)

@@ -127,7 +127,6 @@ class _StudentTerms:
     scr: float
     ifd: float
     channels: int
-    width: int  # of the operand [rows | target | 1]
     top: np.ndarray  # IFD: the top-ranked half of the channels, paired rank by rank with
     bottom: np.ndarray  # the bottom half
     s_idx: np.ndarray  # SCR: student channel s_idx[j] against teacher column t_idx[j]
@@ -135,25 +134,23 @@ class _StudentTerms:
     ifd_scale: float  # d IFD / d top = ifd_scale * (top - bottom)
     scr_scale: float
 
-    def weights(self, d_scr: float, d_ifd: float) -> np.ndarray:
-        """(width, C): d (d_scr * SCR + d_ifd * IFD) / d rows = operand @ weights."""
-        c = self.channels
-        out = np.zeros((self.width, c), dtype=np.float32)
+    def fill_weights(self, own: np.ndarray, cross: np.ndarray, d_scr: float, d_ifd: float) -> None:
+        """Writes the zeroed (C, C) ``own`` and (Ct, C) ``cross`` so that
+        d (d_scr * SCR + d_ifd * IFD) / d rows = rows @ own + target @ cross."""
         a, v = d_ifd * self.ifd_scale, d_scr * self.scr_scale
-        out[self.top, self.top] = a
-        out[self.bottom, self.bottom] = a
-        out[self.top, self.bottom] = -a
-        out[self.bottom, self.top] = -a
-        out[self.s_idx, self.s_idx] += v
-        out[c + self.t_idx, self.s_idx] = -v
-        return out
+        own[self.top, self.top] = a
+        own[self.bottom, self.bottom] = a
+        own[self.top, self.bottom] = -a
+        own[self.bottom, self.top] = -a
+        own[self.s_idx, self.s_idx] += v
+        cross[self.t_idx, self.s_idx] = -v
 
 
-def _student_terms(squares: np.ndarray, sums: np.ndarray, total: np.ndarray, pixels: int,
+def _student_terms(squares: np.ndarray, sums: np.ndarray, total: np.ndarray, columns: _Columns, pixels: int,
                    s_idx: np.ndarray, t_idx: np.ndarray, target_squares: np.ndarray) -> _StudentTerms:
-    """SCR and IFD of one student from ``total = rows^T [rows | target | 1]`` (C, C + Ct + 1)
-    and each sample's channel sums of squares and sums (B, C), which rank the channels
-    (``channel_scores``).
+    """SCR and IFD of one student from ``total = rows^T operand`` (C, width), whose columns
+    ``columns`` names, and each sample's channel sums of squares and sums (B, C), which rank
+    the channels (``channel_scores``).
 
     Every term is a sum of squared channel differences, ``|a - b|^2 = G_aa + G_bb - 2 G_ab``.
     Channels whose scores tie to float32 rounding may rank in another order than
@@ -162,25 +159,63 @@ def _student_terms(squares: np.ndarray, sums: np.ndarray, total: np.ndarray, pix
     b, c = squares.shape
     n = b * pixels
     scores = (sums / np.maximum(np.sqrt(np.maximum(squares, 0.0)), 1e-12)).mean(axis=0) / pixels
-    diagonal = np.diagonal(total)
+    own = total[:, columns.own : columns.own + c]
+    diagonal = np.diagonal(own)
     half = c // 2
     order = np.argsort(-scores, kind="stable")
     top, bottom = order[:half], order[half : 2 * half]
-    ifd = (diagonal[top].sum() + diagonal[bottom].sum() - 2.0 * total[top, bottom].sum()) / (n * half) if half else 0.0
+    ifd = (diagonal[top].sum() + diagonal[bottom].sum() - 2.0 * own[top, bottom].sum()) / (n * half) if half else 0.0
     k = len(s_idx)
-    cross = total[s_idx, c + t_idx].sum()
+    cross = total[s_idx, columns.target + t_idx].sum()
     scr = (diagonal[s_idx].sum() + target_squares[t_idx].sum() - 2.0 * cross) / (n * k)
     return _StudentTerms(
-        scr=max(scr, 0.0), ifd=max(ifd, 0.0), channels=c, width=total.shape[1], top=top, bottom=bottom,
+        scr=max(scr, 0.0), ifd=max(ifd, 0.0), channels=c, top=top, bottom=bottom,
         s_idx=s_idx, t_idx=t_idx, ifd_scale=2.0 / (n * half) if half else 0.0, scr_scale=2.0 / (n * k),
     )
 
 
-def _summaries(products: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+class _Columns(NamedTuple):
+    """Where a student's own channels, the pooled teacher and the ones column sit in the
+    operand columns its Gram product multiplies."""
+
+    own: int
+    target: int
+    ones: int
+
+
+def _summaries(products: torch.Tensor, columns: _Columns) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-sample channel sums of squares and sums, and the batch total, on the host (a
     free view on the CPU; one small copy from a GPU)."""
     host = products.cpu().numpy()
-    return np.diagonal(host, axis1=1, axis2=2), host[:, :, -1], host.sum(axis=0, dtype=np.float64)
+    c = host.shape[1]
+    squares = np.diagonal(host[:, :, columns.own : columns.own + c], axis1=1, axis2=2)
+    return squares, host[:, :, columns.ones], host.sum(axis=0, dtype=np.float64)
+
+
+def _gram_products(students: Sequence[torch.Tensor], target: torch.Tensor) -> list[tuple[torch.Tensor, _Columns]]:
+    """Each student's per-sample ``rows^T operand`` for students of one size, which share
+    the pooled teacher: two of them share one float32 operand ``[A | target | 1 | B]``, A
+    multiplying its first C_A + Ct + 1 columns and B its last Ct + 1 + C_B, so the teacher
+    is copied once for both."""
+    out = []
+    for pair in (students[i : i + 2] for i in range(0, len(students), 2)):
+        b, _, h, w = pair[0].shape
+        n, ct = b * h * w, target.shape[1]
+        widths = [s.shape[1] for s in pair]
+        operand = torch.empty(n, sum(widths) + ct + 1, dtype=torch.float32, device=target.device)
+        starts = [0, widths[0] + ct + 1]
+        for student, start, c in zip(pair, starts, widths, strict=False):
+            operand[:, start : start + c].view(b, h, w, c).copy_(student.permute(0, 2, 3, 1))  # any layout, one pass
+        operand[:, widths[0] : widths[0] + ct].copy_(target)
+        operand[:, widths[0] + ct] = 1.0
+        per_sample = operand.view(b, h * w, -1)
+        first = _Columns(own=0, target=widths[0], ones=widths[0] + ct)
+        rows = per_sample[:, :, : widths[0]].transpose(1, 2)
+        out.append((torch.bmm(rows, per_sample[:, :, : widths[0] + ct + 1]), first))
+        if len(pair) == 2:
+            rows = per_sample[:, :, starts[1] :].transpose(1, 2)
+            out.append((torch.bmm(rows, per_sample[:, :, widths[0] :]), _Columns(own=ct + 1, target=0, ones=ct)))
+    return out
 
 
 class _Plan(NamedTuple):
@@ -196,13 +231,15 @@ class _Plan(NamedTuple):
 class _SelfRegTerms(torch.autograd.Function):
     """SCR and IFD of every student in one step, valued through channel Gram matrices.
 
-    Per student: one copy of its map into a float32 (pixels, C + Ct + 1) operand ``[rows |
-    pooled teacher | 1]``, one batched matmul ``rows^T operand`` for the values and the
-    channel ranking, and in the backward one matmul of the student's own map (and the
-    pooled teacher) with a small pairing matrix: the terms are quadratic, so their gradient
-    is linear in the maps. That matmul runs in the student's precision (bfloat16 under CPU
-    autocast, whose gradient is rounded to it anyway; float16 goes through float32), and
-    the float32 operands are not kept for it. The
+    Per student: one copy of its map into a float32 operand ``[rows | pooled teacher | 1]``
+    (two students of one size share one, ``_gram_products``), one batched matmul ``rows^T
+    operand`` for the values and the channel ranking, and in the backward one matmul of the
+    student's own map (and the pooled teacher, once per size) with a small pairing matrix:
+    the terms are quadratic, so their gradient is linear in the maps. The backward's
+    matmuls run in the student's precision (bfloat16 under CPU autocast, whose gradient is
+    rounded to it anyway; float16 goes through float32), the float32 operands are not kept
+    for them, and all pairing matrices reach the device in one conversion
+    (``_WeightLayout``). The
     bookkeeping on the small products (ranking, pairing, values) runs in numpy, after all
     students' matmuls are queued, so a GPU waits for the host once a step. Gathering the
     paired channels instead took about three times the operations, each of which starts
@@ -213,21 +250,25 @@ class _SelfRegTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, *students):
-        products = []
-        for student, target in zip(students, (p.target for p in plan), strict=True):
-            b, c, h, w = student.shape
-            n, ct = b * h * w, target.shape[1]
-            operand = torch.empty(n, c + ct + 1, dtype=torch.float32, device=student.device)
-            operand[:, :c].view(b, h, w, c).copy_(student.permute(0, 2, 3, 1))  # any layout, one pass
-            operand[:, c:-1].copy_(target)
-            operand[:, -1] = 1.0
-            per_sample = operand.view(b, h * w, -1)
-            products.append(torch.bmm(per_sample[:, :, :c].transpose(1, 2), per_sample))
+        by_target: dict[int, list[int]] = {}  # students of one size share the pooled teacher
+        for i, p in enumerate(plan):
+            by_target.setdefault(id(p.target), []).append(i)
+        products: list = [None] * len(students)
+        for members in by_target.values():
+            results = _gram_products([students[i] for i in members], plan[members[0]].target)
+            for i, result in zip(members, results, strict=True):
+                products[i] = result
         terms = [
-            _student_terms(*_summaries(prod), s.shape[2] * s.shape[3], p.s_idx, p.t_idx, p.target_squares)
-            for prod, s, p in zip(products, students, plan, strict=True)
+            _student_terms(*_summaries(prod, columns), columns, s.shape[2] * s.shape[3], p.s_idx, p.t_idx,
+                           p.target_squares)
+            for (prod, columns), s, p in zip(products, students, plan, strict=True)
         ]
-        ctx.save_for_backward(*students, *(p.backward_target for p in plan))
+        targets: list[torch.Tensor] = []  # students of one size share their backward target
+        for p in plan:
+            if not any(p.backward_target is t for t in targets):
+                targets.append(p.backward_target)
+        ctx.groups = [next(j for j, t in enumerate(targets) if p.backward_target is t) for p in plan]
+        ctx.save_for_backward(*students, *targets)
         ctx.terms = terms
         values = [[t.scr for t in terms], [t.ifd for t in terms]]
         return torch.tensor(values, dtype=torch.float32, device=students[0].device)
@@ -237,17 +278,59 @@ class _SelfRegTerms(torch.autograd.Function):
     def backward(ctx, grad_values):
         g = grad_values.detach().cpu().double().numpy()  # MPS has no float64
         saved = ctx.saved_tensors
-        students, targets = saved[: len(saved) // 2], saved[len(saved) // 2 :]
+        students, targets = saved[: len(ctx.terms)], saved[len(ctx.terms) :]
+        layout = _WeightLayout(ctx.terms, ctx.groups, [t.shape[1] for t in targets])
+        buffer = np.zeros(layout.size, dtype=np.float32)
+        for i, terms in enumerate(ctx.terms):
+            terms.fill_weights(*layout.blocks(buffer, i), g[0, i], g[1, i])
+        weights = {t.dtype: torch.from_numpy(buffer).to(device=t.device, dtype=t.dtype) for t in targets}
         grads = []
-        for i, (student, target, terms) in enumerate(zip(students, targets, ctx.terms, strict=True)):
-            b, c, h, w = student.shape
-            dtype = _gradient_dtype(student.dtype)
-            weights = torch.from_numpy(terms.weights(g[0, i], g[1, i])).to(device=student.device, dtype=dtype)
-            rows = student.permute(0, 2, 3, 1).reshape(-1, c).to(dtype)  # a view of channels-last maps
-            with _full_precision(student.device):
-                grad = torch.addmm(target @ weights[c:-1], rows, weights[:c])
-            grads.append(grad.view(b, h, w, c).permute(0, 3, 1, 2).to(student.dtype))
+        with _full_precision(students[0].device):
+            shared = [t @ layout.cross(weights[t.dtype], j) for j, t in enumerate(targets)]
+            for i, student in enumerate(students):
+                b, c, h, w = student.shape
+                j = ctx.groups[i]
+                dtype = targets[j].dtype
+                rows = student.permute(0, 2, 3, 1).reshape(-1, c).to(dtype)  # a view of channels-last maps
+                own, columns = layout.own(weights[dtype], i), layout.columns(i)
+                grad = torch.addmm(shared[j][:, columns], rows, own)
+                grads.append(grad.view(b, h, w, c).permute(0, 3, 1, 2).to(student.dtype))
         return (None, *grads)
+
+
+class _WeightLayout:
+    """Where the backward's pairing weights sit in one flat buffer, so that they reach the
+    device in one conversion: each student's (C, C) block, then per shared target one
+    (Ct, sum of its students' C) block whose columns are the students' in turn."""
+
+    def __init__(self, terms: Sequence[_StudentTerms], groups: Sequence[int], target_channels: Sequence[int]) -> None:
+        self.channels = [t.channels for t in terms]
+        self.own_at = np.cumsum([0] + [c * c for c in self.channels]).tolist()
+        widths = [0] * len(target_channels)
+        self.first_column = []
+        for c, j in zip(self.channels, groups, strict=True):
+            self.first_column.append(widths[j])
+            widths[j] += c
+        self.groups = list(groups)
+        self.widths = widths
+        self.target_channels = list(target_channels)
+        blocks = [ct * w for ct, w in zip(target_channels, widths, strict=True)]
+        self.cross_at = np.cumsum([self.own_at[-1], *blocks]).tolist()
+        self.size = self.cross_at[-1]
+
+    def own(self, buffer, i: int):
+        c = self.channels[i]
+        return buffer[self.own_at[i] : self.own_at[i + 1]].reshape(c, c)
+
+    def cross(self, buffer, j: int):
+        return buffer[self.cross_at[j] : self.cross_at[j + 1]].reshape(self.target_channels[j], self.widths[j])
+
+    def columns(self, i: int) -> slice:
+        return slice(self.first_column[i], self.first_column[i] + self.channels[i])
+
+    def blocks(self, buffer: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Student i's (C, C) block and its (Ct, C) columns of its target's block."""
+        return self.own(buffer, i), self.cross(buffer, self.groups[i])[:, self.columns(i)]
 
 
 def _gradient_dtype(dtype: torch.dtype) -> torch.dtype:
