@@ -239,9 +239,9 @@ class _SelfRegTerms(torch.autograd.Function):
     matmuls run in the student's precision (bfloat16 under CPU autocast, whose gradient is
     rounded to it anyway; float16 goes through float32), the float32 operands are not kept
     for them, and all pairing matrices reach the device in one conversion
-    (``_WeightLayout``). The
-    bookkeeping on the small products (ranking, pairing, values) runs in numpy, after all
-    students' matmuls are queued, so a GPU waits for the host once a step. Gathering the
+    (``_WeightLayout``). The bookkeeping on the small products (ranking, pairing, values)
+    runs in numpy, after all students' matmuls are queued, so a GPU waits for the host once
+    a step. Gathering the
     paired channels instead took about three times the operations, each of which starts
     a parallel region on the CPU. Values agree with ``scr_loss`` and ``ifd_loss`` (the
     definitions) to float32 rounding; the forward's arithmetic is float32 whatever
