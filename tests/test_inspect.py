@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,6 +66,18 @@ def test_writes_json_maps_and_figure(files, tmp_path):
     _check_maps(out, (45, 67))
     with Image.open(out / "redundancy.png") as figure:
         assert figure.format == "PNG" and figure.size[0] > 400
+
+
+def test_the_command_prints_where_the_report_went(files, tmp_path, capsys):
+    from napari_selfreg.cli import main
+
+    out = tmp_path / "report"
+    assert main(["inspect", "--model", str(files["model"]), "--image", str(files["image"]), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = {"folder": out, "report": out / "redundancy.json", "figure": out / "redundancy.png"}
+    assert printed == {key: str(path) for key, path in expected.items()}
+    assert all(Path(path).exists() for path in printed.values())
 
 
 def test_compare_and_region(files, tmp_path):

@@ -480,8 +480,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     check_output(args.out, "--out", folder=True)
 
-    out = run_inspect(args.model, args.image, args.out, compare_path=args.compare, device=args.device)
-    print(json.dumps({"out": str(out)}))
+    report = run_inspect(args.model, args.image, args.out, compare_path=args.compare, device=args.device)
+    folder = report.parent
+    print(json.dumps({"folder": str(folder), "report": str(report), "figure": str(folder / "redundancy.png")}))
     return 0
 
 
