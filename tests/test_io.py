@@ -375,3 +375,297 @@ def test_probabilities_keep_their_place_and_a_narrow_image_stays_planes(tmp_path
     np.testing.assert_array_equal(read_image(tmp_path / "narrow.tif"), narrow)
     [(data, meta, _)] = napari_get_reader(str(tmp_path / "narrow.tif"))(str(tmp_path / "narrow.tif"))
     assert data.shape == (2, 40, 3) and not meta["rgb"]
+
+
+# ------------------------------------------------------------------ findings of the I/O audit
+
+
+@pytest.mark.parametrize("compression", ["lzw", "jpeg"])
+def test_lzw_and_jpeg_compressed_tiffs_open_eagerly_and_lazily(tmp_path, compression):
+    """The usual compression of image editors, bfconvert and slide scanners (imagecodecs decodes it)."""
+    pytest.importorskip("zarr")
+    pytest.importorskip("dask")
+    yy, xx = np.mgrid[:64, :96]
+    data = np.stack([yy * 3, xx * 2, yy + xx], axis=-1).astype(np.uint8)  # smooth: JPEG keeps it close
+    tifffile.imwrite(tmp_path / "c.tif", data, photometric="rgb", compression=compression, tile=(32, 32))
+    back, lazy = read_image(tmp_path / "c.tif"), np.asarray(open_image(tmp_path / "c.tif", lazy_above=100))
+    assert back.shape == data.shape and np.array_equal(lazy, back)
+    if compression == "lzw":
+        assert np.array_equal(back, data)
+    else:
+        assert np.abs(back.astype(int) - data).mean() < 3
+
+
+def test_a_missing_codec_on_the_lazy_path_is_not_blamed_on_the_file():
+    from napari_selfreg.core.data import InputError
+    from napari_selfreg.core.predict import _TileReader
+
+    class Slide:  # a lazily read slide whose tiles need a codec tifffile lacks
+        shape, dtype = (64, 64, 3), np.dtype(np.uint8)
+
+        def __getitem__(self, index):
+            raise ValueError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
+
+    with pytest.raises(InputError, match="install imagecodecs") as error:
+        _TileReader(Slide()).read(slice(0, 32), slice(0, 32))
+    assert "damaged" not in str(error.value)
+
+
+def _failing_tifffile_write(monkeypatch):
+    """tifffile.imwrite that runs out of disk half way through the file."""
+    import errno
+
+    def imwrite(path, *args, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"II*\0" + bytes(100))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tifffile, "imwrite", imwrite)
+
+
+def test_a_failed_write_is_one_image_file_error_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import SimpleITK as sitk
+
+    _failing_tifffile_write(monkeypatch)
+    with pytest.raises(ImageFileError, match=r"^could not write out\.tif: No space left on device$"):
+        write_image(tmp_path / "out.tif", np.ones((8, 8), np.uint8))
+    assert not (tmp_path / "out.tif").exists()
+    existing = tmp_path / "kept.tif"
+    existing.write_bytes(b"the user's file")  # not ours: never removed
+    with pytest.raises(ImageFileError):
+        write_image(existing, np.ones((8, 8), np.uint8))
+    assert existing.exists()
+
+    def itk_write(image, path, *args):
+        open(path, "wb").close()
+        raise RuntimeError(
+            "Exception thrown in SimpleITK ImageFileWriter_Execute: /src/ITK/Modules/IO/Meta/src/itkMetaImageIO.cxx:"
+            "1131:\nITK ERROR: MetaImageIO(0x55d0): File cannot be written: out.mha\nReason: File too large"
+        )
+
+    monkeypatch.setattr(sitk, "WriteImage", itk_write)
+    with pytest.raises(ImageFileError, match=r"^could not write out\.mha: File too large$"):
+        write_image(tmp_path / "out.mha", np.ones((8, 8), np.uint8))
+    assert not (tmp_path / "out.mha").exists()
+    with pytest.raises(OSError, match="File too large"):  # napari's writer hook
+        write_labels(str(tmp_path / "l.mha"), np.ones((8, 8), np.uint8), {})
+
+
+def test_a_short_write_on_a_full_disk_is_caught_in_every_format(tmp_path):
+    """SimpleITK's NIfTI, MHA and NRRD writers and Pillow's JPEG and BMP encoders report no short
+    write; the file size limit (RLIMIT_FSIZE) makes every write past 10 kB fail, as a full disk would."""
+    pytest.importorskip("resource")  # POSIX
+    script = """
+import json, resource, sys
+import numpy as np
+from napari_selfreg.io import ImageFileError, write_image
+resource.setrlimit(resource.RLIMIT_FSIZE, (10240, resource.RLIM_INFINITY))
+rng = np.random.default_rng(0)
+found = {}
+for suffix in sys.argv[1:]:
+    data = rng.integers(0, 255, (200, 200, 3) if suffix == ".jpg" else (200, 200)).astype(np.uint8)
+    try:
+        write_image("out" + suffix, data)
+        found[suffix] = "written"
+    except ImageFileError as error:
+        found[suffix] = str(error)
+print(json.dumps(found))
+"""
+    import json
+    import subprocess
+    import sys
+
+    suffixes = [".tif", ".png", ".jpg", ".bmp", ".nii", ".nii.gz", ".mha", ".nrrd"]
+    run = subprocess.run([sys.executable, "-c", script, *suffixes], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    found = json.loads(run.stdout)
+    for suffix in suffixes:
+        message = found[suffix]
+        assert message.startswith(f"could not write out{suffix}: ") and "\n" not in message and ".cxx" not in message
+        assert not (tmp_path / f"out{suffix}").exists()
+
+
+def test_predict_reports_an_output_it_cannot_write_in_one_line(tmp_path, capsys, monkeypatch):
+    import os
+    import stat
+
+    from napari_selfreg.cli import main
+    from napari_selfreg.core.checkpoint import save_model
+    from napari_selfreg.core.config import ModelConfig, ModelInfo
+    from napari_selfreg.core.model import SegmentationModel
+
+    model = save_model(SegmentationModel.create(ModelInfo(model=ModelConfig(base_channels=4, depth=2))), tmp_path / "m")
+    write_image(tmp_path / "img.png", np.random.default_rng(0).integers(0, 255, (40, 48, 3)).astype(np.uint8))
+    argv = ["predict", "--model", str(model), "--image", str(tmp_path / "img.png"), "--device", "cpu", "--out"]
+    full = "/dev/full"
+    if os.path.exists(full) and stat.S_ISCHR(os.stat(full).st_mode):  # a real full disk, where there is one
+        os.symlink(full, tmp_path / "full.tif")
+        assert main([*argv, str(tmp_path / "full.tif")]) == 2
+        err = capsys.readouterr().err
+        assert "could not write full.tif: No space left on device" in err and len(err.strip().splitlines()) == 1
+    _failing_tifffile_write(monkeypatch)
+    assert main([*argv, str(tmp_path / "out.tif")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "napari-selfreg predict: error: could not write out.tif: No space left on device"
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_a_stack_written_page_by_page_is_refused_and_a_slides_overviews_are_not(tmp_path):
+    from napari_selfreg.io import check_planar
+
+    stack = np.random.default_rng(0).integers(0, 255, (3, 32, 40)).astype(np.uint8)
+    with tifffile.TiffWriter(tmp_path / "loop.tif") as tif:  # the usual loop: one series per slice
+        for plane in stack:
+            tif.write(plane)
+    for read in (check_planar, read_image, lambda p: open_image(p, lazy_above=0)):
+        with pytest.raises(ImageFileError, match=r"is a stack \(pages=3\)"):
+            read(tmp_path / "loop.tif")
+    image = np.random.default_rng(1).integers(0, 255, (64, 80, 3)).astype(np.uint8)
+    with tifffile.TiffWriter(tmp_path / "slide.tif") as tif:  # levels, then a thumbnail: other sizes
+        tif.write(image, photometric="rgb", tile=(32, 32), subifds=1)
+        tif.write(image[::2, ::2], photometric="rgb", subfiletype=1, tile=(32, 32))
+        tif.write(image[::8, ::8], photometric="rgb")
+    check_planar(tmp_path / "slide.tif")
+    assert np.array_equal(read_image(tmp_path / "slide.tif"), image)
+
+
+def test_min_is_white_gray_is_inverted_back_and_label_ids_stay_as_stored(tmp_path):
+    gray = np.arange(0, 250, 10, dtype=np.uint8).reshape(5, 5)
+    tifffile.imwrite(tmp_path / "scan.tif", 255 - gray, photometric="miniswhite")  # stored: 0 shows white
+    assert np.array_equal(read_image(tmp_path / "scan.tif"), gray)
+    assert np.array_equal(np.asarray(open_image(tmp_path / "scan.tif", lazy_above=0)), gray)
+    assert np.array_equal(read_image(tmp_path / "scan.tif", labels=True), 255 - gray)
+    mask = np.eye(6, dtype=bool)
+    tifffile.imwrite(tmp_path / "mask.tif", mask)  # tifffile stores bool masks as MinIsWhite
+    assert np.array_equal(read_image(tmp_path / "mask.tif"), mask)
+
+
+def test_a_palette_tiff_is_rgb_as_an_image_and_its_indices_as_labels(tmp_path):
+    from PIL import Image
+
+    indices = np.random.default_rng(0).integers(0, 4, (12, 16)).astype(np.uint8)
+    colours = np.zeros((256, 3), np.uint8)
+    colours[:4] = [[0, 0, 0], [255, 0, 0], [0, 200, 0], [10, 20, 250]]
+    tifffile.imwrite(tmp_path / "p.tif", indices, photometric="palette", colormap=colours.T.astype(np.uint16) * 257)
+    assert np.array_equal(read_image(tmp_path / "p.tif"), colours[indices])
+    assert np.array_equal(np.asarray(open_image(tmp_path / "p.tif", lazy_above=0)), colours[indices])
+    assert np.array_equal(read_image(tmp_path / "p.tif", labels=True), indices)
+    pil = Image.fromarray(indices, "P")
+    pil.putpalette(colours.ravel().tolist())
+    pil.save(tmp_path / "pil.tif")  # Pillow's 16-bit colours are value * 256
+    assert np.array_equal(read_image(tmp_path / "pil.tif"), colours[indices])
+    (tmp_path / "p_mask.tif").write_bytes((tmp_path / "p.tif").read_bytes())
+    [(data, _, kind)] = napari_get_reader(str(tmp_path / "p_mask.tif"))(str(tmp_path / "p_mask.tif"))
+    assert kind == "labels" and np.array_equal(data, indices)  # a coloured mask keeps its ids
+
+
+def test_cmyk_and_a_fourth_channel_that_is_not_alpha_are_refused_and_rgba_is_read(tmp_path):
+    from PIL import Image
+
+    four = np.random.default_rng(0).integers(0, 255, (12, 16, 4)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "cmyk.tif", four, photometric="separated")
+    with pytest.raises(ImageFileError, match=r"^cmyk\.tif is a CMYK TIFF; convert it to RGB"):
+        read_image(tmp_path / "cmyk.tif")
+    tifffile.imwrite(tmp_path / "rgbx.tif", four, photometric="rgb", extrasamples=["unspecified"])
+    tifffile.imwrite(tmp_path / "c4.tif", np.moveaxis(four, -1, 0), imagej=True, metadata={"axes": "CYX"})
+    for name in ("rgbx.tif", "c4.tif"):  # a 4th fluorescence channel must not vanish as "alpha"
+        with pytest.raises(ImageFileError, match="4 channels and the 4th is not marked as alpha"):
+            read_image(tmp_path / name)
+    tifffile.imwrite(tmp_path / "rgba.tif", four, photometric="rgb")
+    Image.fromarray(four).save(tmp_path / "pil_rgba.tif")
+    tifffile.imwrite(tmp_path / "rgba_planar.tif", np.moveaxis(four, -1, 0), photometric="rgb", planarconfig="separate")
+    for name in ("rgba.tif", "pil_rgba.tif", "rgba_planar.tif"):
+        assert np.array_equal(read_image(tmp_path / name), four)
+    tifffile.imwrite(tmp_path / "rgb.ome.tif", np.moveaxis(four[..., :3], -1, 0), metadata={"axes": "CYX"})
+    tifffile.imwrite(tmp_path / "ij.tif", four[..., :3], imagej=True, photometric="rgb")
+    for name in ("rgb.ome.tif", "ij.tif"):
+        assert np.array_equal(read_image(tmp_path / name), four[..., :3])
+
+
+def test_a_gray_alpha_tiff_opens_like_a_gray_alpha_png(tmp_path):
+    from PIL import Image
+
+    la = np.random.default_rng(0).integers(0, 255, (12, 16, 2)).astype(np.uint8)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    Image.fromarray(la, "LA").save(tmp_path / "pil_la.tif")
+    tifffile.imwrite(tmp_path / "la.tif", la, photometric="minisblack", planarconfig="contig",
+                     extrasamples=["unassalpha"])
+    expected = read_image(tmp_path / "la.png")
+    for name in ("la.tif", "pil_la.tif"):
+        assert np.array_equal(read_image(tmp_path / name), expected)
+    assert np.array_equal(np.asarray(open_image(tmp_path / "la.tif", lazy_above=0)), expected)
+
+
+def test_a_png_above_pillows_bomb_limit_opens_without_lifting_the_limit_for_others(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import napari_selfreg.io as io
+
+    write_image(tmp_path / "big.png", np.full((100, 120, 3), 7, np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # stands in for Pillow's ~179 Mpx
+    assert read_image(tmp_path / "big.png").shape == (100, 120, 3)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(Image.DecompressionBombError):  # the process's other readers keep the limit
+        Image.open(tmp_path / "big.png")
+    monkeypatch.setattr(io, "WHOLE_PIXELS", 5000)
+    with pytest.raises(ImageFileError, match="save it as a tiled TIFF"):
+        read_image(tmp_path / "big.png")
+
+
+def test_simpleitk_reads_drop_only_a_singleton_z(tmp_path):
+    import SimpleITK as sitk
+
+    row = np.arange(15, dtype=np.uint8).reshape(1, 5, 3)
+    sitk.WriteImage(sitk.GetImageFromArray(row, isVector=True), str(tmp_path / "row.mha"))
+    assert np.array_equal(read_image(tmp_path / "row.mha"), row)  # not a 5 x 3 gray image
+    sitk.WriteImage(sitk.GetImageFromArray(row[:, :1], isVector=True), str(tmp_path / "px.mha"))
+    assert read_image(tmp_path / "px.mha").shape == (1, 1, 3)
+    write_image(tmp_path / "p.nii.gz", np.zeros((2, 1, 5), np.float32))
+    assert read_image(tmp_path / "p.nii.gz").shape == (2, 1, 5)
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((1, 6, 7), np.uint8)), str(tmp_path / "z1.nii.gz"))
+    assert read_image(tmp_path / "z1.nii.gz").shape == (6, 7)
+
+
+def test_simpleitk_errors_are_one_line_without_its_source_paths(tmp_path):
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    (tmp_path / "junk.nrrd").write_bytes(b"not an image at all")
+    data = np.random.default_rng(0).integers(0, 255, (60, 70)).astype(np.uint8)
+    for suffix in (".mha", ".nrrd"):
+        write_image(tmp_path / f"whole{suffix}", data)
+        (tmp_path / f"cut{suffix}").write_bytes((tmp_path / f"whole{suffix}").read_bytes()[:-2000])
+    expected = {
+        "empty.nii.gz": "the file is empty", "junk.nrrd": "not an image",
+        "cut.mha": "shorter than its header says", "cut.nrrd": "shorter than its header says",
+    }
+    for name, reason in expected.items():
+        with pytest.raises(ImageFileError) as error:
+            read_image(tmp_path / name)
+        message = str(error.value)
+        assert message.startswith(f"could not read {name}: ") and reason in message
+        assert "\n" not in message and ".cxx" not in message and "No such file" not in message
+
+
+def test_a_cut_nifti_is_refused(tmp_path):
+    import gzip
+
+    data = np.random.default_rng(0).integers(0, 255, (60, 70)).astype(np.uint8)
+    for name in ("a.nii", "a.nii.gz"):
+        write_image(tmp_path / name, data)
+        whole = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut_{name}").write_bytes(whole[: len(whole) * 2 // 3])
+        with pytest.raises(ImageFileError, match=rf"could not read cut_{name}: .*cut off"):
+            read_image(tmp_path / f"cut_{name}")
+    # a .nii.gz of two gzip members (its trailer's length is the second's) is whole
+    raw = gzip.decompress((tmp_path / "a.nii.gz").read_bytes())
+    (tmp_path / "two.nii.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    assert np.array_equal(read_image(tmp_path / "two.nii.gz"), data)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".mha", ".nrrd", ".tif"])
+def test_bool_and_half_float_arrays_are_written(tmp_path, suffix):
+    mask = np.eye(5, 6, dtype=bool)
+    write_image(tmp_path / f"m{suffix}", mask)
+    assert np.array_equal(read_image(tmp_path / f"m{suffix}"), mask)
+    half = np.linspace(0, 1, 30, dtype=np.float16).reshape(5, 6)
+    write_image(tmp_path / f"h{suffix}", half)
+    assert np.array_equal(read_image(tmp_path / f"h{suffix}"), half)

@@ -8,6 +8,10 @@ Used by the command line and, through the npe2 manifest, by napari's reader/writ
 from __future__ import annotations
 
 import json
+import os
+import re
+import struct
+import threading
 import warnings
 from pathlib import Path
 
@@ -24,6 +28,10 @@ INSTANCE_SUFFIXES = (*TIFF_SUFFIXES, *ITK_SUFFIXES)  # int32 instance ids, more 
 # TIFFs with more pixels than this open lazily (``open_image``): a slide is read tile by
 # tile as prediction reaches it instead of all at once
 LAZY_PIXELS = 64 * 1024 * 1024
+# PNG, JPEG and BMP are read whole; up to this many pixels (3 GiB as RGB) they open, instead of
+# Pillow's decompression-bomb limit of ~179 Mpx, which refuses large H&E exports the user chose
+WHOLE_PIXELS = 16 * LAZY_PIXELS
+_PIL_LIMIT = threading.Lock()  # Pillow's limit is a module global: lifted only around our own opens
 
 
 LABELS_KEY = "napari_selfreg_labels"  # in a labels file's header: its class names as JSON
@@ -63,6 +71,7 @@ def check_planar(path: str | Path) -> None:
                 axes = zip(series.axes.upper(), series.shape, strict=True)
                 # tifffile's plane axes other than Z and T (I, Q, ...) are plain pages
                 planes = "".join(f"{a if a in 'ZT' else 'pages'}={n} " for a, n in axes if a not in "YXSC" and n > 1)
+                planes = planes or _page_stack(tif)
         else:
             import SimpleITK as sitk
 
@@ -75,9 +84,99 @@ def check_planar(path: str | Path) -> None:
     except Exception:  # unreadable headers are reported when the pixels are read
         return
     if planes:
+        _refuse_stack(path, planes)
+
+
+def _refuse_stack(path: Path, planes: str) -> None:
+    raise ImageFileError(
+        f"{path.name} is a stack ({planes.strip()}), not one 2-D image; save the slice you want as its own file"
+    )
+
+
+def _yx(series) -> tuple[int, int] | None:
+    axes = series.axes.upper()
+    return (series.shape[axes.index("Y")], series.shape[axes.index("X")]) if "Y" in axes and "X" in axes else None
+
+
+def _page_stack(tif) -> str:
+    """"pages=N" for a stack written page by page (one ``TiffWriter.write`` per slice: each page
+    is its own series, the size of the first), else "". Reduced-resolution levels, transparency
+    masks and a slide's thumbnail, label or macro image are no slices: they have their own size
+    or say what they are."""
+    first = _yx(tif.series[0])
+    slices = [
+        s for s in tif.series[1:]
+        if _yx(s) == first and not s.keyframe.subfiletype & 0b101
+        and s.name.lower() not in ("thumbnail", "label", "macro", "map", "overview")
+    ]
+    return f"pages={1 + len(slices)}" if first is not None and slices else ""
+
+
+# TIFF tags (tifffile.PHOTOMETRIC, tifffile.EXTRASAMPLE), without importing tifffile here
+MINISWHITE, MINISBLACK, RGB, PALETTE, SEPARATED = 0, 1, 2, 3, 5
+ALPHA = (1, 2)  # associated, unassociated
+
+
+class _Colours:
+    """How a TIFF's stored samples become the pixels Pillow would give: tifffile returns them as
+    stored, so MinIsWhite gray would come inverted and a palette image as its indices."""
+
+    def __init__(self, invert: int | None = None, lut: np.ndarray | None = None, gray_alpha: bool = False):
+        self.invert = invert  # MinIsWhite: the largest stored value (unsigned), or -1 (signed: mirrored by ~)
+        self.lut = lut  # palette: (2 ** bits, 3) colours
+        self.gray_alpha = gray_alpha
+
+    def apply(self, data):
+        """``data`` as ``_tiff_to_yx`` gives it (numpy or dask), in colours."""
+        alpha = None
+        if self.gray_alpha:
+            data, alpha = data[..., 0], data[..., 1]
+        if self.invert is not None:
+            data = ~data if self.invert < 0 else data.dtype.type(self.invert) - data
+        if self.lut is not None:
+            lut = self.lut
+            data = data.astype(np.uint8) if data.dtype == np.bool_ else data  # an index, not a mask
+            if isinstance(data, np.ndarray):
+                data = lut[data]
+            else:  # dask: per chunk, gaining the colour axis
+                data = data.map_blocks(lambda block: lut[block], dtype=lut.dtype, new_axis=data.ndim,
+                                       chunks=(*data.chunks, (lut.shape[1],)))
+        if alpha is not None:  # spread to RGBA, as Pillow converts a gray+alpha PNG
+            data = np.stack([data, data, data, alpha], axis=-1)
+        return data
+
+
+def _tiff_colours(series, path: Path, labels: bool) -> _Colours:
+    """The colour conversion a TIFF's first page asks for, decided from its tags before any
+    pixel is read; CMYK and a 4th channel that is not alpha are refused."""
+    page = series.keyframe
+    photometric, extras = int(page.photometric), tuple(int(e) for e in page.extrasamples or ())
+    if photometric == SEPARATED:
+        raise ImageFileError(f"{path.name} is a CMYK TIFF; convert it to RGB (e.g. in an image editor) and save again")
+    sizes = {a: n for a, n in zip(series.axes.upper(), series.shape, strict=True) if n > 1}
+    samples, channels = sizes.get("S", 1), sizes.get("C", 1)
+    # RGBA only where the tags say so: a 4th channel of a fluorescence image must not vanish as "alpha"
+    rgba = photometric == RGB and (not extras or extras[0] in ALPHA)
+    if (samples == 4 and not rgba) or channels == 4:
         raise ImageFileError(
-            f"{path.name} is a stack ({planes.strip()}), not one 2-D image; save the slice you want as its own file"
+            f"{path.name} has 4 channels and the 4th is not marked as alpha; napari-selfreg reads gray, "
+            "RGB or RGBA images: save 1 or 3 of the channels"
         )
+    gray_alpha = photometric in (MINISWHITE, MINISBLACK) and samples == 2 and bool(extras) and extras[0] in ALPHA
+    colours = _Colours(gray_alpha=gray_alpha)
+    if labels:  # label ids are the stored values, whatever colours they are shown in
+        return colours
+    dtype = np.dtype(series.dtype)
+    # 1-bit pages keep their values: tifffile writes every bool mask as MinIsWhite and reads it back as stored
+    if photometric == MINISWHITE and dtype != np.bool_:
+        if dtype.kind == "f":
+            raise ImageFileError(f"{path.name} stores floating-point pixels as MinIsWhite; save it as MinIsBlack")
+        colours.invert = (1 << int(page.bitspersample)) - 1 if dtype.kind == "u" else -1
+    if photometric == PALETTE and page.colormap is not None:
+        colormap = np.asarray(page.colormap)
+        # 16-bit colour values (some writers store 8-bit ones): their high byte, as Pillow reads them
+        colours.lut = (colormap >> 8 if colormap.max() > 255 else colormap).astype(np.uint8).T.copy()
+    return colours
 
 
 def _tiff_to_yx(data: np.ndarray, axes: str) -> np.ndarray:
@@ -109,7 +208,8 @@ def _is_deep_colour_png(path: Path) -> bool:
 def read_image(path: str | Path, labels: bool = False) -> np.ndarray:
     """The pixel array of an image file (H, W) or (H, W, C); stacks keep their leading axes.
 
-    ``labels``: a palette PNG keeps its indices (the ids), instead of becoming colours.
+    ``labels``: a palette PNG or TIFF keeps its indices (the ids) instead of becoming colours,
+    and a MinIsWhite TIFF its stored values.
     """
     path = Path(path)
     if not path.exists():
@@ -121,11 +221,12 @@ def read_image(path: str | Path, labels: bool = False) -> np.ndarray:
 
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
-                return _tiff_to_yx(series.asarray(), series.axes)
+                if planes := _page_stack(tif):
+                    _refuse_stack(path, planes)
+                colours = _tiff_colours(series, path, labels)
+                return colours.apply(_tiff_to_yx(series.asarray(), series.axes))
         if suffix in PIL_SUFFIXES and not _is_deep_colour_png(path):
-            from PIL import Image
-
-            with Image.open(path) as img:
+            with _pil_open(path) as img:
                 if labels and img.mode == "P":
                     return np.array(img)
                 if img.mode in ("P", "CMYK", "YCbCr", "LA"):
@@ -134,15 +235,122 @@ def read_image(path: str | Path, labels: bool = False) -> np.ndarray:
         if suffix in ITK_SUFFIXES or suffix == ".png":
             import SimpleITK as sitk
 
-            data = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-            return np.squeeze(data) if data.ndim > 2 else data
+            if suffix in (".nii", ".nii.gz") and (problem := _nifti_problem(path)):
+                raise ImageFileError(f"could not read {path.name}: {problem}")
+            image = sitk.ReadImage(str(path))
+            data = sitk.GetArrayFromImage(image)
+            # drop singleton Z (T, ...) axes, never a plane 1 pixel high or wide, nor the colour axis
+            stack_axes = image.GetDimension() - 2
+            return data.reshape([n for i, n in enumerate(data.shape) if i >= stack_axes or n > 1])
     except ImageFileError:
         raise
+    except RuntimeError as error:  # SimpleITK's
+        raise ImageFileError(f"could not read {path.name}: {_itk_reason(error, path)}") from None
     except Exception as error:  # corrupt files of any kind
         raise ImageFileError(f"could not read {path.name}: {error}") from None
     raise ImageFileError(
         f"{path.name}: unsupported format; use TIFF, PNG, JPEG or a SimpleITK format (.nii, .nii.gz, .mha, .nrrd)"
     )
+
+
+def _pil_open(path: Path):
+    """``Image.open`` with Pillow's decompression-bomb limit raised to ``WHOLE_PIXELS``: the file
+    is one the user chose, and a 14000 x 14000 H&E export is no attack. Larger files are refused
+    with a way out."""
+    from PIL import Image
+
+    with _PIL_LIMIT:
+        default, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            img = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = default
+    if img.width * img.height > WHOLE_PIXELS:
+        img.close()
+        raise ImageFileError(
+            f"{path.name} has {img.width} x {img.height} pixels, more than napari-selfreg reads from a "
+            f"{path.suffix.lstrip('.').upper()} file at once ({WHOLE_PIXELS:,}); save it as a tiled TIFF, "
+            "which is read tile by tile"
+        )
+    return img
+
+
+def _itk_reason(error: Exception, path: Path | None = None) -> str:
+    """SimpleITK's message in one line: its errors name the C++ source file and span several lines
+    of ITK's internals, of which the user needs the last statement about the file."""
+    lines = []
+    for line in str(error).splitlines():
+        line = re.sub(r"^Exception thrown in SimpleITK .*\.(?:cxx|hxx|txx|cpp|h):\d+:", "", line.strip())
+        line = re.sub(r"^(sitk::ERROR:|ITK ERROR: \w+\(0x[0-9a-fA-F]+\):|\[nrrd\] \w+:)\s*", "", line).strip()
+        if line:
+            lines.append(line)
+    text = " ".join(lines)
+    if path is not None:  # reading a file that exists
+        if path.is_file() and path.stat().st_size == 0:
+            return "the file is empty"
+        if "Unable to determine ImageIO" in text:
+            return "not an image in the format its name says (or damaged)"
+        if re.search(r"not read completely|fread got only|[Tt]runcat|[Pp]remature|No such file or directory", text):
+            # ITK's "Reason" is a stale errno when the pixels of a file that exists are cut short
+            return "the file is shorter than its header says (cut off or damaged)"
+    reasons = [line.removeprefix("Reason:").strip() for line in lines if line.startswith("Reason:")]
+    statements = [line for line in lines if not line.startswith("Reason:")]
+    if reasons and reasons[-1] not in ("", "Success"):  # errno 0: no reason given
+        return reasons[-1]
+    return statements[-1] if statements else type(error).__name__
+
+
+def _nifti_header(head: bytes) -> tuple[int, int] | None:
+    """(vox_offset, data bytes) of a one-file NIfTI-1 or -2 header (``n+1``, ``n+2``), else None."""
+    for order in "<>":
+        size = struct.unpack(order + "i", head[:4])[0] if len(head) >= 4 else 0
+        if size == 348 and len(head) >= 348 and head[344:347] == b"n+1":
+            dims = struct.unpack(order + "8h", head[40:56])
+            bitpix = struct.unpack(order + "h", head[72:74])[0]
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+        elif size == 540 and len(head) >= 540 and head[4:7] == b"n+2":
+            dims = struct.unpack(order + "8q", head[16:80])
+            bitpix = struct.unpack(order + "h", head[14:16])[0]
+            offset = struct.unpack(order + "q", head[168:176])[0]
+        else:
+            continue
+        if not 1 <= dims[0] <= 7 or bitpix <= 0 or min(dims[1 : dims[0] + 1]) < 0:
+            return None
+        return offset, (int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64)) * bitpix + 7) // 8
+    return None
+
+
+def _nifti_problem(path: Path, written: bool = False) -> str | None:
+    """Why a .nii or .nii.gz holds less than its header promises, or None. SimpleITK reads a cut
+    file without complaint (the missing pixels become 0) and writes one on a full disk. The
+    size of a .nii is checked from its header; a .nii.gz from the length gzip records at its
+    end, or, when that does not match (several members, a cut stream), by decompressing it."""
+    import gzip
+    import zlib
+
+    compressed = suffix_of(path) == ".nii.gz"
+    try:
+        with gzip.open(path) if compressed else open(path, "rb") as handle:
+            found = _nifti_header(handle.read(540))
+        if found is None:  # not a NIfTI-1/2 one-file header: SimpleITK says what it makes of it
+            return "no complete NIfTI header" if written else None
+        expected = sum(found)
+        if not compressed:
+            size = path.stat().st_size
+            return None if size >= expected else f"the file has {size} of its {expected} bytes (cut off?)"
+        with open(path, "rb") as raw:
+            raw.seek(-4, os.SEEK_END)
+            if struct.unpack("<I", raw.read(4))[0] == expected % 2**32:
+                return None
+        total = 0
+        with gzip.open(path) as stream:
+            while chunk := stream.read(1 << 22):
+                total += len(chunk)
+    except EOFError:
+        return "the compressed data ends early (the file is cut off)"
+    except (OSError, zlib.error) as error:
+        return f"damaged compressed data ({error})" if compressed else str(error)
+    return None if total >= expected else f"the file holds {total} of its {expected} bytes (cut off?)"
 
 
 def open_image(path: str | Path, lazy_above: int | None = None):
@@ -164,31 +372,35 @@ def open_levels(path: str | Path, lazy_above: int | None = None) -> list:
     return _open(Path(path), lazy_above, every_level=True)
 
 
-def _open(path: Path, lazy_above: int | None, every_level: bool) -> list:
+def _open(path: Path, lazy_above: int | None, every_level: bool, labels: bool = False) -> list:
     limit = LAZY_PIXELS if lazy_above is None else lazy_above
     if suffix_of(path) not in TIFF_SUFFIXES or not path.exists():
-        return [read_image(path)]
+        return [read_image(path, labels)]
     try:
         import dask.array  # noqa: F401
         import tifffile
         import zarr  # noqa: F401
     except ImportError:
-        return [read_image(path)]
+        return [read_image(path, labels)]
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
+            if planes := _page_stack(tif):
+                _refuse_stack(path, planes)
+            colours = _tiff_colours(series, path, labels)
             shape, axes, count = series.shape, series.axes.upper(), len(series.levels)
             if "Y" not in axes or "X" not in axes or shape[axes.index("Y")] * shape[axes.index("X")] <= limit:
-                return [_tiff_to_yx(series.asarray(), axes)]  # small: read whole from the file already open
+                # small: read whole from the file already open
+                return [colours.apply(_tiff_to_yx(series.asarray(), axes))]
         try:
-            return [_lazy_level(path, axes, level) for level in range(count if every_level else 1)]
+            return [colours.apply(_lazy_level(path, axes, level)) for level in range(count if every_level else 1)]
         except Exception as error:  # e.g. zarr 2 beside a tifffile that needs zarr 3, or the reverse
             warnings.warn(
                 f"{path.name} could not be opened lazily ({error}); reading it whole. For lazy reading "
                 "install zarr>=3 with tifffile>=2025.5.21 (or zarr 2 with an older tifffile).",
                 stacklevel=2,
             )
-            return [read_image(path)]
+            return [read_image(path, labels)]
     except ImageFileError:
         raise
     except Exception as error:
@@ -267,13 +479,31 @@ def write_image(
     TIFF, MHA and NRRD headers and NIfTI's description, and mark the file as labels for the
     plugin's reader. ``planes``: a (K, H, W) stack, never a colour picture (an image 3 or 4
     pixels wide would look like one).
+
+    A write that fails (a full disk, no permission) raises ``ImageFileError`` in one line and
+    leaves no partial file that it created.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = np.asarray(data)
     suffix = suffix_of(path)
+    if suffix not in TIFF_SUFFIXES:  # only TIFF holds half floats; SimpleITK holds no bool
+        data = data.astype(np.float32) if data.dtype == np.float16 else data
+        data = data.astype(np.uint8) if data.dtype == np.bool_ and suffix in ITK_SUFFIXES else data
     note = None if class_names is None else json.dumps(list(class_names))
     geometry = geometry if geometry is not None else _plane_geometry(like)
+    existed = os.path.lexists(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write(path, suffix, data, note, geometry, planes)
+    except OSError as error:
+        if not existed:
+            path.unlink(missing_ok=True)
+        where = f" ({error.filename})" if error.filename and Path(error.filename) != path else ""
+        raise ImageFileError(f"could not write {path.name}: {error.strerror or error}{where}") from None
+    return path
+
+
+def _write(path: Path, suffix: str, data: np.ndarray, note: str | None, geometry, planes: bool) -> None:
     if suffix in TIFF_SUFFIXES:
         import tifffile
 
@@ -297,6 +527,8 @@ def write_image(
         if data.ndim != 2 and not (data.ndim == 3 and data.shape[-1] in (3, 4)):
             raise ImageFileError(f"{path.name}: a {data.ndim}-D array does not fit a PNG; save it as TIFF or NIfTI")
         Image.fromarray(data).save(path)
+        if not _pil_file_complete(path, suffix):  # Pillow's JPEG and BMP encoders miss a short write
+            raise OSError("the file was cut short; is the disk full?")
     elif suffix in ITK_SUFFIXES:
         import SimpleITK as sitk
 
@@ -308,7 +540,7 @@ def write_image(
                 if not fits:
                     warnings.warn(
                         f"{path.name}: NIfTI's header has room for about 55 characters of class names, so they "
-                        "are not saved (the ids are); save as .mha, .nrrd or .tif to keep them", stacklevel=2,
+                        "are not saved (the ids are); save as .mha, .nrrd or .tif to keep them", stacklevel=3,
                     )
                 out.SetMetaData("ITK_FileNotes", NIFTI_NOTE + (note if fits else "[]"))
         if geometry is not None and out.GetDimension() in (2, 3):
@@ -319,10 +551,32 @@ def write_image(
             out.SetSpacing(spacing)
             out.SetOrigin(origin)
             out.SetDirection(direction)
-        sitk.WriteImage(out, str(path))
+        try:
+            sitk.WriteImage(out, str(path))
+        except RuntimeError as error:
+            raise OSError(_itk_reason(error)) from None
+        # SimpleITK's NIfTI, MHA and NRRD writers report no short write (a full disk): check the size
+        problem = _nifti_problem(path, written=True) if suffix in (".nii", ".nii.gz") else None
+        if suffix in (".mha", ".nrrd") and (size := path.stat().st_size) < data.nbytes:
+            problem = f"only {size} of its {data.nbytes} bytes of pixels were written"
+        if problem:
+            raise OSError(f"{problem}; is the disk full?")
     else:
         raise ImageFileError(f"{path.name}: unsupported format for writing; use .tif, .png or .nii.gz")
-    return path
+
+
+def _pil_file_complete(path: Path, suffix: str) -> bool:
+    """Whether a written PNG ends in its IEND chunk, a JPEG in its end marker, a BMP at the size
+    its header gives."""
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+        handle.seek(max(0, os.fstat(handle.fileno()).st_size - 12))
+        tail = handle.read()
+    if suffix == ".png":
+        return tail == b"\0\0\0\0IEND\xaeB`\x82"
+    if suffix in (".jpg", ".jpeg"):
+        return tail.endswith(b"\xff\xd9")
+    return len(head) == 6 and path.stat().st_size >= struct.unpack("<I", head[2:])[0]
 
 
 # ------------------------------------------------------------------ npe2 reader / writer hooks
@@ -346,10 +600,11 @@ def _read_layers(path):
     paths = path if isinstance(path, list) else [path]
     layers = []
     for p in paths:
-        levels = open_levels(p)
+        names = labels_note(p)
+        # a palette or MinIsWhite mask keeps its stored ids instead of turning into a picture
+        levels = _open(Path(p), None, every_level=True, labels=names is not None or _named_like_labels(p))
         data = levels[0]
         rgb = data.ndim == 3 and data.shape[-1] in (3, 4) and _colour_last(p)
-        names = labels_note(p)
         kind = "labels" if names is not None or _looks_like_labels(p, data, rgb) else "image"
         meta = {"name": Path(p).name.split(".")[0]}
         if data.ndim - rgb == 2:
@@ -387,14 +642,14 @@ def _colour_last(path) -> bool:
     return axes[-1:] in ("S", "C") or (len(axes) == 3 and axes[0] in "SC")
 
 
+def _named_like_labels(path) -> bool:
+    name = Path(path).name.lower()
+    return any(word in name for word in ("label", "mask", "seg", "anno"))
+
+
 def _looks_like_labels(path, data, rgb: bool) -> bool:
     """An integer file named like labels, unless it is an RGB(A) picture ("masked tissue.tif")."""
-    name = Path(path).name.lower()
-    return (
-        not rgb
-        and np.issubdtype(data.dtype, np.integer)
-        and any(word in name for word in ("label", "mask", "seg", "anno"))
-    )
+    return not rgb and np.issubdtype(data.dtype, np.integer) and _named_like_labels(path)
 
 
 def labels_note(path) -> list[str] | None:

@@ -166,10 +166,9 @@ class _TileReader:
         except Exception as error:
             if isinstance(self.image, np.ndarray):
                 raise
-            # a slide read lazily: a damaged tile surfaces only here, as a codec's own error
-            raise InputError(
-                f"could not read part of the image ({type(error).__name__}: {error}); the file may be damaged"
-            ) from error
+            # a slide read lazily: a damaged tile, or a codec tifffile lacks, surfaces only here
+            cause = "install imagecodecs" if "imagecodecs" in str(error) else "the file may be damaged"
+            raise InputError(f"could not read part of the image ({type(error).__name__}: {error}); {cause}") from error
         return region[..., :3] if region.shape[-1] == 4 else region
 
     def sample(self, max_pixels: int = RANGE_SAMPLE_PIXELS) -> np.ndarray:
@@ -350,7 +349,8 @@ def predict_tiled(
     (H, W) and ``out_probabilities`` (K, H, W) may be preallocated arrays (numpy, memmap,
     zarr; see ``allocate_outputs``) for outputs that do not fit in memory. A stop
     request is honoured between batches; the rows finished so far are then in the
-    outputs and ``complete`` is False.
+    outputs and ``complete`` is False. ``value_range`` (``value_range_of``) scales the image;
+    a crop must be given its whole image's, else it is stretched by its own percentiles.
     """
     config = config or PredictConfig()
     reader = _TileReader(image)
