@@ -160,12 +160,15 @@ def test_interactive_smoke_and_resume(shared_data, tmp_path):
     for row in rows:
         assert 0.0 <= row["dice"] <= 1.0 and row["wall_s"] > 0 and row["peak_rss_mb"] > 0
         assert row["stroke_fraction"] < 0.01
-        if row["method"] in ("selfreg", "transfer"):  # the kept weights, with flips, and the other weights
-            assert row["kept"] == "last" and row["other_weights"] == "best"
-            assert 0.0 <= row["dice_flips"] <= 1.0 and 0.0 <= row["dice_best"] <= 1.0
+        if row["method"] in ("selfreg", "transfer"):  # the kept weights, and with flips
+            # every stroke trains the networks, as it does the baselines: no held-out strokes, so
+            # no best weights other than the last
+            assert row["validation_fraction"] == 0.0 and row["best_val_dice"] is None
+            assert row["kept"] == "last" and "dice_best" not in row
+            assert 0.0 <= row["dice_flips"] <= 1.0
             assert not any(k.startswith("_") for k in row)  # label arrays are scored, not stored
     selfreg = next(m for m in document["means"] if m["method"] == "selfreg")
-    assert {"dice_flips", "dice_best"} <= selfreg.keys()
+    assert "dice_flips" in selfreg and "dice_best" not in selfreg
     assert {(m["method"], m["budget"]) for m in document["means"]} >= {("selfreg", "2s"), ("rf", "none")}
     assert document["goal"] and document["goal"][0]["budget"] == "2s"
 

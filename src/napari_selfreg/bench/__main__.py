@@ -67,6 +67,9 @@ def _strokes_arguments(parser, budgets: list[str], methods: list[str], choices: 
     parser.add_argument("--patch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--crop", type=int, default=None, help="central crop of every image (pixels)")
+    parser.add_argument("--validation-fraction", type=float, default=0.0,
+                        help="share of the strokes the networks hold out for a validation Dice (0: they train on "
+                             "every stroke, as the baselines do)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +134,7 @@ def _stroke_protocol_settings(args, state: Path) -> dict:
     return dict(
         datasets=args.dataset, budgets=args.budgets, methods=args.methods, images=args.images, seeds=args.seeds,
         base_channels=args.base_channels, patch_size=args.patch_size, learning_rate=args.learning_rate,
-        crop=args.crop, device=args.device or "cpu",
+        crop=args.crop, device=args.device or "cpu", validation_fraction=args.validation_fraction,
         data_root=str(args.data) if args.data else None, cache_dir=str(state.parent / "cache"),
     )
 
