@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -435,6 +436,173 @@ def test_training_error_keeps_the_partial_model(he_viewer, qtbot, messages, monk
     assert "out of memory" in messages.errors[-1] and "batch size" in messages.errors[-1]
     assert "kept" in messages.errors[-1]
     assert len(train.registry) == before + 1
+
+
+
+@pytest.mark.gui
+def test_failed_previews_and_final_prediction_do_not_stall_training(he_viewer, qtbot, messages, monkeypatch):
+    """A RuntimeError (a GPU out of memory) in the live preview vanished in superqt: Train stayed
+    on "Stop" and the model was lost. A preview that fails is skipped with one warning; a failed
+    end-of-round prediction is told and its worker let go."""
+    import torch
+
+    from napari_selfreg.core import predict as core_predict
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(core_predict, "predict", out_of_memory)
+    train = train_widget_for(he_viewer)
+    tiny(train, steps=12)
+    train.patch_size.setValue(32)
+    train.preview_every.setValue(0.1)
+    before = len(train.registry)
+    train.start()
+    wait_idle(qtbot, train, timeout=60_000)
+    assert train.result is not None and train.result.steps == 12 and len(train.registry) == before + 1
+    assert train.start_button.text() == "Start training" and train.start_button.isEnabled()
+    assert len([text for text in messages.warnings if "preview failed" in text]) == 1
+    assert len(messages.errors) == 1 and "Prediction after training failed" in messages.errors[0]
+    assert "out of memory" in messages.errors[0] and train._final_workers == []
+
+
+@pytest.mark.gui
+def test_previews_of_a_crop_are_scaled_by_the_whole_image(make_napari_viewer, qtbot, messages, monkeypatch):
+    """A zoomed-in view of a 16-bit image was stretched by its own percentiles: background came
+    out as structure, and for a slide that became the "… prediction" layer."""
+    from napari_selfreg.core import predict as core_predict
+    from napari_selfreg.core.config import PredictConfig
+    from napari_selfreg.sample_data import fluorescence_arrays
+    from napari_selfreg.widgets import train_widget
+
+    arrays = fluorescence_arrays()
+    image, truth = arrays["image"], arrays["ground_truth"]
+    assert image.dtype == np.uint16
+    box = next(  # 48 x 48 of background, 8 px from any nucleus
+        (slice(y, y + 48), slice(x, x + 48))
+        for y in range(8, 200, 8) for x in range(8, 200, 8) if not truth[y - 8:y + 56, x - 8:x + 56].any()
+    )
+    monkeypatch.setattr(train_widget, "visible_box", lambda *args, **kwargs: box)  # the user zoomed in there
+    monkeypatch.setattr(train_widget, "FULL_PREVIEW_PIXELS", 1000)  # a "slide": the end of round predicts the view
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="nuclei")
+    viewer.add_labels(np.where(truth > 0, 2, 1).astype(np.uint8), name="nuclei labels")
+    _, train = docked(viewer, "Train SelfReg UNet")
+    train.image_combo.select("nuclei")
+    train.labels_combo.select("nuclei labels")
+    tiny(train, steps=40)
+    train.seed.setValue(1)
+    train.preview_every.setValue(0.1)
+    predictions = []  # (model, live preview?, labels) of every prediction the widget made
+    real = core_predict.predict
+
+    def recording(model, crop, *args, **kwargs):
+        prediction = real(model, crop, *args, **kwargs)
+        predictions.append((model, kwargs.get("stop") is not None, np.array(prediction.labels)))
+        return prediction
+
+    monkeypatch.setattr(core_predict, "predict", recording)
+    train.start()
+    wait_idle(qtbot, train)
+    assert not messages.errors
+    previews = [(model, labels) for model, live, labels in predictions if live]
+    finals = [labels for _, live, labels in predictions if not live]
+    assert previews and len(finals) == 1
+    settings = PredictConfig(tile_size=512, device="cpu")
+    whole = real(train.selected_model(), image, settings, probabilities=False).labels
+    assert np.array_equal(finals[0], whole[box])
+    assert np.array_equal(viewer.layers["nuclei prediction"].data[box], whole[box])
+    model, labels = previews[-1]  # the live preview, as its snapshot of the weights predicts the whole image
+    # (not pixel for pixel: a model still learning may differ at the edges of a crop it sees without context)
+    assert (labels == real(model, image, settings, probabilities=False).labels[box]).mean() > 0.8
+
+
+@pytest.mark.gui
+def test_corrections_on_the_prediction_are_kept(he_viewer, qtbot, messages, monkeypatch):
+    """Start again overwrote brush corrections on the "… prediction" layer, and so did the
+    end-of-round prediction when they were painted while it ran."""
+    from napari_selfreg.core import predict as core_predict
+    from napari_selfreg.widgets._common import EDITED_KEY
+
+    train = train_widget_for(he_viewer)
+    tiny(train, steps=3)
+    train.start()
+    wait_idle(qtbot, train)
+    prediction = he_viewer.layers["H&E tissue prediction"]
+    assert prediction.editable and prediction.data.any()
+    prediction.paint((10, 10), 3 - int(prediction.data[10, 10]))  # the brush: 1 <-> 2
+    assert prediction.metadata.get(EDITED_KEY)
+    corrected = np.array(prediction.data)
+
+    gate = threading.Event()
+    real = core_predict.predict
+
+    def held(*args, **kwargs):
+        if kwargs.get("stop") is None:  # the end-of-round prediction waits until the test looked
+            gate.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core_predict, "predict", held)
+    train.start()  # the strokes are still chosen: the corrections must not become the preview
+    qtbot.waitUntil(lambda: train.worker is None and train.final_worker is not None, timeout=60_000)
+    fresh = he_viewer.layers["H&E tissue prediction"]
+    assert not fresh.editable  # the end-of-round prediction is about to fill it
+    gate.set()
+    wait_idle(qtbot, train)
+    kept = he_viewer.layers["H&E tissue prediction (corrected)"]
+    assert np.array_equal(kept.data, corrected) and kept.editable
+    assert fresh.editable and fresh.data.any()
+    assert any("kept in 'H&E tissue prediction (corrected)'" in text for text in messages.infos)
+    assert not messages.errors
+
+
+@pytest.mark.gui
+def test_a_failed_start_leaves_no_empty_prediction(he_viewer, qtbot, messages):
+    """A training refused before its first step left an all-zero "… prediction" layer, which
+    "Use prediction as labels" then took over the Segment output."""
+    strokes = he_viewer.layers["strokes"].data
+    truth = he_viewer.layers["ground truth"].data
+    he_viewer.add_labels(np.where(strokes == 1, 1, 0).astype(np.uint8), name="only background")
+    train = train_widget_for(he_viewer)
+    train.labels_combo.select("only background")
+    tiny(train, steps=3)
+    train.start()
+    wait_idle(qtbot, train)
+    assert "at least one structure" in messages.errors[-1]
+    assert "H&E tissue prediction" not in he_viewer.layers
+
+    he_viewer.add_labels(np.zeros_like(truth), name="H&E tissue prediction")  # an empty one made elsewhere
+    he_viewer.add_labels(np.where(truth > 0, 2, 1).astype(np.uint8), name="H&E tissue segmentation")
+    train.labels_combo.select("strokes")
+    layer = train.use_prediction_as_labels()
+    assert "'H&E tissue segmentation'" in messages.infos[-1]
+    assert np.array_equal(layer.data[strokes == 0], np.where(truth > 0, 2, 1)[strokes == 0])
+
+
+@pytest.mark.gui
+def test_bad_strokes_and_a_failed_save_are_notifications(he_viewer, qtbot, messages):
+    """A negative id (-1 = "ignore" in some label files) and a write that safetensors refuses
+    raised out of the button's slot instead of saying what to do."""
+    from napari_selfreg.core.config import ModelConfig, TrainConfig
+    from napari_selfreg.core.train import train_to_end
+
+    strokes = he_viewer.layers["strokes"].data.astype(np.int32)
+    strokes[0, 0] = -1
+    he_viewer.add_labels(strokes, name="with ignore")
+    train = train_widget_for(he_viewer)
+    train.labels_combo.select("with ignore")
+    assert train.start() is None and not train.running
+    assert "negative id -1" in messages.errors[-1]
+
+    sample = he_arrays()
+    result = train_to_end(
+        [sample["image"]], [sample["strokes"]], TrainConfig(steps=2, patch_size=32, batch_size=2, device="cpu"),
+        ModelConfig(base_channels=4),
+    )
+    train.model_combo.setCurrentText(train.registry.add("tiny save test model", result.model))
+    assert train.save_model("/proc/model") is None  # a folder no one may write to
+    assert "Could not save the model" in messages.errors[-1] and "another folder" in messages.errors[-1]
+    wait_idle(qtbot, train)
 
 
 # ----------------------------------------------------------------------------- large images

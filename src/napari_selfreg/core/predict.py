@@ -342,6 +342,7 @@ def predict_tiled(
     out_labels=None,
     out_probabilities=None,
     stop: StopRequest = None,
+    value_range: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Generator[PredictProgress, None, Prediction]:
     """Yield progress per batch of tiles; return the ``Prediction``.
 
@@ -362,7 +363,8 @@ def predict_tiled(
     if reader.dtype.kind == "f" and checked:
         check_finite_pixels(reader.sample(FINITE_CHECK_PIXELS))
     check_tiles = not checked
-    value_range = _value_range(reader, norm)
+    if value_range is None:
+        value_range = _value_range(reader, norm)
     k = model.config.num_classes
     device = resolve_device(config.device)
     dtype = autocast_dtype(device, config.precision)

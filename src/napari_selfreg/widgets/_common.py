@@ -127,6 +127,15 @@ def track_edits(layer) -> None:
     layer.events.paint.connect(lambda _event: layer.metadata.__setitem__(EDITED_KEY, True))
 
 
+def free_name(viewer, base: str) -> str:
+    """``base``, else ``base 2``, ``base 3``, ...: the first that no layer has (napari would
+    otherwise append its own ``[1]``)."""
+    name, n = base, 2
+    while name in viewer.layers:
+        name, n = f"{base} {n}", n + 1
+    return name
+
+
 def placement(image) -> dict:
     """Where a layer made from ``image`` goes: its plane's scale and translate, and its file's
     direction (metadata), so labels saved from the layer overlay the image file elsewhere too."""

@@ -72,27 +72,45 @@ def run_training(
     """Yield ("report", TrainReport) per step and ("preview", (box, labels)) now and then.
 
     Previews come at most every ``preview_every`` seconds (never for 0), and never take more than
-    ``PREVIEW_SHARE`` of the time: on a slow CPU they thin out on their own.
+    ``PREVIEW_SHARE`` of the time: on a slow CPU they thin out on their own. A preview's crop is
+    scaled by the whole image's value range, as in training; it is computed once and yielded as
+    ("value_range", range) for the end-of-round prediction. A failed preview is skipped (the
+    first failure is yielded as ("preview_failed", error)): it must not end training.
     Returns the core's TrainResult. On Stop the core generator returns before its next
-    step, with the weights the settings keep (last, or best held-out so far). An error
-    after the first step is re-raised as ``WorkerError`` carrying a copy of the model
-    trained so far, so nothing is lost.
+    step, with the weights the settings keep (last, or best held-out so far). Every error
+    leaves as ``WorkerError`` (a RuntimeError would vanish in superqt), after the first step
+    carrying a copy of the model trained so far, so nothing is lost.
     """
-    from ..core.config import PredictConfig
-    from ..core.predict import predict
+    try:
+        return (
+            yield from _train_with_previews(
+                images, labels, config, model_config, class_names, initial, stop, view, preview_image, preview_every
+            )
+        )
+    except WorkerError:
+        raise
+    except Exception as error:
+        raise WorkerError(error) from error
+
+
+def _train_with_previews(
+    images, labels, config, model_config, class_names, initial, stop, view, preview_image, preview_every
+):
     from ..core.train import train
 
     generator = train(images, labels, config, model_config, class_names, initial, stop)
     last_preview = time.monotonic()
     interval = preview_every
     model = None
+    value_range = None
+    failed = False
     while True:
         try:  # after a Stop the core returns before its next step
             report = next(generator)
         except StopIteration as done:
             return done.value
         except Exception as error:
-            raise WorkerError(error, model.clone() if model is not None else None) from error
+            raise WorkerError(error, _copy_of(model)) from error
         model = report.model or model
         yield "report", report
         if preview_image is None or view is None or preview_every <= 0 or stop.is_set() or model is None:
@@ -102,14 +120,61 @@ def run_training(
         box = view()
         began = time.monotonic()
         if box is not None:
-            snapshot = model.clone()
-            crop = np.asarray(preview_image[box[0], box[1]])
-            settings = PredictConfig(tile_size=PREVIEW_TILE, overlap=0.25, batch_size=1, device=config.device)
-            prediction = predict(snapshot, crop, settings, probabilities=False, stop=stop)
-            if prediction.complete:
-                yield "preview", (box, prediction.labels)
+            try:
+                if value_range is None:
+                    value_range = _whole_value_range(preview_image, model)
+                    yield "value_range", value_range
+                labels = _preview(model, preview_image, box, value_range, config.device, stop)
+            except Exception as error:  # out of memory, NaN in the view, ...: training goes on
+                labels = None
+                if not failed:
+                    failed = True
+                    yield "preview_failed", error
+            if labels is not None:
+                yield "preview", (box, labels)
         last_preview = time.monotonic()
         interval = max(preview_every, (last_preview - began) / PREVIEW_SHARE)
+
+
+def _copy_of(model):
+    """A copy of the model trained so far, or None: copying must not raise a second error."""
+    try:
+        return model.clone() if model is not None else None
+    except Exception:
+        return None
+
+
+def _whole_value_range(image, model):
+    """The value range the model scales ``image`` by, from the whole image (as training does), so
+    that a crop of it is not stretched by its own percentiles."""
+    from ..core.predict import value_range_of
+
+    return value_range_of(image, model.info.normalization)
+
+
+def _preview(model, image, box, value_range, device, stop):
+    """Labels of ``image[box]`` from a snapshot of the weights, or None when stopped."""
+    from ..core.config import PredictConfig
+    from ..core.predict import predict
+
+    crop = np.asarray(image[box[0], box[1]])
+    settings = PredictConfig(tile_size=PREVIEW_TILE, overlap=0.25, batch_size=1, device=device)
+    prediction = predict(model.clone(), crop, settings, probabilities=False, stop=stop, value_range=value_range)
+    return prediction.labels if prediction.complete else None
+
+
+def predict_region(model, image, box, config, value_range, stop=None):
+    """Labels of ``image[box]`` scaled by the whole image's value range (computed when None);
+    errors as ``WorkerError``, so a RuntimeError reaches the widget."""
+    from ..core.predict import predict
+
+    try:
+        if value_range is None:
+            value_range = _whole_value_range(image, model)
+        crop = np.asarray(image[box[0], box[1]])
+        return predict(model, crop, config, probabilities=False, stop=stop, value_range=value_range).labels
+    except Exception as error:
+        raise WorkerError(error) from error
 
 
 def run_prediction(model, image, config, probabilities: bool, out_labels, out_probabilities, stop):

@@ -39,6 +39,7 @@ from ._common import (
     check_box,
     connect_while_alive,
     explain,
+    free_name,
     image_shape_2d,
     layer_data,
     placement,
@@ -294,10 +295,7 @@ class SegmentWidget(QWidget):
 
     def _keep_edited(self, layer) -> None:
         """A segmentation the user painted on is theirs: renamed out of the way, never removed."""
-        base = layer.name.removesuffix(" (previous)") + " (corrected)"
-        name, n = base, 2
-        while name in self.viewer.layers:
-            name, n = f"{base} {n}", n + 1
+        name = free_name(self.viewer, layer.name.removesuffix(" (previous)") + " (corrected)")
         layer.name = name
         show_info(f"Your edits are kept in '{name}'.")
 

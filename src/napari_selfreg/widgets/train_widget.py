@@ -38,7 +38,7 @@ from qtpy.QtWidgets import (
 from superqt import QCollapsible
 
 from ..core.config import ModelConfig, TrainConfig
-from ..core.data import painted_ids
+from ..core.data import InputError, painted_ids
 from ._common import (
     EDITED_KEY,
     DeviceCombo,
@@ -49,6 +49,7 @@ from ._common import (
     check_box,
     connect_while_alive,
     explain,
+    free_name,
     image_shape_2d,
     layer_data,
     misaligned,
@@ -60,7 +61,7 @@ from ._common import (
     track_edits,
     visible_corners,
 )
-from ._workers import WorkerError, run_training, visible_box
+from ._workers import WorkerError, predict_region, run_training, visible_box
 from .classes import DEFAULT_CLASSES, class_colormap, class_features, class_names_of
 from .model_registry import model_registry
 
@@ -129,6 +130,9 @@ class TrainWidget(QWidget):
         self._run_image = None
         self._last_status = 0.0
         self._prediction_name: str | None = None
+        self._value_range = None  # the run image's, for the end-of-round prediction of a crop
+        self._unfilled: list = []  # prediction layers made empty by this round, not yet written
+        self._locked: list = []  # prediction layers not editable until the round's predictions end
         self._view_box = None
         self._stop_requested_at: float | None = None
         self.last_stop_latency: float | None = None
@@ -429,11 +433,13 @@ class TrainWidget(QWidget):
         if model is None:
             show_error("Train or load a model first, then choose it under 'Start from' to save it.")
             return None
+        from safetensors import SafetensorError
+
         from ..core.checkpoint import save_model
 
         try:
             written = save_model(model, path)
-        except OSError as error:
+        except (OSError, SafetensorError) as error:  # safetensors reports a failed write its own way
             show_error(f"Could not save the model: {error}; choose another folder.")
             return None
         show_info(f"Model saved to {written}")
@@ -578,7 +584,11 @@ class TrainWidget(QWidget):
                 "1 and 2 first."
             )
             return None
-        painted = painted_ids(labels)
+        try:
+            painted = painted_ids(labels)
+        except InputError as error:
+            show_error(f"Check the strokes: {error}")
+            return None
         unpainted = [(i, name) for i, name in enumerate(self.class_names(), 1) if i > 1 and i not in painted]
         if unpainted and highest >= 2:
             listed = ", ".join(f"'{name}' ({i})" for i, name in unpainted)
@@ -589,10 +599,12 @@ class TrainWidget(QWidget):
         self._run_layers = [layer for pair in pairs for layer in pair]
         self._run_image = pairs[0][0]
         self._prediction_name = f"{self._run_image.name} prediction"
+        self._keep_corrections(self._prediction_name)
         names = self.class_names()
         self._write_classes()
         if self.preview_every.value() > 0:  # made now, not mid-training: napari takes 0.3-0.4 s for it
-            self._prediction_layer(self._run_image, self._prediction_name)
+            self._lock(self._prediction_layer(self._run_image, self._prediction_name))
+        self._value_range = None
         self.stop_event = threading.Event()
         self._stop_requested_at = None
         self.result = None
@@ -655,6 +667,39 @@ class TrainWidget(QWidget):
         elif kind == "preview":
             box, labels = value
             self._show_prediction(box, labels)
+        elif kind == "value_range":
+            self._value_range = value
+        elif kind == "preview_failed":
+            show_warning(f"A live preview failed and was skipped; training goes on. The cause: {explain(value)}")
+
+    def _keep_corrections(self, name: str) -> None:
+        """A prediction the user painted on is theirs: renamed out of the previews' way."""
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        if isinstance(layer, Labels) and layer.metadata.get(EDITED_KEY):
+            layer.name = free_name(self.viewer, f"{name} (corrected)")
+            show_info(f"Your corrections are kept in '{layer.name}'; previews go to a new layer.")
+
+    def _lock(self, layer) -> None:
+        """Not paintable while previews and the end-of-round prediction overwrite it."""
+        if layer is not None:
+            layer.editable = False
+            self._locked.append(layer)
+
+    def _after_round(self) -> None:
+        """Once training and its end-of-round predictions are over: the prediction layers are
+        paintable again, and one this round made but never wrote into (a failed start) goes."""
+        if self.worker is not None or self._final_workers:
+            return
+        for layer in self._locked:
+            if self._present(layer):
+                layer.editable = True
+        for layer in self._unfilled:
+            if self._present(layer):
+                self.viewer.layers.remove(layer)
+        self._locked, self._unfilled = [], []
+
+    def _present(self, layer) -> bool:
+        return any(same_layer(layer, other) for other in self.viewer.layers)
 
     def _prediction_layer(self, image, name: str):
         """The prediction layer of ``image``, created (or re-created) when missing."""
@@ -677,6 +722,7 @@ class TrainWidget(QWidget):
             opacity=0.6,
         )
         track_edits(layer)
+        self._unfilled.append(layer)
         return layer
 
     def _show_prediction(self, box, labels, image=None, name: str | None = None) -> None:
@@ -690,6 +736,7 @@ class TrainWidget(QWidget):
             return
         layer.data[box[0], box[1]] = labels
         layer.metadata[EDITED_KEY] = False  # a fresh prediction: the user's corrections are not in it
+        self._unfilled = [other for other in self._unfilled if not same_layer(other, layer)]
         layer.refresh()
 
     def _on_returned(self, result) -> None:
@@ -724,16 +771,23 @@ class TrainWidget(QWidget):
             return
         from ..core.config import PredictConfig
 
-        crop = np.asarray(layer_data(image)[box[0], box[1]])
         config = PredictConfig(tile_size=512, device=self._config.device)
-        worker = create_worker(_predict_labels, model, crop, config, None, _ignore_errors=True)
         # this round's image and layer: the next round may have started on another image by now
         name = self._prediction_name
+        self._lock(self._prediction_layer(image, name))
+        # a crop is scaled by the whole image's range, as training and previews scale it
+        worker = create_worker(
+            _predict_labels, model, layer_data(image), box, config, self._value_range, _ignore_errors=True
+        )
         worker.returned.connect(lambda labels: self._show_prediction(box, labels, image, name))
         worker.errored.connect(self._on_final_error)
-        worker.finished.connect(lambda: self._final_workers.remove(worker))
+        worker.finished.connect(lambda: self._on_final_finished(worker))
         self._final_workers.append(worker)
         worker.start()
+
+    def _on_final_finished(self, worker) -> None:
+        self._final_workers.remove(worker)
+        self._after_round()
 
     @property
     def final_worker(self):
@@ -758,6 +812,7 @@ class TrainWidget(QWidget):
         self.worker = None
         self.start_button.setText("Start training")
         self.start_button.setEnabled(True)
+        self._after_round()
 
     def _on_layer_removed(self, event) -> None:
         layer = event.value
@@ -790,7 +845,8 @@ class TrainWidget(QWidget):
         names = [f"{image.name} prediction", f"{image.name} segmentation"]
         if same_layer(image, self._run_image) and self._prediction_name:
             names.insert(0, self._prediction_name)
-        names = [n for n in names if n in self.viewer.layers]
+        # an all-zero layer (a round that never predicted) holds no prediction to correct
+        names = [n for n in names if n in self.viewer.layers and np.any(layer_data(self.viewer.layers[n]))]
         # the one the user corrected, whichever it is; else the newest kind (the live preview)
         edited = [n for n in names if self.viewer.layers[n].metadata.get(EDITED_KEY)]
         name = (edited or names or [None])[0]
@@ -824,7 +880,6 @@ class TrainWidget(QWidget):
         return layer
 
 
-def _predict_labels(model, image, config, stop):
-    from ..core.predict import predict
-
-    return predict(model, image, config, probabilities=False, stop=stop).labels
+def _predict_labels(model, image, box, config, value_range):
+    """The end-of-round prediction of ``image[box]`` (a module function: tests hold it back)."""
+    return predict_region(model, image, box, config, value_range)
