@@ -669,3 +669,10 @@ def test_bool_and_half_float_arrays_are_written(tmp_path, suffix):
     half = np.linspace(0, 1, 30, dtype=np.float16).reshape(5, 6)
     write_image(tmp_path / f"h{suffix}", half)
     assert np.array_equal(read_image(tmp_path / f"h{suffix}"), half)
+
+
+def test_a_tiff_without_pages_is_named_so(tmp_path):
+    path = tmp_path / "empty.tif"
+    path.write_bytes(b"II*\x00\x00\x00\x00\x00")  # a TIFF header whose first page offset is 0
+    with pytest.raises(ImageFileError, match="holds no image"):
+        read_image(path)

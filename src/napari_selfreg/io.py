@@ -67,7 +67,7 @@ def check_planar(path: str | Path) -> None:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
+                series = _first_series(tif, path)
                 axes = zip(series.axes.upper(), series.shape, strict=True)
                 # tifffile's plane axes other than Z and T (I, Q, ...) are plain pages
                 planes = "".join(f"{a if a in 'ZT' else 'pages'}={n} " for a, n in axes if a not in "YXSC" and n > 1)
@@ -96,6 +96,13 @@ def _refuse_stack(path: Path, planes: str) -> None:
 def _yx(series) -> tuple[int, int] | None:
     axes = series.axes.upper()
     return (series.shape[axes.index("Y")], series.shape[axes.index("X")]) if "Y" in axes and "X" in axes else None
+
+
+def _first_series(tif, path: Path):
+    """The image of a TIFF; a file without one (no pages, or a damaged first page) is named."""
+    if not tif.series:
+        raise ImageFileError(f"{Path(path).name} holds no image (a TIFF without readable pages)")
+    return tif.series[0]
 
 
 def _page_stack(tif) -> str:
@@ -220,7 +227,7 @@ def read_image(path: str | Path, labels: bool = False) -> np.ndarray:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
+                series = _first_series(tif, path)
                 if planes := _page_stack(tif):
                     _refuse_stack(path, planes)
                 colours = _tiff_colours(series, path, labels)
@@ -384,7 +391,7 @@ def _open(path: Path, lazy_above: int | None, every_level: bool, labels: bool = 
         return [read_image(path, labels)]
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
+            series = _first_series(tif, path)
             if planes := _page_stack(tif):
                 _refuse_stack(path, planes)
             colours = _tiff_colours(series, path, labels)
@@ -635,7 +642,7 @@ def _colour_last(path) -> bool:
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
+            series = _first_series(tif, path)
             axes = "".join(a for a, n in zip(series.axes.upper(), series.shape, strict=True) if n > 1 or a in "YX")
     except Exception:  # unreadable headers are reported when the pixels are read
         return True
