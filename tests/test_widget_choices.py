@@ -193,6 +193,35 @@ def test_closing_the_train_dock_stops_its_training(he_viewer, qtbot):
     wait_idle(qtbot, train)
 
 
+def test_closing_the_train_dock_stops_its_end_of_round_prediction(he_viewer, qtbot, monkeypatch):
+    """A 4 MP end-of-round prediction takes minutes on a CPU; a closed dock has no one to show it to."""
+    from test_widgets import tiny
+
+    from napari_selfreg.widgets import train_widget
+
+    gate, stopped = threading.Event(), []
+    real = train_widget._predict_labels
+
+    def held(*args):
+        gate.wait(60)
+        stopped.append(args[-1].is_set())  # the stop request the prediction checks between tiles
+        return real(*args)
+
+    monkeypatch.setattr(train_widget, "_predict_labels", held)
+    dock, train = docked(he_viewer, "Train SelfReg UNet")
+    train.image_combo.select("H&E tissue")
+    train.labels_combo.select("strokes")
+    tiny(train, steps=3)
+    train.start()
+    qtbot.waitUntil(lambda: not train.running and train.final_worker is not None, timeout=60_000)
+    dock.destroyOnClose()
+    gate.set()
+    wait_idle(qtbot, train)
+    assert stopped == [True]
+    prediction = "H&E tissue prediction"  # a stopped prediction writes nothing, and its empty layer goes
+    assert prediction not in he_viewer.layers or not np.any(he_viewer.layers[prediction].data)
+
+
 def test_a_rounds_final_prediction_lands_on_its_own_image(he_viewer, qtbot, messages, monkeypatch):
     """The end-of-round prediction may come back after the next round started on another image."""
     from test_widgets import tiny

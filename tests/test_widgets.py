@@ -473,7 +473,7 @@ def test_previews_of_a_crop_are_scaled_by_the_whole_image(make_napari_viewer, qt
     from napari_selfreg.core import predict as core_predict
     from napari_selfreg.core.config import PredictConfig
     from napari_selfreg.sample_data import fluorescence_arrays
-    from napari_selfreg.widgets import train_widget
+    from napari_selfreg.widgets import _workers, train_widget
 
     arrays = fluorescence_arrays()
     image, truth = arrays["image"], arrays["ground_truth"]
@@ -496,9 +496,10 @@ def test_previews_of_a_crop_are_scaled_by_the_whole_image(make_napari_viewer, qt
     predictions = []  # (model, live preview?, labels) of every prediction the widget made
     real = core_predict.predict
 
-    def recording(model, crop, *args, **kwargs):
-        prediction = real(model, crop, *args, **kwargs)
-        predictions.append((model, kwargs.get("stop") is not None, np.array(prediction.labels)))
+    def recording(model, crop, config, *args, **kwargs):
+        prediction = real(model, crop, config, *args, **kwargs)
+        live = config.tile_size == _workers.PREVIEW_TILE  # the end of round predicts in tiles of 512
+        predictions.append((model, live, np.array(prediction.labels)))
         return prediction
 
     monkeypatch.setattr(core_predict, "predict", recording)

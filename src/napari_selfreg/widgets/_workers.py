@@ -164,17 +164,19 @@ def _preview(model, image, box, value_range, device, stop):
 
 
 def predict_region(model, image, box, config, value_range, stop=None):
-    """Labels of ``image[box]`` scaled by the whole image's value range (computed when None);
-    errors as ``WorkerError``, so a RuntimeError reaches the widget."""
+    """Labels of ``image[box]`` scaled by the whole image's value range (computed when None),
+    or None when ``stop`` ended it early; errors as ``WorkerError``, so a RuntimeError
+    reaches the widget."""
     from ..core.predict import predict
 
     try:
         if value_range is None:
             value_range = _whole_value_range(image, model)
         crop = np.asarray(image[box[0], box[1]])
-        return predict(model, crop, config, probabilities=False, stop=stop, value_range=value_range).labels
+        prediction = predict(model, crop, config, probabilities=False, stop=stop, value_range=value_range)
     except Exception as error:
         raise WorkerError(error) from error
+    return prediction.labels if prediction.complete else None
 
 
 def run_prediction(model, image, config, probabilities: bool, out_labels, out_probabilities, stop):

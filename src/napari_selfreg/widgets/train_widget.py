@@ -142,7 +142,7 @@ class TrainWidget(QWidget):
             (self.registry.changed, self._refresh_models),
             (self.viewer.layers.events.removed, self._on_layer_removed),
         )
-        stop_when_closed(self, self.stop)
+        stop_when_closed(self, self._on_closed)
         self.labels_combo.currentTextChanged.connect(self._show_classes_of_layer)
         self._refresh_models()
         self._show_classes_of_layer()
@@ -519,6 +519,13 @@ class TrainWidget(QWidget):
         else:
             self.start()
 
+    def _on_closed(self) -> None:
+        """The dock's ✕: training stops as with Stop, and so do end-of-round predictions, which
+        would otherwise go on for minutes on a CPU with nothing left to show them."""
+        self.stop()
+        for worker in self._final_workers:
+            worker.stop_event.set()
+
     def stop(self) -> None:
         """Ask the worker to stop after the current step; the model so far is kept."""
         if self.worker is None:
@@ -776,10 +783,12 @@ class TrainWidget(QWidget):
         name = self._prediction_name
         self._lock(self._prediction_layer(image, name))
         # a crop is scaled by the whole image's range, as training and previews scale it
+        stop = threading.Event()
         worker = create_worker(
-            _predict_labels, model, layer_data(image), box, config, self._value_range, _ignore_errors=True
+            _predict_labels, model, layer_data(image), box, config, self._value_range, stop, _ignore_errors=True
         )
-        worker.returned.connect(lambda labels: self._show_prediction(box, labels, image, name))
+        worker.stop_event = stop  # set when the dock closes
+        worker.returned.connect(lambda labels: labels is None or self._show_prediction(box, labels, image, name))
         worker.errored.connect(self._on_final_error)
         worker.finished.connect(lambda: self._on_final_finished(worker))
         self._final_workers.append(worker)
@@ -880,6 +889,7 @@ class TrainWidget(QWidget):
         return layer
 
 
-def _predict_labels(model, image, box, config, value_range):
-    """The end-of-round prediction of ``image[box]`` (a module function: tests hold it back)."""
-    return predict_region(model, image, box, config, value_range)
+def _predict_labels(model, image, box, config, value_range, stop):
+    """The end-of-round prediction of ``image[box]``, None if stopped (a module function: tests
+    hold it back)."""
+    return predict_region(model, image, box, config, value_range, stop)
