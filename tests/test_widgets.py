@@ -282,9 +282,16 @@ def test_flow_sample_train_stop_segment(he_viewer, qtbot, messages, tmp_path):
     segment.flips.setChecked(False)
 
     # correction loop: the prediction becomes dense labels, strokes on top, and a second round continues
+    from napari_selfreg.io import DIRECTION_KEY
+
+    image_layer = viewer.layers["H&E tissue"]
+    image_layer.metadata[DIRECTION_KEY] = [0.0, -1.0, 1.0, 0.0]  # as read from a rotated NIfTI
     corrected = train.use_prediction_as_labels()
     strokes = viewer.layers["strokes"].data
     assert corrected is not None and np.array_equal(corrected.data[strokes > 0], strokes[strokes > 0])
+    assert corrected.metadata[DIRECTION_KEY] == image_layer.metadata[DIRECTION_KEY]  # saved labels overlay the file
+    assert tuple(corrected.scale) == tuple(image_layer.scale) and tuple(corrected.translate) == tuple(
+        image_layer.translate)
     assert train.labels_combo.currentText() == corrected.name
     assert train.selected_model() is train.registry.get(train.model_combo.currentText())
     # or train directly on the brushed prediction layer: it is renamed so previews do not overwrite it

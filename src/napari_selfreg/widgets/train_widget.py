@@ -877,9 +877,8 @@ class TrainWidget(QWidget):
             name=f"{image.name} corrected",
             features=class_features(self.class_names()),
             colormap=class_colormap(show_background=False),
-            scale=prediction.scale,
-            translate=prediction.translate,
             opacity=0.6,
+            **placement(image),  # with the image file's direction, so the saved labels overlay it elsewhere
         )
         layer.mode = "paint"
         self.labels_combo.select(layer.name)
