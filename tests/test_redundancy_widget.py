@@ -46,6 +46,97 @@ def _viewer_with_image(make_napari_viewer):
     return viewer
 
 
+def _cell_and_origin(report, block, kind):
+    b = report.block(block)
+    return (b.stride if kind == "features" else b.cell(kind, report.window)), report.grid_origin
+
+
+def _centre(report, block, kind, index):
+    """Image pixel position (pixel centres at whole numbers) of a grid cell's centre: cell i
+    covers pixels origin + i * cell .. origin + (i + 1) * cell - 1 (``upsample_grid``)."""
+    cell, origin = _cell_and_origin(report, block, kind)
+    return tuple(o + (i + 0.5) * cell - 0.5 for o, i in zip(origin, index, strict=True))
+
+
+def _needed_cells(report, block, kind, grid_shape):
+    """Per axis, the grid cells whose centres bracket the region's pixel centres: the ones the
+    region's pixels interpolate from (all of them for the whole image)."""
+    cell, origin = _cell_and_origin(report, block, kind)
+    top, left, bottom, right = report.region
+    out = []
+    for o, n, first, last in zip(origin, grid_shape, (top, left), (bottom - 1, right - 1), strict=True):
+        centres = o + (np.arange(n) + 0.5) * cell - 0.5
+        lo = int(np.flatnonzero(centres <= first)[-1]) if (centres <= first).any() else 0
+        hi = int(np.flatnonzero(centres >= last)[0]) if (centres >= last).any() else n - 1
+        out.append((lo, hi + 1))
+    return out
+
+
+def _sample(layer, image, rows, cols):
+    """The layer's values at image pixels (rows x cols), interpolated linearly between its
+    pixels and clamped at its edges: what napari's linear interpolation draws."""
+    from scipy import ndimage
+
+    world = [image.data_to_world((r, c)) for r in (0, 1) for c in (0, 1)]
+    (r00, c00), (_, c01), (r10, _), _ = [np.asarray(layer.world_to_data(w))[-2:] for w in world]
+    ys = r00 + (np.asarray(rows, float)) * (r10 - r00)
+    xs = c00 + (np.asarray(cols, float)) * (c01 - c00)
+    y, x = np.meshgrid(ys, xs, indexing="ij")
+    data = np.asarray(layer.data, np.float64)
+    if data.ndim == 3:
+        return np.stack([ndimage.map_coordinates(data[..., k], [y, x], order=1, mode="nearest")
+                         for k in range(data.shape[-1])], axis=-1)
+    return ndimage.map_coordinates(data, [y, x], order=1, mode="nearest")
+
+
+def _check_map_layers(viewer, widget, kinds):
+    """Every map layer holds its block's grid (cut to the cells the region needs), places each
+    cell value at the image position of its cell centre, and agrees with ``image_map``."""
+    image = viewer.layers["tissue"]
+    report, label = widget.result.reports[0], widget.result.labels[0]
+    top, left, bottom, right = report.region
+    labels = {"redundancy": "redundancy", "scr": "SCR", "ifd": "IFD", "features": "features"}
+    for block in report.names:
+        for kind in kinds:
+            layer = viewer.layers[f"{label}: {block} {labels[kind]}"]
+            b = report.block(block)
+            grid = b.features_rgb if kind == "features" else b.grid(kind)
+            (r0, r1), (c0, c1) = _needed_cells(report, block, kind, grid.shape[:2])
+            assert layer.data.shape == (r1 - r0, c1 - c0, *grid.shape[2:])
+            assert layer.data.shape[:2] != report.region_shape or b.cell(kind, report.window) == 1
+            assert layer.interpolation2d == "linear"
+            scale = widget.result.scales.get(kind, {}).get(block)
+            expected = grid[r0:r1, c0:c1]
+            if kind in ("scr", "ifd"):
+                expected = np.clip(expected / scale, 0, 1)
+            np.testing.assert_allclose(layer.data, expected, rtol=1e-6)
+            # cell centres land where the image shows the core's pixel position for them
+            rows, cols = layer.data.shape[:2]
+            for i, j in {(0, 0), (rows - 1, cols - 1), (rows // 2, cols // 2), (0, cols - 1)}:
+                np.testing.assert_allclose(
+                    layer.data_to_world((i, j)),
+                    image.data_to_world(_centre(report, block, kind, (r0 + i, c0 + j))),
+                    atol=1e-9,
+                )
+            full = report.features_image(block) if kind == "features" else report.image_map(block, kind, scale)
+            # cell centres that fall on pixels of the region (odd cells): image_map there is the cell value
+            centres = [
+                (i, j, *_centre(report, block, kind, (r0 + i, c0 + j))) for i in range(rows) for j in range(cols)
+            ]
+            on_pixels = [
+                (i, j, int(y), int(x)) for i, j, y, x in centres
+                if float(y).is_integer() and float(x).is_integer() and top <= y < bottom and left <= x < right
+            ]
+            assert on_pixels or _cell_and_origin(report, block, kind)[0] % 2 == 0
+            for i, j, y, x in on_pixels:
+                np.testing.assert_allclose(layer.data[i, j], full[y - top, x - left], rtol=1e-6, atol=1e-7)
+            # the drawn picture: linear between cell centres, as image_map interpolates
+            if kind == "redundancy" or b.stride == 1 or kind == "features":
+                drawn = _sample(layer, image, np.arange(top, bottom), np.arange(left, right))
+                np.testing.assert_allclose(drawn, full, atol=1.0 if kind == "features" else 1e-5, rtol=1e-5)
+    return report
+
+
 def test_compute_adds_aligned_layers_and_chart(make_napari_viewer, qtbot, registry_models):
 
     viewer = _viewer_with_image(make_napari_viewer)
@@ -59,10 +150,13 @@ def test_compute_adds_aligned_layers_and_chart(make_napari_viewer, qtbot, regist
     assert len(added) == len(BLOCKS) * 3
     expected = [f"plain: {b} {k}" for b in BLOCKS for k in ("redundancy", "SCR", "IFD")]
     assert [layer.name for layer in added] == expected  # grouped, in block order
+    report = widget.result.reports[0]
     for layer in added:
-        assert layer.data.shape == (57, 75)
-        np.testing.assert_allclose(layer.scale, (0.5, 0.5))
-        np.testing.assert_allclose(layer.translate, (10.0, -4.0))
+        block, kind = layer.name.split(" ")[1], {"SCR": "scr", "IFD": "ifd"}.get(layer.name.split(" ")[2], "redundancy")
+        cell = report.block(block).cell(kind, report.window)
+        assert layer.data.shape == report.block(block).grid(kind).shape  # one value per cell, all cells
+        np.testing.assert_allclose(layer.scale, (0.5 * cell, 0.5 * cell))
+        np.testing.assert_allclose(layer.translate, (10.0 + 0.5 * (cell / 2 - 0.5), -4.0 + 0.5 * (cell / 2 - 0.5)))
         assert tuple(layer.contrast_limits) == (0.0, 1.0)
         assert layer.colormap.name == "magma"
         assert 0 < layer.opacity < 1
@@ -83,6 +177,7 @@ def test_compute_adds_aligned_layers_and_chart(make_napari_viewer, qtbot, regist
 
 
 def test_compare_two_models_pairs_the_layers(make_napari_viewer, qtbot, registry_models):
+    from napari_selfreg.widgets import redundancy_widget
     from napari_selfreg.widgets._common import viewer_camera
 
     viewer = _viewer_with_image(make_napari_viewer)
@@ -104,10 +199,69 @@ def test_compare_two_models_pairs_the_layers(make_napari_viewer, qtbot, registry
     top, left, bottom, right = widget.result.region
     assert (bottom - top, right - left) != (57, 75)
     layer = viewer.layers["selfreg: E1 redundancy"]
-    assert layer.data.shape == (bottom - top, right - left)
-    np.testing.assert_allclose(layer.translate, (10.0 + 0.5 * top, -4.0 + 0.5 * left))
+    report = widget.result.reports[1]
+    cell, (oy, ox) = 16, report.grid_origin  # E1: stride 1, 16-pixel windows
+    assert layer.data.shape[0] <= -(-(bottom - top) // cell) + 2
+    (r0, _), (c0, _) = _needed_cells(report, "E1", "redundancy", report.block("E1").redundancy_grid.shape)
+    np.testing.assert_allclose(layer.scale, (0.5 * cell, 0.5 * cell))
+    centre = (oy + (r0 + 0.5) * cell - 0.5, ox + (c0 + 0.5) * cell - 0.5)
+    np.testing.assert_allclose(layer.translate, (10.0 + 0.5 * centre[0], -4.0 + 0.5 * centre[1]))
     assert len(widget.figure.axes[0].patches) == 2 * len(BLOCKS)
+    held = sum(viewer.layers[name].data.nbytes for name in added)
+    estimate = redundancy_widget.maps_bytes((bottom - top, right - left), (57, 75), [1, 2, 4, 2, 1], ["redundancy"], 2)
+    assert held <= estimate - 2 * (bottom - top) * (right - left) * redundancy_widget.REPORT_BYTES_PER_PIXEL
     assert len([ax for ax in widget.figure.axes if ax.images]) == 2
+
+
+def test_map_layers_hold_the_grids_at_their_cell_centres(make_napari_viewer, qtbot, registry_models):
+    viewer = _viewer_with_image(make_napari_viewer)
+    _, widget = docked(viewer, "Feature redundancy")
+    widget.model_box.setCurrentText(registry_models[0])
+    widget.image_box.setCurrentText("tissue")
+    widget.kind_checks["features"].setChecked(True)
+    widget.compute()
+    _wait(qtbot, widget)
+    report = _check_map_layers(viewer, widget, ["redundancy", "scr", "ifd", "features"])
+    assert report.region == (0, 0, 57, 75)
+    for block in report.names:  # the whole image: every cell of the core's grids, no more
+        layer = viewer.layers[f"plain: {block} SCR"]
+        assert layer.data.shape == report.block(block).scr_grid.shape
+    assert viewer.layers["plain: E3 redundancy"].data.shape == (1, 2)  # 64-pixel windows over 57 x 75
+    assert viewer.layers["plain: E2 features"].data.shape == (29, 38, 3)
+
+
+def test_map_layers_of_a_region_with_odd_cells(make_napari_viewer, qtbot, registry_models, monkeypatch):
+    # 3-pixel windows make E1/D1 redundancy cells odd, so their centres fall on image pixels
+    # and image_map there is the cell value itself; the region is off the alignment grid
+    from napari_selfreg.widgets import redundancy_widget
+
+    job = redundancy_widget.redundancy_job
+
+    def job_with_small_windows(*args, **kwargs):
+        return (yield from job(*args, window=3, **kwargs))
+
+    monkeypatch.setattr(redundancy_widget, "redundancy_job", job_with_small_windows)
+    viewer = _viewer_with_image(make_napari_viewer)
+    _, widget = docked(viewer, "Feature redundancy")
+    widget.model_box.setCurrentText(registry_models[0])
+    widget.image_box.setCurrentText("tissue")
+    widget.kind_checks["features"].setChecked(True)
+    widget.view_only.setChecked(True)
+    widget.view_region = lambda layer: (29, 13, 52, 47)
+    widget.compute()
+    _wait(qtbot, widget)
+    report = _check_map_layers(viewer, widget, ["redundancy", "scr", "ifd", "features"])
+    assert report.region == (29, 13, 52, 47) and report.window == 3
+    # the core's grid starts one 12-pixel alignment step above the region: rows 12..56, cols 0..59
+    assert report.grid_origin == (12, 0) and report.block("E1").redundancy_grid.shape == (15, 20)
+    e1 = viewer.layers["plain: E1 redundancy"]
+    # cells 5..13 and 4..15 (centres at rows 28..52, cols 13..46) bracket rows 29..51, cols 13..46
+    assert e1.data.shape == (9, 12)
+    np.testing.assert_allclose(e1.data_to_world((0, 0)), (10.0 + 0.5 * 28, -4.0 + 0.5 * 13))
+    np.testing.assert_allclose(e1.scale, (1.5, 1.5))
+    e1_scr = viewer.layers["plain: E1 SCR"]
+    assert e1_scr.data.shape == (23, 34)  # stride 1: the region's own pixels
+    np.testing.assert_allclose(e1_scr.translate, (10.0 + 0.5 * 29, -4.0 + 0.5 * 13))
 
 
 def test_missing_inputs_and_bad_model_file(make_napari_viewer, tmp_path):
@@ -183,17 +337,20 @@ def test_a_run_whose_maps_would_not_fit_in_memory_is_refused(make_napari_viewer,
     _, widget = docked(viewer, "Feature redundancy")
     widget.model_box.setCurrentText(registry_models[0])
     widget.image_box.setCurrentText("tissue")
-    # 57 x 75 pixels, 5 blocks x 3 float32 maps + the report's 29 bytes: 4275 x 89 = 380 kB
-    monkeypatch.setattr(redundancy_widget, "available_memory", lambda: 400_000)
+    # 57 x 75 pixels: float32 SCR and IFD grids at strides 1, 2, 4, 2, 1 (8 x (4275 + 1102 + 285
+    # + 1102 + 4275) = 88312 bytes), redundancy grids of 16-pixel windows (216 bytes), and
+    # the report's 29 bytes per pixel (123975): 212503 bytes, 380475 at image pixels before
+    estimate = redundancy_widget.maps_bytes((57, 75), (57, 75), [1, 2, 4, 2, 1], ["redundancy", "scr", "ifd"], 1)
+    assert estimate == 88312 + 216 + 123975
+    monkeypatch.setattr(redundancy_widget, "available_memory", lambda: 250_000)
     assert widget.compute() is None
     assert "would take about" in widget.status.text() and "Only the region in view" in widget.status.text()
     assert [layer.name for layer in viewer.layers] == ["tissue"]
-    monkeypatch.setattr(redundancy_widget, "available_memory", lambda: 500_000)
+    monkeypatch.setattr(redundancy_widget, "available_memory", lambda: 300_000)
     assert widget.compute() is not None
     _wait(qtbot, widget)
     maps = [layer.data for layer in viewer.layers if layer.name != "tissue"]
     held = sum(m.nbytes for m in maps)
-    estimate = redundancy_widget.maps_bytes(57 * 75, len(BLOCKS), ["redundancy", "scr", "ifd"], 1)
     assert held == estimate - 57 * 75 * redundancy_widget.REPORT_BYTES_PER_PIXEL  # the layers, as estimated
 
 
@@ -201,20 +358,20 @@ def test_a_stop_while_the_maps_are_built_adds_none(registry_models, monkeypatch)
     # on a slide the maps take seconds each after the last tile: Stop must still add nothing
     import threading
 
-    from napari_selfreg.core.redundancy import RedundancyReport
+    from napari_selfreg.widgets import redundancy_widget
     from napari_selfreg.widgets.model_registry import model_registry
     from napari_selfreg.widgets.redundancy_widget import redundancy_job
 
     model = model_registry().get(registry_models[0])
     image = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3)).astype(np.uint8)
     stop = threading.Event()
-    built = RedundancyReport.image_map
+    built = redundancy_widget.grid_layer
 
-    def build_then_stop(self, *args, **kwargs):
+    def build_then_stop(*args, **kwargs):
         stop.set()  # pressed while the first map was being built
-        return built(self, *args, **kwargs)
+        return built(*args, **kwargs)
 
-    monkeypatch.setattr(RedundancyReport, "image_map", build_then_stop)
+    monkeypatch.setattr(redundancy_widget, "grid_layer", build_then_stop)
     run = redundancy_job([model], ["m"], image, "cosine", ["redundancy", "scr"], None, stop=stop)
     steps = []
     with pytest.raises(StopIteration) as end:

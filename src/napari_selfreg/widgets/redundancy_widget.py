@@ -4,6 +4,13 @@ A thin adapter: it gathers a model (or two, to compare), an image layer and sett
 ``core.redundancy.compute_redundancy`` in a napari thread worker, and turns the reports
 into Image layers and a matplotlib chart. torch is imported only inside the worker, so
 docking the widget is fast.
+
+Each layer holds a block's grid as the core keeps it (one value per grid cell, not per
+image pixel), scaled and moved so that every value sits at its cell centre over the image,
+and napari interpolates it linearly on screen. That is the picture of
+``RedundancyReport.image_map`` (bilinear between cell centres, clamped at the edges) at a
+fraction of the memory: a slide's maps at image pixels would not fit in RAM. A layer
+reaches past the region by up to a cell and a half, to the edges of the cells it needs.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from ._common import (
     ask_model_file,
     image_shape_2d,
     layer_data,
+    placement,
     stack_problem,
     stop_when_closed,
     viewer_camera,
@@ -49,10 +57,17 @@ OPACITY = 0.6
 
 @dataclass
 class LayerSpec:
-    """One layer to add or update: built in the worker, applied on the main thread."""
+    """One layer to add or update: built in the worker, applied on the main thread.
+
+    ``data`` is a block's grid (cells of ``cell`` image pixels); ``centre`` is the image
+    pixel position (row, col; pixel centres at whole numbers, as napari has them) of the
+    centre of ``data[0, 0]``'s cell, so the layer can be placed over the image layer.
+    """
 
     name: str
     data: np.ndarray
+    cell: int = 1
+    centre: tuple[float, float] = (0.0, 0.0)
     rgb: bool = False
     visible: bool = False
 
@@ -71,7 +86,61 @@ def layer_name(tag: str, block: str, kind: str) -> str:
     return f"{tag}: {block} {KIND_LABELS[kind]}"
 
 
-def redundancy_job(models, labels, image, similarity, kinds, region, window=16, stop=None):
+WINDOW = 16  # side of the redundancy windows, in block pixels (the core's default)
+
+
+def block_stride(name: str) -> int:
+    """Image pixels per block pixel, from the block's name (E1..E(depth+1), D(depth)..D1 number
+    the UNet's levels): the memory check needs it before any feature is computed."""
+    return 2 ** (int(name[1:]) - 1)
+
+
+def _support(start: int, stop: int, origin: int, cell: int, n: int) -> slice:
+    """The cells of one grid axis that the pixels ``start..stop-1`` interpolate from, as
+    ``core.redundancy.upsample_grid`` weighs them: the grid runs up to an alignment step
+    (hundreds of pixels) past a region, and a layer cut to the region's own cells would
+    clamp its edge pixels to the wrong values."""
+    first = (start + 0.5 - origin) / cell - 0.5  # grid coordinate of the first pixel centre
+    last = (stop - 0.5 - origin) / cell - 0.5
+    lo = int(np.clip(np.floor(first), 0, n - 1))
+    hi = int(np.clip(np.ceil(last), 0, n - 1))
+    return slice(lo, hi + 1)
+
+
+def grid_layer(report, name: str, kind: str, scale: float | None = None) -> tuple[np.ndarray, int, tuple[float, float]]:
+    """(values, cell, centre) of one map over the report's region, for a ``LayerSpec``.
+
+    The values are the block's grid cells that the region's pixels interpolate from; cell
+    (i, j) of the grid starts at image pixel ``grid_origin + (i, j) * cell``, so its centre is
+    at ``grid_origin + ((i, j) + 0.5) * cell - 0.5`` in pixel-centre coordinates, where
+    ``upsample_grid`` gives it weight 1. ``scale`` divides and clips SCR/IFD into [0, 1] as
+    ``image_map`` does, but per cell, before napari interpolates: the values then equal
+    ``image_map`` at cell centres and stay in [0, 1], and the picture differs only between a
+    cell above the scale (the top 1 %) and its neighbours. Features are the uint8 RGB
+    rendering at block resolution.
+    """
+    block = report.block(name)
+    if kind == "features":
+        if block.features_rgb is None:
+            raise ValueError("features were not rendered (render_features=False)")
+        grid, cell = block.features_rgb, block.stride
+    else:
+        grid, cell = block.grid(kind), block.cell(kind, report.window)
+    top, left, bottom, right = report.region
+    oy, ox = report.grid_origin
+    rows = _support(top, bottom, oy, cell, grid.shape[0])
+    cols = _support(left, right, ox, cell, grid.shape[1])
+    if kind == "features":
+        data = np.ascontiguousarray(grid[rows, cols])
+    else:
+        data = np.array(grid[rows, cols], np.float32)  # a copy: the layer may outlive the report
+        if scale is not None:
+            data = np.clip(data / (scale if scale > 0 else 1.0), 0.0, 1.0, out=data)
+    centre = (oy + (rows.start + 0.5) * cell - 0.5, ox + (cols.start + 0.5) * cell - 0.5)
+    return data, cell, centre
+
+
+def redundancy_job(models, labels, image, similarity, kinds, region, window=WINDOW, stop=None):
     """Generator run in the worker: yields (done, total, text); returns a ``ComputeResult``, or
     None when ``stop`` (a ``threading.Event``) is set.
 
@@ -113,16 +182,15 @@ def _redundancy_job(models, labels, image, similarity, kinds, region, window, st
     for kind in ("scr", "ifd"):
         result.scales[kind] = {n: map_scale(reports, n, kind) for n in names}
     for name in names:  # block by block, then map kind, then model: paired layers sit together
-        if stop is not None and stop.is_set():  # seconds per map on a slide: Stop still adds nothing
+        if stop is not None and stop.is_set():  # a Stop pressed now still adds nothing
             return None
         for kind in kinds:
             for report, label in zip(reports, labels, strict=True):
-                if kind == "features":
-                    data, rgb = report.features_image(name), True
-                else:
-                    scale = result.scales[kind][name] if kind in result.scales else None
-                    data, rgb = report.image_map(name, kind, scale), False
-                result.layers.append(LayerSpec(layer_name(label, name, kind), data, rgb))
+                scale = result.scales[kind][name] if kind in result.scales else None
+                data, cell, centre = grid_layer(report, name, kind, scale)
+                result.layers.append(
+                    LayerSpec(layer_name(label, name, kind), data, cell, centre, rgb=kind == "features")
+                )
     yield len(models), len(models), "done"
     return result
 
@@ -131,11 +199,23 @@ MAP_FLAG = "napari_selfreg_redundancy"  # layer metadata of the maps this widget
 REPORT_BYTES_PER_PIXEL = 29  # a report's own grids and maps, per model (BENCHMARKS.md, redundancy)
 
 
-def maps_bytes(pixels: int, blocks: int, kinds: list[str], models: int) -> int:
-    """Memory the maps of a run take: every layer is a float32 (or RGB uint8) map at image
-    pixels, and each model's report keeps its own maps besides."""
-    per_block = sum(3 if kind == "features" else 4 for kind in kinds)
-    return pixels * models * (blocks * per_block + REPORT_BYTES_PER_PIXEL)
+def maps_bytes(
+    shape: tuple[int, int], image_shape: tuple[int, int], strides: list[int], kinds: list[str], models: int,
+    window: int = WINDOW,
+) -> int:
+    """Memory the maps of a run over ``shape`` (the region's rows, cols) take: every layer is
+    a float32 (or RGB uint8) grid, one value per cell of its block (``stride`` image pixels,
+    ``stride * window`` for redundancy), at most the region's cells plus the neighbours its
+    edge pixels interpolate from, and never more than the whole image's grid; each model's
+    report keeps its own grids besides (``REPORT_BYTES_PER_PIXEL``)."""
+    layers = 0
+    for stride in strides:
+        for kind in kinds:
+            cell = stride * window if kind == "redundancy" else stride
+            rows, cols = (min(-(-n // cell) + 2, -(-whole // cell))
+                          for n, whole in zip(shape, image_shape, strict=True))
+            layers += rows * cols * (3 if kind == "features" else 4)
+    return models * (layers + shape[0] * shape[1] * REPORT_BYTES_PER_PIXEL)
 
 
 def available_memory() -> int | None:
@@ -353,9 +433,9 @@ class RedundancyWidget(QWidget):
         """Refuse a run whose maps would not fit: the system would kill napari, and unsaved
         labels with it, long before a MemoryError could be reported."""
         top, left, bottom, right = region if region is not None else (0, 0, *shape)
-        pixels = (bottom - top) * (right - left)
-        blocks = len(models[0].network.block_names)
-        needed, free = maps_bytes(pixels, blocks, kinds, len(models)), available_memory()
+        strides = [block_stride(name) for name in models[0].network.block_names]
+        needed = maps_bytes((bottom - top, right - left), shape, strides, kinds, len(models))
+        free = available_memory()
         if free is None or needed <= 0.8 * free:
             return None
         where = "the region in view" if region is not None else "this image"
@@ -416,31 +496,36 @@ class RedundancyWidget(QWidget):
 
     def _apply_layers(self, result: ComputeResult) -> None:
         """Add (or update in place) the layers, aligned with the image layer, kept adjacent; maps
-        of earlier runs that this one does not remake go, so the layers match the chart."""
+        of earlier runs that this one does not remake go, so the layers match the chart.
+
+        A grid value goes where the image layer shows its cell centre: one step of the
+        layer is ``cell`` image pixels, and its pixel (0, 0) lands on image pixel
+        ``spec.centre`` (both composed with the image layer's own scale and translate)."""
         image = self._image_layer
         made = {spec.name for spec in result.layers}
         for layer in [layer for layer in self.viewer.layers if layer.metadata.get(MAP_FLAG)]:
             if layer.name not in made:
                 self.viewer.layers.remove(layer)
-        top, left = result.region[:2]
-        scale = np.asarray(image.scale[-2:], float)
-        translate = np.asarray(image.translate[-2:], float) + scale * np.array([top, left], float)
+        where = placement(image)
+        image_scale = np.asarray(where["scale"], float)
+        image_translate = np.asarray(where["translate"], float)
         first = True
         for spec in result.layers:
             visible = first and not spec.rgb
             first = first and spec.rgb
+            scale = image_scale * spec.cell
+            translate = image_translate + image_scale * np.asarray(spec.centre, float)
             if spec.name in self.viewer.layers:
                 layer = self.viewer.layers[spec.name]
                 layer.data = spec.data
                 layer.scale = scale
                 layer.translate = translate
                 continue
-            kwargs = {"rgb": True} if spec.rgb else {
-                "colormap": COLORMAP, "contrast_limits": (0.0, 1.0), "interpolation2d": "nearest"
-            }
+            kwargs = {"rgb": True} if spec.rgb else {"colormap": COLORMAP, "contrast_limits": (0.0, 1.0)}
             self.viewer.add_image(
                 spec.data, name=spec.name, scale=scale, translate=translate, opacity=OPACITY,
-                blending="translucent", visible=visible, metadata={MAP_FLAG: True}, **kwargs,
+                blending="translucent", visible=visible, metadata={MAP_FLAG: True}, interpolation2d="linear",
+                **kwargs,
             )
 
     # ------------------------------------------------------------------ chart
