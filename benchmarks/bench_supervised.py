@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fine-tune-seconds", type=float, default=0.0,
                         help="also fine-tune on each test image's strokes for this long (0: skip)")
+    parser.add_argument("--images", type=int, help="only the first N test images (default: all 14)")
     parser.add_argument("--data", type=Path, help="the folder holding monuseg/ (default: ../shared/data)")
+    parser.add_argument("--runs", type=Path, default=HERE / "runs", help="where the trained model is kept")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "supervised.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -60,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     variant = f"{'unet' if args.no_selfreg else 'selfreg'}_b{args.base_channels}_{args.steps}steps_seed{args.seed}"
-    model_file = HERE / "runs" / f"supervised_monuseg_{variant}.safetensors"
-    train_info: dict = {"model_file": str(model_file.relative_to(HERE.parent))}
+    model_file = args.runs / f"supervised_monuseg_{variant}.safetensors"
+    train_info: dict = {"model_file": model_file.name}
     if model_file.is_file():
         model = load_model(model_file)
         train_info["cached"] = True
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"dice": round(100 * binary_dice(labels, truth), 2), "area_ratio": round(area, 3)}
 
     rows = []
-    for sample in split.test:
+    for sample in split.test[: args.images]:
         image, instances = sample.image(), sample.instances()
         truth = instances > 0
         strokes = simulate_strokes(instances, stroke_seed(sample.name, 0))

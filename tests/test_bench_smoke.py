@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from napari_selfreg.bench.__main__ import main
@@ -325,6 +326,30 @@ def test_batch_benchmark_smoke_run_compares_like_with_like(shared_data, tmp_path
     assert len(doc["images"]) == 2 and run["same_labels"] is True
     assert run["ratio"] == pytest.approx(run["run_per_image_s"] / run["one_run_s"])
     assert run["one_run_s"] > 0
+
+
+def test_supervised_benchmark_smoke_run_trains_once_and_scores_like_the_protocol(shared_data, tmp_path):
+    """benchmarks/bench_supervised.py: the model is trained once and reused; its Otsu column is
+    the interactive protocol's baseline on the same strokes (results/baselines.json)."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, str(_script("bench_supervised.py")), "--steps", "2", "--threads", "1", "--images", "2",
+            "--data", str(shared_data), "--runs", str(tmp_path / "runs")]
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    subprocess.run([*argv, "--out", str(first)], check=True, capture_output=True, timeout=600)
+    subprocess.run([*argv, "--fine-tune-seconds", "1", "--out", str(second)], check=True, capture_output=True,
+                   timeout=600)
+    one, two = json.loads(first.read_text()), json.loads(second.read_text())
+    assert one["train"]["cached"] is False and one["train"]["steps"] == 2 and one["train"]["train_images"] == 24
+    assert two["train"]["cached"] is True and (tmp_path / "runs" / one["train"]["model_file"]).is_file()
+    assert [r["supervised"] for r in two["rows"]] == [r["supervised"] for r in one["rows"]]
+    assert all(r["fine_tune_steps"] >= 1 and 0 <= r["fine_tuned"]["dice"] <= 100 for r in two["rows"])
+    baselines = json.loads((_script("results") / "baselines.json").read_text())["rows"]
+    for row, baseline in zip(one["rows"], baselines, strict=False):
+        assert row["image"] == baseline["image"]
+        assert row["otsu"]["dice"] == pytest.approx(100 * baseline["otsu_smoothed"], abs=0.006)
+    assert one["mean_dice"]["otsu"] == pytest.approx(np.mean([r["otsu"]["dice"] for r in one["rows"]]), abs=0.006)
 
 
 @pytest.mark.gui
