@@ -105,8 +105,8 @@ def paper_table(document: dict, title: str = "Paper protocol (full masks, 224x22
         "- published: UNet on MoNuSeg 76.45 Dice / 62.86 IoU (UCTransNet protocol); SelfReg-UNet on MoNuSeg",
         "  IoU 67.07 (Dice about 80), on GlaS Dice 91.62 (ablation best about 80.2 and 90.9 Dice).",
         "  Published figures are at 224x224; our GlaS train split has only 24 of the 85 official train images,",
-        "  and our GlaS test set is test A (60 images): ../shared/data has no test B (the published GlaS",
-        "  figures are usually over A and B, 80 images). MoNuSeg: the 14 official test images.",
+        "  and our GlaS test set is test A (60 images): ../shared/data has no test B (UCTransNet's GlaS test",
+        "  set, behind the published figures, is A and B, 80 images). MoNuSeg: the 14 official test images.",
         "",
     ]
     return lines
