@@ -71,6 +71,40 @@ def test_every_input_kind_trains(image):
     assert norm.channels == (1 if image.ndim == 2 else 3)
 
 
+def _weights_equal(a, b):
+    import torch
+
+    sa, sb = a.network.state_dict(), b.network.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+_RGBA8 = np.random.default_rng(11).integers(0, 256, (40, 48, 4), dtype=np.uint8)  # random alpha
+_RGBA16 = np.random.default_rng(12).integers(0, 4096, (40, 48, 4), dtype=np.uint16)
+_GRAY8 = np.random.default_rng(13).integers(0, 256, (40, 48), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("image", "same"),
+    [
+        (_RGBA8, np.ascontiguousarray(_RGBA8[..., :3])),
+        (_RGBA16, np.ascontiguousarray(_RGBA16[..., :3])),
+        (np.moveaxis(_RGBA8, -1, 0), np.ascontiguousarray(_RGBA8[..., :3])),  # channel-first RGBA
+        (_GRAY8, _GRAY8[..., None]),
+    ],
+    ids=["rgba8", "rgba16", "rgba8-channel-first", "gray8"],
+)
+def test_rgba_trains_as_its_rgb_and_gray_as_its_one_channel_image(image, same):
+    """Alpha (random here) is dropped, not read as a colour: R, G, B are what the network sees."""
+    np.testing.assert_array_equal(as_channels_last(image), same)
+    norm = normalization_for(image)
+    assert norm == normalization_for(same)
+    np.testing.assert_array_equal(normalize(image, norm), normalize(same, norm))
+    exact = dict(steps=3, device="cpu", precision="float32")
+    a, b = _train(image, _painted(), **exact), _train(same, _painted(), **exact)
+    assert [r.loss for r in a.history] == [r.loss for r in b.history]
+    assert _weights_equal(a.last, b.last)
+
+
 def test_normalization_is_the_same_for_a_tile_given_the_image_range():
     from napari_selfreg.core.data import intensity_range
 
@@ -159,11 +193,19 @@ def test_painted_ids_refuse_huge_and_non_finite_ids_before_counting_them(value, 
         painted_ids([labels])
 
 
-def test_nan_image_is_refused():
-    image = np.zeros((40, 48), np.float32)
-    image[3, 3] = np.nan
-    with pytest.raises(InputError, match="NaN"):
-        _train(image, _painted())
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    ("shape", "where"),
+    [((40, 48), (3, 3)), ((40, 48, 3), (30, 40, 1)), ((200, 220), (199, 219))],
+    ids=["gray", "rgb", "far-from-the-paint"],  # the last lies outside every painted window
+)
+def test_non_finite_image_is_refused(bad, shape, where):
+    image = np.random.default_rng(0).normal(100, 20, shape).astype(np.float32)
+    image[where] = bad
+    labels = np.zeros(shape[:2], np.uint8)
+    labels[:40, :48] = _painted()
+    with pytest.raises(InputError, match="NaN or infinite"):
+        _train(image, labels)
 
 
 def test_stack_is_refused_clearly():
@@ -171,13 +213,55 @@ def test_stack_is_refused_clearly():
         _train(np.zeros((8, 40, 48), np.uint8), _painted())
 
 
-def test_image_smaller_than_patch_is_padded_not_refused():
-    image = np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)
-    labels = np.zeros((20, 24), np.uint8)
-    labels[2:4, 2:20] = 1
-    labels[12:14, 4:20] = 2
-    result = _train(image, labels, patch_size=64)
+@pytest.mark.parametrize(
+    ("shape", "mode"),
+    # pad_to reflects the image, repeating its edge where the pad is wider than the image
+    [((20, 24), "edge"), ((40, 48), "reflect"), ((70, 30), "edge")],
+    ids=["pad-wider-than-image", "pad-narrower-than-image", "one-side-only"],
+)
+def test_image_smaller_than_patch_is_padded_not_refused(monkeypatch, shape, mode):
+    """The padding is unpainted: the strokes here reach the bottom and right edges, and padded
+    labels copied from them (edge or reflect) would invent strokes outside the image."""
+    from napari_selfreg.core import train as train_module
+
+    h, w = shape
+    size = 64
+    image = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    labels = np.zeros((h, w), np.uint8)
+    labels[2:4, 2 : w - 4] = 1
+    labels[h - 6 :, 4:] = 2  # to the bottom-right corner
+    labels[8:10, w - 3 :] = 1  # and again to the right edge
+    samplers = []
+
+    class RecordingSampler(PatchSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            samplers.append(self)
+
+    monkeypatch.setattr(train_module, "PatchSampler", RecordingSampler)
+    result = _train(image, labels, patch_size=size)
     assert result.steps == 2
+    # what training sampled from: the normalised image padded by pad_to's rule, labels padded with 0
+    (sampler,) = samplers
+    x = normalize(image, result.last.info.normalization)
+    pads = ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0))
+    (padded,), (padded_labels,) = sampler.images, sampler.labels
+    assert padded_labels.shape == (max(h, size), max(w, size))
+    np.testing.assert_array_equal(padded, np.pad(x, pads, mode=mode))
+    assert not padded_labels[h:].any() and not padded_labels[:, w:].any()
+    inside = padded_labels[:h, :w]
+    assert np.all((inside == 0) | (inside == labels))  # training strokes (some held out), nothing new
+    # the patches themselves: labels and image as given inside, no paint outside
+    direct = PatchSampler(PatchSet([x], [labels.astype(np.int64)]), size, np.random.default_rng(0), augment=False)
+    xb, yb = direct.batch(4)
+    assert xb.shape == (4, 3, size, size) and yb.shape == (4, size, size)
+    for patch, patch_labels in zip(xb, yb, strict=True):
+        assert (patch_labels > 0).sum() <= (labels > 0).sum()
+        # a side shorter than the patch is padded at its end, so every patch starts at 0 there
+        assert not patch_labels[h:].any() and not patch_labels[:, w:].any()
+        if h <= size and w <= size:  # the patch is the whole padded image
+            np.testing.assert_array_equal(patch_labels[:h, :w], labels)
+            np.testing.assert_array_equal(patch, np.moveaxis(np.pad(x, pads, mode=mode), -1, 0))
 
 
 def test_split_strokes_holds_out_whole_strokes_and_keeps_every_class():

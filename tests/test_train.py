@@ -80,13 +80,25 @@ def test_no_selfreg_switch_zeroes_the_terms():
     assert all(r.scr == 0 and r.ifd == 0 for r in result.history)
 
 
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.network.state_dict().items()}
+
+
+def _same_weights(model, snapshot):
+    state = model.network.state_dict()
+    return state.keys() == snapshot.keys() and all(torch.equal(state[k], v) for k, v in snapshot.items())
+
+
 def test_stop_ends_within_one_step_and_keeps_best_and_last():
     image, labels, _ = _scene()
     stop = threading.Event()
     config = TrainConfig(steps=10_000, patch_size=48, batch_size=2, validation_every=2, seed=0)
     run = train([image], [labels], config, SMALL, stop=stop)
+    snapshots, scores = [], []
     for _ in range(5):
         report = next(run)
+        snapshots.append(_snapshot(report.model))  # the live model as it stands after this step
+        scores.append(report.val_dice)
     stop.set()
     t0 = time.perf_counter()
     with pytest.raises(StopIteration) as done:
@@ -95,12 +107,16 @@ def test_stop_ends_within_one_step_and_keeps_best_and_last():
     result = done.value.value
     assert waited < max(2.0, 3 * report.seconds_per_step + 1.0)
     assert result.stopped and result.steps == 5 and result.history[-1].stopped
-    assert result.best is not None and result.last is not None
-    # the last weights are those trained for five steps, not the initial ones
-    fresh = train_to_end([image], [labels], TrainConfig(steps=1, patch_size=48, seed=0), SMALL)
-    pairs = zip(fresh.last.network.state_dict().values(), result.last.network.state_dict().values(), strict=True)
-    diff = [(a - b).abs().max().item() for a, b in pairs if a.dtype.is_floating_point]
-    assert max(diff) > 0
+    # "last" are exactly the weights of step 5 (and what keep="last", the default, hands over)
+    assert result.keep == "last" and result.model is result.last
+    assert _same_weights(result.last, snapshots[-1])
+    # "best" are those of the first of the highest held-out scores (validations at steps 2 and 4)
+    validated = [i for i, s in enumerate(scores) if s is not None]
+    assert validated == [1, 3]
+    best = validated[int(np.argmax([scores[i] for i in validated]))]
+    assert _same_weights(result.best, snapshots[best])
+    # step 5 moved the weights, so the checks above tell "last" from "best" and from step 4
+    assert not _same_weights(result.last, snapshots[best]) and not _same_weights(result.last, snapshots[-2])
 
 
 def test_a_callable_stop_works_before_the_first_step():
@@ -204,16 +220,77 @@ def test_fine_tuning_continues_from_a_saved_model(tmp_path):
         train_to_end([image], [more], TrainConfig(steps=1, patch_size=32), initial=loaded)
 
 
-def test_several_image_label_pairs_and_three_classes():
+def test_fine_tuning_starts_from_the_loaded_weights(tmp_path):
+    """``initial=`` is where training starts: not a fresh network with the loaded classes."""
+    from napari_selfreg.core.checkpoint import load_model, save_model
+
+    image, labels, _ = _scene()
+    first = train_to_end([image], [labels], TrainConfig(steps=3, patch_size=32, seed=0), SMALL)
+    loaded = load_model(save_model(first.last, tmp_path / "round1"))
+    loaded_state = _snapshot(loaded)
+    # a run stopped before its first step hands the loaded weights back exactly (buffers too)
+    held = train_to_end([image], [labels], TrainConfig(steps=2, patch_size=32, seed=1),
+                        initial=loaded, stop=lambda: True)
+    assert held.stopped and held.steps == 0
+    assert _same_weights(held.last, loaded_state) and _same_weights(held.best, loaded_state)
+    # one step at a tiny learning rate moves no parameter by more than about the rate
+    tiny = train_to_end([image], [labels], TrainConfig(steps=1, patch_size=32, seed=1, learning_rate=1e-9),
+                        initial=loaded)
+    assert tiny.steps == 1
+    moved = [(a - b).abs().max().item()
+             for a, b in zip(tiny.last.network.parameters(), loaded.network.parameters(), strict=True)]
+    assert max(moved) < 1e-6
+    # ...which a network drawn afresh from the run's seed is not: the tolerance tells the two apart
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        fresh = SegmentationModel.create(loaded.info)
+    far = [(a - b).abs().max().item()
+           for a, b in zip(fresh.network.parameters(), loaded.network.parameters(), strict=True)]
+    assert max(far) > 1e-3
+    assert _same_weights(loaded, loaded_state)  # the loaded model itself is left untouched
+
+
+def test_several_image_label_pairs_and_three_classes(monkeypatch):
+    """Training samples every image: here the second holds the only strokes of class 3."""
+    from napari_selfreg.core import train as train_module
+    from napari_selfreg.core.data import normalize
+    from napari_selfreg.core.regions import painted_crops
+
     image, labels, _ = _scene(0)
     image2, labels2, _ = _scene(1)
     labels2 = labels2.copy()
     labels2[0:3, 0:30] = 3
+    samplers, drawn = [], []
+
+    class RecordingSampler(train_module.PatchSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            samplers.append(self)
+
+        def _centre(self):
+            centre = super()._centre()
+            drawn.append(centre[0])  # which window the patch is cut from
+            return centre
+
+    monkeypatch.setattr(train_module, "PatchSampler", RecordingSampler)
     result = train_to_end(
-        [image, image2], [labels, labels2], TrainConfig(steps=3, patch_size=32), SMALL
+        [image, image2], [labels, labels2], TrainConfig(steps=3, patch_size=32, seed=0), SMALL
     )
     assert result.last.config.num_classes == 3
     assert result.last.class_names == ["background", "class 2", "class 3"]
+    (sampler,) = samplers
+    # one window per image, each its own image normalised
+    crops = painted_crops([image, image2], [labels, labels2], 64)
+    assert [crop.source for crop in crops] == [0, 1]
+    norm = result.last.info.normalization
+    for window, crop in zip(sampler.images, crops, strict=True):
+        np.testing.assert_array_equal(window, normalize(crop.image, norm))
+    # class 3 is sampled from the second image only, background and class 2 from both
+    assert sorted(sampler.by_class) == [1, 2, 3]
+    assert [index for index, _ in sampler.by_class[3]] == [1]
+    for cls in (1, 2):
+        assert sorted(index for index, _ in sampler.by_class[cls]) == [0, 1]
+    assert set(drawn) == {0, 1}  # the steps' patches come from both images
 
 
 def test_mismatched_pair_counts():
@@ -257,7 +334,7 @@ def test_a_stopped_widget_run_hands_over_the_weights_the_settings_keep():
     assert best < len(scores) - 1  # so "last" would be other weights
     kept = result.model.network.state_dict()
     assert all(torch.equal(kept[k], v) for k, v in weights[best].items())
-    assert result.last.network.state_dict().keys() == kept.keys()
+    assert _same_weights(result.last, weights[-1]) and not _same_weights(result.last, weights[best])
 
 
 def test_the_warm_up_follows_the_decay_when_the_time_budget_runs_out():

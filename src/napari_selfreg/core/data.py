@@ -360,7 +360,8 @@ class PatchSet:
 
 
 def pad_to(image: np.ndarray, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pad an image smaller than a patch (reflect) with unpainted labels."""
+    """Pad an image smaller than a patch with unpainted labels: reflected where the image is
+    wider than the padding, its edge repeated otherwise (numpy cannot reflect further)."""
     h, w = labels.shape
     ph, pw = max(0, size - h), max(0, size - w)
     if not (ph or pw):
