@@ -60,18 +60,58 @@ class _Exploit:
         return (pathlib.Path.touch, (pathlib.Path(_Exploit.target),))
 
 
-def test_pickle_payload_is_refused_and_never_executed(tmp_path):
-    _Exploit.target = str(tmp_path / "pwned")
-    path = tmp_path / "evil.safetensors"
+def _armed(marker):
+    """Points the payload at ``marker``: each test first shows that unpickling its file
+    creates it, so that its staying absent after ``load_model`` means something."""
+    _Exploit.target = str(marker)
+    return marker
+
+
+@pytest.mark.parametrize("name", ["evil.safetensors", "evil.pt"])
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_pickle_payload_is_refused_and_never_executed(tmp_path, protocol, name):
+    marker = _armed(tmp_path / "pwned")
+    path = tmp_path / name
     with open(path, "wb") as f:
-        pickle.dump({"state": _Exploit()}, f, protocol=2)
-    with pytest.raises(ModelFileError, match="pickle"):
+        pickle.dump({"state": _Exploit()}, f, protocol=protocol)
+    # control: unpickling this file does run the payload
+    with open(path, "rb") as f:
+        pickle.load(f)
+    assert marker.exists()
+    marker.unlink()
+    # protocols 2 and up start with the PROTO opcode and are named as pickles; 0 and 1 have
+    # no signature and are refused as another format. Either way nothing runs.
+    with pytest.raises(ModelFileError, match="pickle" if protocol >= 2 else "another format"):
         load_model(path)
-    assert not (tmp_path / "pwned").exists()
-    # a torch.save file (zip) is refused the same way
-    torch.save({"w": torch.zeros(1)}, tmp_path / "torch.pt")
-    with pytest.raises(ModelFileError, match="pickle"):
-        load_model(tmp_path / "torch.pt")
+    with pytest.raises(ModelFileError):
+        read_model_info(path)
+    assert not marker.exists()
+
+
+def test_torch_save_payload_is_refused_and_never_executed(tmp_path):
+    marker = _armed(tmp_path / "pwned")
+    path = tmp_path / "torch.pt"
+    torch.save({"w": torch.zeros(1), "state": _Exploit()}, path)
+    torch.load(path, weights_only=False)  # control: torch.load without weights_only runs it
+    assert marker.exists()
+    marker.unlink()
+    renamed = tmp_path / "evil.safetensors"
+    renamed.write_bytes(path.read_bytes())
+    for name in (path, renamed):
+        with pytest.raises(ModelFileError, match="pickle"):
+            load_model(name)
+        with pytest.raises(ModelFileError, match="pickle"):
+            read_model_info(name)
+    assert not marker.exists()
+
+
+def test_a_safetensors_name_over_garbage_bytes_is_refused(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(ModelFileError, match="not a readable napari-selfreg model file"):
+        load_model(path)
 
 
 def test_truncated_file_gives_clear_message(tmp_path, model):
@@ -165,14 +205,43 @@ def _set(doc, **changes):
          "training-list", "300-classes", "no-format"],
 )
 def test_a_crafted_document_is_refused_before_its_network_is_built(tmp_path, model, monkeypatch, edit, message):
-    from napari_selfreg.core import model as model_module
-
     path = _with_document(tmp_path, model, "crafted", edit)
-    built = []
-    monkeypatch.setattr(model_module.SegmentationModel, "create", classmethod(lambda cls, info: built.append(info)))
+    built, loaded = _record_networks(monkeypatch)
     with pytest.raises(ModelFileError, match=message):
         load_model(path)
-    assert not built
+    # a network may be described on the meta device (no memory) to compare shapes, never built
+    assert all(device == "meta" for device in built), built
+    assert not loaded
+
+
+def _record_networks(monkeypatch):
+    """Records the device of every SelfRegUNet built (``load_model`` builds them through
+    ``_check_shapes`` and ``SegmentationModel.from_weights``) and every call of ``from_weights``."""
+    from napari_selfreg.core import model as model_module
+    from napari_selfreg.core import unet
+
+    built, loaded = [], []
+    init, from_weights = unet.SelfRegUNet.__init__, model_module.SegmentationModel.from_weights.__func__
+
+    def recording_init(self, *args, **kwargs):
+        built.append(torch.empty(0).device.type)  # the device in effect for new parameters
+        init(self, *args, **kwargs)
+
+    def recording_from_weights(cls, info, weights):
+        loaded.append(info)
+        return from_weights(cls, info, weights)
+
+    monkeypatch.setattr(unet.SelfRegUNet, "__init__", recording_init)
+    monkeypatch.setattr(model_module.SegmentationModel, "from_weights", classmethod(recording_from_weights))
+    return built, loaded
+
+
+def test_the_recorder_sees_the_networks_a_load_builds(tmp_path, model, monkeypatch):
+    """The control for the test above: a good file is built through what it watches."""
+    path = save_model(model, tmp_path / "good")
+    built, loaded = _record_networks(monkeypatch)
+    assert load_model(path).class_names == model.class_names
+    assert built == ["meta", "meta"] and len(loaded) == 1
 
 
 def test_weights_that_are_not_finite_are_refused(tmp_path, model):

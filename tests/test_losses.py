@@ -29,11 +29,37 @@ def test_targets_shift_painting_ids_and_ignore_unpainted():
 
 
 def test_cross_entropy_counts_painted_pixels_only():
-    # two pixels: painted background with logits (2, 0); unpainted pixel with huge wrong logits
+    # one unpainted pixel with huge wrong logits: left out
     logits = torch.tensor([[[[2.0, -50.0]], [[0.0, 50.0]]]])  # B=1, K=2, H=1, W=2
     labels = torch.tensor([[[1, 0]]])
     expected = -math.log(math.exp(2) / (math.exp(2) + 1))
     assert painted_cross_entropy(logits, targets_from_labels(labels)).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_cross_entropy_is_the_mean_over_several_painted_pixels():
+    # painted background with logits (2, 0), painted structure with (0, 1), unpainted (-50, 50):
+    # -log softmax per painted pixel is log(1 + e^-2) = 0.126928 and log(1 + e^-1) = 0.313262
+    logits = torch.tensor([[[[2.0, 0.0, -50.0]], [[0.0, 1.0, 50.0]]]])  # B=1, K=2, H=1, W=3
+    labels = torch.tensor([[[1, 2, 0]]])
+    pixels = [math.log(1 + math.exp(-2)), math.log(1 + math.exp(-1))]
+    assert pixels == pytest.approx([0.126928, 0.313262], abs=1e-6)
+    ce = painted_cross_entropy(logits, targets_from_labels(labels)).item()
+    assert ce == pytest.approx(0.220095, abs=1e-6)  # the mean; a sum would give 0.440190
+    assert ce == pytest.approx(sum(pixels) / 2, rel=1e-6)
+    # the 0.4 / 0.6 balance of the total rests on that mean
+    terms = selfreg_total(logits, labels, None, None)
+    assert terms.ce.item() == pytest.approx(0.220095, abs=1e-6)
+    assert terms.total.item() == pytest.approx(0.4 * 0.220095 + 0.6 * terms.dice.item(), abs=1e-6)
+
+
+def test_a_batch_with_nothing_painted_has_zero_loss_and_finite_gradients():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 4, 4, requires_grad=True)
+    terms = selfreg_total(logits, torch.zeros(1, 4, 4, dtype=torch.long), None, None)
+    assert terms.ce.item() == 0 and terms.dice.item() == 0 and terms.total.item() == 0
+    terms.total.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert not logits.grad.any()  # nothing painted: the supervised terms pull nowhere
 
 
 def test_dice_loss_by_hand():
@@ -98,17 +124,17 @@ def test_scr_random_equals_mean_variant_in_expectation_plus_constant():
 
 
 def test_channel_scores_and_ifd_by_hand():
-    # channel maps over 1x2 pixels; L2-normalised means: c0 (3,4)->(0.6,0.8) mean 0.7;
-    # c1 (1,0) -> 0.5; c2 (1,1) -> 0.7071; c3 (0,2) -> 0.5 (tie with c1, order by argsort)
-    feature = torch.tensor([[[[3.0, 4.0]], [[1.0, 0.0]], [[1.0, 1.0]], [[0.0, 2.0]]]])
-    scores = channel_scores(feature)
-    assert scores.tolist() == pytest.approx([0.7, 0.5, 0.70710678, 0.5])
-    order = torch.argsort(scores, descending=True)
-    top, bottom = feature[:, order[:2]], feature[:, order[2:4]]
-    expected = ((top - bottom) ** 2).mean()
-    assert ifd_term(feature).item() == pytest.approx(expected.item())
-    # c2 (top) pairs with rank 3, c0 with rank 4: both bottom channels are c1/c3
-    assert set(order[:2].tolist()) == {0, 2}
+    # channel maps over 1x2 pixels; means of the L2-normalised maps: c0 (3,4)->(0.6,0.8) 0.7;
+    # c1 (1,0) 0.5; c2 (1,1) 1/sqrt(2) = 0.7071; c3 (1,2) 3/(2 sqrt(5)) = 0.6708 (no ties).
+    # Ranks: c2, c0 | c3, c1, so c2 pairs with c3 and c0 with c1:
+    # ((1-1)^2 + (1-2)^2 + (3-1)^2 + (4-0)^2) / 4 values = (0 + 1 + 4 + 16) / 4 = 5.25
+    feature = torch.tensor([[[[3.0, 4.0]], [[1.0, 0.0]], [[1.0, 1.0]], [[1.0, 2.0]]]])
+    assert channel_scores(feature).tolist() == pytest.approx([0.7, 0.5, 0.70710678, 0.67082039])
+    assert ifd_term(feature).item() == pytest.approx(5.25)
+    # the training path values the same feature the same way
+    roles = BlockRoles(encoder=("E2",), decoder=(), teacher="D1")
+    _, ifd = selfreg_losses({"E2": feature, "D1": torch.zeros(1, 2, 1, 2)}, roles, "mean")
+    assert ifd.item() == pytest.approx(5.25, rel=1e-6)
 
 
 def test_ifd_loss_is_encoder_mean_plus_decoder_mean():
