@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from napari_selfreg.cli import main
 
@@ -155,6 +156,8 @@ def test_evaluate_reads_palette_masks_and_masks_without_background(tmp_path, cap
 
 
 TRAIN = ["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"]
+_HAS_CUDA = torch.cuda.is_available()
+_HAS_MPS = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 @pytest.mark.parametrize(
@@ -171,8 +174,11 @@ TRAIN = ["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--
         (["train", "--image", "{tmp}/img.tif", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif",
           "--out", "{tmp}/m"], "one --labels per --image"),
         (["train", "--image", "{tmp}/nope.xyz", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"], "does not exist"),
-        ([*TRAIN, "--device", "cuda"],
-         "nothing is painted|CUDA"),
+        # painted labels: the device check itself refuses (it runs after the labels are checked)
+        pytest.param(["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/painted.tif", "--out", "{tmp}/m",
+                      "--steps", "1", "--device", "cuda"],
+                     "^napari-selfreg train: error: CUDA was requested but no CUDA GPU is available",
+                     marks=pytest.mark.skipif(_HAS_CUDA, reason="this machine has CUDA")),
         (["evaluate", "--prediction", "{tmp}/img.tif", "--mask", "{tmp}/small.tif"], "differ in shape"),
         (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/adir"], "is a folder"),
         (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/afile/m"],
@@ -355,9 +361,42 @@ def test_several_images_in_one_run_match_single_runs_and_a_bad_one_is_skipped(tm
         assert report["mean"]["classes"][c]["images"] == 2
 
 
-def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "napari_selfreg.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "train" in out.stdout and "predict" in out.stdout
+def _console_script() -> str | None:
+    """The installed ``napari-selfreg`` script: beside this Python (the environment's bin or
+    Scripts folder), else on the PATH."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    name = "napari-selfreg.exe" if os.name == "nt" else "napari-selfreg"
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.is_file() else shutil.which("napari-selfreg")
+
+
+def test_console_script_is_installed(tmp_path):
+    """The ``[project.scripts]`` entry runs main and hands its exit code to the shell."""
+    script = _console_script()
+    assert script is not None, "the napari-selfreg script is not installed beside this Python nor on the PATH"
+    out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: napari-selfreg") and "train" in out.stdout and "predict" in out.stdout
+    from PIL import Image
+
+    prediction = np.ones((8, 8), np.uint8)
+    prediction[:4] = 2
+    Image.fromarray(prediction).save(tmp_path / "p.png")
+    Image.fromarray(np.full((4, 4), 2, np.uint8)).save(tmp_path / "small.png")
+    scored = subprocess.run([script, "evaluate", "--prediction", str(tmp_path / "p.png"), "--mask",
+                             str(tmp_path / "p.png")], capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["classes"]["2"] == {"dice": 1.0, "iou": 1.0}
+    refused = subprocess.run([script, "evaluate", "--prediction", str(tmp_path / "p.png"), "--mask",
+                              str(tmp_path / "small.png")], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2  # the user-error code reaches the shell
+    assert refused.stderr.strip().splitlines() == [
+        "napari-selfreg evaluate: error: prediction p.png (8, 8) and mask small.png (4, 4) differ in shape"]
+    module = subprocess.run([sys.executable, "-m", "napari_selfreg.cli", "--help"], capture_output=True, text=True)
+    assert module.returncode == 0 and "train" in module.stdout
 
 
 def _untrained_model(path):
@@ -493,3 +532,164 @@ def test_train_takes_the_widgets_precision_and_validation_interval(tmp_path, cap
     assert settings["precision"] == "float32" and settings["validation_every"] == 2
     assert main([*base, "--out", str(tmp_path / "n"), "--precision", "half"]) == 2
     assert "unknown precision" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ devices, stacks, the sample end to end, seeds
+
+_ABSENT_DEVICES = [
+    pytest.param("cuda", "CUDA was requested but no CUDA GPU is available; use --device auto or cpu",
+                 marks=pytest.mark.skipif(_HAS_CUDA, reason="this machine has CUDA"), id="cuda"),
+    pytest.param("mps", "MPS was requested but is not available; use --device auto or cpu",
+                 marks=pytest.mark.skipif(_HAS_MPS, reason="this machine has MPS"), id="mps"),
+    pytest.param("tpu", "unknown device 'tpu'; choose auto, cpu, cuda or mps", id="unknown"),
+]
+
+
+@pytest.fixture(scope="module")
+def small_inputs(tmp_path_factory):
+    """A 48 x 48 RGB image, labels painted with 1 and 2, and an untrained tiny model."""
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(folder / "img.tif", rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    painted = np.zeros((48, 48), np.uint8)
+    painted[2:8, 2:30], painted[30:40, 5:35] = 1, 2
+    tifffile.imwrite(folder / "painted.tif", painted)
+    _untrained_model(folder / "m")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "inspect"])
+@pytest.mark.parametrize(("device", "message"), _ABSENT_DEVICES)
+def test_a_device_this_machine_lacks_is_one_line_and_exit_2(small_inputs, tmp_path, capsys, command, device, message):
+    """The same command runs with --device cpu, so the device alone is what refuses it; nothing is written."""
+    import shutil
+
+    d, out = small_inputs, tmp_path / "out"
+    argv = {
+        "train": ["train", "--image", str(d / "img.tif"), "--labels", str(d / "painted.tif"),
+                  "--out", str(out / "m.safetensors"), "--steps", "1", "--width", "4", "--depth", "2",
+                  "--patch-size", "32", "--batch-size", "2"],
+        "predict": ["predict", "--model", str(d / "m.safetensors"), "--image", str(d / "img.tif"),
+                    "--out", str(out / "labels.tif")],
+        "inspect": ["inspect", "--model", str(d / "m.safetensors"), "--image", str(d / "img.tif"), "--out", str(out)],
+    }[command]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert out.is_dir() and any(out.iterdir())
+    capsys.readouterr()
+    shutil.rmtree(out)
+    assert main([*argv, "--device", device]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"napari-selfreg {command}: error: {message}"]
+    assert not out.exists()
+
+
+def _z_stack(path):
+    tifffile.imwrite(path, np.zeros((3, 32, 32), np.uint8), imagej=True, metadata={"axes": "ZYX"})
+
+
+def _eight_planes(path):  # planes filed as channels: the file's header lets them through
+    tifffile.imwrite(path, np.zeros((8, 40, 48), np.uint8), photometric="minisblack", metadata={"axes": "CYX"})
+
+
+def _two_rgb_planes(path):
+    tifffile.imwrite(path, np.zeros((2, 40, 48, 3), np.uint8), photometric="rgb", metadata={"axes": "CYXS"})
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (_z_stack, r"stack\.tif is a stack \(Z=3\), not one 2-D image"),  # from the file's header
+        (_eight_planes, r"image of shape \(8, 40, 48\) looks like a 3-D stack; select one 2-D slice"),  # from the array
+        (_two_rgb_planes, r"image has 4 dimensions \(2, 40, 48, 3\); .*split stacks and time series into 2-D slices"),
+    ],
+    ids=["z-stack", "eight-planes", "4-d"],
+)
+def test_predict_refuses_a_stack_in_one_line(small_inputs, tmp_path, capsys, write, message):
+    import re
+
+    write(tmp_path / "stack.tif")
+    out = tmp_path / "labels.tif"
+    rc = main(["predict", "--model", str(small_inputs / "m.safetensors"), "--image", str(tmp_path / "stack.tif"),
+               "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and re.match(r"napari-selfreg predict: error: " + message, err[0]), err
+    assert not out.exists()
+
+
+def _sample_files():
+    from napari_selfreg.sample_data import SAMPLE_DIR
+
+    return SAMPLE_DIR / "he_tissue.png", SAMPLE_DIR / "he_strokes.png", SAMPLE_DIR / "he_ground_truth.png"
+
+
+E2E_STEPS = 40
+
+
+def test_train_predict_evaluate_on_the_shipped_sample(tmp_path, capsys):
+    """train -> predict -> evaluate on the package's own sample (no data folder needed)."""
+    import math
+
+    from PIL import Image
+
+    from napari_selfreg.core.checkpoint import load_model
+
+    image, strokes, truth_path = _sample_files()
+    model = tmp_path / "model.safetensors"
+    assert main(["train", "--image", str(image), "--labels", str(strokes), "--out", str(model),
+                 "--steps", str(E2E_STEPS), "--width", "8", "--patch-size", "64", "--batch-size", "4",
+                 "--seed", "0", "--device", "cpu", "--precision", "float32", "--validate-every", "20",
+                 "--class-names", "background,nucleus"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["model"] == str(model) and summary["steps"] == E2E_STEPS and not summary["stopped"]
+    assert math.isfinite(summary["final_loss"]) and 0.0 <= summary["best_val_dice"] <= 1.0
+    loaded = load_model(model)
+    assert loaded.class_names == ["background", "nucleus"] and loaded.info.history[-1]["step"] == E2E_STEPS
+
+    labels_path, probabilities_path = tmp_path / "labels.tif", tmp_path / "probabilities.tif"
+    assert main(["predict", "--model", str(model), "--image", str(image), "--out", str(labels_path),
+                 "--probabilities", str(probabilities_path), "--device", "cpu", "--precision", "float32"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    labels = tifffile.imread(labels_path)
+    with Image.open(truth_path) as opened:
+        truth = np.array(opened)
+    assert labels.shape == truth.shape == (256, 256) and labels.dtype == np.uint8
+    assert set(np.unique(labels)) == {1, 2}  # painting ids, both classes found
+    assert printed["pixels_per_label"] == {"1": int((labels == 1).sum()), "2": int((labels == 2).sum())}
+    probabilities = tifffile.imread(probabilities_path)
+    assert probabilities.shape == (2, 256, 256)
+    np.testing.assert_array_equal(labels, probabilities.argmax(0) + 1)
+
+    assert main(["evaluate", "--prediction", str(labels_path), "--mask", str(truth_path)]) == 0
+    scores = json.loads(capsys.readouterr().out)["classes"]
+    assert set(scores) == {"1", "2"}
+    for c in (1, 2):
+        predicted, true = labels == c, truth == c
+        both = int((predicted & true).sum())
+        assert scores[str(c)]["dice"] == pytest.approx(2 * both / (predicted.sum() + true.sum()), abs=1e-12)
+        assert scores[str(c)]["iou"] == pytest.approx(both / (predicted | true).sum(), abs=1e-12)
+    nuclei = int((truth == 2).sum())
+    all_nucleus = 2 * nuclei / (nuclei + truth.size)  # the Dice of "everything is nucleus"
+    assert scores["2"]["dice"] > 2 * all_nucleus
+
+
+def test_the_seed_makes_a_cpu_training_run_repeatable(tmp_path, capsys):
+    """Two CPU runs with one --seed write the same weights; another seed writes others."""
+    from safetensors.torch import load_file
+
+    from napari_selfreg.core.checkpoint import load_model
+
+    image, strokes, _ = _sample_files()
+    base = ["train", "--image", str(image), "--labels", str(strokes), "--steps", "3", "--width", "4", "--depth", "2",
+            "--patch-size", "32", "--batch-size", "2", "--device", "cpu", "--precision", "float32"]
+    runs = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert main([*base, "--seed", str(seed), "--out", str(tmp_path / name)]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        path = tmp_path / f"{name}.safetensors"
+        assert load_model(path).info.training["seed"] == seed
+        runs.append((summary["final_loss"], load_file(path)))
+    (loss_a, a), (loss_b, b), (loss_c, c) = runs
+    assert a.keys() == b.keys() == c.keys() and len(a) > 10
+    assert loss_a == loss_b and all(torch.equal(a[k], b[k]) for k in a)
+    different = [k for k in a if not torch.equal(a[k], c[k])]
+    assert loss_a != loss_c and any(k.endswith("weight") for k in different), different

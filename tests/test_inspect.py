@@ -1,4 +1,5 @@
-"""``run_inspect`` writes the files it promises: names, dtypes, shapes, JSON keys."""
+"""``run_inspect`` writes the files it promises: names, dtypes, shapes, JSON keys, and the values
+the module documents (indices, scales, maps) rather than placeholders of the right shape."""
 
 from __future__ import annotations
 
@@ -42,14 +43,41 @@ def files(tmp_path_factory):
     }
 
 
+STRIDES = {"E1": 1, "E2": 2, "E3": 4, "D2": 2, "D1": 1}
+WINDOW = 16  # run_inspect's default, in block pixels
+
+
 def _check_maps(folder, shape):
     for name in BLOCKS:
         for kind in ("redundancy", "scr", "ifd"):
             data = tifffile.imread(folder / f"{name}_{kind}.tif")
             assert data.dtype == np.float32 and data.shape == shape, (name, kind)
             assert data.min() >= 0.0 and data.max() <= 1.0
+            # a redundancy map varies only where the image spans several windows (E3's are 64 px)
+            if kind != "redundancy" or STRIDES[name] * WINDOW < min(shape):
+                assert data.max() - data.min() > 1e-3, (name, kind, "a constant map")
         with Image.open(folder / f"{name}_features.png") as rgb:
             assert rgb.size == (shape[1], shape[0]) and rgb.mode == "RGB"
+            assert np.ptp(np.asarray(rgb)) > 10, (name, "a constant rendering")
+
+
+def _reference(model_path, image_path, region=None):
+    """What the report's numbers should be: the model's redundancy computed here, in memory."""
+    from napari_selfreg.core.checkpoint import load_model
+    from napari_selfreg.core.redundancy import RedundancyConfig, redundancy_report
+
+    model = load_model(model_path)
+    image = np.asarray(Image.open(image_path))
+    return model, image, redundancy_report(model, image, RedundancyConfig(device="cpu"), region)
+
+
+def _check_maps_equal_report(folder, blocks, report):
+    """Each written map is the report's map of its block and kind, divided by the JSON's scale."""
+    for block in blocks:
+        for kind in ("redundancy", "scr", "ifd"):
+            written = tifffile.imread(folder / block["files"][kind])
+            expected = report.image_map(block["name"], kind, block.get(f"{kind}_scale"))
+            np.testing.assert_allclose(written, expected, atol=1e-6, err_msg=f"{block['name']} {kind}")
 
 
 def test_writes_json_maps_and_figure(files, tmp_path):
@@ -66,6 +94,37 @@ def test_writes_json_maps_and_figure(files, tmp_path):
     _check_maps(out, (45, 67))
     with Image.open(out / "redundancy.png") as figure:
         assert figure.format == "PNG" and figure.size[0] > 400
+        # 8 x 5.1 inches at 110 dpi: bars over one heatmap per block, not a blank canvas
+        assert abs(figure.size[0] - 880) <= 2 and abs(figure.size[1] - 561) <= 2, figure.size
+        pixels = np.asarray(figure.convert("RGB"))
+    assert (out / "redundancy.png").stat().st_size > 10_000
+    assert (pixels.min(axis=-1) < 200).mean() > 0.1  # a tenth of the figure is drawn
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # heatmap colours, not a few flat ones
+
+    # the numbers, against what they are documented to be
+    from napari_selfreg.core.redundancy import block_features, channel_similarity, redundancy_index
+
+    model, image, reference = _reference(files["model"], files["image"])
+    indices = [block["redundancy_index"] for block in document["blocks"]]
+    assert all(0.0 < v < 1.0 for v in indices) and len(set(indices)) == len(indices), indices
+    features = block_features(model, image, device="cpu")
+    teacher = features["D1"].mean(axis=0)  # the final features' channel mean
+    for block in document["blocks"]:
+        name = block["name"]
+        # mean |cosine similarity| between the block's channels over the whole image
+        assert block["redundancy_index"] == pytest.approx(redundancy_index(channel_similarity(features[name])),
+                                                          abs=1e-6), name
+        if reference.block(name).stride == 1:  # at image resolution: SCR by its definition, no interpolation
+            raw = ((features[name] - teacher) ** 2).mean(axis=0)
+            assert block["scr_mean"] == pytest.approx(raw.mean(), rel=1e-5)
+            assert block["scr_scale"] == pytest.approx(np.percentile(raw, 99.0), rel=1e-5)
+            np.testing.assert_allclose(tifffile.imread(out / f"{name}_scr.tif"),
+                                       np.clip(raw / block["scr_scale"], 0, 1), atol=1e-5)
+        for kind in ("scr", "ifd"):  # the 99th percentile of the raw distances
+            cells = reference.region_cells(name, kind)
+            assert block[f"{kind}_scale"] == pytest.approx(np.percentile(cells, 99.0), rel=1e-6), (name, kind)
+    assert sum(reference.block(n).stride == 1 for n in BLOCKS) == 2  # E1 and D1 were checked by definition
+    _check_maps_equal_report(out, document["blocks"], reference)
 
 
 def test_the_command_prints_where_the_report_went(files, tmp_path, capsys):
@@ -90,6 +149,20 @@ def test_compare_and_region(files, tmp_path):
     assert [b["scr_scale"] for b in document["blocks"]] == [b["scr_scale"] for b in document["compare"]["blocks"]]
     _check_maps(out, (35, 53))
     _check_maps(out / "compare", (35, 53))
+    # each folder holds its own model's maps, on the shared scale
+    *_, first = _reference(files["model"], files["image"], (5, 7, 40, 60))
+    *_, second = _reference(files["other"], files["image"], (5, 7, 40, 60))
+    assert [b["redundancy_index"] for b in document["blocks"]] == pytest.approx(list(first.indices().values()))
+    assert [b["redundancy_index"] for b in document["compare"]["blocks"]] == pytest.approx(
+        list(second.indices().values()))
+    assert first.indices() != second.indices()
+    shared = document["blocks"]
+    _check_maps_equal_report(out, shared, first)
+    _check_maps_equal_report(out / "compare", document["compare"]["blocks"], second)
+    for block in shared:
+        for kind in ("scr", "ifd"):
+            scale = max(np.percentile(r.region_cells(block["name"], kind), 99.0) for r in (first, second))
+            assert block[f"{kind}_scale"] == pytest.approx(scale, rel=1e-6)
 
 
 def test_user_errors(files, tmp_path):

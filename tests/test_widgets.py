@@ -628,8 +628,11 @@ def test_segment_dask_image_into_memmap(make_napari_viewer, qtbot, messages, mon
     from napari_selfreg.widgets.model_registry import model_registry
 
     sample = he_arrays()
+    # 30 seeded steps: enough to find nuclei (2 steps predicted background almost everywhere, so
+    # labels compared below would be all 1 whatever tile went where)
     result = train_to_end(
-        [sample["image"]], [sample["strokes"]], TrainConfig(steps=2, patch_size=32, batch_size=1, device="cpu"),
+        [sample["image"]], [sample["strokes"]],
+        TrainConfig(steps=30, patch_size=32, batch_size=2, device="cpu", precision="float32", seed=0),
         ModelConfig(base_channels=4),
     )
     model_registry().add("tiny dask test model", result.best)
@@ -641,13 +644,30 @@ def test_segment_dask_image_into_memmap(make_napari_viewer, qtbot, messages, mon
     widget.model_combo.setCurrentText("tiny dask test model")
     widget.tile_size.setValue(256)
     widget.device.setCurrentText("cpu")
+    widget.probabilities.setChecked(True)
     widget.start()
     assert widget.running
     wait_idle(qtbot, widget, timeout=60_000)
     layer = viewer.layers["big segmentation"]
     assert isinstance(layer.data, np.memmap) and layer.data.shape == (768, 768)
+    assert isinstance(widget.prediction.probabilities, np.memmap)
     assert set(np.unique(layer.data)) <= {1, 2} and widget.prediction.complete
     assert not messages.errors
+    # the labels are the model's prediction of the whole image held in memory, tile for tile
+    from napari_selfreg.core.config import PredictConfig
+    from napari_selfreg.core.predict import predict
+
+    expected = predict(model_registry().get("tiny dask test model"), np.asarray(big),
+                       PredictConfig(tile_size=256, device="cpu"), probabilities=True)
+    # both classes (about 8 % nuclei here), so the labels can tell a misplaced tile; the
+    # probabilities below can whatever the model finds
+    assert set(np.unique(expected.labels)) == {1, 2}, (expected.labels == 2).mean()
+    np.testing.assert_array_equal(np.asarray(layer.data), expected.labels)
+    # the float16 memory map of probabilities, and the layer that shows the nuclei's
+    np.testing.assert_allclose(np.asarray(widget.prediction.probabilities, np.float32), expected.probabilities,
+                               atol=1e-3)
+    np.testing.assert_allclose(np.asarray(viewer.layers["big probabilities"].data, np.float32),
+                               expected.probabilities[1], atol=1e-3)
 
 
 def test_view_of_a_pyramid_is_given_in_full_resolution_pixels(make_napari_viewer, qtbot):
