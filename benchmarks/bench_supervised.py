@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fine-tune-seconds", type=float, default=0.0,
                         help="also fine-tune on each test image's strokes for this long (0: skip)")
+    parser.add_argument("--fine-tune-lr", type=float, default=TrainConfig.learning_rate,
+                        help="the fine-tuning's peak learning rate (default: the plugin's)")
     parser.add_argument("--images", type=int, help="only the first N test images (default: all 14)")
     parser.add_argument("--data", type=Path, help="the folder holding monuseg/ (default: ../shared/data)")
     parser.add_argument("--runs", type=Path, default=HERE / "runs", help="where the trained model is kept")
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             tuned = train_to_end(
                 [image], [strokes],
                 TrainConfig(steps=100_000, time_budget=args.fine_tune_seconds, validation_fraction=0.0, seed=0,
-                            selfreg=not args.no_selfreg),
+                            selfreg=not args.no_selfreg, learning_rate=args.fine_tune_lr),
                 initial=model,
             )
             row["fine_tuned"] = scored(predict(tuned.last, image, probabilities=False).labels >= 2, truth)
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "command": " ".join(["python", "benchmarks/bench_supervised.py", *(sys.argv[1:] if argv is None else argv)]),
         "variant": variant, "threads": args.threads, "fine_tune_seconds": args.fine_tune_seconds,
+        "fine_tune_lr": args.fine_tune_lr,
         "train": train_info, "mean_dice": means, "median_area_ratio": areas, "rows": rows,
         "units": "dice in percent; area_ratio = predicted / true nucleus area",
     }
