@@ -46,6 +46,16 @@ def _viewer_with_image(make_napari_viewer):
     return viewer
 
 
+def _every_kind_of_map(make_napari_viewer, model_name):
+    """A viewer with the tissue image and the dock set to make all four kinds of map."""
+    viewer = _viewer_with_image(make_napari_viewer)
+    _, widget = docked(viewer, "Feature redundancy")
+    widget.model_box.setCurrentText(model_name)
+    widget.image_box.setCurrentText("tissue")
+    widget.kind_checks["features"].setChecked(True)
+    return viewer, widget
+
+
 def _cell_and_origin(report, block, kind):
     b = report.block(block)
     return (b.stride if kind == "features" else b.cell(kind, report.window)), report.grid_origin
@@ -214,11 +224,7 @@ def test_compare_two_models_pairs_the_layers(make_napari_viewer, qtbot, registry
 
 
 def test_map_layers_hold_the_grids_at_their_cell_centres(make_napari_viewer, qtbot, registry_models):
-    viewer = _viewer_with_image(make_napari_viewer)
-    _, widget = docked(viewer, "Feature redundancy")
-    widget.model_box.setCurrentText(registry_models[0])
-    widget.image_box.setCurrentText("tissue")
-    widget.kind_checks["features"].setChecked(True)
+    viewer, widget = _every_kind_of_map(make_napari_viewer, registry_models[0])
     widget.compute()
     _wait(qtbot, widget)
     report = _check_map_layers(viewer, widget, ["redundancy", "scr", "ifd", "features"])
@@ -241,11 +247,7 @@ def test_map_layers_of_a_region_with_odd_cells(make_napari_viewer, qtbot, regist
         return (yield from job(*args, window=3, **kwargs))
 
     monkeypatch.setattr(redundancy_widget, "redundancy_job", job_with_small_windows)
-    viewer = _viewer_with_image(make_napari_viewer)
-    _, widget = docked(viewer, "Feature redundancy")
-    widget.model_box.setCurrentText(registry_models[0])
-    widget.image_box.setCurrentText("tissue")
-    widget.kind_checks["features"].setChecked(True)
+    viewer, widget = _every_kind_of_map(make_napari_viewer, registry_models[0])
     widget.view_only.setChecked(True)
     widget.view_region = lambda layer: (29, 13, 52, 47)
     widget.compute()
@@ -277,11 +279,7 @@ def test_missing_inputs_and_bad_model_file(make_napari_viewer, tmp_path):
 
 def test_a_run_replaces_the_last_runs_maps_and_lets_deleted_layers_go(make_napari_viewer, qtbot, registry_models):
 
-    viewer = _viewer_with_image(make_napari_viewer)
-    _, widget = docked(viewer, "Feature redundancy")
-    widget.model_box.setCurrentText(registry_models[0])
-    widget.image_box.setCurrentText("tissue")
-    widget.kind_checks["features"].setChecked(True)
+    viewer, widget = _every_kind_of_map(make_napari_viewer, registry_models[0])
     widget.compute()
     _wait(qtbot, widget)
     assert len(viewer.layers) == 1 + len(BLOCKS) * 4
