@@ -79,9 +79,9 @@ def test_pickle_payload_is_refused_and_never_executed(tmp_path, protocol, name):
         pickle.load(f)
     assert marker.exists()
     marker.unlink()
-    # protocols 2 and up start with the PROTO opcode and are named as pickles; 0 and 1 have
-    # no signature and are refused as another format. Either way nothing runs.
-    with pytest.raises(ModelFileError, match="pickle" if protocol >= 2 else "another format"):
+    # protocols 2 and up start with the PROTO opcode; 0 and 1 have no signature and are
+    # recognised by parsing their opcodes. Either way they are named as pickles and nothing runs.
+    with pytest.raises(ModelFileError, match="is a pickle"):
         load_model(path)
     with pytest.raises(ModelFileError):
         read_model_info(path)
@@ -111,6 +111,21 @@ def test_a_safetensors_name_over_garbage_bytes_is_refused(tmp_path):
     path = tmp_path / "garbage.safetensors"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     with pytest.raises(ModelFileError, match="not a readable napari-selfreg model file"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("cut", ["half", "no stop", "text"])
+def test_only_a_whole_pickle_stream_is_named_a_pickle(tmp_path, cut):
+    """Protocol 0 has no signature, so a file is called a pickle only when its opcodes parse
+    to the final STOP; a cut-off pickle or plain text is "another format"."""
+    data = pickle.dumps({"weights": [1.0, 2.0], "name": "m"}, protocol=0)
+    body = {"half": data[: len(data) // 2], "no stop": data[:-1], "text": b"(not a model, just text)\n"}[cut]
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(body)
+    with pytest.raises(ModelFileError, match="another format"):
+        load_model(path)
+    path.write_bytes(data)
+    with pytest.raises(ModelFileError, match="is a pickle"):
         load_model(path)
 
 

@@ -7,8 +7,11 @@ a clear ``ModelFileError``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickletools
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -84,15 +87,14 @@ def _open(path: Path) -> tuple[ModelInfo, dict]:
     # safetensors: an 8-byte little-endian header length, then the JSON header
     is_safetensors = len(head) == 9 and head[8:9] == b"{"
     if not is_safetensors and (head[:1] == b"\x80" or head[:2] == b"PK"):
-        raise ModelFileError(
-            f"{path.name} is a pickle/torch.save file, which could run code when loaded; "
-            "napari-selfreg only loads its own .safetensors model files"
-        )
+        raise _pickle_refused(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        if _is_pickle(path):
+            raise _pickle_refused(path) from None
         raise ModelFileError(
             f"{path.name} is not a readable napari-selfreg model file (truncated or another format): {error}"
         ) from None
@@ -119,6 +121,29 @@ def _open(path: Path) -> tuple[ModelInfo, dict]:
     if problem:
         raise ModelFileError(f"{path.name} has a damaged model document: {problem}")
     return info, tensors
+
+
+def _pickle_refused(path: Path) -> ModelFileError:
+    return ModelFileError(
+        f"{path.name} is a pickle/torch.save file, which could run code when loaded; "
+        "napari-selfreg only loads its own .safetensors model files"
+    )
+
+
+PICKLE_SNIFF_BYTES = 64 << 20
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether the file parses as one whole pickle opcode stream. Protocols 0 and 1 have no
+    magic bytes to sniff; ``pickletools`` reads the opcodes without executing any of them."""
+    try:
+        if path.stat().st_size > PICKLE_SNIFF_BYTES:
+            return False
+        stream = io.BytesIO(path.read_bytes())
+        last = deque(pickletools.genops(stream), maxlen=1)
+    except Exception:  # anything unparsable is simply not a pickle
+        return False
+    return bool(last) and last[0][0].name == "STOP" and stream.tell() == len(stream.getbuffer())
 
 
 def _document_problem(document: dict, info: ModelInfo) -> str | None:
