@@ -175,6 +175,30 @@ def test_loading_a_model_shows_its_training_settings(make_napari_viewer, message
     assert train.class_names() == ["bg", "gland"]
 
 
+def test_loading_a_model_keeps_the_names_of_classes_beyond_its_own(make_napari_viewer, tmp_path):
+    """Load… used to replace the strokes layer's class list by the model's: a third class
+    painted and named before loading a two-class model lost its name."""
+    from napari_selfreg.core.checkpoint import save_model
+    from napari_selfreg.core.config import ModelConfig, ModelInfo
+    from napari_selfreg.core.model import SegmentationModel
+    from napari_selfreg.widgets.classes import class_names_of
+
+    info = ModelInfo(model=ModelConfig(base_channels=4, depth=2), class_names=["bg", "nucleus"])
+    path = save_model(SegmentationModel.create(info), tmp_path / "two")
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32, 3), np.uint8), rgb=True, name="image")
+    train = train_widget_for(viewer)
+    train.image_combo.select("image")
+    layer = train.new_labels_layer()
+    train.labels_combo.select(layer.name)
+    train.set_class_names(["background", "nuclei", "mitosis", "debris"])
+    train._write_classes()
+    assert train.load_model(path) == "two"
+    expected = ["bg", "nucleus", "mitosis", "debris"]
+    assert train.class_names() == expected
+    assert class_names_of(layer) == expected
+
+
 def test_closing_the_train_dock_stops_its_training(he_viewer, qtbot):
     """napari's ✕ on a dock detaches the widget without deleting it; its training must not run on."""
     from test_widgets import tiny

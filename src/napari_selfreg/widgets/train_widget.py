@@ -420,7 +420,8 @@ class TrainWidget(QWidget):
             return None
         model = self.registry.get(name)
         self.model_combo.setCurrentText(name)
-        self.set_class_names(model.class_names)
+        # the model names its own ids; classes the strokes have beyond them keep their names
+        self.set_class_names([*model.class_names, *self.class_names()[len(model.class_names):]])
         self._write_classes()
         self.apply_settings(model.info.training)
         self.base_channels.setValue(model.config.base_channels)
