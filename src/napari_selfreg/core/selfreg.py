@@ -283,7 +283,11 @@ class _SelfRegTerms(torch.autograd.Function):
         buffer = np.zeros(layout.size, dtype=np.float32)
         for i, terms in enumerate(ctx.terms):
             terms.fill_weights(*layout.blocks(buffer, i), g[0, i], g[1, i])
-        weights = {t.dtype: torch.from_numpy(buffer).to(device=t.device, dtype=t.dtype) for t in targets}
+        host = torch.from_numpy(buffer)
+        weights = {}  # one conversion per backward precision, not one per target size
+        for t in targets:
+            if t.dtype not in weights:
+                weights[t.dtype] = host.to(device=t.device, dtype=t.dtype)
         grads = []
         with _full_precision(students[0].device):
             shared = [t @ layout.cross(weights[t.dtype], j) for j, t in enumerate(targets)]
