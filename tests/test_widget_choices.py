@@ -191,8 +191,10 @@ def test_loading_a_model_keeps_the_names_of_classes_beyond_its_own(make_napari_v
     train.image_combo.select("image")
     layer = train.new_labels_layer()
     train.labels_combo.select(layer.name)
-    train.set_class_names(["background", "nuclei", "mitosis", "debris"])
-    train._write_classes()
+    train.set_class_names(["background", "nuclei"])
+    train.add_class("mitosis")  # written to the strokes layer, as the + button does
+    train.add_class("debris")
+    assert class_names_of(layer) == ["background", "nuclei", "mitosis", "debris"]
     assert train.load_model(path) == "two"
     expected = ["bg", "nucleus", "mitosis", "debris"]
     assert train.class_names() == expected

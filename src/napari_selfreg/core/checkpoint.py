@@ -24,6 +24,7 @@ from .model import SegmentationModel
 
 METADATA_KEY = "napari_selfreg"
 FORMAT_VERSION = "1"
+PICKLE_SNIFF_BYTES = 64 << 20  # larger files that fail to open are not parsed as pickles
 
 
 class ModelFileError(ValueError):
@@ -129,8 +130,6 @@ def _pickle_refused(path: Path) -> ModelFileError:
         "napari-selfreg only loads its own .safetensors model files"
     )
 
-
-PICKLE_SNIFF_BYTES = 64 << 20
 
 
 def _is_pickle(path: Path) -> bool:

@@ -283,11 +283,8 @@ class _SelfRegTerms(torch.autograd.Function):
         buffer = np.zeros(layout.size, dtype=np.float32)
         for i, terms in enumerate(ctx.terms):
             terms.fill_weights(*layout.blocks(buffer, i), g[0, i], g[1, i])
-        host = torch.from_numpy(buffer)
-        weights = {}  # one conversion per backward precision, not one per target size
-        for t in targets:
-            if t.dtype not in weights:
-                weights[t.dtype] = host.to(device=t.device, dtype=t.dtype)
+        host = torch.from_numpy(buffer)  # one conversion per backward precision, not per target size
+        weights = {dtype: host.to(device=targets[0].device, dtype=dtype) for dtype in {t.dtype for t in targets}}
         grads = []
         with _full_precision(students[0].device):
             shared = [t @ layout.cross(weights[t.dtype], j) for j, t in enumerate(targets)]
