@@ -2,7 +2,7 @@
 
 The interactive goal asks 60 s of training on strokes (under 1 % of the pixels) to beat
 Otsu by 5 Dice points on the 14 MoNuSeg test images. This trains the same network on the
-*full masks* of all 30 MoNuSeg training images, at native resolution and with the
+*full masks* of the 24 MoNuSeg train-split images, at native resolution and with the
 plugin's own patches, augmentation and losses, for a fixed number of steps (so the result
 does not depend on the machine's load), and scores it on the 14 test images beside Otsu
 on the benchmark's strokes. ``--fine-tune-seconds`` then also fine-tunes it on each test
