@@ -9,6 +9,15 @@ objects are matched one to one with the true ones at IoU > 0.5 (``core.metrics.o
 A perfect class map isolates the splitting: over-splitting a long gland or merging two
 touching nuclei shows up directly. Needs ../shared/data (or $SELFREG_SHARED_DATA); exits 2
 without it.
+
+    python benchmarks/bench_instances.py --slide 10000        # -> benchmarks/results/instances_slide.json
+    python benchmarks/bench_instances.py --slide 6000 --check --out /tmp/slide.json
+
+``--slide SIZE`` times ``split_instances`` (the window-by-window split that Segment and
+``predict --instances`` run) on a SIZE x SIZE class map in a zarr store, made by repeating
+the 14 MoNuSeg test masks side by side, and records the peak memory of the process that
+splits it (a fresh one, whose outputs go to zarr too). ``--check`` also splits the whole map
+at once and compares the objects (feasible up to about 8000 x 8000).
 """
 
 from __future__ import annotations
@@ -16,14 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from napari_selfreg.core.instances import separate_instances
+from napari_selfreg.core.instances import SPLIT_MARGIN, SPLIT_TILE, separate_instances, split_instances
 from napari_selfreg.core.metrics import object_scores
+from napari_selfreg.core.progress import drain
 
 HERE = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("SELFREG_SHARED_DATA", HERE.parents[1] / "shared" / "data"))
@@ -64,11 +77,102 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
+def slide_map(size: int, store: Path) -> Path:
+    """A size x size class map (zarr, chunks of 1024) tiled from the MoNuSeg test masks."""
+    import zarr
+
+    from napari_selfreg.bench.datasets import load_split
+
+    masks = [np.where(s.mask(), 2, 1).astype(np.uint8) for s in load_split("monuseg", DATA).test]
+    path = store / "labels.zarr"
+    labels = zarr.open_array(str(path), mode="w", shape=(size, size), chunks=(1024, 1024), dtype="u1", fill_value=1)
+    step = masks[0].shape[0]
+    for index, top in enumerate(range(0, size, step)):
+        band = np.concatenate([masks[(index + j) % len(masks)] for j in range(-(-size // step))], axis=1)
+        labels[top : top + step] = band[: min(step, size - top), :size]
+    return path
+
+
+def split_child(store: Path, tile: int, margin: int) -> dict:
+    """Runs in a fresh process: split the map window by window into a zarr array."""
+    import zarr
+
+    labels = zarr.open_array(str(store / "labels.zarr"), mode="r")
+    out = zarr.open_array(str(store / "instances.zarr"), mode="w", shape=labels.shape, chunks=(1024, 1024),
+                          dtype="i4", fill_value=0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    started = time.perf_counter()
+    windows = []
+    split = drain(split_instances(labels, out, tile=tile, margin=margin), windows.append)
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "megapixels_per_s": labels.shape[0] * labels.shape[1] / seconds / 1e6,
+        "windows": windows[-1].total,
+        "objects": split.count,
+        "truncated": split.truncated,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_before_split_bytes": before,
+    }
+
+
+def whole_map_check(store: Path) -> dict:
+    """The whole map split at once against the windows' split: the same objects?"""
+    import zarr
+
+    labels = np.asarray(zarr.open_array(str(store / "labels.zarr"), mode="r")[:])
+    windows = np.asarray(zarr.open_array(str(store / "instances.zarr"), mode="r")[:])
+    started = time.perf_counter()
+    whole = separate_instances(labels)
+    seconds = time.perf_counter() - started
+    objects = whole > 0
+    pairs = np.unique(np.stack([whole[objects], windows[objects]]), axis=1)
+    same = bool(np.array_equal(objects, windows > 0) and pairs.shape[1] == whole.max() == windows.max())
+    return {"whole_map_seconds": seconds, "whole_map_objects": int(whole.max()), "same_objects": same}
+
+
+def slide(args) -> int:
+    with tempfile.TemporaryDirectory(prefix="bench-instances-") as folder:
+        store = Path(folder)
+        try:
+            slide_map(args.slide, store)
+        except FileNotFoundError as missing:
+            print(f"skipped: {missing}", file=sys.stderr)
+            return 2
+        child = subprocess.run(
+            [sys.executable, __file__, "--split-child", folder, "--tile", str(args.tile), "--margin", str(args.margin)],
+            capture_output=True, text=True, check=True,
+        )
+        row = {"size": args.slide, "tile": args.tile, "margin": args.margin,
+               **json.loads(child.stdout.strip().splitlines()[-1])}
+        if args.check:
+            row.update(whole_map_check(store))
+    doc = {"command": " ".join(["python", *sys.argv]), "map": "MoNuSeg test masks (2 = nucleus) repeated",
+           "cpu_threads": os.cpu_count(), "result": row}
+    out = args.out or HERE / "results" / "instances_slide.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2))
+    print(json.dumps(row, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None, help="only the first N GlaS images")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "instances.json")
+    parser.add_argument("--slide", type=int, default=None, help="time the window-by-window split of a SIZE x SIZE map")
+    parser.add_argument("--tile", type=int, default=SPLIT_TILE, help="with --slide: each window's core")
+    parser.add_argument("--margin", type=int, default=SPLIT_MARGIN, help="with --slide: the windows' first margin")
+    parser.add_argument("--check", action="store_true", help="with --slide: compare with the whole map's split")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--split-child", type=Path, default=None, help=argparse.SUPPRESS)  # the measured process
     args = parser.parse_args(argv)
+    if args.split_child:
+        print(json.dumps(split_child(args.split_child, args.tile, args.margin)))
+        return 0
+    if args.slide:
+        return slide(args)
+    args.out = args.out or HERE / "results" / "instances.json"
     try:
         found = masks(args.limit)
     except FileNotFoundError as missing:

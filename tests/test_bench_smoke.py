@@ -328,6 +328,22 @@ def test_batch_benchmark_smoke_run_compares_like_with_like(shared_data, tmp_path
     assert run["one_run_s"] > 0
 
 
+def test_instance_slide_benchmark_smoke_run_checks_against_the_whole_map(shared_data, tmp_path, monkeypatch):
+    """benchmarks/bench_instances.py --slide: a map of several windows, split in a child process,
+    gives the objects of the whole map's split."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("SELFREG_SHARED_DATA", str(shared_data))
+    out = tmp_path / "slide.json"
+    subprocess.run([sys.executable, str(_script("bench_instances.py")), "--slide", "1500", "--tile", "512",
+                    "--check", "--out", str(out)], check=True, capture_output=True)
+    row = json.loads(out.read_text())["result"]
+    assert row["windows"] == 9 and row["same_objects"] is True
+    assert row["objects"] == row["whole_map_objects"] > 500 and row["truncated"] == 0
+    assert row["peak_rss_bytes"] >= row["peak_rss_before_split_bytes"] > 0
+
+
 def test_supervised_benchmark_smoke_run_trains_once_and_scores_like_the_protocol(shared_data, tmp_path):
     """benchmarks/bench_supervised.py: the model is trained once and reused; its Otsu column is
     the interactive protocol's baseline on the same strokes (results/baselines.json)."""

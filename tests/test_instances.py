@@ -52,3 +52,95 @@ def test_real_glands_are_not_cut_at_the_bays_of_their_outline(shared_data):
     scores = object_scores(split, truth)
     assert scores.predicted == scores.true == 5  # 12 pieces with seeds of one absolute height
     assert scores.panoptic_quality > 0.95
+
+
+def _same_objects(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same pixels make the same objects, whatever their ids."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    objects = a > 0
+    pairs = np.unique(np.stack([a[objects], b[objects]]), axis=1)
+    return pairs.shape[1] == len(np.unique(a[objects])) == len(np.unique(b[objects]))
+
+
+def _noisy_map(seed: int) -> np.ndarray:
+    """Blobs of two structure classes with ragged, touching outlines, as a poor model predicts them."""
+    from scipy import ndimage
+
+    noise = ndimage.gaussian_filter(np.random.default_rng(seed).random((300, 420)), 3)
+    labels = np.where(noise > np.quantile(noise, 0.55), 2, 1).astype(np.uint8)
+    labels[noise > np.quantile(noise, 0.9)] = 3
+    return labels
+
+
+def test_the_split_in_windows_finds_the_objects_of_the_whole_map():
+    from napari_selfreg.core.instances import separate_instances, split_instances
+    from napari_selfreg.core.progress import drain
+
+    he = he_arrays()["ground_truth"]  # 1 = background, 2 = nuclei
+    rod = np.ones((100, 300), np.uint8)
+    rod[40:52, 5:295] = 2  # longer than any window but the widest: split again in wider ones
+    for labels, tile, margin in ((he, 48, 8), (he, 100, 30), (_noisy_map(0), 64, 16), (rod, 40, 8)):
+        whole = separate_instances(labels)
+        steps = []
+        split = drain(split_instances(labels, tile=tile, margin=margin), steps.append)
+        assert split.complete and split.truncated == 0 and split.count == whole.max()
+        assert _same_objects(split.instances, whole)
+        windows = -(-labels.shape[0] // tile) * -(-labels.shape[1] // tile)
+        assert [s.done for s in steps] == list(range(1, windows + 1)) and steps[-1].total == windows
+    # a map that fits one window keeps the whole-map ids (what `predict --instances` wrote before)
+    np.testing.assert_array_equal(drain(split_instances(he)).instances, separate_instances(he))
+
+
+def test_the_split_in_windows_on_real_masks(shared_data):
+    from PIL import Image
+
+    from napari_selfreg.core.instances import separate_instances, split_instances
+    from napari_selfreg.core.progress import drain
+
+    for path in (shared_data / "monuseg" / "test" / "masks").iterdir():
+        truth = np.array(Image.open(path))
+        break
+    with Image.open(shared_data / "glas" / "test" / "masks" / "testA_20_anno.png") as m:
+        glands = np.array(m)  # glands hundreds of pixels across: wider windows are needed
+    for mask, tile in ((truth, 128), (glands, 96)):
+        labels = np.where(mask > 0, 2, 1).astype(np.uint8)
+        whole = separate_instances(labels)
+        split = drain(split_instances(labels, tile=tile, margin=16))
+        assert split.count == whole.max() > 4 and _same_objects(split.instances, whole)
+
+
+def test_a_group_wider_than_the_widest_window_is_split_near_its_start_and_covered_beyond():
+    from napari_selfreg.core.instances import separate_instances, split_instances
+    from napari_selfreg.core.progress import drain
+
+    labels = np.ones((300, 400), np.uint8)
+    labels[20:280, 20:380] = 2
+    whole = separate_instances(labels)
+    split = drain(split_instances(labels, tile=64, margin=8, max_window=150 * 150))
+    assert split.truncated >= 1 and split.complete
+    # no object pixel is left without an id, and no id is given twice
+    assert np.array_equal(split.instances > 0, whole > 0)
+    assert split.count == len(np.unique(split.instances)) - 1 > whole.max()
+
+
+def test_stopping_the_split_keeps_whole_objects_of_the_windows_done(tmp_path):
+    import zarr
+
+    from napari_selfreg.core.instances import separate_instances, split_instances
+    from napari_selfreg.core.progress import drain
+
+    labels = _noisy_map(1)
+    whole = separate_instances(labels)
+    out = zarr.open_array(str(tmp_path / "instances.zarr"), mode="w", shape=labels.shape, chunks=(64, 64),
+                          dtype="int32", fill_value=0)
+    windows = []
+    split = drain(split_instances(labels, out, tile=100, margin=16, stop=lambda: len(windows) >= 3),
+                  windows.append)
+    assert not split.complete and len(windows) == 3 and split.instances is out
+    written = np.asarray(out[:])
+    assert 0 < split.count < whole.max() and written.max() == split.count
+    # each object written is one object of the whole-map split, all of its pixels
+    for index in np.unique(written[written > 0]):
+        ids = np.unique(whole[written == index])
+        assert len(ids) == 1 and np.array_equal(whole == ids[0], written == index)

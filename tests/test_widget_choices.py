@@ -457,6 +457,40 @@ def test_segmenting_again_keeps_the_users_instances_and_probability_layers(he_vi
     assert names.count("H&E tissue probabilities") == 1
 
 
+def test_stop_reaches_the_instance_split_and_keeps_the_objects_found(he_viewer, qtbot, messages, monkeypatch):
+    """The split of a slide runs window by window after the tiles: the button stays Stop
+    until it ends, and Stop ends it with the finished windows' objects in the layer."""
+    from napari_selfreg.core import instances
+    from napari_selfreg.sample_data import he_arrays
+
+    real = instances.split_instances
+    held = threading.Event()
+    # the sample's nuclei as the class map (the untrained tiny model's is one blob)
+    nuclei = he_arrays()["ground_truth"]  # 1 = background, 2 = nuclei
+
+    def held_after_one_window(labels, out=None, stop=None, **options):
+        run = real(nuclei, out, tile=64, margin=8, stop=stop)  # 16 windows on the 256 x 256 sample
+        yield next(run)
+        held.set()
+        assert stop.wait(30)  # until the user presses Stop
+        return (yield from run)
+
+    monkeypatch.setattr(instances, "split_instances", held_after_one_window)
+    segment = _segment_he(he_viewer, instances=True)
+    segment.start()
+    qtbot.waitUntil(held.is_set, timeout=60_000)
+    qtbot.waitUntil(lambda: segment.worker is None, timeout=10_000)  # the tiles are done
+    qtbot.waitUntil(lambda: segment.progress.maximum() == 16, timeout=10_000)  # the windows' progress
+    assert segment.running and segment.run_button.text() == "Stop" and segment.progress.value() == 1
+    segment.run_button.click()
+    wait_idle(qtbot, segment, timeout=30_000)
+    assert segment.run_button.text() == "Segment" and not segment.running
+    layer = he_viewer.layers["H&E tissue instances"]
+    assert 0 < layer.data.max() < instances.separate_instances(nuclei).max()  # the first window's objects
+    assert "stopped" in segment.status.text() and f"{layer.data.max()} objects" in segment.status.text()
+    assert not messages.errors
+
+
 def test_correction_starts_from_the_prediction_the_user_corrected(he_viewer, qtbot, messages):
     """With a training preview and a Segment output of the same image, the one painted on is
     copied; the preview's class names follow the class table."""

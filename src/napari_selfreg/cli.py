@@ -355,27 +355,19 @@ def predict_one(model, job: PredictJob, config, desc: str = "predicting") -> dic
 
     import numpy as np
 
-    from .core.data import InputError
-    from .core.instances import INSTANCE_PIXELS, separate_instances
     from .core.predict import allocate_outputs, plane_shape, predict_tiled
     from .io import open_image, write_image
 
     image = open_image(job.image)
-    pixels = int(np.prod(plane_shape(image)))
-    if job.instances is not None and pixels > INSTANCE_PIXELS:
-        raise InputError(
-            f"--instances works on images up to {INSTANCE_PIXELS // 1_000_000} M pixels; this one has "
-            f"{pixels // 1_000_000} M: predict a crop for instances"
-        )
     want_probabilities = job.probabilities is not None
     summary: dict = {"image": str(job.image), "labels": str(job.out), "classes": model.class_names}
     with contextlib.ExitStack() as cleanup:
-        out_labels = out_probabilities = None
+        out_labels = out_probabilities = scratch = None
         if not isinstance(image, np.ndarray):
             # a slide opened lazily: the outputs go to memory maps beside the result, not to RAM
             folder = job.out.resolve().parent
             folder.mkdir(parents=True, exist_ok=True)
-            scratch = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".selfreg-", dir=folder))
+            scratch = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".selfreg-", dir=folder)))
             out_labels, out_probabilities = allocate_outputs(
                 plane_shape(image), model.config.num_classes, scratch, probabilities=want_probabilities, kind="memmap"
             )
@@ -383,29 +375,51 @@ def predict_one(model, job: PredictJob, config, desc: str = "predicting") -> dic
             model, image, config, probabilities=want_probabilities,
             out_labels=out_labels, out_probabilities=out_probabilities,
         )
-        bar = None
-        try:
-            while True:
-                progress = next(run)
-                if bar is None:
-                    bar = _progress(progress.total, desc, "tile")
-                bar.update(progress.done - bar.n)
-        except StopIteration as done:
-            prediction = done.value
-        finally:
-            if bar is not None:
-                bar.close()
+        prediction = _with_bar(run, desc, "tile")
         write_image(job.out, prediction.labels, like=job.image, class_names=model.class_names)
         if want_probabilities:
             write_image(job.probabilities, np.asarray(prediction.probabilities, np.float32), like=job.image,
                         planes=True)
         if job.instances is not None:
-            instances = separate_instances(np.asarray(prediction.labels))
-            write_image(job.instances, instances, like=job.image, class_names=[])  # reopens as labels
-            summary["instances"] = int(instances.max())
+            split = _split_instances(prediction.labels, scratch)
+            write_image(job.instances, split.instances, like=job.image, class_names=[])  # reopens as labels
+            summary["instances"] = split.count
+            if split.truncated:
+                print(f"napari-selfreg predict: warning: {job.image}: {split.truncated} groups of objects are "
+                      "wider than the widest window and were split only near where they start", file=sys.stderr)
+            del split
         summary["pixels_per_label"] = label_counts(prediction.labels, model.info.label_ids)
         del prediction, out_labels, out_probabilities  # release the memory maps before their folder goes
     return summary
+
+
+def _with_bar(run, desc: str, unit: str):
+    """Drain a progress generator (``done``/``total`` items) behind a progress bar."""
+    bar = None
+    try:
+        while True:
+            progress = next(run)
+            if bar is None:
+                bar = _progress(progress.total, desc, unit)
+            bar.update(progress.done - bar.n)
+    except StopIteration as done:
+        return done.value
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _split_instances(labels, scratch: Path | None):
+    """The instance split of a prediction, window by window; into a memory map in ``scratch``
+    for a slide, as its labels are."""
+    import numpy as np
+
+    from .core.instances import split_instances
+
+    out = None
+    if scratch is not None:
+        out = np.lib.format.open_memmap(scratch / "instances.npy", mode="w+", dtype=np.int32, shape=labels.shape)
+    return _with_bar(split_instances(labels, out), "instances", "window")
 
 
 # --------------------------------------------------------------------------------- evaluate

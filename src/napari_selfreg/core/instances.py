@@ -1,15 +1,45 @@
 """Separate touching objects of a class map into instances (distance-transform watershed).
 
 torch-free; the Segment widget runs it in a worker, ``predict --instances`` after the tiles.
-It works on the whole map in memory, so images are limited to ``INSTANCE_PIXELS``.
+``separate_instances`` works on a map in memory; ``split_instances`` runs it window by
+window over a map of any size (a slide's memory map or zarr array) and gives the same objects.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
-INSTANCE_PIXELS = 64_000_000  # largest map split at once (a few GB of scratch arrays)
+from .progress import StopRequest, stop_requested
+
+INSTANCE_PIXELS = 64_000_000  # largest window split at once (a few GB of scratch arrays)
+SPLIT_TILE = 2048  # each window's core: its objects are kept from this window
+SPLIT_MARGIN = 256  # context around the core, grown where an object reaches the window's edge
+# How far the split of one object depends on the map around it: the opening (2 pixels), the
+# smoothing of the distances (4) and the distances of neighbours within that (4), with room
+# for a neighbour cut by the window edge to stay larger than ``min_size``.
+REACH = 16
+
+
+@dataclass
+class InstanceProgress:
+    done: int  # windows (tile cores) finished
+    total: int
+
+
+@dataclass
+class InstanceSplit:
+    """``instances``: ids 1..count, 0 = no object. ``truncated``: groups of objects wider than
+    the largest window (``INSTANCE_PIXELS``): split inside the widest window around where they
+    start, their parts beyond it one object per tile core."""
+
+    instances: np.ndarray
+    count: int
+    complete: bool = True
+    truncated: int = 0
 
 
 def separate_instances(
@@ -42,7 +72,7 @@ def separate_instances(
         mask = labels == cls
         if not mask.any():
             continue
-        mask = _remove_small(ndimage.binary_opening(mask, iterations=1), min_size)
+        mask = _objects_of(mask, min_size)
         distance = ndimage.gaussian_filter(ndimage.distance_transform_edt(mask), 1.0)
         components, _ = ndimage.label(mask)
         markers, _ = ndimage.label(_seeds(distance, components, height, relative_height), np.ones((3, 3)))
@@ -81,11 +111,157 @@ def _seeds(distance: np.ndarray, components: np.ndarray, height: float, relative
     return seeds
 
 
-def _remove_small(mask: np.ndarray, min_size: int) -> np.ndarray:
+def _objects_of(mask: np.ndarray, min_size: int, cut_sides: tuple[bool, ...] = (False,) * 4) -> np.ndarray:
+    """The pixels of ``mask`` that can be objects: a small opening, then parts smaller than
+    ``min_size`` dropped, except those at a side where the array is cut from a larger map
+    (``cut_sides``: top, bottom, left, right), which may go on beyond it."""
+    mask = ndimage.binary_opening(mask, iterations=1)
     components, count = ndimage.label(mask)
     if count == 0:
         return mask
-    sizes = np.bincount(components.ravel())
-    keep = sizes >= min_size
+    keep = np.bincount(components.ravel()) >= min_size
+    sides = (components[0], components[-1], components[:, 0], components[:, -1])
+    for side, cut in zip(sides, cut_sides, strict=True):
+        if cut:
+            keep[side] = True
     keep[0] = False
     return keep[components]
+
+
+def split_instances(
+    labels,
+    out=None,
+    tile: int = SPLIT_TILE,
+    margin: int = SPLIT_MARGIN,
+    max_window: int = INSTANCE_PIXELS,
+    stop: StopRequest = None,
+    **options,
+) -> Generator[InstanceProgress, None, InstanceSplit]:
+    """``separate_instances`` over ``labels`` (H, W) of any size, a window at a time; yields
+    progress per window and returns the ``InstanceSplit``.
+
+    Memory stays at a window's scratch arrays plus ``out`` (a zero-filled (H, W) int32 array,
+    memory map or zarr array; allocated in memory when None). Each touching group of objects
+    is split in a window that holds it whole with ``REACH`` pixels to spare, so it comes out as
+    the whole-map split would have it, and is written by the one window whose core holds its
+    first pixel (in row-major order). A group that reaches a window's edge is split again in a
+    wider window, up to ``max_window`` pixels. A stop request is honoured between windows
+    (``complete`` is then False and the objects written so far stay).
+    """
+    h, w = (int(n) for n in labels.shape[:2])
+    if out is None:
+        out = np.zeros((h, w), np.int32)
+    if tuple(out.shape) != (h, w):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(h, w)}")
+    tile, margin = max(1, int(tile)), max(0, int(margin))
+    cores = [(y, min(y + tile, h), x, min(x + tile, w)) for y in range(0, h, tile) for x in range(0, w, tile)]
+    count = truncated = 0
+    for done, core in enumerate(cores):
+        if stop_requested(stop):
+            return InstanceSplit(out, count, complete=False, truncated=truncated)
+        reach = margin
+        while True:
+            wider = _wider_margin(core, reach, h, w, max_window)
+            window = _window(core, reach, h, w)
+            instances = separate_instances(np.asarray(labels[window]), **options)
+            groups, _ = ndimage.label(instances > 0)
+            firsts, cut = _first_pixels(groups, window, h, w)
+            y, x = np.divmod(firsts, w)
+            owned = (y >= core[0]) & (y < core[1]) & (x >= core[2]) & (x < core[3])
+            widest = wider is None
+            count = _write(out, window, instances, groups, owned if widest else owned & ~cut, count)
+            if widest:
+                truncated += int(np.count_nonzero(owned & cut))
+                break
+            if not (owned & cut).any():
+                break
+            reach = wider  # the groups written from this window stay as they are
+        yield InstanceProgress(done + 1, len(cores))
+    if truncated:
+        count = _fill_beyond_windows(labels, out, cores, count, options)
+    return InstanceSplit(out, count, truncated=truncated)
+
+
+def _window(core: tuple[int, int, int, int], margin: int, h: int, w: int) -> tuple[slice, slice]:
+    y0, y1, x0, x1 = core
+    return slice(max(0, y0 - margin), min(h, y1 + margin)), slice(max(0, x0 - margin), min(w, x1 + margin))
+
+
+def _area(window: tuple[slice, slice]) -> int:
+    return (window[0].stop - window[0].start) * (window[1].stop - window[1].start)
+
+
+def _wider_margin(core, margin: int, h: int, w: int, max_window: int) -> int | None:
+    """The next margin to try (double, or the most that fits ``max_window``); None when the
+    window cannot grow: it already covers the map or holds ``max_window`` pixels."""
+    current = _window(core, margin, h, w)
+    whole = (current[0].stop - current[0].start, current[1].stop - current[1].start) == (h, w)
+    if whole or _area(current) >= max_window:
+        return None
+    low, high = margin, max(2 * margin, margin + 1)
+    if _area(_window(core, high, h, w)) <= max_window:
+        return high
+    while high - low > 1:  # the widest margin whose window fits
+        middle = (low + high) // 2
+        low, high = (middle, high) if _area(_window(core, middle, h, w)) <= max_window else (low, middle)
+    return low if low > margin else None
+
+
+def _first_pixels(groups: np.ndarray, window: tuple[slice, slice], h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's first pixel (row-major, as a flat index into the whole map), and whether it
+    comes within ``REACH`` of a window edge that is not the map's edge (then it may go on
+    beyond the window, or be split differently there)."""
+    top, left = window[0].start, window[1].start
+    bottom, right = window[0].stop, window[1].stop
+    boxes = ndimage.find_objects(groups)
+    firsts = np.empty(len(boxes), np.int64)
+    cut = np.zeros(len(boxes), bool)
+    for k, (rows, cols) in enumerate(boxes):
+        column = cols.start + int(np.argmax(groups[rows.start, cols] == k + 1))
+        firsts[k] = (top + rows.start) * w + left + column
+        cut[k] = (
+            (top > 0 and rows.start < REACH)
+            or (left > 0 and cols.start < REACH)
+            or (bottom < h and top + rows.stop > bottom - REACH)
+            or (right < w and left + cols.stop > right - REACH)
+        )
+    return firsts, cut
+
+
+def _write(out, window: tuple[slice, slice], instances: np.ndarray, groups: np.ndarray, keep: np.ndarray,
+           count: int) -> int:
+    """Write the kept groups' objects into ``out`` as ids after ``count``. Pixels written before
+    stay: groups kept from a narrower window around the same core, and the parts of a
+    truncated group that other windows wrote. Returns the new count."""
+    if not keep.any():
+        return count
+    chosen = np.concatenate([[False], keep])[groups]
+    region = np.array(out[window])
+    chosen &= region == 0
+    ids, order = np.unique(instances[chosen], return_inverse=True)
+    region[chosen] = count + 1 + order.ravel()
+    out[window] = region
+    return count + len(ids)
+
+
+def _fill_beyond_windows(labels, out, cores, count: int, options: dict) -> int:
+    """The parts of truncated groups that no window wrote: object pixels still without an id
+    become one object per class, core and connected piece. Returns the new count."""
+    h, w = (int(n) for n in labels.shape[:2])
+    min_size = options.get("min_size", 16)
+    for core in cores:
+        window = _window(core, REACH, h, w)
+        inner = (slice(core[0] - window[0].start, core[1] - window[0].start),
+                 slice(core[2] - window[1].start, core[3] - window[1].start))
+        region = np.asarray(labels[window])
+        cut_sides = (window[0].start > 0, window[0].stop < h, window[1].start > 0, window[1].stop < w)
+        written = np.asarray(out[core[0] : core[1], core[2] : core[3]])
+        classes = options.get("classes") or [int(c) for c in np.unique(region) if c >= 2]
+        for cls in classes:
+            missing = _objects_of(region == cls, min_size, cut_sides)[inner] & (written == 0)
+            pieces, n = ndimage.label(missing)
+            if n:
+                written = np.where(missing, pieces + count, written).astype(written.dtype)
+                out[core[0] : core[1], core[2] : core[3]] = written
+                count += n
+    return count

@@ -42,8 +42,7 @@ from .data import (
 )
 from .device import autocast, autocast_dtype, network_on, resolve_device
 from .model import SegmentationModel, evaluating
-from .progress import drain
-from .train import StopRequest, _stop_requested
+from .progress import StopRequest, drain, stop_requested
 
 FINITE_CHECK_PIXELS = 50_000_000  # images in memory up to this size are checked for NaN/inf before the first tile
 
@@ -399,7 +398,7 @@ def predict_tiled(
         band_top = 0
         done = 0
         for first in range(0, total, batch_size):
-            if _stop_requested(stop):
+            if stop_requested(stop):
                 next_top = ys[tiles[first][0]]
                 if next_top != band_top:  # the rows above the next tile row are final: keep them
                     _flush(band, band_top, next_top, labels_out, probs_out)

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
 R = TypeVar("R")
+
+StopRequest = Callable[[], bool] | threading.Event | None
+
+
+def stop_requested(stop: StopRequest) -> bool:
+    """Whether a stop was asked for: an Event set by a widget, or a callable polled by a script."""
+    if stop is None:
+        return False
+    if isinstance(stop, threading.Event):
+        return stop.is_set()
+    return bool(stop())
 
 
 def drain(generator: Generator[Any, Any, R], on_progress: Callable[[Any], None] | None = None) -> R:

@@ -8,9 +8,8 @@ checked before every step; the best and the last weights are kept either way.
 from __future__ import annotations
 
 import math
-import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -34,11 +33,9 @@ from .data import (
 from .device import autocast, autocast_dtype, resolve_device
 from .losses import LossTerms, selfreg_total
 from .model import SegmentationModel
-from .progress import drain
+from .progress import StopRequest, drain, stop_requested
 from .regions import PaintedCrop, painted_crops
 from .selfreg import BlockRoles
-
-StopRequest = Callable[[], bool] | threading.Event | None
 
 VALIDATION_WINDOW = 768
 
@@ -90,14 +87,6 @@ def default_class_names(num_classes: int) -> list[str]:
     if num_classes == 2:
         return ["background", "foreground"]
     return ["background", *[f"class {i}" for i in range(2, num_classes + 1)]]
-
-
-def _stop_requested(stop: StopRequest) -> bool:
-    if stop is None:
-        return False
-    if isinstance(stop, threading.Event):
-        return stop.is_set()
-    return bool(stop())
 
 
 def _new_model(info: ModelInfo, seed: int | None) -> SegmentationModel:
@@ -325,7 +314,7 @@ def train(
     with freed_memory_kept(), BatchPrefetcher(sampler, config.batch_size) as batches:
         while step < config.steps:
             elapsed = time.perf_counter() - start
-            if _stop_requested(stop):
+            if stop_requested(stop):
                 stopped = True
                 break
             if config.time_budget and step and elapsed >= config.time_budget:

@@ -29,7 +29,6 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.config import PredictConfig
-from ..core.instances import INSTANCE_PIXELS
 from ._common import (
     EDITED_KEY,
     DeviceCombo,
@@ -80,6 +79,7 @@ class SegmentWidget(QWidget):
         self.worker = None
         self.instance_worker = None
         self.stop_event = threading.Event()
+        self._instance_stop = threading.Event()
         self.output_layer = None
         self._previous_name = ""  # the last segmentation, kept under this name while a new run goes
         self.prediction = None
@@ -181,7 +181,7 @@ class SegmentWidget(QWidget):
 
     @property
     def running(self) -> bool:
-        return self.worker is not None
+        return self.worker is not None or self.instance_worker is not None
 
     def toggle(self) -> None:
         if self.running:
@@ -191,6 +191,8 @@ class SegmentWidget(QWidget):
 
     def stop(self) -> None:
         self.stop_event.set()
+        if self.instance_worker is not None:
+            self._instance_stop.set()
         self.status.setText("Stopping…")
 
     def _outputs(self, shape: tuple[int, int], classes: int, probabilities: bool):
@@ -346,37 +348,59 @@ class SegmentWidget(QWidget):
             )
 
     def _start_instances(self, labels) -> None:
-        h, w = labels.shape
-        if h * w > INSTANCE_PIXELS:
-            show_warning(
-                "The image is too large for the instance split in one go; segment a cropped region for instances."
-            )
-            return
-        from ..core.instances import separate_instances
+        from ..core.instances import split_instances
 
         self.status.setText(self.status.text() + " Separating touching objects…")
-        worker = create_worker(separate_instances, np.asarray(labels), _ignore_errors=True)
+        self._instance_stop = threading.Event()
+        worker = create_worker(
+            split_instances, labels, self._instance_output(labels.shape), stop=self._instance_stop,
+            _ignore_errors=True,
+        )
         # this run's image and output, not whichever the next Segment has made current
         image, output_name = self._image, self.output_layer.name
-        worker.returned.connect(lambda instances: self._add_instances(instances, image, output_name))
+        worker.yielded.connect(self._on_instance_progress)
+        worker.returned.connect(lambda split: self._add_instances(split, image, output_name))
         worker.errored.connect(self._on_instances_error)
         worker.finished.connect(self._on_instances_finished)
         self.instance_worker = worker
+        self.run_button.setText("Stop")  # the split of a slide takes minutes: Stop reaches it too
+        self.progress.setValue(0)
         worker.start()
+
+    def _instance_output(self, shape: tuple[int, int]):
+        """The instance ids: in memory, or a memory-mapped file beside the labels of a large image."""
+        if shape[0] * shape[1] <= MEMMAP_PIXELS:
+            return None  # split_instances allocates it
+        if self._tempdir is None:
+            self._tempdir = tempfile.TemporaryDirectory(prefix="napari-selfreg-")
+        return np.memmap(Path(self._tempdir.name) / "instances.i32", np.int32, "w+", shape=shape)
+
+    def _on_instance_progress(self, progress) -> None:
+        self.progress.setRange(0, progress.total)
+        self.progress.setValue(progress.done)
 
     def _on_instances_error(self, error) -> None:
         show_error(f"Instance separation failed: {explain(error)}")
 
     def _on_instances_finished(self) -> None:
         self.instance_worker = None
+        if self.worker is None:
+            self.run_button.setText("Segment")
 
-    def _add_instances(self, instances, image, output_name: str) -> None:
+    def _add_instances(self, split, image, output_name: str) -> None:
         name = f"{image.name} instances"
         if name in self.viewer.layers:
             self._drop_unless_edited(self.viewer.layers[name])  # instances the user corrected stay
-        layer = self.viewer.add_labels(instances, name=name, **placement(image))
+        layer = self.viewer.add_labels(split.instances, name=name, **placement(image))
         _mark_edits(layer)
-        self.status.setText(f"Done: '{output_name}' and '{name}' ({int(instances.max())} objects).")
+        if not split.complete:
+            self.status.setText(f"Instance separation stopped: '{name}' holds the {split.count} objects of the "
+                                "windows done so far.")
+            return
+        self.status.setText(f"Done: '{output_name}' and '{name}' ({split.count} objects).")
+        if split.truncated:
+            show_warning(f"{split.truncated} groups of objects are wider than the widest window of the split; "
+                         "they are split only near where they start.")
 
     def _kept_note(self) -> str:
         if self._previous_name and self._previous_name in self.viewer.layers:
@@ -393,4 +417,4 @@ class SegmentWidget(QWidget):
         self.worker = None
         if self.output_layer is not None:
             self.output_layer.editable = True
-        self.run_button.setText("Segment")
+        self.run_button.setText("Stop" if self.instance_worker is not None else "Segment")
