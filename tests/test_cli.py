@@ -102,7 +102,8 @@ def test_a_slide_sized_tiff_is_predicted_lazily_into_the_same_files(tmp_path, mo
     ]) == 0
     predict = ["predict", "--model", str(tmp_path / "model.safetensors"), "--image", str(tmp_path / "image.tif"),
                "--tile-size", "256", "--precision", "float32", "--device", "cpu"]
-    assert main([*predict, "--out", str(tmp_path / "whole.tif"), "--probabilities", str(tmp_path / "whole_p.tif")]) == 0
+    assert main([*predict, "--out", str(tmp_path / "whole.tif"), "--probabilities", str(tmp_path / "whole_p.tif"),
+                 "--instances", str(tmp_path / "whole_i.tif")]) == 0
     whole_counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pixels_per_label"]
 
     opened = []
@@ -110,13 +111,18 @@ def test_a_slide_sized_tiff_is_predicted_lazily_into_the_same_files(tmp_path, mo
     original = io.open_image
     monkeypatch.setattr(io, "open_image", lambda path, lazy_above=None: opened.append(original(path)) or opened[-1])
     out = tmp_path / "lazy" / "labels.tif"  # a folder that does not exist yet
-    assert main([*predict, "--out", str(out), "--probabilities", str(tmp_path / "lazy_p.tif")]) == 0
+    assert main([*predict, "--out", str(out), "--probabilities", str(tmp_path / "lazy_p.tif"),
+                 "--instances", str(tmp_path / "lazy_i.tif")]) == 0
     lazy_counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pixels_per_label"]
 
     assert not isinstance(opened[0], np.ndarray)  # read through the file's tiles, not whole
     np.testing.assert_array_equal(tifffile.imread(out), tifffile.imread(tmp_path / "whole.tif"))
     np.testing.assert_allclose(tifffile.imread(tmp_path / "lazy_p.tif"), tifffile.imread(tmp_path / "whole_p.tif"))
     assert lazy_counts == whole_counts and sum(lazy_counts.values()) == 512 * 640
+    # the instances of a slide are split into a memory map beside the labels: the same objects
+    lazy_instances = tifffile.imread(tmp_path / "lazy_i.tif")
+    np.testing.assert_array_equal(lazy_instances, tifffile.imread(tmp_path / "whole_i.tif"))
+    assert lazy_instances.max() >= 1  # (5 steps: the model finds structure, not yet nuclei)
     assert [p.name for p in out.parent.iterdir()] == ["labels.tif"]  # the memory maps are gone
 
 
