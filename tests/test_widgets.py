@@ -645,6 +645,7 @@ def test_segment_dask_image_into_memmap(make_napari_viewer, qtbot, messages, mon
     widget.tile_size.setValue(256)
     widget.device.setCurrentText("cpu")
     widget.probabilities.setChecked(True)
+    widget.instances.setChecked(True)
     widget.start()
     assert widget.running
     wait_idle(qtbot, widget, timeout=60_000)
@@ -668,6 +669,13 @@ def test_segment_dask_image_into_memmap(make_napari_viewer, qtbot, messages, mon
                                atol=1e-3)
     np.testing.assert_allclose(np.asarray(viewer.layers["big probabilities"].data, np.float32),
                                expected.probabilities[1], atol=1e-3)
+    # the instances of a large image go to a memory map too: the whole map's objects, ids and all
+    from napari_selfreg.core.instances import separate_instances
+
+    instances = viewer.layers["big instances"].data
+    assert isinstance(instances, np.memmap) and instances.dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(instances), separate_instances(expected.labels))
+    assert instances.max() > 20
 
 
 def test_view_of_a_pyramid_is_given_in_full_resolution_pixels(make_napari_viewer, qtbot):
