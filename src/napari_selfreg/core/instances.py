@@ -22,6 +22,7 @@ SPLIT_MARGIN = 256  # context around the core, grown where an object reaches the
 # smoothing of the distances (4) and the distances of neighbours within that (4), with room
 # for a neighbour cut by the window edge to stay larger than ``min_size``.
 REACH = 16
+MIN_SIZE = 16  # objects of fewer pixels are dropped (slivers and specks)
 
 
 @dataclass
@@ -47,7 +48,7 @@ def separate_instances(
     classes: list[int] | None = None,
     height: float = 1.0,
     relative_height: float = 0.1,
-    min_size: int = 16,
+    min_size: int = MIN_SIZE,
 ) -> np.ndarray:
     """Instance ids (0 = background) for the structure classes of ``labels`` (ids >= 2).
 
@@ -248,7 +249,7 @@ def _fill_beyond_windows(labels, out, cores, count: int, options: dict) -> int:
     """The parts of truncated groups that no window wrote: object pixels still without an id
     become one object per class, core and connected piece. Returns the new count."""
     h, w = (int(n) for n in labels.shape[:2])
-    min_size = options.get("min_size", 16)
+    min_size = options.get("min_size", MIN_SIZE)
     for core in cores:
         window = _window(core, REACH, h, w)
         inner = (slice(core[0] - window[0].start, core[1] - window[0].start),
