@@ -114,6 +114,11 @@ def paper_table(document: dict, title: str = "Paper protocol (full masks, 224x22
 
 HELD_OUT_TITLE = "Interactive protocol (simulated strokes, fixed CPU training budget)"
 ALL_STROKES_TITLE = "Interactive protocol, every stroke for the networks (the benchmark's default since 2026-11-24)"
+# the runs with every stroke, one results file each: (file, title)
+EVERY_STROKE = (
+    ("interactive_all_strokes.json", ALL_STROKES_TITLE),
+    ("interactive_glas_all_strokes.json", "Interactive protocol on GlaS, every stroke for the networks"),
+)
 
 
 def interactive_table(document: dict, title: str = HELD_OUT_TITLE) -> list[str]:
@@ -221,9 +226,10 @@ def build(paper: Path, interactive: Path, correction: Path | None = None) -> str
         tables.append((seeds, lambda document: paper_table(
             document, "Paper protocol, 8 seeds on a GPU (is SelfReg's effect larger than the seeds' spread?)")))
     tables.append((interactive, interactive_table))
-    every_stroke = interactive.with_name("interactive_all_strokes.json")
-    if every_stroke.is_file():
-        tables.append((every_stroke, lambda document: interactive_table(document, ALL_STROKES_TITLE)))
+    for name, title in EVERY_STROKE:
+        path = interactive.with_name(name)
+        if path.is_file():
+            tables.append((path, lambda document, title=title: interactive_table(document, title)))
     if correction is not None and correction.is_file():
         tables.append((correction, correction_table))
     for path, table in tables:
