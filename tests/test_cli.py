@@ -141,6 +141,51 @@ def test_evaluate_instance_mask_counts_every_nonzero_pixel(tmp_path, capsys):
     assert scores["2"] == {"dice": 1.0, "iou": 1.0} and scores["1"]["dice"] == 1.0
 
 
+def test_evaluate_matches_objects_of_instance_files(tmp_path, capsys):
+    """--instances: objects matched one to one at IoU > 0.5, against the mask's instance ids, or
+    its connected pieces where it has none; one instance file per prediction."""
+    import tifffile
+
+    mask = np.zeros((20, 30), np.uint8)
+    mask[2:10, 2:10], mask[2:10, 10:18] = 3, 9  # two touching objects
+    mask[12:18, 20:28] = 4
+    split = np.zeros((20, 30), np.int32)
+    split[2:10, 2:10], split[2:10, 10:18], split[12:18, 20:28] = 1, 2, 3
+    merged = np.where(mask > 0, 1, 0).astype(np.int32)  # the touching pair as one object, and the third
+    merged[12:18, 20:28] = 2
+    labels = np.where(mask > 0, 2, 1).astype(np.uint8)
+    for name, array in (("m.tif", mask), ("p.tif", labels), ("split.tif", split), ("merged.tif", merged),
+                        ("binary.tif", (mask > 0).astype(np.uint8) * 255)):
+        tifffile.imwrite(tmp_path / name, array)
+    evaluate = ["evaluate", "--prediction", str(tmp_path / "p.tif")]
+    assert main([*evaluate, "--mask", str(tmp_path / "m.tif"), "--instances", str(tmp_path / "split.tif")]) == 0
+    objects = json.loads(capsys.readouterr().out)["objects"]
+    assert (objects["predicted"], objects["true"], objects["matched"], objects["f1"]) == (3, 3, 3, 1.0)
+    assert objects["true_objects_from"] == "instance ids"
+    assert main([*evaluate, "--mask", str(tmp_path / "m.tif"), "--instances", str(tmp_path / "merged.tif")]) == 0
+    objects = json.loads(capsys.readouterr().out)["objects"]
+    assert (objects["predicted"], objects["true"], objects["matched"]) == (2, 3, 1)
+    assert objects["f1"] == pytest.approx(2 * 1 / 5) and objects["panoptic_quality"] == pytest.approx(0.4)
+    # a binary mask cannot tell the touching pair apart: its connected pieces are the objects
+    assert main([*evaluate, "--mask", str(tmp_path / "binary.tif"), "--instances", str(tmp_path / "merged.tif")]) == 0
+    objects = json.loads(capsys.readouterr().out)["objects"]
+    assert (objects["true"], objects["matched"], objects["true_objects_from"]) == (
+        2, 2, "connected pieces of the non-zero pixels")
+    # several pairs: counts summed, scores averaged over the images
+    assert main(["evaluate", "--prediction", str(tmp_path / "p.tif"), str(tmp_path / "p.tif"),
+                 "--mask", str(tmp_path / "m.tif"), str(tmp_path / "m.tif"),
+                 "--instances", str(tmp_path / "split.tif"), str(tmp_path / "merged.tif")]) == 0
+    mean = json.loads(capsys.readouterr().out)["mean"]["objects"]
+    assert (mean["predicted"], mean["true"], mean["matched"]) == (5, 6, 4)
+    assert mean["f1"] == pytest.approx((1.0 + 0.4) / 2)
+    assert main([*evaluate, "--mask", str(tmp_path / "m.tif"), "--instances", str(tmp_path / "split.tif"),
+                 str(tmp_path / "merged.tif")]) == 2
+    assert "one instance file per prediction" in capsys.readouterr().err
+    tifffile.imwrite(tmp_path / "small.tif", split[:10])
+    assert main([*evaluate, "--mask", str(tmp_path / "m.tif"), "--instances", str(tmp_path / "small.tif")]) == 2
+    assert "differ in shape" in capsys.readouterr().err
+
+
 def test_evaluate_reads_palette_masks_and_masks_without_background(tmp_path, capsys):
     """A palette PNG's indices are the ids (not its colours); an all-255 tile is all structure."""
     from PIL import Image

@@ -435,14 +435,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise InputError(
             f"{len(args.prediction)} --prediction files but {len(args.mask)} --mask files; give one mask per prediction"
         )
+    instances = args.instances or [None] * len(args.prediction)
+    if len(instances) != len(args.prediction):
+        raise InputError(
+            f"{len(args.prediction)} --prediction files but {len(instances)} --instances files; give one instance "
+            "file per prediction (as predict --instances wrote them)"
+        )
     if len(args.prediction) == 1:
-        pair = evaluate_pair(args.prediction[0], args.mask[0])
-        print(json.dumps({"classes": pair["classes"]}, indent=2))
+        pair = evaluate_pair(args.prediction[0], args.mask[0], instances=instances[0])
+        print(json.dumps({key: pair[key] for key in ("classes", "objects") if key in pair}, indent=2))
         return 0
     # one reading of the masks for all pairs (ids or binary), so the mean compares like with like
     kind = masks_kind(read_mask(path) for path in args.mask)
-    pairs = [evaluate_pair(p, m, kind) for p, m in zip(args.prediction, args.mask, strict=True)]
+    pairs = [evaluate_pair(p, m, kind, i) for p, m, i in zip(args.prediction, args.mask, instances, strict=True)]
     mean = {"images": len(pairs), "classes": mean_scores(pairs)}
+    if args.instances:
+        mean["objects"] = mean_objects(pairs)
     print(json.dumps({"masks": kind, "pairs": pairs, "mean": mean}, indent=2))
     return 0
 
@@ -456,9 +464,11 @@ def read_mask(path: Path):
     return one_channel_labels(read_image(path, labels=True), path)
 
 
-def evaluate_pair(prediction_path: Path, mask_path: Path, kind: str | None = None) -> dict:
+def evaluate_pair(prediction_path: Path, mask_path: Path, kind: str | None = None,
+                  instances: Path | None = None) -> dict:
+    """Dice and IoU per class; with ``instances``, the objects matched one to one too."""
     from .core.data import InputError
-    from .core.metrics import per_class_overlap
+    from .core.metrics import mask_objects, object_scores, per_class_overlap
     from .io import read_image
 
     prediction = read_image(prediction_path, labels=True)
@@ -469,11 +479,20 @@ def evaluate_pair(prediction_path: Path, mask_path: Path, kind: str | None = Non
             "differ in shape"
         )
     scores = per_class_overlap(prediction, mask, kind)
-    return {
+    pair = {
         "prediction": str(prediction_path),
         "mask": str(mask_path),
         "classes": {k: {"dice": v.dice, "iou": v.iou} for k, v in scores.items()},
     }
+    if instances is not None:
+        found = read_image(instances, labels=True)
+        if found.shape != mask.shape:
+            raise InputError(f"instances {instances.name} {found.shape} and mask {mask_path.name} {mask.shape} "
+                             "differ in shape")
+        truth, read_as = mask_objects(mask)  # as the mask itself shows them, whatever the others hold
+        pair["instances"] = str(instances)
+        pair["objects"] = {**object_scores(found, truth).to_dict(), "true_objects_from": read_as}
+    return pair
 
 
 def mean_scores(pairs: list[dict]) -> dict:
@@ -484,6 +503,15 @@ def mean_scores(pairs: list[dict]) -> dict:
         scored = [pair["classes"][c] for pair in pairs if c in pair["classes"]]
         means[c] = {k: sum(s[k] for s in scored) / len(scored) for k in ("dice", "iou")} | {"images": len(scored)}
     return means
+
+
+def mean_objects(pairs: list[dict]) -> dict:
+    """Object counts summed over the images; F1, matched IoU (SQ) and PQ averaged per image."""
+    scored = [pair["objects"] for pair in pairs]
+    return {
+        **{k: sum(s[k] for s in scored) for k in ("predicted", "true", "matched")},
+        **{k: sum(s[k] for s in scored) / len(scored) for k in ("f1", "mean_matched_iou", "panoptic_quality")},
+    }
 
 
 # ---------------------------------------------------------------------- delegated commands
@@ -586,6 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", required=True, type=Path, nargs="+", action="extend",
                    help="ground truth, one per --prediction in the same order: 0/255, 0/1 or instance ids "
                    "(non-zero = structure), or painting ids without 0 (1 = background)")
+    p.add_argument("--instances", type=Path, nargs="+", action="extend",
+                   help="instance files written by predict --instances, one per --prediction: also match objects "
+                   "one to one at IoU > 0.5 (F1, SQ, PQ) with the mask's instance ids, or with its connected "
+                   "pieces where it holds none (touching objects then count as one)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("inspect", help="per-block feature redundancy maps and indices", **shown)

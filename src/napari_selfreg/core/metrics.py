@@ -122,3 +122,18 @@ def object_scores(predicted: np.ndarray, truth: np.ndarray) -> ObjectScores:
     f1 = 2.0 * n_match / detections if detections else 1.0
     sq = float(iou[matched].mean()) if n_match else (1.0 if not detections else 0.0)
     return ObjectScores(n_pred, n_true, n_match, f1, sq, sq * f1)
+
+
+def mask_objects(mask: np.ndarray) -> tuple[np.ndarray, str]:
+    """The true objects of a mask, and how they were read: its own ids where it holds
+    instance ids, else the connected pieces of its structure (a binary mask or painting ids
+    cannot tell touching objects apart, so they count as one)."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask)
+    if mask_kind(mask) == "ids":
+        return ndimage.label(mask >= 2)[0], "connected pieces of the structure ids (>= 2)"
+    values = np.unique(mask)
+    if len(values[values != 0]) > 1:
+        return mask, "instance ids"
+    return ndimage.label(mask > 0)[0], "connected pieces of the non-zero pixels"
