@@ -491,6 +491,37 @@ def test_stop_reaches_the_instance_split_and_keeps_the_objects_found(he_viewer, 
     assert not messages.errors
 
 
+def test_the_objects_of_a_corrected_labels_layer_are_separated_on_demand(he_viewer, qtbot, messages):
+    """"Objects of" a labels layer: its classes split into objects; painting on it and splitting
+    again replaces the objects, unless the user edited them; an instance layer is refused."""
+    from napari_selfreg.core.instances import separate_instances
+
+    _, segment = docked(he_viewer, "Segment")
+    truth = he_viewer.layers["ground truth"]  # 1 = background, 2 = nuclei
+    segment.split_source.select("ground truth")
+    segment.split_button.click()
+    wait_idle(qtbot, segment, timeout=30_000)
+    objects = he_viewer.layers["ground truth instances"]
+    np.testing.assert_array_equal(objects.data, separate_instances(np.asarray(truth.data)))
+    assert objects.data.max() == 55 and "55 objects" in segment.status.text()
+    assert tuple(objects.scale) == tuple(truth.scale)
+
+    nucleus = objects.data == objects.data[tuple(np.argwhere(objects.data > 0)[0])]
+    truth.data[nucleus] = 1  # the user erases a nucleus from the class map
+    segment.split_button.click()
+    wait_idle(qtbot, segment, timeout=30_000)
+    assert he_viewer.layers["ground truth instances"].data.max() == 54
+    assert [layer.name for layer in he_viewer.layers].count("ground truth instances") == 1
+
+    segment.split_source.select("ground truth instances")
+    assert segment.split_layer() is None and "holds objects already" in messages.errors[-1]
+    ids = np.arange(256 * 256, dtype=np.int32).reshape(256, 256) % 100  # objects made elsewhere
+    he_viewer.add_labels(ids, name="objects from elsewhere")
+    segment.split_source.select("objects from elsewhere")
+    assert segment.split_layer() is None and "'objects from elsewhere' holds objects" in messages.errors[-1]
+    assert not segment.running
+
+
 def test_correction_starts_from_the_prediction_the_user_corrected(he_viewer, qtbot, messages):
     """With a training preview and a Segment output of the same image, the one painted on is
     copied; the preview's class names follow the class table."""

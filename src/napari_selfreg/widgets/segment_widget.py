@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from napari.layers import Image
+from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
@@ -56,6 +56,7 @@ REFRESH_SECONDS = 0.5
 
 OURS_KEY = "napari_selfreg_segmentation"  # layer metadata: made by Segment
 PARTIAL_KEY = "napari_selfreg_partial"  # layer metadata: its run has not completed
+INSTANCES_KEY = "napari_selfreg_instances"  # layer metadata: object ids, not classes
 
 
 def _edited(layer) -> bool:
@@ -150,6 +151,20 @@ class SegmentWidget(QWidget):
         self.status = QLabel("Train a model (or load one), choose an image, press Segment.")
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
+        # the objects of any class map: a segmentation the user corrected, or one made elsewhere
+        split_form = QFormLayout()
+        row = QHBoxLayout()
+        self.split_source = LayerCombo(self.viewer, Labels)
+        self.split_source.setToolTip(
+            "A labels layer of classes (1 = background, 2.. = structures), e.g. a segmentation you corrected."
+        )
+        row.addWidget(self.split_source, 1)
+        self.split_button = QPushButton("Separate objects")
+        self.split_button.setToolTip("Add a labels layer with one id per object of this layer's structure classes.")
+        self.split_button.clicked.connect(self.split_layer)
+        row.addWidget(self.split_button)
+        split_form.addRow("Objects of", row)
+        layout.addLayout(split_form)
         layout.addStretch(1)
 
     # ------------------------------------------------------------------ models
@@ -324,7 +339,8 @@ class SegmentWidget(QWidget):
         if prediction.probabilities is not None:
             self._add_probabilities(image, prediction.probabilities, self._model.class_names)
         if self.instances.isChecked():
-            self._start_instances(prediction.labels)
+            self.status.setText(self.status.text() + " Separating touching objects…")
+            self._start_instances(prediction.labels, image, self.output_layer.name)
 
     def _add_probabilities(self, image, probabilities, class_names: list[str]) -> None:
         """One 2-D layer per structure class, named after it ("… probabilities" alone for a
@@ -347,25 +363,48 @@ class SegmentWidget(QWidget):
                 **{**place, "metadata": {**place["metadata"], OURS_KEY: True}},
             )
 
-    def _start_instances(self, labels) -> None:
+    def split_layer(self):
+        """Separate the objects of the chosen labels layer (a corrected segmentation, say)."""
+        from ..core.metrics import MAX_PAINTING_ID
+
+        layer = self.split_source.layer()
+        if layer is None:
+            show_error("Choose the labels layer whose objects to separate (a segmentation, corrected or not).")
+            return None
+        if self.running:
+            show_error("Segment is still running: wait for it (or press Stop), then separate the objects.")
+            return None
+        problem = stack_problem(layer)
+        if problem:
+            show_error(problem)
+            return None
+        labels = layer_data(layer)
+        if layer.metadata.get(INSTANCES_KEY) or int(np.max(labels)) > MAX_PAINTING_ID:
+            show_error(f"'{layer.name}' holds objects already, not classes. Choose a layer of classes "
+                       "(1 = background, 2.. = structures), e.g. a segmentation.")
+            return None
+        self.status.setText(f"Separating the objects of '{layer.name}'…")
+        return self._start_instances(labels, layer, layer.name)
+
+    def _start_instances(self, labels, source, output_name: str):
+        """Split ``labels`` into objects in a worker; the layer is named after ``source`` and
+        placed as it is."""
         from ..core.instances import split_instances
 
-        self.status.setText(self.status.text() + " Separating touching objects…")
         self._instance_stop = threading.Event()
         worker = create_worker(
             split_instances, labels, self._instance_output(labels.shape), stop=self._instance_stop,
             _ignore_errors=True,
         )
-        # this run's image and output, not whichever the next Segment has made current
-        image, output_name = self._image, self.output_layer.name
         worker.yielded.connect(self._on_instance_progress)
-        worker.returned.connect(lambda split: self._add_instances(split, image, output_name))
+        worker.returned.connect(lambda split: self._add_instances(split, source, output_name))
         worker.errored.connect(self._on_instances_error)
         worker.finished.connect(self._on_instances_finished)
         self.instance_worker = worker
         self.run_button.setText("Stop")  # the split of a slide takes minutes: Stop reaches it too
         self.progress.setValue(0)
         worker.start()
+        return worker
 
     def _instance_output(self, shape: tuple[int, int]):
         """The instance ids: in memory, or a memory-mapped file beside the labels of a large image."""
@@ -387,11 +426,14 @@ class SegmentWidget(QWidget):
         if self.worker is None:
             self.run_button.setText("Segment")
 
-    def _add_instances(self, split, image, output_name: str) -> None:
-        name = f"{image.name} instances"
+    def _add_instances(self, split, source, output_name: str) -> None:
+        name = f"{source.name} instances"
         if name in self.viewer.layers:
             self._drop_unless_edited(self.viewer.layers[name])  # instances the user corrected stay
-        layer = self.viewer.add_labels(split.instances, name=name, **placement(image))
+        place = placement(source)
+        layer = self.viewer.add_labels(
+            split.instances, name=name, **{**place, "metadata": {**place["metadata"], INSTANCES_KEY: True}}
+        )
         _mark_edits(layer)
         if not split.complete:
             self.status.setText(f"Instance separation stopped: '{name}' holds the {split.count} objects of the "
