@@ -75,9 +75,10 @@ def _shot(viewer, path: Path) -> None:
 def _grab(widget):
     """A QWidget as an RGBA array (the dock panels, without the canvas)."""
     import numpy as np
+    from qtpy.QtGui import QImage
 
     pixmap = widget.grab()
-    qimage = pixmap.toImage().convertToFormat(4)  # QImage.Format_RGB32
+    qimage = pixmap.toImage().convertToFormat(QImage.Format.Format_RGB32)  # an enum, not an int, for PyQt6
     width, height = qimage.width(), qimage.height()
     pointer = qimage.bits()
     pointer.setsize(height * qimage.bytesPerLine())
