@@ -225,13 +225,14 @@ def test_closing_the_train_dock_stops_its_end_of_round_prediction(he_viewer, qtb
 
     from napari_selfreg.widgets import train_widget
 
-    gate, stopped = threading.Event(), []
+    gate, stopped, results = threading.Event(), [], []
     real = train_widget._predict_labels
 
     def held(*args):
         gate.wait(60)
         stopped.append(args[-1].is_set())  # the stop request the prediction checks between tiles
-        return real(*args)
+        results.append(real(*args))
+        return results[-1]
 
     monkeypatch.setattr(train_widget, "_predict_labels", held)
     dock, train = docked(he_viewer, "Train SelfReg UNet")
@@ -240,12 +241,18 @@ def test_closing_the_train_dock_stops_its_end_of_round_prediction(he_viewer, qtb
     tiny(train, steps=3)
     train.start()
     qtbot.waitUntil(lambda: not train.running and train.final_worker is not None, timeout=60_000)
+    prediction = "H&E tissue prediction"
+    # a live preview may have drawn into the layer during training (a slow first step does)
+    previewed = np.array(he_viewer.layers[prediction].data) if prediction in he_viewer.layers else None
     dock.destroyOnClose()
     gate.set()
     wait_idle(qtbot, train)
-    assert stopped == [True]
-    prediction = "H&E tissue prediction"  # a stopped prediction writes nothing, and its empty layer goes
-    assert prediction not in he_viewer.layers or not np.any(he_viewer.layers[prediction].data)
+    assert stopped == [True] and results == [None]  # stopped before its first tile
+    # a stopped prediction writes nothing; an empty layer goes
+    if previewed is None or not previewed.any():
+        assert prediction not in he_viewer.layers or not np.any(he_viewer.layers[prediction].data)
+    else:
+        np.testing.assert_array_equal(he_viewer.layers[prediction].data, previewed)
 
 
 def test_a_rounds_final_prediction_lands_on_its_own_image(he_viewer, qtbot, messages, monkeypatch):
@@ -512,6 +519,21 @@ def test_the_objects_of_a_corrected_labels_layer_are_separated_on_demand(he_view
     wait_idle(qtbot, segment, timeout=30_000)
     assert he_viewer.layers["ground truth instances"].data.max() == 54
     assert [layer.name for layer in he_viewer.layers].count("ground truth instances") == 1
+
+    # two structure classes: the objects are counted by class, under the layer's class names
+    from napari_selfreg.widgets.classes import class_features
+
+    two = np.array(truth.data, copy=True)
+    two[:, 128:][two[:, 128:] == 2] = 3
+    he_viewer.add_labels(two, name="two kinds", features=class_features(["background", "nucleus", "lymphocyte"]))
+    segment.split_source.select("two kinds")
+    segment.split_button.click()
+    wait_idle(qtbot, segment, timeout=30_000)
+    whole = separate_instances(two)
+    ids, first = np.unique(whole.ravel(), return_index=True)
+    kinds = two.ravel()[first[ids > 0]]
+    counts = f"{whole.max()} objects: {(kinds == 2).sum()} nucleus, {(kinds == 3).sum()} lymphocyte"
+    assert (kinds == 3).sum() > 10 and counts in segment.status.text()
 
     segment.split_source.select("ground truth instances")
     assert segment.split_layer() is None and "holds objects already" in messages.errors[-1]
