@@ -58,6 +58,7 @@ def test_train_predict_evaluate_on_a_real_image(tmp_path, monuseg_pair, capsys):
     instances = tifffile.imread(tmp_path / "inst.tif")
     np.testing.assert_array_equal(instances, separate_instances(labels))
     assert predicted_json["instances"] == instances.max() > 10 and not (instances[labels == 1] > 0).any()
+    assert predicted_json["instances_per_label"] == {"2": predicted_json["instances"]}  # one structure class
     from napari_selfreg.io import labels_note
 
     assert labels_note(tmp_path / "inst.tif") == []  # reopens in napari as labels, not as an image

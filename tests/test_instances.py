@@ -86,6 +86,9 @@ def test_the_split_in_windows_finds_the_objects_of_the_whole_map():
         split = drain(split_instances(labels, tile=tile, margin=margin), steps.append)
         assert split.complete and split.truncated == 0 and split.count == whole.max()
         assert _same_objects(split.instances, whole)
+        ids, first = np.unique(whole.ravel(), return_index=True)
+        classes, counts = np.unique(labels.ravel()[first[ids > 0]], return_counts=True)
+        assert split.per_class == dict(zip(classes.tolist(), counts.tolist(), strict=True))  # objects per class
         windows = -(-labels.shape[0] // tile) * -(-labels.shape[1] // tile)
         assert [s.done for s in steps] == list(range(1, windows + 1)) and steps[-1].total == windows
     # a map that fits one window keeps the whole-map ids (what `predict --instances` wrote before)
@@ -122,6 +125,7 @@ def test_a_group_wider_than_the_widest_window_is_split_near_its_start_and_covere
     # no object pixel is left without an id, and no id is given twice
     assert np.array_equal(split.instances > 0, whole > 0)
     assert split.count == len(np.unique(split.instances)) - 1 > whole.max()
+    assert split.per_class == {2: split.count}
 
 
 def test_stopping_the_split_keeps_whole_objects_of_the_windows_done(tmp_path):

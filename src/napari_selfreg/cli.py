@@ -384,6 +384,7 @@ def predict_one(model, job: PredictJob, config, desc: str = "predicting") -> dic
             split = _split_instances(prediction.labels, scratch)
             write_image(job.instances, split.instances, like=job.image, class_names=[])  # reopens as labels
             summary["instances"] = split.count
+            summary["instances_per_label"] = {str(c): n for c, n in split.per_class.items()}
             if split.truncated:
                 print(f"napari-selfreg predict: warning: {job.image}: {split.truncated} groups of objects are "
                       "wider than the widest window and were split only near where they start", file=sys.stderr)

@@ -7,8 +7,9 @@ window over a map of any size (a slide's memory map or zarr array) and gives the
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -41,6 +42,10 @@ class InstanceSplit:
     count: int
     complete: bool = True
     truncated: int = 0
+    per_class: dict[int, int] = field(default_factory=dict)  # class id -> objects of that class
+
+    def __post_init__(self) -> None:
+        self.per_class = {int(c): int(n) for c, n in sorted(self.per_class.items())}
 
 
 def separate_instances(
@@ -157,20 +162,22 @@ def split_instances(
     tile, margin = max(1, int(tile)), max(0, int(margin))
     cores = [(y, min(y + tile, h), x, min(x + tile, w)) for y in range(0, h, tile) for x in range(0, w, tile)]
     count = truncated = 0
+    per_class: Counter[int] = Counter()
     for done, core in enumerate(cores):
         if stop_requested(stop):
-            return InstanceSplit(out, count, complete=False, truncated=truncated)
+            return InstanceSplit(out, count, complete=False, truncated=truncated, per_class=per_class)
         reach = margin
         while True:
             wider = _wider_margin(core, reach, h, w, max_window)
             window = _window(core, reach, h, w)
-            instances = separate_instances(np.asarray(labels[window]), **options)
+            region = np.asarray(labels[window])
+            instances = separate_instances(region, **options)
             groups, _ = ndimage.label(instances > 0)
             firsts, cut = _first_pixels(groups, window, h, w)
             y, x = np.divmod(firsts, w)
             owned = (y >= core[0]) & (y < core[1]) & (x >= core[2]) & (x < core[3])
             widest = wider is None
-            count = _write(out, window, instances, groups, owned if widest else owned & ~cut, count)
+            count = _write(out, window, instances, groups, owned if widest else owned & ~cut, count, region, per_class)
             if widest:
                 truncated += int(np.count_nonzero(owned & cut))
                 break
@@ -179,8 +186,8 @@ def split_instances(
             reach = wider  # the groups written from this window stay as they are
         yield InstanceProgress(done + 1, len(cores))
     if truncated:
-        count = _fill_beyond_windows(labels, out, cores, count, options)
-    return InstanceSplit(out, count, truncated=truncated)
+        count = _fill_beyond_windows(labels, out, cores, count, options, per_class)
+    return InstanceSplit(out, count, truncated=truncated, per_class=per_class)
 
 
 def _window(core: tuple[int, int, int, int], margin: int, h: int, w: int) -> tuple[slice, slice]:
@@ -230,22 +237,24 @@ def _first_pixels(groups: np.ndarray, window: tuple[slice, slice], h: int, w: in
 
 
 def _write(out, window: tuple[slice, slice], instances: np.ndarray, groups: np.ndarray, keep: np.ndarray,
-           count: int) -> int:
-    """Write the kept groups' objects into ``out`` as ids after ``count``. Pixels written before
-    stay: groups kept from a narrower window around the same core, and the parts of a
-    truncated group that other windows wrote. Returns the new count."""
+           count: int, classes: np.ndarray, per_class: Counter) -> int:
+    """Write the kept groups' objects into ``out`` as ids after ``count``, counting them by
+    their class in ``classes`` (the window's labels). Pixels written before stay: groups kept
+    from a narrower window around the same core, and the parts of a truncated group that
+    other windows wrote. Returns the new count."""
     if not keep.any():
         return count
     chosen = np.concatenate([[False], keep])[groups]
-    region = np.array(out[window])
-    chosen &= region == 0
-    ids, order = np.unique(instances[chosen], return_inverse=True)
-    region[chosen] = count + 1 + order.ravel()
-    out[window] = region
+    written = np.array(out[window])
+    chosen &= written == 0
+    ids, first, order = np.unique(instances[chosen], return_index=True, return_inverse=True)
+    per_class.update(int(c) for c in classes[chosen][first])
+    written[chosen] = count + 1 + order.ravel()
+    out[window] = written
     return count + len(ids)
 
 
-def _fill_beyond_windows(labels, out, cores, count: int, options: dict) -> int:
+def _fill_beyond_windows(labels, out, cores, count: int, options: dict, per_class: Counter) -> int:
     """The parts of truncated groups that no window wrote: object pixels still without an id
     become one object per class, core and connected piece. Returns the new count."""
     h, w = (int(n) for n in labels.shape[:2])
@@ -265,4 +274,5 @@ def _fill_beyond_windows(labels, out, cores, count: int, options: dict) -> int:
                 written = np.where(missing, pieces + count, written).astype(written.dtype)
                 out[core[0] : core[1], core[2] : core[3]] = written
                 count += n
+                per_class[cls] += n
     return count

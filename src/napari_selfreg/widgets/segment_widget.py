@@ -47,7 +47,7 @@ from ._common import (
     track_edits,
 )
 from ._workers import run_prediction
-from .classes import class_colormap, class_features
+from .classes import class_colormap, class_features, class_names_of
 from .model_registry import model_registry
 
 MEMMAP_PIXELS = 64_000_000  # outputs above this many pixels go to memory-mapped files
@@ -63,6 +63,16 @@ def _edited(layer) -> bool:
     """Whether a segmentation layer holds the user's work: painted on since Segment made it, or
     not made by Segment at all."""
     return not layer.metadata.get(OURS_KEY) or bool(layer.metadata.get(EDITED_KEY))
+
+
+def _counts(split, class_names: list[str]) -> str:
+    """"55 objects", or "70 objects: 55 nucleus, 15 gland" where there are several classes."""
+    text = f"{split.count} objects"
+    if len(split.per_class) < 2:
+        return text
+    named = [f"{n} {class_names[c - 1] if 0 < c <= len(class_names) else f'class {c}'}"
+             for c, n in split.per_class.items()]
+    return f"{text}: {', '.join(named)}"
 
 
 def _mark_edits(layer) -> None:
@@ -340,7 +350,7 @@ class SegmentWidget(QWidget):
             self._add_probabilities(image, prediction.probabilities, self._model.class_names)
         if self.instances.isChecked():
             self.status.setText(self.status.text() + " Separating touching objects…")
-            self._start_instances(prediction.labels, image, self.output_layer.name)
+            self._start_instances(prediction.labels, image, self.output_layer)
 
     def _add_probabilities(self, image, probabilities, class_names: list[str]) -> None:
         """One 2-D layer per structure class, named after it ("… probabilities" alone for a
@@ -384,11 +394,11 @@ class SegmentWidget(QWidget):
                        "(1 = background, 2.. = structures), e.g. a segmentation.")
             return None
         self.status.setText(f"Separating the objects of '{layer.name}'…")
-        return self._start_instances(labels, layer, layer.name)
+        return self._start_instances(labels, layer, layer)
 
-    def _start_instances(self, labels, source, output_name: str):
+    def _start_instances(self, labels, source, classes):
         """Split ``labels`` into objects in a worker; the layer is named after ``source`` and
-        placed as it is."""
+        placed as it is; ``classes`` is the labels layer whose class names the counts take."""
         from ..core.instances import split_instances
 
         self._instance_stop = threading.Event()
@@ -397,7 +407,9 @@ class SegmentWidget(QWidget):
             _ignore_errors=True,
         )
         worker.yielded.connect(self._on_instance_progress)
-        worker.returned.connect(lambda split: self._add_instances(split, source, output_name))
+        # this run's layers and names, not whichever the next Segment has made current
+        output_name, names = classes.name, class_names_of(classes) or []
+        worker.returned.connect(lambda split: self._add_instances(split, source, output_name, names))
         worker.errored.connect(self._on_instances_error)
         worker.finished.connect(self._on_instances_finished)
         self.instance_worker = worker
@@ -426,7 +438,7 @@ class SegmentWidget(QWidget):
         if self.worker is None:
             self.run_button.setText("Segment")
 
-    def _add_instances(self, split, source, output_name: str) -> None:
+    def _add_instances(self, split, source, output_name: str, class_names: list[str]) -> None:
         name = f"{source.name} instances"
         if name in self.viewer.layers:
             self._drop_unless_edited(self.viewer.layers[name])  # instances the user corrected stay
@@ -439,7 +451,7 @@ class SegmentWidget(QWidget):
             self.status.setText(f"Instance separation stopped: '{name}' holds the {split.count} objects of the "
                                 "windows done so far.")
             return
-        self.status.setText(f"Done: '{output_name}' and '{name}' ({split.count} objects).")
+        self.status.setText(f"Done: '{output_name}' and '{name}' ({_counts(split, class_names)}).")
         if split.truncated:
             show_warning(f"{split.truncated} groups of objects are wider than the widest window of the split; "
                          "they are split only near where they start.")
