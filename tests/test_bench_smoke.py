@@ -344,6 +344,21 @@ def test_instance_slide_benchmark_smoke_run_checks_against_the_whole_map(shared_
     assert row["peak_rss_bytes"] >= row["peak_rss_before_split_bytes"] > 0
 
 
+def test_slide_benchmark_smoke_run_predicts_and_counts_objects(shared_data, tmp_path, monkeypatch):
+    """benchmarks/bench_slide.py: train, then predict --instances of a slide, from the command line."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("SELFREG_SHARED_DATA", str(shared_data))
+    out = tmp_path / "slide.json"
+    subprocess.run([sys.executable, str(_script("bench_slide.py")), "--size", "1200", "--train-seconds", "3",
+                    "--out", str(out)], check=True, capture_output=True)
+    row = json.loads(out.read_text())["result"]
+    assert sum(row["pixels_per_label"].values()) == 1200 * 1200
+    assert row["instances"] == sum(row["instances_per_label"].values())
+    assert set(row["output_bytes"]) == {"labels.tif", "instances.tif"} and row["peak_rss_bytes"] > 0
+
+
 def test_supervised_benchmark_smoke_run_trains_once_and_scores_like_the_protocol(shared_data, tmp_path):
     """benchmarks/bench_supervised.py: the model is trained once and reused; its Otsu column is
     the interactive protocol's baseline on the same strokes (results/baselines.json)."""
