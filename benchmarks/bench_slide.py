@@ -29,7 +29,7 @@ DATA = Path(os.environ.get("SELFREG_SHARED_DATA", HERE.parents[1] / "shared" / "
 TRAIN_IMAGE = "TCGA-21-5784-01Z-00-DX1"  # a training image, so the test images stay unseen
 
 # the command line in a process that reports its own peak RSS (kilobytes on Linux) last
-MEASURED = ("import resource, sys; from napari_selfreg.cli import main; rc = main(sys.argv[1:]); "
+MEASURED = ("import json, resource, sys; from napari_selfreg.cli import main; rc = main(sys.argv[1:]); "
             "print(json.dumps({'peak_rss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}), flush=True); "
             "sys.exit(rc)")
 
@@ -37,7 +37,7 @@ MEASURED = ("import resource, sys; from napari_selfreg.cli import main; rc = mai
 def cli(*args: str) -> tuple[list[str], float]:
     """Run ``napari-selfreg ARGS`` in a fresh process; its stdout lines and wall seconds."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", "import json; " + MEASURED, *args], check=True,
+    done = subprocess.run([sys.executable, "-c", MEASURED, *args], check=True,
                           capture_output=True, text=True)
     return done.stdout.strip().splitlines(), time.perf_counter() - started
 
