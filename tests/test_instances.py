@@ -95,6 +95,26 @@ def test_the_split_in_windows_finds_the_objects_of_the_whole_map():
     np.testing.assert_array_equal(drain(split_instances(he)).instances, separate_instances(he))
 
 
+def test_a_group_cut_by_its_window_is_split_again_in_a_window_fitted_to_it(monkeypatch):
+    """Not in ever wider windows around the core: on a dense map of touching nuclei each of
+    those was a whole split, and most of a slide's time went there."""
+    from napari_selfreg.core import instances
+    from napari_selfreg.core.progress import drain
+
+    labels = np.ones((400, 400), np.uint8)
+    labels[40:52, 5:395] = 2  # a rod from the first core's window across the map
+    labels[300:340, 300:340] = 2
+    whole = instances.separate_instances(labels)
+    regions = []
+    split_window = instances.separate_instances
+    monkeypatch.setattr(instances, "separate_instances", lambda r, **o: regions.append(r.shape) or split_window(r, **o))
+    split = drain(instances.split_instances(labels, tile=64, margin=8))
+    assert split.count == whole.max() and _same_objects(split.instances, whole)
+    # the first core's windows: its own (72 x 72), then the rod's box with REACH to spare
+    assert regions[:2] == [(72, 72), (12 + 2 * instances.REACH, 400)]
+    assert max(h * w for h, w in regions) == 44 * 400
+
+
 def test_the_split_in_windows_on_real_masks(shared_data):
     from PIL import Image
 
