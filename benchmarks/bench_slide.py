@@ -8,7 +8,9 @@ The slide is the 14 MoNuSeg test images repeated side by side, written as a tile
 first, from the command line, for ``--train-seconds`` on the simulated strokes of one MoNuSeg
 training image (the interactive protocol's strokes), so the labels and objects are a real
 model's. ``predict`` runs in a process of its own; its wall time and peak RSS are recorded
-with the JSON line it prints. Needs ../shared/data (or $SELFREG_SHARED_DATA); exits 2 without it.
+with the JSON line it prints. ``--keep DIR`` copies the labels and instances it wrote (and the
+model) into DIR, e.g. for ``bench_instances.py --slide N --map DIR/labels.tif``. Needs
+../shared/data (or $SELFREG_SHARED_DATA); exits 2 without it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,6 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=20000, help="the slide's side in pixels")
     parser.add_argument("--train-seconds", type=float, default=60.0)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "slide.json")
+    parser.add_argument("--keep", type=Path, default=None, help="copy the outputs and the model into this folder")
     args = parser.parse_args(argv)
     if not (DATA / "monuseg").is_dir():
         print(f"skipped: {DATA / 'monuseg'} not found", file=sys.stderr)
@@ -97,6 +101,10 @@ def main(argv=None) -> int:
                              "--instances", str(folder / "out" / "instances.tif"))
         summary, measured = json.loads(lines[-2]), json.loads(lines[-1])
         sizes = {p.name: p.stat().st_size for p in (folder / "out").iterdir()}
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for kept in [*(folder / "out").iterdir(), model]:
+                shutil.copy2(kept, args.keep / kept.name)
     row = {
         "size": args.size,
         "slide_write_s": written_s,
