@@ -112,7 +112,7 @@ def slide_map(size: int, store: Path, grow: int = 0, source: Path | None = None)
     return path
 
 
-def split_child(store: Path, tile: int, margin: int) -> dict:
+def split_child(store: Path, tile: int, margin: int, workers: int | None) -> dict:
     """Runs in a fresh process: split the map window by window into a zarr array."""
     import zarr
 
@@ -122,7 +122,8 @@ def split_child(store: Path, tile: int, margin: int) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     started = time.perf_counter()
     windows = []
-    split = drain(split_instances(labels, out, tile=tile, margin=margin), windows.append)
+    threads = {"workers": workers} if workers else {}  # (code from before the threads takes none)
+    split = drain(split_instances(labels, out, tile=tile, margin=margin, **threads), windows.append)
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
@@ -164,11 +165,12 @@ def slide(args) -> int:
             print(f"bench_instances: {wrong}", file=sys.stderr)
             return 2
         child = subprocess.run(
-            [sys.executable, __file__, "--split-child", folder, "--tile", str(args.tile), "--margin", str(args.margin)],
+            [sys.executable, __file__, "--split-child", folder, "--tile", str(args.tile), "--margin", str(args.margin),
+             *(["--workers", str(args.workers)] if args.workers else [])],
             capture_output=True, text=True, check=True,
         )
         nuclei = np.asarray(zarr.open_array(str(store / "labels.zarr"), mode="r")[:]) == 2
-        row = {"size": args.slide, "tile": args.tile, "margin": args.margin, "grow": args.grow,
+        row = {"size": args.slide, "tile": args.tile, "margin": args.margin, "grow": args.grow, "workers": args.workers,
                "nucleus_fraction": float(nuclei.mean()),
                **json.loads(child.stdout.strip().splitlines()[-1])}
         if args.check:
@@ -194,12 +196,13 @@ def main(argv=None) -> int:
     parser.add_argument("--map", type=Path, default=None,
                         help="with --slide: split the top left of this class map TIFF instead (bench_slide.py --keep)")
     parser.add_argument("--grow", type=int, default=0, help="with --slide: widen each nucleus by N pixels")
+    parser.add_argument("--workers", type=int, default=None, help="with --slide: splitting threads")
     parser.add_argument("--check", action="store_true", help="with --slide: compare with the whole map's split")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--split-child", type=Path, default=None, help=argparse.SUPPRESS)  # the measured process
     args = parser.parse_args(argv)
     if args.split_child:
-        print(json.dumps(split_child(args.split_child, args.tile, args.margin)))
+        print(json.dumps(split_child(args.split_child, args.tile, args.margin, args.workers)))
         return 0
     if args.slide:
         return slide(args)

@@ -91,6 +91,13 @@ def test_the_split_in_windows_finds_the_objects_of_the_whole_map():
         assert split.per_class == dict(zip(classes.tolist(), counts.tolist(), strict=True))  # objects per class
         windows = -(-labels.shape[0] // tile) * -(-labels.shape[1] // tile)
         assert [s.done for s in steps] == list(range(1, windows + 1)) and steps[-1].total == windows
+    # threads that split windows ahead change nothing: the same ids, not only the same objects
+    labels = _noisy_map(2)
+    alone = drain(split_instances(labels, tile=64, margin=16, workers=1))
+    for workers in (2, 5):
+        together = drain(split_instances(labels, tile=64, margin=16, workers=workers))
+        np.testing.assert_array_equal(together.instances, alone.instances)
+        assert together.per_class == alone.per_class
     # a map that fits one window keeps the whole-map ids (what `predict --instances` wrote before)
     np.testing.assert_array_equal(drain(split_instances(he)).instances, separate_instances(he))
 
@@ -108,7 +115,7 @@ def test_a_group_cut_by_its_window_is_split_again_in_a_window_fitted_to_it(monke
     regions = []
     split_window = instances.separate_instances
     monkeypatch.setattr(instances, "separate_instances", lambda r, **o: regions.append(r.shape) or split_window(r, **o))
-    split = drain(instances.split_instances(labels, tile=64, margin=8))
+    split = drain(instances.split_instances(labels, tile=64, margin=8, workers=1))  # windows in order
     assert split.count == whole.max() and _same_objects(split.instances, whole)
     # the first core's windows: its own (72 x 72), then the rod's box with REACH to spare
     assert regions[:2] == [(72, 72), (12 + 2 * instances.REACH, 400)]

@@ -7,8 +7,10 @@ window over a map of any size (a slide's memory map or zarr array) and gives the
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Generator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +21,7 @@ from .progress import StopRequest, stop_requested
 INSTANCE_PIXELS = 64_000_000  # largest window split at once (a few GB of scratch arrays)
 SPLIT_TILE = 2048  # each window's core: its objects are kept from this window
 SPLIT_MARGIN = 256  # context around the core, grown where an object reaches the window's edge
+SPLIT_WORKERS = 4  # threads splitting windows ahead: each holds a window's scratch arrays
 # How far the split of one object depends on the map around it: the opening (2 pixels), the
 # smoothing of the distances (4) and the distances of neighbours within that (4), with room
 # for a neighbour cut by the window edge to stay larger than ``min_size``.
@@ -142,6 +145,7 @@ def split_instances(
     margin: int = SPLIT_MARGIN,
     max_window: int = INSTANCE_PIXELS,
     stop: StopRequest = None,
+    workers: int | None = None,
     **options,
 ) -> Generator[InstanceProgress, None, InstanceSplit]:
     """``separate_instances`` over ``labels`` (H, W) of any size, a window at a time; yields
@@ -152,8 +156,13 @@ def split_instances(
     is split in a window that holds it whole with ``REACH`` pixels to spare, so it comes out as
     the whole-map split would have it, and is written by the one window whose core holds its
     first pixel (in row-major order). A group that reaches a window's edge is split again in a
-    window fitted to it (``_holding_window``), up to ``max_window`` pixels. A stop request is honoured between windows
-    (``complete`` is then False and the objects written so far stay).
+    window fitted to it (``_holding_window``), up to ``max_window`` pixels. A stop request is
+    honoured between windows (``complete`` is then False and the objects written so far stay).
+
+    ``workers`` threads (default: the CPUs, at most ``SPLIT_WORKERS``) split the next windows
+    while this one is written: scipy and scikit-image release the GIL for most of a split.
+    The writes stay in window order, so the result does not depend on ``workers``; memory
+    grows by a window's scratch arrays per worker.
     """
     h, w = (int(n) for n in labels.shape[:2])
     if out is None:
@@ -164,35 +173,57 @@ def split_instances(
     cores = [(y, min(y + tile, h), x, min(x + tile, w)) for y in range(0, h, tile) for x in range(0, w, tile)]
     count = truncated = 0
     per_class: Counter[int] = Counter()
-    for done, core in enumerate(cores):
-        if stop_requested(stop):
-            return InstanceSplit(out, count, complete=False, truncated=truncated, per_class=per_class)
-        window, widest = _window(core, margin, h, w), False
-        for attempt in range(HOLDING_TRIES + 1):
-            widest = widest or not _can_grow(window, h, w, max_window)
-            region = np.asarray(labels[window])
-            instances = separate_instances(region, **options)
-            groups, _ = ndimage.label(instances > 0)
-            firsts, cut = _first_pixels(groups, window, h, w)
-            y, x = np.divmod(firsts, w)
-            owned = (y >= core[0]) & (y < core[1]) & (x >= core[2]) & (x < core[3])
-            pending = owned & cut & ~_written_at(out, window, firsts, w)
-            count = _write(out, window, instances, groups, owned if widest else owned & ~cut, count, region, per_class)
-            if widest:
-                truncated += int(np.count_nonzero(pending))
-                break
-            if not pending.any():
-                break
-            # the groups that reach the window's edge: split again in a window that holds them whole
-            held = _holding_window(labels, window, groups, pending, h, w, max_window)
-            if held is None or attempt == HOLDING_TRIES - 1:
-                window, widest = _window(core, _widest_margin(core, h, w, max_window), h, w), True
-            else:
-                window = held
-        yield InstanceProgress(done + 1, len(cores))
+    workers = max(1, int(workers or min(os.cpu_count() or 1, SPLIT_WORKERS)))
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="split-instances")
+    ahead: dict[int, Future] = {}  # each core's first window, split ahead of its turn
+
+    def split_ahead(index: int) -> None:
+        if index < len(cores) and index not in ahead:
+            ahead[index] = pool.submit(_split_window, labels, _window(cores[index], margin, h, w), options)
+
+    try:
+        for done, core in enumerate(cores):
+            if stop_requested(stop):
+                return InstanceSplit(out, count, complete=False, truncated=truncated, per_class=per_class)
+            for index in range(done, done + workers):
+                split_ahead(index)
+            window, widest = _window(core, margin, h, w), False
+            for attempt in range(HOLDING_TRIES + 1):
+                widest = widest or not _can_grow(window, h, w, max_window)
+                region, instances, groups = (
+                    ahead.pop(done).result() if attempt == 0 else _split_window(labels, window, options)
+                )
+                firsts, cut = _first_pixels(groups, window, h, w)
+                y, x = np.divmod(firsts, w)
+                owned = (y >= core[0]) & (y < core[1]) & (x >= core[2]) & (x < core[3])
+                pending = owned & cut & ~_written_at(out, window, firsts, w)
+                kept = owned if widest else owned & ~cut
+                count = _write(out, window, instances, groups, kept, count, region, per_class)
+                if widest:
+                    truncated += int(np.count_nonzero(pending))
+                    break
+                if not pending.any():
+                    break
+                # the groups that reach the window's edge: split again in a window that holds them whole
+                held = _holding_window(labels, window, groups, pending, h, w, max_window)
+                if held is None or attempt == HOLDING_TRIES - 1:
+                    window, widest = _window(core, _widest_margin(core, h, w, max_window), h, w), True
+                else:
+                    window = held
+            yield InstanceProgress(done + 1, len(cores))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a stop does not wait for windows split ahead
     if truncated:
         count = _fill_beyond_windows(labels, out, cores, count, options, per_class)
     return InstanceSplit(out, count, truncated=truncated, per_class=per_class)
+
+
+def _split_window(labels, window: tuple[slice, slice], options: dict):
+    """(class map, instances, touching groups) of one window."""
+    region = np.asarray(labels[window])
+    instances = separate_instances(region, **options)
+    groups, _ = ndimage.label(instances > 0)
+    return region, instances, groups
 
 
 def _window(core: tuple[int, int, int, int], margin: int, h: int, w: int) -> tuple[slice, slice]:
