@@ -175,3 +175,15 @@ def test_stopping_the_split_keeps_whole_objects_of_the_windows_done(tmp_path):
     for index in np.unique(written[written > 0]):
         ids = np.unique(whole[written == index])
         assert len(ids) == 1 and np.array_equal(whole == ids[0], written == index)
+
+
+def test_the_largest_id_is_read_a_band_at_a_time_from_a_lazy_map():
+    import dask.array as da
+
+    from napari_selfreg.core.instances import largest_id
+
+    labels = np.ones((300, 200), np.int32)
+    labels[290, 7] = 65  # in the last band only
+    lazy = da.from_array(labels, chunks=(50, 50))
+    assert largest_id(lazy, band=64) == 65 == largest_id(labels)
+    assert largest_id(np.ones((0, 5), np.uint8)) == 0

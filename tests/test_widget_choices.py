@@ -540,8 +540,11 @@ def test_the_objects_of_a_corrected_labels_layer_are_separated_on_demand(he_view
     ids = np.arange(256 * 256, dtype=np.int32).reshape(256, 256) % 100  # objects made elsewhere
     he_viewer.add_labels(ids, name="objects from elsewhere")
     segment.split_source.select("objects from elsewhere")
-    assert segment.split_layer() is None and "'objects from elsewhere' holds objects" in messages.errors[-1]
-    assert not segment.running
+    assert segment.split_layer() is not None  # its ids are read in the worker: a slide's take seconds
+    wait_idle(qtbot, segment, timeout=30_000)
+    assert "'objects from elsewhere' holds objects" in messages.errors[-1]
+    assert "holds objects" in segment.status.text() and "objects from elsewhere instances" not in he_viewer.layers
+    assert not segment.running and segment.run_button.text() == "Segment"
 
 
 def test_correction_starts_from_the_prediction_the_user_corrected(he_viewer, qtbot, messages):

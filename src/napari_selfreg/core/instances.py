@@ -138,6 +138,17 @@ def _objects_of(mask: np.ndarray, min_size: int, cut_sides: tuple[bool, ...] = (
     return keep[components]
 
 
+def largest_id(labels, band: int = SPLIT_TILE) -> int:
+    """The largest value of a class map, read a band of rows at a time: ``np.max`` of a lazy
+    slide (dask, zarr) would compute or load all of it at once."""
+    largest = 0
+    for top in range(0, int(labels.shape[0]), band):
+        part = np.asarray(labels[top : top + band])
+        if part.size:
+            largest = max(largest, int(part.max()))
+    return largest
+
+
 def split_instances(
     labels,
     out=None,

@@ -375,8 +375,6 @@ class SegmentWidget(QWidget):
 
     def split_layer(self):
         """Separate the objects of the chosen labels layer (a corrected segmentation, say)."""
-        from ..core.metrics import MAX_PAINTING_ID
-
         layer = self.split_source.layer()
         if layer is None:
             show_error("Choose the labels layer whose objects to separate (a segmentation, corrected or not).")
@@ -388,23 +386,21 @@ class SegmentWidget(QWidget):
         if problem:
             show_error(problem)
             return None
-        labels = layer_data(layer)
-        if layer.metadata.get(INSTANCES_KEY) or int(np.max(labels)) > MAX_PAINTING_ID:
-            show_error(f"'{layer.name}' holds objects already, not classes. Choose a layer of classes "
-                       "(1 = background, 2.. = structures), e.g. a segmentation.")
+        if layer.metadata.get(INSTANCES_KEY):
+            show_error(_holds_objects(layer.name))
             return None
         self.status.setText(f"Separating the objects of '{layer.name}'…")
-        return self._start_instances(labels, layer, layer)
+        return self._start_instances(layer_data(layer), layer, layer, check_ids=True)
 
-    def _start_instances(self, labels, source, classes):
+    def _start_instances(self, labels, source, classes, check_ids: bool = False):
         """Split ``labels`` into objects in a worker; the layer is named after ``source`` and
-        placed as it is; ``classes`` is the labels layer whose class names the counts take."""
-        from ..core.instances import split_instances
-
+        placed as it is; ``classes`` is the labels layer whose class names the counts take.
+        ``check_ids``: refuse ids beyond painting's (a layer of objects, not classes), checked
+        in the worker, since reading a slide's ids takes seconds."""
         self._instance_stop = threading.Event()
         worker = create_worker(
-            split_instances, labels, self._instance_output(labels.shape), stop=self._instance_stop,
-            _ignore_errors=True,
+            _split_classes, labels, self._instance_output(labels.shape), self._instance_stop,
+            source.name if check_ids else None, _ignore_errors=True,
         )
         worker.yielded.connect(self._on_instance_progress)
         # this run's layers and names, not whichever the next Segment has made current
@@ -431,7 +427,9 @@ class SegmentWidget(QWidget):
         self.progress.setValue(progress.done)
 
     def _on_instances_error(self, error) -> None:
-        show_error(f"Instance separation failed: {explain(error)}")
+        message = f"Instance separation failed: {explain(error)}"
+        show_error(message)
+        self.status.setText(message)
 
     def _on_instances_finished(self) -> None:
         self.instance_worker = None
@@ -472,3 +470,19 @@ class SegmentWidget(QWidget):
         if self.output_layer is not None:
             self.output_layer.editable = True
         self.run_button.setText("Stop" if self.instance_worker is not None else "Segment")
+
+
+def _holds_objects(name: str) -> str:
+    return (f"'{name}' holds objects already, not classes. Choose a layer of classes "
+            "(1 = background, 2.. = structures), e.g. a segmentation.")
+
+
+def _split_classes(labels, out, stop, check_name: str | None):
+    """The worker's split; with ``check_name``, first refuses a map whose ids are objects."""
+    from ..core.data import InputError
+    from ..core.instances import largest_id, split_instances
+    from ..core.metrics import MAX_PAINTING_ID
+
+    if check_name is not None and largest_id(labels) > MAX_PAINTING_ID:
+        raise InputError(_holds_objects(check_name))
+    return (yield from split_instances(labels, out, stop=stop))
