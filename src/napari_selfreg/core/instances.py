@@ -199,7 +199,7 @@ def split_instances(
             for index in range(done, done + workers):
                 split_ahead(index)
             window, widest = _window(core, margin, h, w), False
-            for attempt in range(HOLDING_TRIES + 1):
+            for attempt in range(HOLDING_TRIES + 2):  # the first window, the fitted ones, the widest
                 widest = widest or not _can_grow(window, h, w, max_window)
                 region, instances, groups = (
                     ahead.pop(done).result() if attempt == 0 else _split_window(labels, window, options)
@@ -207,7 +207,9 @@ def split_instances(
                 firsts, cut = _first_pixels(groups, window, h, w)
                 y, x = np.divmod(firsts, w)
                 owned = (y >= core[0]) & (y < core[1]) & (x >= core[2]) & (x < core[3])
-                pending = owned & cut & ~_written_at(out, window, firsts, w)
+                pending = owned & cut
+                if pending.any():  # (reading ``out`` only then: a zarr window is decompressed)
+                    pending &= ~_written_at(out, window, firsts, w)
                 kept = owned if widest else owned & ~cut
                 count = _write(out, window, instances, groups, kept, count, region, per_class)
                 if widest:
@@ -217,7 +219,7 @@ def split_instances(
                     break
                 # the groups that reach the window's edge: split again in a window that holds them whole
                 held = _holding_window(labels, window, groups, pending, h, w, max_window)
-                if held is None or attempt == HOLDING_TRIES - 1:
+                if held is None or attempt == HOLDING_TRIES:
                     window, widest = _window(core, _widest_margin(core, h, w, max_window), h, w), True
                 else:
                     window = held
