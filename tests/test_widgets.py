@@ -19,6 +19,7 @@ os.environ.setdefault("LP_NUM_THREADS", "1")  # Mesa's software renderer: leave 
 
 pytest.importorskip("napari")
 
+from napari_selfreg.core import allocator
 from napari_selfreg.sample_data import he_arrays
 
 PLUGIN = "napari-selfreg"
@@ -368,6 +369,49 @@ def test_closing_the_viewer_during_training_ends_it_without_warnings(he_viewer, 
     qtbot.waitUntil(lambda: not worker.is_running, timeout=30_000)
     qtbot.wait(200)
     assert messages.warnings == [] and messages.errors == []
+
+
+def test_a_quit_worker_closes_its_generator(qtbot):
+    """Every widget's worker comes from ``_common.create_worker``: quitting one (as a closing
+    viewer does) runs its generator's clean-ups; a plain function still gets napari's worker."""
+    from napari_selfreg.widgets._common import create_worker
+
+    closed = threading.Event()
+
+    def job():
+        try:
+            while True:
+                yield 1
+                time.sleep(0.01)
+        finally:
+            closed.set()
+
+    worker = create_worker(job)
+    with qtbot.waitSignal(worker.yielded, timeout=10_000):
+        worker.start()
+    worker.quit()
+    assert closed.wait(10)
+    assert type(create_worker(lambda: 1)).__name__ == "FunctionWorker"
+
+
+@pytest.mark.gui
+def test_closing_the_viewer_during_training_frees_what_training_held(he_viewer, qtbot):
+    """napari quits the workers of a closing viewer; a quit generator must not stay suspended
+    with its model, its batch thread and the allocator setting for the rest of the process."""
+    train = train_widget_for(he_viewer)
+    tiny(train, steps=100_000)
+    train.start()
+    qtbot.waitUntil(lambda: len(train.plot.steps) >= 2, timeout=60_000)
+    worker = train.worker
+    assert any(t.name.startswith("napari-selfreg-batches") for t in threading.enumerate())
+    he_viewer.close()
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=30_000)
+    assert worker.abort_requested and not train.stop_event.is_set()  # napari's quit, not our Stop
+    assert worker._gen.gi_frame is None  # closed, not suspended
+    qtbot.waitUntil(
+        lambda: not any(t.name.startswith("napari-selfreg-batches") for t in threading.enumerate()), timeout=10_000
+    )
+    assert allocator._holders == 0
 
 
 # ----------------------------------------------------------------------------- mistakes

@@ -7,6 +7,8 @@ device list is filled when it is first opened, which imports torch once.
 from __future__ import annotations
 
 import atexit
+import inspect
+import logging
 import sys
 import time
 
@@ -32,6 +34,44 @@ def _let_workers_finish() -> None:
     """A worker still running when Python exits (the end-of-round prediction of a viewer just
     closed) emits into Qt objects already deleted, which aborts the process (exit 134)."""
     QThreadPool.globalInstance().waitForDone(EXIT_WAIT_MS)
+
+
+def create_worker(func, *args, **kwargs):
+    """napari's ``create_worker``, whose generator is closed when napari quits the worker.
+
+    A closing viewer quits every worker. superqt then stops iterating and leaves the
+    generator suspended: training kept its model, optimiser, images, batch thread and the
+    process-wide allocator setting, and a prediction its output files, for as long as the
+    worker object lived. Closed, the generator runs its clean-ups at once, in the worker's
+    thread.
+    """
+    from napari.qt.threading import create_worker as napari_create_worker
+
+    if inspect.isgeneratorfunction(func):
+        kwargs.setdefault("_worker_class", _closing_generator_worker())
+    return napari_create_worker(func, *args, **kwargs)
+
+
+_CLOSING_WORKER: list[type] = []  # made once, on first use: napari's threading module loads late
+
+
+def _closing_generator_worker() -> type:
+    if not _CLOSING_WORKER:
+        from napari.qt.threading import GeneratorWorker
+
+        class ClosingGeneratorWorker(GeneratorWorker):
+            def work(self):
+                try:
+                    return super().work()
+                finally:
+                    if self.abort_requested:
+                        try:
+                            self._gen.close()
+                        except Exception:  # the viewer is gone: nowhere to show it but the log
+                            logging.getLogger(__name__).exception("closing a quit worker's generator failed")
+
+        _CLOSING_WORKER.append(ClosingGeneratorWorker)
+    return _CLOSING_WORKER[0]
 
 
 def check_box(text: str, tip: str, checked: bool = False) -> QCheckBox:

@@ -38,6 +38,7 @@ from ._common import (
     LayerCombo,
     NameCombo,
     ask_model_file,
+    create_worker,
     image_shape_2d,
     layer_data,
     placement,
@@ -382,8 +383,6 @@ class RedundancyWidget(QWidget):
 
     def compute(self):
         """Start the computation in a thread worker and return the worker (None if inputs are missing)."""
-        from napari.qt.threading import create_worker
-
         names = [self.model_box.currentText()]
         if self.compare_check.isChecked():
             names.append(self.compare_box.currentText())

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 from napari.layers import Image, Labels
-from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
@@ -48,6 +47,7 @@ from ._common import (
     ask_model_file,
     check_box,
     connect_while_alive,
+    create_worker,
     explain,
     free_name,
     image_shape_2d,
