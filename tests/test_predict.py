@@ -93,13 +93,29 @@ def colour_model() -> SegmentationModel:
     return model
 
 
+def _gray16(h: int, w: int, seed: int) -> np.ndarray:
+    """Smooth 16-bit blobs over most of the 16-bit range, with a little sensor noise."""
+    noise = np.random.default_rng(seed).integers(0, 50, (h, w))
+    return (_image(h, w, c=1, seed=seed)[..., 0].astype(np.uint16) * 200 + noise).astype(np.uint16)
+
+
 @pytest.fixture(scope="module")
 def gray16_model() -> SegmentationModel:
-    info = ModelInfo(
-        model=ModelConfig(in_channels=1, num_classes=2),
-        normalization=Normalization(mode="percentile", channels=1),
-    )
-    return _calibrated(info, seed=1)
+    """Two classes, bright and dark blobs, fitted briefly (seeded) to strokes on 16-bit images:
+    its labels hold both classes in regions, so tiled and whole predictions can disagree."""
+    images = [_gray16(96, 96, seed) for seed in (201, 202)]
+    strokes = []
+    for seed, image in enumerate(images):
+        low, high = np.percentile(image, [30, 70])
+        painted = np.random.default_rng(seed).random(image.shape) < 0.1
+        dark, bright = painted & (image <= low), painted & (image >= high)
+        strokes.append(np.where(dark, 1, np.where(bright, 2, 0)).astype(np.uint8))
+    config = TrainConfig(steps=60, patch_size=48, batch_size=4, validation_fraction=0.0, seed=0,
+                         learning_rate=3e-3, device="cpu", precision="float32")
+    model = train_to_end(images, strokes, config, ModelConfig(in_channels=1), class_names=["dark", "bright"]).last
+    model.network.eval()
+    assert model.info.normalization.channels == 1
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -277,14 +293,17 @@ def test_dask_and_zarr_inputs_match_numpy(colour_model, tmp_path):
 
 
 def test_grayscale_16bit_channel_first_and_rgba(gray16_model, colour_model):
-    rng = np.random.default_rng(3)
-    gray16 = (_image(90, 120, c=1)[..., 0].astype(np.uint16) * 200 + rng.integers(0, 50, (90, 120))).astype(np.uint16)
-    result = predict(gray16_model, gray16, PredictConfig(tile_size=64, **F32))
+    gray16 = _gray16(90, 120, seed=3)
+    result = predict(gray16_model, gray16, PredictConfig(tile_size=128, **F32))  # one tile
     assert result.labels.shape == (90, 120)
-    assert np.isfinite(result.probabilities).all()
+    _assert_several_classes(result.labels)
+    # the brightest fifth is the bright class and the darkest fifth the dark one: the 16-bit
+    # values were scaled as in training, not clipped or divided by 255
+    assert (result.labels[gray16 >= np.percentile(gray16, 80)] == 2).mean() > 0.95
+    assert (result.labels[gray16 <= np.percentile(gray16, 20)] == 1).mean() > 0.95
     whole = predict_whole(gray16_model, gray16)
-    # measured 1.2e-4 with this seeded model; the bound is about 8x that
-    assert np.abs(result.probabilities - whole).mean() < 1e-3
+    np.testing.assert_allclose(result.probabilities, whole, atol=1e-4)
+    np.testing.assert_array_equal(result.labels, whole.argmax(0) + 1)
 
     # a gray image given to an RGB model is repeated to three channels
     gray8 = _image(70, 80, c=1)[..., 0]
