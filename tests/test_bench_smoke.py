@@ -10,6 +10,7 @@ import pytest
 from napari_selfreg.bench.__main__ import main
 from napari_selfreg.bench.harness import (
     RunKey,
+    SettingsMismatch,
     StateFile,
     Task,
     default_state_path,
@@ -44,6 +45,35 @@ def test_harness_records_and_resumes(tmp_path):
     rows = run_tasks([_task("a", calls), _task("b", calls)], state, progress=False)
     assert calls == ["b"], "finished runs must be skipped and failed ones retried"
     assert all("error" not in r for r in rows)
+
+
+def test_a_resume_with_other_settings_is_refused_before_any_run(tmp_path):
+    """Rows made with other settings would share one table with this command's rows."""
+    state = StateFile(tmp_path / "state.jsonl")
+    calls: list[str] = []
+
+    def task(name, settings, method="selfreg", unrecorded=None):
+        done = _task(name, calls)
+        key = RunKey("interactive", "monuseg", name, method, "60s", 0)
+        return Task(key, done.run, settings, unrecorded or {})
+
+    run_tasks([task("a", {"lr": 0.001, "strokes": {"width": 5}})], state, progress=False)
+    assert _lines(state.path)[0]["settings"] == {"lr": 0.001, "strokes": {"width": 5}}
+    with pytest.raises(SettingsMismatch, match=r"lr = 0\.001.*asks 0\.01"):
+        run_tasks([task("b", {"lr": 0.01, "strokes": {"width": 5}})], state, progress=False)
+    assert calls == ["a"], "nothing runs once a difference is found"
+    run_tasks([task("a", {"lr": 0.001, "strokes": {"width": 5}}), task("b", {"lr": 0.001})], state, progress=False)
+    assert calls == ["a", "b"]
+    # another method's rows are not this method's business
+    run_tasks([task("c", {"lr": 0.5}, method="unet")], state, progress=False)
+    assert calls == ["a", "b", "c"]
+    # a row from before a setting was recorded: its top-level fact, else the code's value then
+    state.append({**RunKey("interactive", "monuseg", "old", "selfreg", "60s", 0).to_dict(), "dice": 0.7})
+    settings = {"lr": 0.001, "validation_fraction": 0.0}
+    with pytest.raises(SettingsMismatch, match=r"validation_fraction = 0\.2"):
+        run_tasks([task("d", settings, unrecorded={"validation_fraction": 0.2})], state, progress=False)
+    run_tasks([task("d", settings)], state, progress=False)  # unknown either way: not held against it
+    assert calls == ["a", "b", "c", "d"]
 
 
 def test_a_long_run_shows_how_far_it_is_on_the_progress_bar(tmp_path, capsys):
@@ -148,7 +178,7 @@ def _lines(path):
 
 @pytest.mark.data
 @pytest.mark.slow
-def test_interactive_smoke_and_resume(shared_data, tmp_path):
+def test_interactive_smoke_and_resume(shared_data, tmp_path, capsys):
     out, state = tmp_path / "interactive.json", tmp_path / "interactive.state.jsonl"
     argv = ["interactive", "--smoke", "--dataset", "monuseg", "--methods", "selfreg,transfer,rf,otsu",
             "--data", str(shared_data), "--out", str(out), "--no-progress"]
@@ -183,6 +213,11 @@ def test_interactive_smoke_and_resume(shared_data, tmp_path):
     assert again[:-1] == first[:-1] and len(again) == len(first)
     key = ("image", "method", "budget", "seed")
     assert tuple(again[-1][k] for k in key) == tuple(first[-1][k] for k in key)
+
+    # the same runs with 20 % held out would be mixed into this table: refused, nothing runs
+    assert main([*argv, "--validation-fraction", "0.2"]) == 2
+    assert "validation_fraction = 0.0" in capsys.readouterr().err
+    assert _lines(state) == again
 
 
 @pytest.mark.data

@@ -22,6 +22,8 @@ from .datasets import Sample, load_split
 from .harness import RunKey, StateFile, Task, protocol_rows, run_tasks, write_protocol
 from .interactive import (
     BASELINE_METHODS,
+    NEURAL_METHODS,
+    UNRECORDED,
     Budget,
     InteractiveConfig,
     _load,
@@ -29,6 +31,7 @@ from .interactive import (
     budget_label,
     budget_order,
     run_neural,
+    run_settings,
     stroke_seed,
 )
 from .strokes import CorrectionConfig, correction_strokes, coverage, simulate_strokes
@@ -89,11 +92,10 @@ def make_task(config: CorrectionProtocolConfig, dataset: str, sample: Sample, me
         return {
             **{k: rounds[-1][k] for k in ("dice", "iou", "predicted_fraction")},
             "rounds": rounds, "shape": list(image.shape[:2]),
-            "settings": {"base_channels": config.base_channels, "patch_size": config.patch_size,
-                         "correction": asdict(config.correction), "device": config.device, "crop": config.crop},
         }
 
-    return Task(key, run)
+    settings = {**run_settings(config, method), "rounds": config.rounds, "correction": asdict(config.correction)}
+    return Task(key, run, settings, UNRECORDED if method in NEURAL_METHODS else {})
 
 
 def plan(config: CorrectionProtocolConfig) -> list[Task]:

@@ -2,7 +2,9 @@
 
 Benchmarks here take hours on a CPU; a crash or a reboot must not lose what is done.
 Every finished run is appended (and flushed) as one JSON line to a state file, keyed by
-(protocol, dataset, image, method, budget, seed); a rerun skips the keys it finds.
+(protocol, dataset, image, method, budget, seed); a rerun skips the keys it finds. The
+settings a run's result also depends on are recorded beside it, and a rerun with other
+settings is refused: its rows would otherwise be mixed with the old ones in one table.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +41,49 @@ class RunKey:
 
 @dataclass
 class Task:
-    """One run: its key and the function that performs it (returns the metrics as a dict)."""
+    """One run: its key, the function that performs it (returns the metrics as a dict), and
+    the settings besides the key that decide its result (JSON values, recorded in its row)."""
 
     key: RunKey
     run: Callable[[], dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)
+    # what rows made before a setting was recorded ran with (their code's fixed value)
+    unrecorded: dict[str, Any] = field(default_factory=dict)
+
+
+class SettingsMismatch(ValueError):
+    """The state file holds finished runs made with other settings than this command's."""
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples and lists, ints and floats as a row stores them
+
+
+def check_settings(tasks: Iterable[Task], done: dict[str, dict[str, Any]], state_path: Path) -> None:
+    """Refuse to resume from rows of the same protocol and method made with other settings.
+
+    A row is compared on its ``settings``; for the names in the task's ``unrecorded``, a
+    row without them is compared on its top-level field of that name (the runs' facts kept
+    some), else on the ``unrecorded`` value. A setting known neither way is not held
+    against it.
+    """
+    expected: dict[tuple[str, str], Task] = {}
+    for task in tasks:
+        expected.setdefault((task.key.protocol, task.key.method), task)
+    for row in done.values():
+        task = expected.get((row.get("protocol"), row.get("method")))
+        if task is None or not task.settings:
+            continue
+        wanted = _as_json(task.settings)
+        recorded = {**task.unrecorded, **{name: row[name] for name in task.unrecorded if name in row}}
+        recorded.update(row.get("settings") or {})
+        for name, value in wanted.items():
+            if name in recorded and _as_json(recorded[name]) != value:
+                raise SettingsMismatch(
+                    f"{state_path} holds finished {row['method']} runs made with {name} = {recorded[name]!r} "
+                    f"(e.g. {row['dataset']}/{row['image']}, {row['budget']}), and this command asks {value!r}; "
+                    "give another --out (or --state), or delete that file to run them again"
+                )
 
 
 class StateFile:
@@ -191,6 +232,7 @@ def run_tasks(
 
     tasks = list(tasks)
     done = state.load()
+    check_settings(tasks, done, state.path)
     rows: list[dict[str, Any]] = []
     todo = [t for t in tasks if t.key.id() not in done]
     skipped = len(tasks) - len(todo)
@@ -207,6 +249,8 @@ def run_tasks(
         finally:
             _BARS.pop()
         row = {**task.key.to_dict(), **result, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if task.settings:
+            row["settings"] = task.settings
         state.append(row)
         finished[task.key.id()] = row
         bar.update(1)

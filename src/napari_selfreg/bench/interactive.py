@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -251,12 +251,28 @@ def make_task(config: InteractiveConfig, dataset: str, sample: Sample, method: s
         return {
             **_scores(predicted, instances), **extra, "method_s": round(elapsed, 3),
             "stroke_fraction": coverage(strokes), "shape": list(image.shape[:2]),
-            "settings": {"base_channels": config.base_channels, "patch_size": config.patch_size,
-                         "batch_size": config.batch_size, "learning_rate": config.learning_rate,
-                         "device": config.device, "crop": config.crop},
         }
 
-    return Task(key, run)
+    return Task(key, run, run_settings(config, method), UNRECORDED if method in NEURAL_METHODS else {})
+
+
+# The networks' rows made before 9db77b1 do not record validation_fraction: they held out TrainConfig's 0.2.
+UNRECORDED = {"validation_fraction": 0.2}
+
+
+def run_settings(config: InteractiveConfig, method: str) -> dict[str, Any]:
+    """What a run's result depends on besides its key: the strokes, and the networks' settings."""
+    settings: dict[str, Any] = {"crop": config.crop, "strokes": asdict(config.strokes)}
+    if method in NEURAL_METHODS:
+        settings.update(
+            base_channels=config.base_channels, patch_size=config.patch_size, batch_size=config.batch_size,
+            learning_rate=config.learning_rate, max_steps=config.max_steps, device=config.device,
+            validation_fraction=config.validation_fraction,
+        )
+    if method == "transfer":
+        settings.update(transfer_steps=config.transfer_steps, transfer_patch_size=config.transfer_patch_size,
+                        transfer_images=config.transfer_images)
+    return settings
 
 
 def pretrain_task(config: InteractiveConfig, source: str, seed: int) -> Task:

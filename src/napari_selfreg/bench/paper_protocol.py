@@ -321,8 +321,15 @@ def plan(config: PaperConfig) -> list[Task]:
         for seed in config.seeds:
             for model in config.models:
                 key = RunKey(PROTOCOL, dataset, "test-set", model, schedule.label(), seed)
-                tasks.append(Task(key, _runner(config, schedule, dataset, model, seed)))
+                tasks.append(Task(key, _runner(config, schedule, dataset, model, seed), run_settings(config)))
     return tasks
+
+
+def run_settings(config: PaperConfig) -> dict:
+    """What a run's result depends on besides its key (whose budget names the schedule)."""
+    names = ("image_size", "base_channels", "batch_size", "learning_rate", "restart_epochs", "min_learning_rate",
+             "patience", "crop", "limit_images")
+    return {name: getattr(config, name) for name in names}
 
 
 def _runner(config, schedule, dataset, model, seed):
