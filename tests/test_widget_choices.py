@@ -604,3 +604,27 @@ def test_a_class_without_strokes_is_a_warning_at_start(he_viewer, qtbot, message
     labels = np.zeros((1500, 7), np.int32)
     labels[3, 2], labels[1400, 5] = 1, 4
     assert painted_ids([labels, np.full((2, 2), 2, np.uint8)], rows=512) == {1, 2, 4}
+
+
+def test_splitting_a_large_layer_again_leaves_the_users_memory_mapped_objects_alone(he_viewer, qtbot, messages,
+                                                                                    monkeypatch):
+    """Objects of a layer too large for memory go to a file the layer maps; splitting again
+    must write a new file, not the one under the objects the user corrected."""
+    from napari_selfreg.widgets import segment_widget
+
+    monkeypatch.setattr(segment_widget, "MEMMAP_PIXELS", 1000)
+    _, segment = docked(he_viewer, "Segment")
+    segment.split_source.select("ground truth")
+    segment.split_button.click()
+    wait_idle(qtbot, segment, timeout=30_000)
+    objects = he_viewer.layers["ground truth instances"]
+    assert isinstance(objects.data, np.memmap) and objects.data.max() == 55
+    objects.paint((10, 10), 999)  # the user's correction
+    corrected = np.array(objects.data, copy=True)
+    segment.split_button.click()
+    wait_idle(qtbot, segment, timeout=30_000)
+    assert he_viewer.layers["ground truth instances (corrected)"] is objects
+    np.testing.assert_array_equal(objects.data, corrected)
+    again = he_viewer.layers["ground truth instances"]
+    assert again.data.max() == 55 and 999 not in again.data
+    assert not messages.errors

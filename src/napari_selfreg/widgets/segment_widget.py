@@ -7,6 +7,7 @@ stays responsive. Outputs that would not fit comfortably in memory are memory ma
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
@@ -227,12 +228,12 @@ class SegmentWidget(QWidget):
             labels = np.zeros(shape, np.uint8)
             probs = np.zeros((classes, h, w), np.float32) if probabilities else None
             return labels, probs
-        self._tempdir = tempfile.TemporaryDirectory(prefix="napari-selfreg-")
+        self._tempdir = _temporary_folder()
         folder = Path(self._tempdir.name)
-        labels = np.memmap(folder / "labels.u8", np.uint8, "w+", shape=shape)
+        labels = _mapped_file(folder, "labels", np.uint8, shape)
         probs = None
         if probabilities:
-            probs = np.memmap(folder / "probabilities.f16", np.float16, "w+", shape=(classes, h, w))
+            probs = _mapped_file(folder, "probabilities", np.float16, (classes, h, w))
         show_info(f"The image is large: outputs are kept in memory-mapped files under {folder}.")
         return labels, probs
 
@@ -419,8 +420,8 @@ class SegmentWidget(QWidget):
         if shape[0] * shape[1] <= MEMMAP_PIXELS:
             return None  # split_instances allocates it
         if self._tempdir is None:
-            self._tempdir = tempfile.TemporaryDirectory(prefix="napari-selfreg-")
-        return np.memmap(Path(self._tempdir.name) / "instances.i32", np.int32, "w+", shape=shape)
+            self._tempdir = _temporary_folder()
+        return _mapped_file(Path(self._tempdir.name), "instances", np.int32, shape)
 
     def _on_instance_progress(self, progress) -> None:
         self.progress.setRange(0, progress.total)
@@ -475,6 +476,19 @@ class SegmentWidget(QWidget):
 def _holds_objects(name: str) -> str:
     return (f"'{name}' holds objects already, not classes. Choose a layer of classes "
             "(1 = background, 2.. = structures), e.g. a segmentation.")
+
+
+def _temporary_folder() -> tempfile.TemporaryDirectory:
+    # Windows cannot delete a file a kept layer still maps: the folder is then left behind
+    return tempfile.TemporaryDirectory(prefix="napari-selfreg-", ignore_cleanup_errors=True)
+
+
+def _mapped_file(folder: Path, stem: str, dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A new memory-mapped file: never one a kept layer maps (a fixed name was truncated and
+    overwritten by the next split, objects the user had corrected included)."""
+    handle, path = tempfile.mkstemp(prefix=f"{stem}-", suffix=f".{np.dtype(dtype).str[1:]}", dir=folder)
+    os.close(handle)
+    return np.memmap(path, dtype, "w+", shape=shape)
 
 
 def _split_classes(labels, out, stop, check_name: str | None):
