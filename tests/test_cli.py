@@ -562,6 +562,8 @@ def test_help_shows_the_defaults_worth_showing(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     assert "(default: 128)" in text and "(default: 0.015)" in text and "(default: None)" not in text
+    assert "repeatable (default: 0)" in text  # 0 is a value, not an absent default
+    assert "(default: False)" not in text
     from napari_selfreg.bench.__main__ import main as bench_main
 
     with pytest.raises(SystemExit):

@@ -548,7 +548,7 @@ class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each option's default, where it has one worth showing."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or action.required:
+        if action.default is None or action.default is False or action.required:  # 0 is a default, not False
             return action.help
         return super()._get_help_string(action)
 
