@@ -489,9 +489,13 @@ def test_stop_reaches_the_instance_split_and_keeps_the_objects_found(he_viewer, 
     qtbot.waitUntil(lambda: segment.worker is None, timeout=10_000)  # the tiles are done
     qtbot.waitUntil(lambda: segment.progress.maximum() == 16, timeout=10_000)  # the windows' progress
     assert segment.running and segment.run_button.text() == "Stop" and segment.progress.value() == 1
+    # the tiles are done, but a stroke now would reach some windows of the split and not others
+    classes = he_viewer.layers["H&E tissue segmentation"]
+    assert not classes.editable and "read-only" in segment.status.text()
     segment.run_button.click()
     wait_idle(qtbot, segment, timeout=30_000)
     assert segment.run_button.text() == "Segment" and not segment.running
+    assert classes.editable
     layer = he_viewer.layers["H&E tissue instances"]
     assert 0 < layer.data.max() < instances.separate_instances(nuclei).max()  # the first window's objects
     assert "stopped" in segment.status.text() and f"{layer.data.max()} objects" in segment.status.text()
@@ -627,4 +631,32 @@ def test_splitting_a_large_layer_again_leaves_the_users_memory_mapped_objects_al
     np.testing.assert_array_equal(objects.data, corrected)
     again = he_viewer.layers["ground truth instances"]
     assert again.data.max() == 55 and 999 not in again.data
+    assert not messages.errors
+
+
+def test_a_layer_is_read_only_while_its_objects_are_separated(he_viewer, qtbot, messages, monkeypatch):
+    """Painting during the split of a slide's windows would lose objects or cut them in two."""
+    from napari_selfreg.core import instances
+
+    real = instances.split_instances
+    held, release = threading.Event(), threading.Event()
+
+    def held_after_one_window(labels, out=None, stop=None, **options):
+        run = real(labels, out, tile=64, margin=8, stop=stop)
+        yield next(run)
+        held.set()
+        assert release.wait(30)
+        return (yield from run)
+
+    monkeypatch.setattr(instances, "split_instances", held_after_one_window)
+    _, segment = docked(he_viewer, "Segment")
+    truth = he_viewer.layers["ground truth"]
+    truth.editable = True
+    segment.split_source.select("ground truth")
+    segment.split_button.click()
+    qtbot.waitUntil(held.is_set, timeout=30_000)
+    assert not truth.editable and "read-only" in segment.status.text()
+    release.set()
+    wait_idle(qtbot, segment, timeout=30_000)
+    assert truth.editable and he_viewer.layers["ground truth instances"].data.max() == 55
     assert not messages.errors

@@ -92,6 +92,7 @@ class SegmentWidget(QWidget):
         self.instance_worker = None
         self.stop_event = threading.Event()
         self._instance_stop = threading.Event()
+        self._held: tuple | None = None  # (layer, its editable before) while its objects are split
         self.output_layer = None
         self._previous_name = ""  # the last segmentation, kept under this name while a new run goes
         self.prediction = None
@@ -350,7 +351,7 @@ class SegmentWidget(QWidget):
         if prediction.probabilities is not None:
             self._add_probabilities(image, prediction.probabilities, self._model.class_names)
         if self.instances.isChecked():
-            self.status.setText(self.status.text() + " Separating touching objects…")
+            self.status.setText(f"{self.status.text()} Separating touching objects (read-only until then)…")
             self._start_instances(prediction.labels, image, self.output_layer)
 
     def _add_probabilities(self, image, probabilities, class_names: list[str]) -> None:
@@ -390,7 +391,7 @@ class SegmentWidget(QWidget):
         if layer.metadata.get(INSTANCES_KEY):
             show_error(_holds_objects(layer.name))
             return None
-        self.status.setText(f"Separating the objects of '{layer.name}'…")
+        self.status.setText(f"Separating the objects of '{layer.name}' (read-only until then)…")
         return self._start_instances(layer_data(layer), layer, layer, check_ids=True)
 
     def _start_instances(self, labels, source, classes, check_ids: bool = False):
@@ -399,6 +400,10 @@ class SegmentWidget(QWidget):
         ``check_ids``: refuse ids beyond painting's (a layer of objects, not classes), checked
         in the worker, since reading a slide's ids takes seconds."""
         self._instance_stop = threading.Event()
+        # A stroke painted now would reach the windows split later and not those split
+        # before: objects lost or split in two. Read-only until the split ends.
+        self._held = (classes, True if classes is self.output_layer else classes.editable)
+        classes.editable = False
         worker = create_worker(
             _split_classes, labels, self._instance_output(labels.shape), self._instance_stop,
             source.name if check_ids else None, _ignore_errors=True,
@@ -434,6 +439,9 @@ class SegmentWidget(QWidget):
 
     def _on_instances_finished(self) -> None:
         self.instance_worker = None
+        if self._held is not None:
+            (layer, editable), self._held = self._held, None
+            layer.editable = editable
         if self.worker is None:
             self.run_button.setText("Segment")
 
@@ -468,8 +476,8 @@ class SegmentWidget(QWidget):
 
     def _on_finished(self) -> None:
         self.worker = None
-        if self.output_layer is not None:
-            self.output_layer.editable = True
+        if self.output_layer is not None and (self._held is None or self._held[0] is not self.output_layer):
+            self.output_layer.editable = True  # (a split of its objects unlocks it when it ends)
         self.run_button.setText("Stop" if self.instance_worker is not None else "Segment")
 
 
