@@ -116,6 +116,29 @@ def test_correction_starts_from_the_chosen_images_own_prediction(he_viewer, qtbo
     assert prediction in he_viewer.layers and other in he_viewer.layers
 
 
+def test_correcting_a_second_round_starts_from_its_new_prediction(he_viewer, qtbot, messages):
+    """The labels of round 2 are round 1's correction, with zeros where nothing was predicted
+    (a large image's view) or erased: round 2's prediction must not be hidden under it."""
+    train = train_widget_for(he_viewer)
+    prediction = he_viewer.add_labels(np.full((256, 256), 2, np.uint8), name="H&E tissue prediction")
+    first = train.use_prediction_as_labels()
+    assert train.labels_combo.layer() == first
+    first.data[:, 200:] = 0  # unpredicted beyond the view, or erased by the user
+    first.data[:50, :50] = 1  # and a correction
+    prediction.data[:] = 1  # round 2's prediction, trained on that correction
+    prediction.data[100:150, 100:150] = 2
+    second = train.use_prediction_as_labels()
+    assert second is not first and train.labels_combo.layer() == second
+    np.testing.assert_array_equal(second.data, prediction.data)
+    np.testing.assert_array_equal(first.data[:50, :50], 1)  # the earlier correction is left as it was
+    # sparse strokes still go on top of a prediction
+    train.labels_combo.select("strokes")
+    strokes = np.asarray(he_viewer.layers["strokes"].data)
+    third = train.use_prediction_as_labels()
+    np.testing.assert_array_equal(np.asarray(third.data)[strokes > 0], strokes[strokes > 0])
+    assert not messages.errors
+
+
 def test_segmenting_again_replaces_the_probabilities_and_drops_the_previous_result(he_viewer, qtbot, messages):
 
     segment = _segment_he(he_viewer, probabilities=True)

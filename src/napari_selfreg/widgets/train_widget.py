@@ -68,6 +68,7 @@ from .model_registry import model_registry
 NEW_MODEL = "new model"
 STATUS_SECONDS = 0.2  # the progress bar and status line change at most this often
 FULL_PREVIEW_PIXELS = 4_000_000  # after training, predict the whole image when it is at most this big
+CORRECTION_KEY = "napari_selfreg_correction"  # layer metadata: made by "Use prediction as labels"
 
 
 def _spin(value: int, low: int, high: int, tip: str, step: int = 1, suffix: str = "") -> QSpinBox:
@@ -869,9 +870,13 @@ class TrainWidget(QWidget):
             return None
         data = np.array(prediction.data, copy=True)
         strokes = self.labels_combo.layer()
-        if strokes is not None and not same_layer(strokes, prediction) and strokes.data.shape == data.shape:
+        # strokes go on top; an earlier correction (ours, or any dense layer) would hide the new
+        # prediction, made from it: over a large image ours covers only the view it was made in
+        earlier = strokes is not None and bool(strokes.metadata.get(CORRECTION_KEY))
+        if strokes is not None and not earlier and not same_layer(strokes, prediction) \
+                and strokes.data.shape == data.shape:
             painted = np.asarray(strokes.data) > 0
-            if not painted.all():  # strokes, not an earlier dense correction that would hide the prediction
+            if not painted.all():
                 data[painted] = np.asarray(strokes.data)[painted]
         layer = self.viewer.add_labels(
             data,
@@ -881,6 +886,7 @@ class TrainWidget(QWidget):
             opacity=0.6,
             **placement(image),  # with the image file's direction, so the saved labels overlay it elsewhere
         )
+        layer.metadata[CORRECTION_KEY] = True
         layer.mode = "paint"
         self.labels_combo.select(layer.name)
         self.viewer.layers.selection.active = layer
