@@ -358,6 +358,24 @@ def test_layer_removed_during_training_is_a_warning(he_viewer, qtbot, messages):
 
 
 @pytest.mark.gui
+def test_a_prediction_layer_removed_during_training_comes_back_read_only(he_viewer, qtbot, messages):
+    """Strokes painted on it would be overwritten by the previews that follow and not kept."""
+    train = train_widget_for(he_viewer)
+    tiny(train, steps=100_000)
+    train.preview_every.setValue(0.1)
+    train.start()
+    name = "H&E tissue prediction"
+    qtbot.waitUntil(lambda: len(train.plot.steps) >= 2 and name in he_viewer.layers, timeout=60_000)
+    he_viewer.layers.remove(name)
+    qtbot.waitUntil(lambda: name in he_viewer.layers, timeout=60_000)
+    again = he_viewer.layers[name]
+    assert not again.editable
+    train.stop()
+    wait_idle(qtbot, train)
+    assert again.editable and not messages.errors
+
+
+@pytest.mark.gui
 def test_closing_the_viewer_during_training_ends_it_without_warnings(he_viewer, qtbot, messages):
     """Closing removes every layer before the window: that is no reason to warn about each."""
     train = train_widget_for(he_viewer)

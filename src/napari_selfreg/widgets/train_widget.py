@@ -732,6 +732,8 @@ class TrainWidget(QWidget):
         )
         track_edits(layer)
         self._unfilled.append(layer)
+        if self.worker is not None or self._final_workers:  # re-made mid-round: the next preview overwrites it
+            self._lock(layer)
         return layer
 
     def _show_prediction(self, box, labels, image=None, name: str | None = None) -> None:
