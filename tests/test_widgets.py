@@ -376,6 +376,26 @@ def test_a_prediction_layer_removed_during_training_comes_back_read_only(he_view
 
 
 @pytest.mark.gui
+def test_a_prediction_layer_the_training_did_not_make_is_kept(he_viewer, qtbot, messages):
+    """A "… prediction" opened from a file and corrected there: its edits were never seen, so
+    it is the user's, not a layer for the previews to write into."""
+    truth = np.asarray(he_viewer.layers["ground truth"].data)
+    theirs = he_viewer.add_labels(truth.copy(), name="H&E tissue prediction")
+    train = train_widget_for(he_viewer)
+    tiny(train, steps=3)
+    train.start()
+    wait_idle(qtbot, train)
+    assert theirs.name == "H&E tissue prediction (kept)" and "not made by this training" in messages.infos[0]
+    np.testing.assert_array_equal(theirs.data, truth)
+    ours = he_viewer.layers["H&E tissue prediction"]
+    assert ours is not theirs and ours.data.any()
+    train.start()  # the second round writes into its own layer again
+    wait_idle(qtbot, train)
+    assert he_viewer.layers["H&E tissue prediction"] is ours
+    assert "H&E tissue prediction (kept) [1]" not in he_viewer.layers and not messages.errors
+
+
+@pytest.mark.gui
 def test_closing_the_viewer_during_training_ends_it_without_warnings(he_viewer, qtbot, messages):
     """Closing removes every layer before the window: that is no reason to warn about each."""
     train = train_widget_for(he_viewer)

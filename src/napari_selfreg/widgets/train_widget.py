@@ -69,6 +69,7 @@ NEW_MODEL = "new model"
 STATUS_SECONDS = 0.2  # the progress bar and status line change at most this often
 FULL_PREVIEW_PIXELS = 4_000_000  # after training, predict the whole image when it is at most this big
 CORRECTION_KEY = "napari_selfreg_correction"  # layer metadata: made by "Use prediction as labels"
+PREVIEW_KEY = "napari_selfreg_preview"  # layer metadata: a prediction layer this widget made
 
 
 def _spin(value: int, low: int, high: int, tip: str, step: int = 1, suffix: str = "") -> QSpinBox:
@@ -682,11 +683,19 @@ class TrainWidget(QWidget):
             show_warning(f"A live preview failed and was skipped; training goes on. The cause: {explain(value)}")
 
     def _keep_corrections(self, name: str) -> None:
-        """A prediction the user painted on is theirs: renamed out of the previews' way."""
+        """A prediction the user painted on is theirs, and so is a layer of that name this
+        widget did not make (one opened from a file, say, whose edits it never saw): renamed
+        out of the previews' way."""
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
-        if isinstance(layer, Labels) and layer.metadata.get(EDITED_KEY):
+        if not isinstance(layer, Labels):
+            return
+        if layer.metadata.get(EDITED_KEY):
             layer.name = free_name(self.viewer, f"{name} (corrected)")
             show_info(f"Your corrections are kept in '{layer.name}'; previews go to a new layer.")
+        elif not layer.metadata.get(PREVIEW_KEY):
+            layer.name = free_name(self.viewer, f"{name} (kept)")
+            show_info(f"'{name}' was not made by this training: it is kept as '{layer.name}'; "
+                      "previews go to a new layer.")
 
     def _lock(self, layer) -> None:
         """Not paintable while previews and the end-of-round prediction overwrite it."""
@@ -730,6 +739,7 @@ class TrainWidget(QWidget):
             **placement(image),
             opacity=0.6,
         )
+        layer.metadata[PREVIEW_KEY] = True
         track_edits(layer)
         self._unfilled.append(layer)
         if self.worker is not None or self._final_workers:  # re-made mid-round: the next preview overwrites it
