@@ -431,10 +431,11 @@ def test_a_failed_write_is_one_image_file_error_and_leaves_no_partial_file(tmp_p
         write_image(tmp_path / "out.tif", np.ones((8, 8), np.uint8))
     assert not (tmp_path / "out.tif").exists()
     existing = tmp_path / "kept.tif"
-    existing.write_bytes(b"the user's file")  # not ours: never removed
+    existing.write_bytes(b"the user's file")  # not ours: never removed, nor half overwritten
     with pytest.raises(ImageFileError):
         write_image(existing, np.ones((8, 8), np.uint8))
-    assert existing.exists()
+    assert existing.read_bytes() == b"the user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.tif"]  # no partial file beside it
 
     def itk_write(image, path, *args):
         open(path, "wb").close()
@@ -449,6 +450,31 @@ def test_a_failed_write_is_one_image_file_error_and_leaves_no_partial_file(tmp_p
     assert not (tmp_path / "out.mha").exists()
     with pytest.raises(OSError, match="File too large"):  # napari's writer hook
         write_labels(str(tmp_path / "l.mha"), np.ones((8, 8), np.uint8), {})
+
+
+def test_an_interrupted_write_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
+    """Ctrl-C while a large output is written: the file keeps its earlier content, and an
+    overwrite that completes leaves nothing else beside it."""
+    import tifffile
+
+    target = tmp_path / "labels.tif"
+    write_image(target, np.full((8, 8), 2, np.uint8))
+    real = tifffile.imwrite
+
+    def interrupted(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        with open(path, "r+b") as handle:
+            handle.truncate(20)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tifffile, "imwrite", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_image(target, np.full((8, 8), 3, np.uint8))
+    np.testing.assert_array_equal(read_image(target), 2)
+    monkeypatch.setattr(tifffile, "imwrite", real)
+    write_image(target, np.full((8, 8), 3, np.uint8))
+    np.testing.assert_array_equal(read_image(target), 3)
+    assert [p.name for p in tmp_path.iterdir()] == ["labels.tif"]
 
 
 def test_a_short_write_on_a_full_disk_is_caught_in_every_format(tmp_path):

@@ -487,8 +487,9 @@ def write_image(
     plugin's reader. ``planes``: a (K, H, W) stack, never a colour picture (an image 3 or 4
     pixels wide would look like one).
 
-    A write that fails (a full disk, no permission) raises ``ImageFileError`` in one line and
-    leaves no partial file that it created.
+    The file is written under a temporary name beside it and then renamed, so a write that
+    fails (a full disk, no permission) or is interrupted (Ctrl-C) leaves the file as it was,
+    or absent, never half written; it raises ``ImageFileError`` in one line.
     """
     path = Path(path)
     data = np.asarray(data)
@@ -498,16 +499,31 @@ def write_image(
         data = data.astype(np.uint8) if data.dtype == np.bool_ and suffix in ITK_SUFFIXES else data
     note = None if class_names is None else json.dumps(list(class_names))
     geometry = geometry if geometry is not None else _plane_geometry(like)
-    existed = os.path.lexists(path)
+    target = path.resolve() if path.is_symlink() else path  # written through a link, as before
+    existed = os.path.lexists(target)
+    # a device or pipe is written into, never renamed over
+    partial = path if existed and not target.is_file() else _partial_name(target, suffix)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write(path, suffix, data, note, geometry, planes)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write(partial, suffix, data, note, geometry, planes)
+        if partial != path:
+            os.replace(partial, target)
     except OSError as error:
-        if not existed:
-            path.unlink(missing_ok=True)
-        where = f" ({error.filename})" if error.filename and Path(error.filename) != path else ""
+        if partial != path or not existed:
+            partial.unlink(missing_ok=True)
+        where = f" ({error.filename})" if error.filename and Path(error.filename) not in (path, partial) else ""
         raise ImageFileError(f"could not write {path.name}: {error.strerror or error}{where}") from None
+    except BaseException:
+        if partial != path:
+            partial.unlink(missing_ok=True)
+        raise
     return path
+
+
+def _partial_name(target: Path, suffix: str) -> Path:
+    """A hidden name beside ``target`` with its suffix (the writers choose the format by it)."""
+    stem = target.name[: len(target.name) - len(suffix)]
+    return target.with_name(f".{stem}.writing-{os.getpid()}{suffix}")
 
 
 def _write(path: Path, suffix: str, data: np.ndarray, note: str | None, geometry, planes: bool) -> None:
