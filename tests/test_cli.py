@@ -207,6 +207,37 @@ def test_evaluate_reads_palette_masks_and_masks_without_background(tmp_path, cap
     assert json.loads(capsys.readouterr().out)["classes"]["2"]["dice"] == 1.0
 
 
+def test_evaluate_means_the_same_whether_masks_hold_ids_or_0_255(tmp_path, capsys):
+    """An image without structure in either file is left out of the structure's mean, for
+    binary masks as for painting ids (before, 0/255 masks added a Dice of 1 to the mean)."""
+    from PIL import Image
+
+    prediction = np.ones((10, 10), np.uint8)
+    prediction[:, :4] = 2  # 40 px
+    truth = np.ones((10, 10), np.uint8)
+    truth[:, 2:6] = 2  # 40 px, 20 shared: Dice 0.5
+    empty = np.ones((10, 10), np.uint8)  # no structure anywhere
+    for name, array in (("p.png", prediction), ("ids.png", truth), ("e.png", empty),
+                        ("bin.png", np.where(truth == 2, 255, 0).astype(np.uint8)),
+                        ("ebin.png", np.zeros((10, 10), np.uint8))):
+        Image.fromarray(array).save(tmp_path / name)
+    means = []
+    for masks in (("ids.png", "e.png"), ("bin.png", "ebin.png")):
+        assert main(["evaluate", "--prediction", str(tmp_path / "p.png"), str(tmp_path / "e.png"),
+                     "--mask", *(str(tmp_path / m) for m in masks)]) == 0
+        means.append(json.loads(capsys.readouterr().out)["mean"]["classes"])
+    assert means[0] == means[1]
+    assert means[1]["2"] == {"dice": 0.5, "iou": pytest.approx(1 / 3), "images": 1}
+    assert means[1]["1"]["images"] == 2
+
+
+def test_scores_of_forced_ids_leave_out_the_unpainted_id():
+    from napari_selfreg.core.metrics import per_class_overlap
+
+    mask = np.array([[0, 1], [2, 2]], np.uint8)
+    assert sorted(per_class_overlap(mask, mask, "ids")) == ["1", "2"]
+
+
 TRAIN = ["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m"]
 _HAS_CUDA = torch.cuda.is_available()
 _HAS_MPS = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()

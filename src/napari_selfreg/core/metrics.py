@@ -55,12 +55,15 @@ def per_class_overlap(prediction: np.ndarray, mask: np.ndarray, kind: str | None
     if prediction.shape != mask.shape:
         raise ValueError(f"prediction {prediction.shape} and mask {mask.shape} differ in shape")
     if (kind or mask_kind(mask)) == "ids":
-        classes = sorted(set(np.unique(mask)) | set(np.unique(prediction)) - {0})
+        classes = sorted((set(np.unique(mask)) | set(np.unique(prediction))) - {0})
         return {str(int(c)): overlap(prediction == c, mask == c) for c in classes}
     # painting ids read with binary masks (``masks_kind``): 1 is background there too
     truth = mask >= 2 if mask_kind(mask) == "ids" else mask > 0
     predicted = prediction >= 2
-    return {"1": overlap(~predicted, ~truth), "2": overlap(predicted, truth)}
+    scores = {"1": overlap(~predicted, ~truth), "2": overlap(predicted, truth)}
+    # a class neither holds is not scored, as with ids: an image without structure would
+    # otherwise add a Dice of 1 to the mean of binary masks and not to that of the same ids
+    return {c: s for c, s in scores.items() if s.predicted_pixels + s.true_pixels}
 
 
 def could_be_ids(mask: np.ndarray) -> bool:
