@@ -250,6 +250,27 @@ def test_block_features_and_their_index(odd_image):
         assert redundancy_index(s) == pytest.approx(report.block(name).redundancy_index, abs=1e-6)
 
 
+def test_a_region_of_one_bottleneck_pixel_takes_its_index_from_the_pixels_around_it():
+    """Zoomed in, the region in view may hold one pixel of a coarse block, whose channels are
+    then all parallel (cosine index 1). Its statistics widen to the 9 x 9 block pixels around
+    that one (the first square of at least 0.25 x 16^2 = 64)."""
+    from napari_selfreg.core.redundancy import statistics_box
+
+    model = _tiny_model(depth=3)
+    image = np.random.default_rng(0).integers(0, 256, (96, 96, 3)).astype(np.uint8)
+    report = redundancy_report(model, image, RedundancyConfig(device="cpu"), region=(40, 40, 48, 48))
+    features = block_features(model, image, device="cpu")["E4"]  # stride 8: the region is block pixel (5, 5)
+    assert statistics_box((40, 40, 48, 48), (0, 0, 96, 96), 8, 64) == (1, 1, 10, 10)
+    expected = redundancy_index(channel_similarity(features[:, 1:10, 1:10]))
+    assert report.block("E4").redundancy_index == pytest.approx(expected, abs=1e-6)
+    assert report.block("E4").redundancy_index < 0.9
+    # a block where the region holds enough pixels keeps to them
+    expected = redundancy_index(channel_similarity(block_features(model, image, device="cpu")["E1"][:, 40:48, 40:48]))
+    assert report.block("E1").redundancy_index == pytest.approx(expected, abs=1e-6)
+    # near the image's edge the box stops there
+    assert statistics_box((0, 0, 8, 8), (0, 0, 96, 96), 8, 64) == (0, 0, 8, 8)
+
+
 def test_reading_a_model_in_training_mode_leaves_it_training(odd_image):
     """Previews and maps of the live model between training steps must not freeze BatchNorm
     for the rest of the run; each reader used to switch the model to eval mode for good."""

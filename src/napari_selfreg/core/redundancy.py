@@ -525,7 +525,9 @@ def compute_redundancy(
     ``region`` (top, left, bottom, right) restricts the work to that part of the image (the
     part in view). The network still sees the surroundings, so the region's redundancy and
     SCR maps equal the same pixels of the whole image's maps; the index, the similarity
-    matrix, the IFD ranking and the principal components count the region's pixels only.
+    matrix, the IFD ranking and the principal components count the region's pixels only,
+    or, on a block where the region holds too few pixels, the few around it
+    (``statistics_box``).
     """
     with evaluating(model.network):
         return (yield from _compute_redundancy(model, image, config, region))
@@ -567,6 +569,7 @@ def _compute_redundancy(
     roles = _block_roles(model)
     teacher = BlockRoles.for_unet(model.config.depth).teacher
 
+    minimum = math.ceil(_MIN_WINDOW_SHARE * window * window)
     states: dict[str, _BlockState] = {}
     cached: list[dict[str, torch.Tensor]] | None = [] if len(tiles) == 1 else None
     passes = 2 if (len(tiles) > 1) else 1
@@ -608,10 +611,11 @@ def _compute_redundancy(
             scr = ((f - teacher_mean) ** 2).mean(dim=0)[rs, cs]
             state.scr[r0 : r0 + scr.shape[0], c0 : c0 + scr.shape[1]] = scr.numpy()
             part = f[:, rs, cs]
-            # the region's pixels only for the whole-region statistics
+            # the region's pixels only for the whole-region statistics (widened on a coarse block)
             gr0, gc0 = grid[0] // s + r0, grid[1] // s + c0
-            ra, rb = max(0, top // s - gr0), min(part.shape[1], -(-bottom // s) - gr0)
-            ca, cb = max(0, left // s - gc0), min(part.shape[2], -(-right // s) - gc0)
+            bt, bl, bb, br = statistics_box(region, grid, s, minimum)
+            ra, rb = max(0, bt - gr0), min(part.shape[1], bb - gr0)
+            ca, cb = max(0, bl - gc0), min(part.shape[2], br - gc0)
             if rb > ra and cb > ca:
                 g, sm, n = _moments(part[:, ra:rb, ca:cb].reshape(part.shape[0], -1))
                 state.gram += g
@@ -724,6 +728,24 @@ def _compute_redundancy(
         seconds=time.perf_counter() - start_time,
         settings=settings,
     )
+
+
+def statistics_box(
+    region: tuple[int, int, int, int], grid: tuple[int, int, int, int], stride: int, minimum: int
+) -> tuple[int, int, int, int]:
+    """The block pixels (top, left, bottom, right) whose features make a block's index and
+    similarity matrix: those the region touches, widened a pixel a side at a time within
+    the computed ``grid`` until they are ``minimum`` (as many as a window needs for a value
+    of its own). A region of one or two pixels of a coarse block (the bottleneck when zoomed
+    in) would otherwise read as fully redundant: channels of one pixel are all parallel."""
+    s = stride
+    top, left, bottom, right = region[0] // s, region[1] // s, -(-region[2] // s), -(-region[3] // s)
+    g_top, g_left, g_bottom, g_right = grid[0] // s, grid[1] // s, -(-grid[2] // s), -(-grid[3] // s)
+    while (bottom - top) * (right - left) < minimum and (top, left, bottom, right) != (g_top, g_left, g_bottom,
+                                                                                       g_right):
+        top, left = max(g_top, top - 1), max(g_left, left - 1)
+        bottom, right = min(g_bottom, bottom + 1), min(g_right, right + 1)
+    return top, left, bottom, right
 
 
 def _fill_nan(values: np.ndarray, whole: float) -> np.ndarray:
