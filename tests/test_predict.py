@@ -365,6 +365,25 @@ def test_outputs_on_disk(colour_model, tmp_path, kind):
     np.testing.assert_allclose(np.asarray(probs[:]), reference.probabilities, atol=1e-6)
 
 
+def test_outputs_written_into_the_images_zarr_group_leave_the_image_alone(colour_model, tmp_path):
+    """The zarr group that holds the image is a natural place for its prediction; opening it
+    to write used to delete the image's chunks (reads then gave the fill value, 0)."""
+    zarr = pytest.importorskip("zarr")
+    pixels = _image(70, 90)
+    root = zarr.open_group(str(tmp_path / "slide.zarr"), mode="w")
+    stored = root.create_array("image", shape=pixels.shape, chunks=(32, 32, 3), dtype="uint8")
+    stored[:] = pixels
+    (tmp_path / "slide.zarr" / "notes.txt").write_text("the user's")
+    config = PredictConfig(tile_size=64, **F32)
+    for _ in range(2):  # a second run replaces the outputs of the first
+        labels, probs = allocate_outputs((70, 90), 3, store=tmp_path / "slide.zarr", kind="zarr", chunk=32)
+        predict(colour_model, zarr.open_group(str(tmp_path / "slide.zarr"))["image"], config,
+                out_labels=labels, out_probabilities=probs)
+    np.testing.assert_array_equal(np.asarray(root["image"][:]), pixels)
+    assert (tmp_path / "slide.zarr" / "notes.txt").read_text() == "the user's"
+    np.testing.assert_array_equal(np.asarray(labels[:]), predict(colour_model, pixels, config).labels)
+
+
 def test_labels_only(colour_model):
     result = predict(colour_model, _image(80, 90), PredictConfig(tile_size=64, **F32), probabilities=False)
     assert result.probabilities is None and result.labels.shape == (80, 90)

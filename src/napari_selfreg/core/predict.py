@@ -290,11 +290,12 @@ def allocate_outputs(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(labels (H, W) uint8, probabilities (K, H, W) float32 or None) to pass to ``predict_tiled``.
 
-    ``store=None`` gives in-memory numpy arrays. Otherwise ``kind="zarr"`` creates a zarr
-    group at ``store`` with arrays "labels" and "probabilities" (chunked ``chunk`` pixels
-    square, a napari-friendly layout); ``kind="memmap"`` creates ``labels.npy`` and
-    ``probabilities.npy`` memory maps in the folder ``store``. Either way the outputs
-    live on disk, so a 20000 x 20000 prediction needs little RAM.
+    ``store=None`` gives in-memory numpy arrays. Otherwise ``kind="zarr"`` creates (or
+    replaces) arrays "labels" and "probabilities" in the zarr group at ``store``, leaving
+    anything else in it alone (chunked ``chunk`` pixels square, a napari-friendly layout);
+    ``kind="memmap"`` creates ``labels.npy`` and ``probabilities.npy`` memory maps in the
+    folder ``store``. Either way the outputs live on disk, so a 20000 x 20000 prediction
+    needs little RAM.
     """
     h, w = int(shape[0]), int(shape[1])
     if store is None:
@@ -315,9 +316,12 @@ def allocate_outputs(
         raise ValueError("kind must be 'zarr' or 'memmap'")
     import zarr
 
-    group = zarr.open_group(str(store), mode="w")
+    # "a", not "w": the group may hold the image itself, or other work, which "w" deleted
+    group = zarr.open_group(str(store), mode="a")
     c = max(16, min(chunk, max(h, w)))
-    labels = group.create_array("labels", shape=(h, w), chunks=(min(c, h), min(c, w)), dtype="uint8", fill_value=0)
+    labels = group.create_array(
+        "labels", shape=(h, w), chunks=(min(c, h), min(c, w)), dtype="uint8", fill_value=0, overwrite=True
+    )
     probs = None
     if probabilities:
         probs = group.create_array(
@@ -326,6 +330,7 @@ def allocate_outputs(
             chunks=(1, min(c, h), min(c, w)),
             dtype="float32",
             fill_value=0.0,
+            overwrite=True,
         )
     return labels, probs
 
