@@ -74,3 +74,13 @@ def test_a_failing_or_disagreeing_op_leaves_the_network_unfused(model, monkeypat
 def test_other_networks_are_left_alone():
     network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
     assert cpu_fusion.fuse_for_cpu(network) is network
+
+
+def test_fusing_leaves_the_global_torch_generator_alone(model):
+    """Each preview builds a fused copy; its check drew from the user's (and napari's) generator."""
+    _FUSED_CACHE.clear()
+    before = torch.random.get_rng_state()
+    fused = inference_network(model.network, CPU, torch.bfloat16)
+    assert is_fused(fused)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    _FUSED_CACHE.clear()

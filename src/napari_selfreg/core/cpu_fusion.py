@@ -87,7 +87,9 @@ def fuse_for_cpu(network: nn.Module) -> nn.Module:
     fused.encoder = nn.ModuleList(FusedDoubleConv(block) for block in fused.encoder)
     fused.decoder = nn.ModuleList(FusedUpBlock(b, skip) for b, skip in zip(fused.decoder, skips, strict=True))
     side = network.config.divisor * 2
-    x = torch.rand(1, network.config.in_channels, side, side).contiguous(memory_format=torch.channels_last)
+    own = torch.Generator().manual_seed(0)  # the user's global generator is theirs
+    x = torch.rand(1, network.config.in_channels, side, side, generator=own)
+    x = x.contiguous(memory_format=torch.channels_last)
     try:
         with torch.inference_mode():
             with torch.autocast("cpu", dtype=torch.bfloat16):  # what prediction runs without fusion
