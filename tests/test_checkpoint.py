@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -214,10 +215,16 @@ def _set(doc, **changes):
         # predictions hold 8-bit ids: 300 classes crashed prediction
         (lambda doc: _set(doc, model__num_classes=300, class_names=[f"c{i}" for i in range(300)]), "300 classes"),
         (lambda doc: {k: v for k, v in doc.items() if k != "format"}, "names no model-file format"),
+        # 1.0 passed the channel check and failed deep in prediction
+        (lambda doc: _set(doc, normalization__channels=3.0), "normalization.channels must be a whole number"),
+        (lambda doc: _set(doc, model__base_channels=8.0), "model.base_channels must be a whole number"),
+        # a default would read a percentile model's images as 8-bit ones
+        (lambda doc: doc | {"normalization": {k: v for k, v in doc["normalization"].items() if k != "mode"}},
+         "normalization names no mode"),
     ],
     ids=["list-document", "list-model", "class-names", "depth-30", "width-100000", "width-512", "names-string",
          "norm-channels", "norm-mode", "norm-low-text", "norm-high-150", "history-text", "history-round-text",
-         "training-list", "300-classes", "no-format"],
+         "training-list", "300-classes", "no-format", "norm-channels-float", "width-float", "norm-no-mode"],
 )
 def test_a_crafted_document_is_refused_before_its_network_is_built(tmp_path, model, monkeypatch, edit, message):
     path = _with_document(tmp_path, model, "crafted", edit)
@@ -269,6 +276,51 @@ def test_weights_that_are_not_finite_are_refused(tmp_path, model):
     save_file(tensors, str(path), metadata={"napari_selfreg": json.dumps({"format": "1", **model.info.to_dict()})})
     with pytest.raises(ModelFileError, match=f"NaN or infinite weights \\({name}\\)"):
         load_model(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+def test_weights_that_are_not_floats_are_refused(tmp_path, model, dtype):
+    """They were cast to float32 on loading and predicted nothing of what was trained."""
+    from safetensors.torch import save_file
+
+    tensors = model.state_dict_cpu()
+    name = next(k for k in tensors if k.endswith("weight"))
+    tensors[name] = tensors[name].to(dtype)
+    path = tmp_path / "ints.safetensors"
+    save_file(tensors, str(path), metadata={"napari_selfreg": json.dumps({"format": "1", **model.info.to_dict()})})
+    message = re.escape(f"weight {name} is {dtype} where the network holds a float")
+    with pytest.raises(ModelFileError, match=message):
+        load_model(path)
+    tensors = model.state_dict_cpu()
+    counter = next((k for k in tensors if k.endswith("num_batches_tracked")), None)
+    if counter is not None:  # the counters stay whole numbers
+        tensors[counter] = tensors[counter].float()
+        save_file(tensors, str(path), metadata={"napari_selfreg": json.dumps({"format": "1", **model.info.to_dict()})})
+        with pytest.raises(ModelFileError, match=r"torch\.float32 where the network holds torch\.int64"):
+            load_model(path)
+
+
+def test_a_document_nested_thousands_deep_is_a_damaged_document(tmp_path, model):
+    from safetensors.torch import save_file
+
+    document = json.dumps({"format": "1", **model.info.to_dict()})
+    deep = document[:-1] + ', "extra": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    save_file(model.state_dict_cpu(), str(tmp_path / "deep.safetensors"), metadata={"napari_selfreg": deep})
+    with pytest.raises(ModelFileError, match="damaged model document"):
+        load_model(tmp_path / "deep.safetensors")
+
+
+def test_saving_leaves_the_process_umask_alone(tmp_path, model, monkeypatch):
+    """The umask is the whole process's: setting it to 0 for a moment, to read it, gave files
+    another thread created then the mode 0666."""
+    import os
+
+    def umask(_mask):
+        raise AssertionError("save_model changed the process umask")
+
+    monkeypatch.setattr(os, "umask", umask)
+    saved = save_model(model, tmp_path / "m")
+    assert load_model(saved).class_names == model.class_names
 
 
 def test_a_model_is_found_by_the_name_it_was_saved_as(tmp_path, model):

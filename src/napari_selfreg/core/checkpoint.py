@@ -25,6 +25,7 @@ from .model import SegmentationModel
 METADATA_KEY = "napari_selfreg"
 FORMAT_VERSION = "1"
 PICKLE_SNIFF_BYTES = 64 << 20  # larger files that fail to open are not parsed as pickles
+NORMALIZATION_KEYS = ("mode", "low_percentile", "high_percentile", "channels")  # every file since the first
 
 
 class ModelFileError(ValueError):
@@ -32,18 +33,25 @@ class ModelFileError(ValueError):
 
 
 def save_model(model: SegmentationModel, path: str | Path) -> Path:
-    """Write the model; the write goes through a temporary file so a crash loses nothing."""
-    from safetensors.torch import save_file
+    """Write the model; the write goes through a temporary file so a crash loses nothing.
+
+    The bytes are written by Python's ``open``, so the file's mode follows the umask as any
+    file the user writes (safetensors' own writer makes it 0600, and setting the mode after
+    needs the umask, which can only be read by changing it for every thread).
+    """
+    from safetensors.torch import save
 
     path = model_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.info.package_version = __version__
     document = {"format": FORMAT_VERSION, **model.info.to_dict()}
-    metadata = {METADATA_KEY: json.dumps(document)}
+    data = save(model.state_dict_cpu(), metadata={METADATA_KEY: json.dumps(document)})
     tmp = path.with_name(path.name + ".part")
     try:
-        save_file(model.state_dict_cpu(), str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600 whatever the umask
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # the rename must not land before the bytes do
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -55,12 +63,6 @@ def model_path(path: str | Path) -> Path:
     ends so already ("nuclei_v1.5" -> "nuclei_v1.5.safetensors"), so Load... finds it."""
     path = Path(path)
     return path if path.suffix.lower() == ".safetensors" else path.with_name(path.name + ".safetensors")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_model_info(path: str | Path) -> ModelInfo:
@@ -106,6 +108,8 @@ def _open(path: Path) -> tuple[ModelInfo, dict]:
         info = ModelInfo.from_dict(document)
     except (ValueError, TypeError, AttributeError) as error:
         raise ModelFileError(f"{path.name} has a damaged model document: {error}") from None
+    except RecursionError:  # JSON nested thousands deep
+        raise ModelFileError(f"{path.name} has a damaged model document: nested too deep") from None
     if "format" not in document:
         raise ModelFileError(f"{path.name} has a damaged model document: it names no model-file format")
     if str(document["format"]) != FORMAT_VERSION:
@@ -155,6 +159,14 @@ def _document_problem(document: dict, info: ModelInfo) -> str | None:
         return "history must be a list of step records"  # continued training reads it
     if not all(isinstance(r.get("round", 1), int) and not isinstance(r.get("round"), bool) for r in history):
         return "history rounds must be whole numbers"
+    whole = {f"model.{k}": v for k, v in info.model.to_dict().items()} | {
+        "normalization.channels": info.normalization.channels}
+    broken = [k for k, v in whole.items() if not isinstance(v, int) or isinstance(v, bool)]
+    if broken:  # 16.0 channels build no network; 1.0 passed every check and failed in prediction
+        return f"{broken[0]} must be a whole number"
+    missing = [k for k in NORMALIZATION_KEYS if k not in (document.get("normalization") or {})]
+    if missing:  # a default would silently scale the images another way than training did
+        return f"normalization names no {missing[0]}"
     if not 2 <= info.model.num_classes <= MAX_CLASSES:  # predictions hold 8-bit ids
         return f"{info.model.num_classes} classes; a model has background and 1 to {MAX_CLASSES - 1} structures"
     norm = info.normalization
@@ -176,7 +188,8 @@ def _check_shapes(path: Path, info: ModelInfo, tensors: dict) -> None:
 
     try:
         with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in SelfRegUNet(info.model).state_dict().items()}
+            described = SelfRegUNet(info.model).state_dict()
+        expected = {k: tuple(v.shape) for k, v in described.items()}
     except (ValueError, TypeError, RuntimeError) as error:
         raise ModelFileError(f"{path.name} describes an architecture that cannot be built: {error}") from None
     found = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -185,6 +198,17 @@ def _check_shapes(path: Path, info: ModelInfo, tensors: dict) -> None:
         raise ModelFileError(
             f"{path.name}: the weights do not fit the architecture its document describes (first mismatch: {wrong[0]})"
         )
+    # a float where the network has one (any precision), the counters' own type elsewhere:
+    # int8 or bool weights were cast to float and predicted nothing of what was trained
+    wrong = [k for k, v in tensors.items() if _kind(v.dtype) != _kind(described[k].dtype)]
+    if wrong:
+        k = wrong[0]
+        raise ModelFileError(f"{path.name}: weight {k} is {tensors[k].dtype} where the network holds "
+                             f"{_kind(described[k].dtype)}; the file was not written by napari-selfreg")
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "a float" if dtype.is_floating_point else str(dtype)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> SegmentationModel:
