@@ -438,6 +438,12 @@ def test_weights_written_through_data_are_not_predicted_with_stale_copies():
     fresh = predict(model.clone(), image, PredictConfig(**F32)).probabilities
     np.testing.assert_allclose(after, fresh, atol=1e-5)
     assert np.abs(after - before).max() > 0.01
+    # a write that keeps every tensor's sum: two classes swapped in the head
+    head = model.network.head
+    for tensor in (head.weight, head.bias):
+        tensor.data[[1, 2]] = tensor.data[[2, 1]].clone()
+    swapped = predict(model, image, PredictConfig(**F32)).probabilities
+    np.testing.assert_allclose(swapped, after[[0, 2, 1]], atol=1e-5)
 
 
 class _CountingArray:

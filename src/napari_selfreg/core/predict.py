@@ -207,13 +207,29 @@ def _weights_signature(network: nn.Module) -> tuple:
     """Changes whenever a parameter or buffer is modified in place or replaced.
 
     Writes through ``.data`` (weight averaging does them) leave the version counter alone,
-    so each tensor's sum is part of it too (about 1.5 ms for the default model).
+    so each tensor's sum is part of it too, and a sum weighted by fixed random numbers, which
+    a write that moves values about (two classes' rows swapped) changes too.
     """
     tensors = list(itertools.chain(network.parameters(), network.buffers()))
     with torch.no_grad():
-        floats = [t.sum() for t in tensors if t.is_floating_point() and t.numel()]
-        sums = torch.stack(floats).tolist() if floats else []
-    return tuple((t.data_ptr(), t._version) for t in tensors) + tuple(sums)
+        floats = [t for t in tensors if t.is_floating_point() and t.numel()]
+        sums = torch.stack([t.sum() for t in floats]).tolist() if floats else []
+        mixed = [torch.dot(t.reshape(-1).float(), _mixing(t.numel(), t.device)) for t in floats]
+        weighted = torch.stack(mixed).tolist() if mixed else []
+    return tuple((t.data_ptr(), t._version) for t in tensors) + tuple(sums) + tuple(weighted)
+
+
+_MIXING: dict[torch.device, torch.Tensor] = {}
+
+
+def _mixing(n: int, device: torch.device) -> torch.Tensor:
+    """n fixed random weights in [0.5, 1.5) (one vector per device, grown as needed)."""
+    known = _MIXING.get(device)
+    if known is None or known.numel() < n:
+        generator = torch.Generator().manual_seed(0)
+        known = (torch.rand(max(n, 1 << 16), generator=generator) + 0.5).to(device)
+        _MIXING[device] = known
+    return known[:n]
 
 
 def cached_inference_network(network: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
