@@ -67,7 +67,7 @@ def model_path(path: str | Path) -> Path:
 
 def read_model_info(path: str | Path) -> ModelInfo:
     """Only the JSON document, without loading the weights."""
-    return _open(_saved_as(Path(path)))[0]
+    return _open(_saved_as(Path(path)), weights=False)[0]
 
 
 def _saved_as(path: Path) -> Path:
@@ -75,7 +75,7 @@ def _saved_as(path: Path) -> Path:
     return model_path(path) if not path.exists() and model_path(path).is_file() else path
 
 
-def _open(path: Path) -> tuple[ModelInfo, dict]:
+def _open(path: Path, weights: bool = True) -> tuple[ModelInfo, dict]:
     from safetensors import SafetensorError, safe_open
 
     if not path.exists():
@@ -94,7 +94,7 @@ def _open(path: Path) -> tuple[ModelInfo, dict]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()} if weights else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         if _is_pickle(path):
             raise _pickle_refused(path) from None
