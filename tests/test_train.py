@@ -1,5 +1,6 @@
 """The training generator: reports, stop, best/last, seeds, time budget, fine-tuning."""
 
+import math
 import threading
 import time
 
@@ -11,7 +12,7 @@ from napari_selfreg.core.config import ModelConfig, TrainConfig
 from napari_selfreg.core.data import InputError
 from napari_selfreg.core.model import SegmentationModel
 from napari_selfreg.core.progress import drain
-from napari_selfreg.core.train import train, train_to_end
+from napari_selfreg.core.train import prepare_training_data, train, train_to_end
 
 SMALL = ModelConfig(base_channels=4, depth=2)
 
@@ -160,6 +161,37 @@ def test_validation_every_must_be_a_step_or_more():
         TrainConfig(validation_every=0)
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(ce_weight=float("nan")), "CE and Dice"),
+        (dict(ce_weight=math.inf), "CE and Dice"),
+        (dict(ce_weight=-0.1), "CE and Dice"),
+        (dict(dice_weight=-1.0), "CE and Dice"),
+        (dict(dice_weight=float("nan")), "CE and Dice"),
+        (dict(ce_weight=0.0, dice_weight=0.0), "above 0"),
+        (dict(weight_decay=-1e-4), "weight decay"),
+        (dict(weight_decay=float("nan")), "weight decay"),
+        (dict(weight_decay=math.inf), "weight decay"),
+        (dict(seed=-1), "seed"),
+        (dict(seed=True), "seed"),
+        (dict(seed=1.5), "seed"),
+        (dict(seed="3"), "seed"),
+        (dict(seed=2**64), "seed"),
+    ],
+)
+def test_loss_weights_weight_decay_and_seed_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
+
+
+def test_loss_weights_weight_decay_and_seed_within_range_are_kept():
+    for settings in (dict(ce_weight=0.0), dict(dice_weight=0.0), dict(weight_decay=0.0),
+                     dict(seed=None), dict(seed=0), dict(seed=np.int64(3)), dict(seed=2**64 - 1)):
+        config = TrainConfig(**settings)
+        assert all(getattr(config, k) == v for k, v in settings.items())
+
+
 def test_seed_makes_a_cpu_run_repeatable():
     image, labels, _ = _scene()
     config = TrainConfig(steps=4, patch_size=32, batch_size=2, seed=7, device="cpu", precision="float32")
@@ -180,6 +212,29 @@ def test_a_seeded_run_leaves_the_global_torch_generator_alone():
     torch.manual_seed(123)
     train_to_end([image], [labels], TrainConfig(steps=2, patch_size=32, batch_size=2, seed=0), SMALL)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_unseeded_runs_draw_their_own_scr_pairings(monkeypatch):
+    """seed=None means a different run each time; SCR's channel pairings were seeded with 0."""
+    from napari_selfreg.core import selfreg
+
+    image, labels, _ = _scene()
+    drawn = []
+    pairings = selfreg._pairings
+
+    def recording(*args):
+        s_idx, t_idx = pairings(*args)
+        drawn.append(s_idx.tolist())
+        return s_idx, t_idx
+
+    monkeypatch.setattr(selfreg, "_pairings", recording)
+    firsts = []
+    for seed in (None, None, 5, 5):
+        drawn.clear()
+        train_to_end([image], [labels], TrainConfig(steps=1, patch_size=32, batch_size=2, seed=seed), SMALL)
+        firsts.append(list(drawn))  # every student's draw of the step
+    assert firsts[0] != firsts[1]
+    assert firsts[2] == firsts[3]
 
 
 def test_time_budget_stops_training():
@@ -291,6 +346,74 @@ def test_several_image_label_pairs_and_three_classes(monkeypatch):
     for cls in (1, 2):
         assert sorted(index for index, _ in sampler.by_class[cls]) == [0, 1]
     assert set(drawn) == {0, 1}  # the steps' patches come from both images
+
+
+def _one_stroke_per_class(seed, size=48):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    labels = np.zeros((size, size), np.uint8)
+    labels[5:8, 5:30] = 1
+    labels[30:33, 10:40] = 2
+    return image, labels
+
+
+def test_strokes_of_several_images_are_held_out_together():
+    """Four images with one stroke per class each: 4 strokes per class in all, so some are
+    held out, as if they lay on one image (per image, a lone stroke stays in training)."""
+    from napari_selfreg.core.regions import painted_crops
+
+    pairs = [_one_stroke_per_class(seed) for seed in range(4)]
+    images, labels = [p[0] for p in pairs], [p[1] for p in pairs]
+    config = TrainConfig(steps=2, patch_size=32, batch_size=2, validation_every=1, validation_fraction=0.5,
+                         seed=0, device="cpu", precision="float32")
+    result = train_to_end(images, labels, config, SMALL)
+    assert all(r.val_dice is not None and 0 <= r.val_dice <= 1 for r in result.history)
+
+    crops = painted_crops(images, labels, 32)
+    assert [crop.source for crop in crops] == [0, 1, 2, 3]
+    train_set, val_images, val_labels = prepare_training_data(
+        images, crops, result.last.info, 0.5, np.random.default_rng(0)
+    )
+    assert len(train_set.labels) == len(val_labels) == len(val_images) == 4
+    for crop, kept, held in zip(crops, train_set.labels, val_labels, strict=True):
+        assert not np.any((kept > 0) & (held > 0))
+        np.testing.assert_array_equal(np.where(held > 0, held, kept), crop.labels)
+        for cls in (1, 2):  # the one stroke of each class is held out whole or not at all
+            stroke = crop.labels == cls
+            assert np.all(held[stroke] == cls) or not np.any(held[stroke])
+    for cls in (1, 2):  # half of each class's 4 strokes, and training keeps the others
+        assert sum(bool(np.any(held == cls)) for held in val_labels) == 2
+        assert sum(bool(np.any(kept == cls)) for kept in train_set.labels) == 2
+
+    # one image: the same seeded draw as the split of that image's windows alone
+    from napari_selfreg.core.data import split_strokes_jointly
+
+    image, lbl, _ = _scene()
+    one = painted_crops([image], [lbl], 64)
+    train_one, _, val_one = prepare_training_data([image], one, result.last.info, 0.2, np.random.default_rng(3))
+    expected_train, expected_val = split_strokes_jointly([c.labels for c in one], 0.2, np.random.default_rng(3))
+    for got, want in zip(train_one.labels + val_one, expected_train + expected_val, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_the_first_painted_image_decides_the_normalisation():
+    """An unpainted image trains nothing, so it does not choose the model's input."""
+    rng = np.random.default_rng(0)
+    gray16 = rng.integers(0, 4000, (48, 48), dtype=np.uint16)
+    rgb, labels = _one_stroke_per_class(1)
+    unpainted = np.zeros_like(labels)
+    config = TrainConfig(steps=1, patch_size=32, batch_size=2, seed=0, device="cpu", precision="float32")
+    result = train_to_end([gray16, rgb], [unpainted, labels], config, SMALL)
+    assert result.last.info.normalization.mode == "uint8"
+    assert result.last.info.normalization.channels == 3 and result.last.config.in_channels == 3
+    first_layer = next(result.last.network.parameters())
+    assert first_layer.shape[1] == 3
+    # painted images that differ still train together; the first painted one decides
+    for images, mode, channels in (([gray16, rgb], "percentile", 1), ([rgb, gray16], "uint8", 3)):
+        mixed = train_to_end(images, [labels, labels], config, SMALL)
+        assert mixed.steps == 1 and np.isfinite(mixed.history[-1].loss)
+        assert mixed.last.info.normalization.mode == mode
+        assert mixed.last.info.normalization.channels == channels == mixed.last.config.in_channels
 
 
 def test_mismatched_pair_counts():

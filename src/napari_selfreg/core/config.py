@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -126,6 +127,15 @@ class TrainConfig(_JsonMixin):
             raise ValueError("time budget must be a finite number of seconds, 0 or more")
         if not all(0 <= weight < math.inf for weight in (self.lambda_scr, self.lambda_ifd)):
             raise ValueError("the SCR and IFD weights must be finite numbers, 0 or more")
+        if not all(0 <= weight < math.inf for weight in (self.ce_weight, self.dice_weight)):
+            raise ValueError("the CE and Dice loss weights must be finite numbers, 0 or more")
+        if not (self.ce_weight > 0 or self.dice_weight > 0):
+            raise ValueError("the CE or the Dice loss weight must be above 0, or nothing is learnt from the strokes")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError("weight decay must be a finite number, 0 or more")
+        seed_ok = isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)
+        if self.seed is not None and not (seed_ok and 0 <= self.seed < 2**64):
+            raise ValueError("seed must be a whole number from 0 to 2**64 - 1, or None for a different run each time")
         if self.scr_pairing not in ("random", "mean"):
             raise ValueError("scr_pairing must be 'random' or 'mean'")
         if self.keep not in ("last", "best"):

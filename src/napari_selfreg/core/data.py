@@ -307,7 +307,7 @@ def split_strokes(
 def split_strokes_jointly(
     labels_list: list[np.ndarray], fraction: float, rng: np.random.Generator
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """``split_strokes`` over several label images (the windows of one slide) as if they were one."""
+    """``split_strokes`` over several label images (the windows of one or more images) as if they were one."""
     trains = [lbl.copy() for lbl in labels_list]
     vals = [np.zeros_like(lbl) for lbl in labels_list]
     if fraction <= 0:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .allocator import freed_memory_kept
-from .config import ModelConfig, ModelInfo, TrainConfig
+from .config import ModelConfig, ModelInfo, Normalization, TrainConfig
 from .data import (
     BatchPrefetcher,
     InputError,
@@ -218,19 +218,31 @@ def prepare_training_data(
 ) -> tuple[PatchSet, list[np.ndarray], list[np.ndarray]]:
     """Normalise the painted windows with their whole image's range and hold out whole strokes.
 
+    The strokes of all images are held out in one draw, as if they lay on one image: a class
+    painted once on each of several images still has strokes to hold out.
     Returns (train set, val images, val labels), one entry per window.
     """
-    normalized, train_labels, val_labels = [], [], []
+    normalized, windows = [], []
     for source, image in enumerate(images):
         mine = [c for c in crops if c.source == source]
         if not mine:
             continue
         value_range = intensity_range(image, info.normalization)
         normalized += [normalize(c.image, info.normalization, value_range) for c in mine]
-        train, val = split_strokes_jointly([c.labels for c in mine], validation_fraction, rng)
-        train_labels += train
-        val_labels += val
+        windows += [c.labels for c in mine]
+    train_labels, val_labels = split_strokes_jointly(windows, validation_fraction, rng)
     return PatchSet(normalized, train_labels), normalized, val_labels
+
+
+def painted_normalization(images: Sequence[np.ndarray], crops: Sequence[PaintedCrop]) -> Normalization:
+    """The normalisation (and input channels) of a new model: the first painted image's.
+
+    An unpainted image trains nothing, so it does not decide. Painted images that differ
+    (gray and RGB, 8-bit and 16-bit) still train together: each is matched to the model's
+    channels and scaled by its own range, as in prediction (``data.normalize``).
+    """
+    first = min(crop.source for crop in crops)
+    return normalization_for(images[first])
 
 
 def train(
@@ -270,7 +282,7 @@ def train(
             info.class_names = given + list(info.class_names)[len(given):]
     else:
         num_classes = check_painted(checked)
-        norm = normalization_for(images[0])
+        norm = painted_normalization(images, painted)
         mc = ModelConfig(**{**(model_config or ModelConfig()).to_dict(), "num_classes": num_classes})
         mc.in_channels = norm.channels
         names = list(class_names) if class_names else default_class_names(num_classes)
@@ -302,7 +314,11 @@ def train(
     optimizer = _adamw(network, config)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     roles = BlockRoles.for_unet(model.config.depth) if config.selfreg else None
-    generator = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)
+    generator = torch.Generator()  # SCR's channel pairings: seeded with the run, else drawn anew
+    if config.seed is not None:
+        generator.manual_seed(config.seed)
+    else:
+        generator.seed()
 
     history: list[TrainReport] = []
     best_state = model.clone()
