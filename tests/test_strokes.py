@@ -36,6 +36,34 @@ def test_strokes_are_sparse_and_on_the_right_side():
     assert np.all(mask[labels == 1] == 0), "background strokes enter an object"
 
 
+@pytest.mark.parametrize(("width", "margin"), [(5, 0), (9, 1), (15, 1), (15, 0)])
+def test_wide_brushes_and_no_margin_stay_on_their_side(width, margin):
+    """The erosion counted the radius along rows and columns, which a round brush outreaches
+    on its diagonals: at width 9 and up, or without a margin, strokes crossed the outline."""
+    mask = _blobs(shape=(400, 500), count=25, seed=3)
+    config = StrokeConfig(width=width, margin=margin, max_fraction=0.05)
+    for seed in range(3):
+        labels = simulate_strokes(mask, seed=seed, config=config)
+        assert (labels == 2).any() and (labels == 1).any()
+        assert np.all(mask[labels == 2] > 0) and np.all(mask[labels == 1] == 0)
+    truth = np.zeros((300, 300), bool)
+    truth[30:130, 30:130] = truth[170:280, 160:280] = True
+    predicted = np.roll(truth, 40, axis=1)  # a band missed and a band too many beside each object
+    strokes = correction_strokes(predicted, truth, seed=0, config=CorrectionConfig(width=width, margin=margin))
+    assert (strokes > 0).any()
+    assert truth[strokes == 2].all() and not predicted[strokes == 2].any()
+    assert not truth[strokes == 1].any() and predicted[strokes == 1].all()
+
+
+def test_the_default_strokes_are_those_the_committed_benchmarks_were_made_with():
+    """The wide-brush fix leaves the default brushes' erosion as it was."""
+    from napari_selfreg.bench.strokes import _disk_offsets, _safe_depth
+
+    assert _safe_depth(_disk_offsets(2), 2, StrokeConfig().margin) == 2 + 1
+    assert _safe_depth(_disk_offsets(1), 1, CorrectionConfig().margin) == 1 + 1
+    assert CorrectionConfig().width == 3 and StrokeConfig().width == 5
+
+
 def test_strokes_spread_over_many_objects():
     mask = _blobs(count=30)
     labels = simulate_strokes(mask, seed=3)

@@ -29,7 +29,7 @@ class StrokeConfig:
     background_strokes: int = 12
     width: int = 5
     length: int = 60
-    margin: int = 1  # extra pixels kept free between a stroke and an outline
+    margin: int = 1  # extra pixels kept free between a stroke and an outline (along rows and columns)
     turn: float = 0.25  # standard deviation of the heading change per pixel (radians)
     max_fraction: float = 0.008
 
@@ -40,6 +40,18 @@ class StrokeConfig:
             raise ValueError("stroke length must be at least 1 pixel")
         if not 0 < self.max_fraction < 1:
             raise ValueError("max_fraction must be in (0, 1)")
+
+
+def _safe_depth(offsets: np.ndarray, radius: int, margin: int) -> int:
+    """How many 4-connected erosion steps keep a brush centred in what is left wholly inside.
+
+    Erosion with the cross clears city-block distances, and the round brush reaches further
+    than its radius along them (3 at radius 2, about 1.4 x the radius when wide): the radius
+    plus the margin, as the defaults are drawn, but never less than that reach, or a wide
+    brush (or no margin) crossed the outline.
+    """
+    reach = int(np.abs(offsets).sum(axis=1).max())
+    return max(radius + margin, reach)
 
 
 def _disk_offsets(radius: int) -> np.ndarray:
@@ -116,7 +128,7 @@ def simulate_strokes(mask: np.ndarray, seed: int = 0, config: StrokeConfig | Non
 
     foreground = mask > 0
     erode = ndimage.generate_binary_structure(2, 1)
-    depth = radius + config.margin
+    depth = _safe_depth(offsets, radius, config.margin)
     inner = ndimage.binary_erosion(foreground, erode, iterations=depth) if depth else foreground
     outer = ndimage.binary_erosion(~foreground, erode, iterations=depth, border_value=1) if depth else ~foreground
     instances = instances_of(mask)
@@ -188,7 +200,7 @@ def correction_strokes(
     radius = config.width // 2
     offsets = _disk_offsets(radius)
     erode = ndimage.generate_binary_structure(2, 1)
-    depth = radius + config.margin
+    depth = _safe_depth(offsets, radius, config.margin)
     candidates = []  # (reachable area, value, component mask id, labelled reachable map)
     for value, error in ((1, predicted & ~truth), (2, truth & ~predicted)):
         reachable = ndimage.binary_erosion(error, erode, iterations=depth) if depth else error
