@@ -202,8 +202,9 @@ def correction_table(document: dict) -> list[str]:
     for m in document["means"]:
         if m["method"] != "selfreg":
             continue
+        # means over the same images only (documents from before "images" was kept: the same count)
         rivals = [b for b in document["means"] if b["dataset"] == m["dataset"] and b["method"] in ("rf", "otsu")
-                  and b["n"] == m["n"]]
+                  and b.get("images", b["n"]) == m.get("images", m["n"])]
         if rivals:
             last = len(m["dice_per_round"]) - 1
             best = max(rivals, key=lambda b: b["dice_per_round"][last])

@@ -76,6 +76,85 @@ def test_a_resume_with_other_settings_is_refused_before_any_run(tmp_path):
     assert calls == ["a", "b", "c", "d"]
 
 
+def test_the_committed_paper_runs_are_not_taken_for_runs_of_other_settings_or_devices(tmp_path):
+    """The committed paper rows predate recorded settings: a rerun at another width, or on a
+    GPU under the CPU runs' label (60ep-bf16), found every run finished and wrote the old
+    figures under its own config."""
+    from pathlib import Path
+
+    from napari_selfreg.bench.harness import check_settings
+    from napari_selfreg.bench.paper_protocol import UNRECORDED, PaperConfig, Schedule, run_settings
+
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "paper_protocol.json"
+    rows = json.loads(committed.read_text())["runs"]
+    cpu = next(r for r in rows if r["device"] == "cpu" and r["budget"] == "60ep-bf16")
+    assert "settings" not in cpu  # what the fallback is for
+    done = {"row": cpu}
+
+    def task(config, device):
+        schedule = Schedule(60, None, None, device, "bfloat16")
+        assert schedule.label() == cpu["budget"]
+        key = RunKey("paper", cpu["dataset"], "test-set", cpu["method"], schedule.label(), cpu["seed"])
+        return Task(key, lambda: {}, run_settings(config, schedule), UNRECORDED)
+
+    check_settings([task(PaperConfig(), "cpu")], done, tmp_path)  # the committed command: resumed
+    with pytest.raises(SettingsMismatch, match=r"base_channels = 64.*asks 16"):
+        check_settings([task(PaperConfig(base_channels=16), "cpu")], done, tmp_path)
+    with pytest.raises(SettingsMismatch, match=r"device = 'cpu'.*asks 'cuda'"):
+        check_settings([task(PaperConfig(), "cuda:0")], done, tmp_path)
+
+
+def test_paper_means_keep_a_gpus_and_a_cpus_runs_of_one_label_apart():
+    from napari_selfreg.bench.paper_protocol import aggregate
+
+    def row(seed, device, dice):
+        return {**RunKey("paper", "glas", "test-set", "unet", "60ep-bf16", seed).to_dict(), "device": device,
+                "dice_224": dice, "iou_224": dice, "dice_native": dice, "iou_native": dice, "epochs": 60,
+                "train_s": 1.0, "schedule": "s"}
+
+    results = aggregate([row(0, "cpu", 0.5), row(1, "cuda", 0.9), row(2, "cuda", 0.7)])
+    by_device = {(r["device"], r["resolution"]): r for r in results}
+    assert by_device["cpu", "224"]["seeds"] == 1 and by_device["cpu", "224"]["dice"] == 0.5
+    assert by_device["cuda", "224"]["seeds"] == 2 and by_device["cuda", "224"]["dice"] == pytest.approx(0.8)
+
+
+def test_merging_a_leases_runs_refuses_runs_of_other_settings(tmp_path):
+    """merge_paper_runs.py pooled rows of another width under one mean ± std."""
+    import importlib.util
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from napari_selfreg.bench.paper_protocol import PaperConfig, paper_document, run_settings
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "merge_paper_runs.py"
+    spec = importlib.util.spec_from_file_location("merge_paper_runs", script)
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+
+    def row(seed, config):
+        return {**RunKey("paper", "glas", "test-set", "unet", "1000ep-bf16", seed).to_dict(), "device": "cuda",
+                "dice_224": 0.8, "iou_224": 0.7, "dice_native": 0.8, "iou_native": 0.7, "epochs": 90,
+                "train_s": 1.0, "schedule": "s", "settings": run_settings(config)}
+
+    out = tmp_path / "paper_protocol.json"
+    out.write_text(json.dumps(paper_document(PaperConfig(), [row(0, PaperConfig())], {})))
+    before = out.read_text()
+    lease = StateFile(tmp_path / "lease.state.jsonl")
+    lease.append(row(1, PaperConfig(base_channels=16)))
+    assert merge.main([str(lease.path), "--out", str(out), "--state", str(tmp_path / "s.jsonl")]) == 2
+    assert out.read_text() == before
+    lease.path.unlink()
+    lease.append(row(1, PaperConfig()))
+    assert merge.main([str(lease.path), "--out", str(out), "--state", str(tmp_path / "s.jsonl")]) == 0
+    assert json.loads(out.read_text())["results"][0]["seeds"] == 2
+    # a new result file takes the settings of the runs it is made of
+    fresh = tmp_path / "small.json"
+    small = StateFile(tmp_path / "small.state.jsonl")
+    small.append(row(0, PaperConfig(base_channels=16)))
+    document = merge.merge(fresh, [small.path], state_path=tmp_path / "small.s.jsonl")
+    assert document["config"]["base_channels"] == 16 and asdict(PaperConfig())["base_channels"] == 64
+
+
 def test_a_long_run_shows_how_far_it_is_on_the_progress_bar(tmp_path, capsys):
     def run():
         note_progress("epoch 3/60, val Dice 0.812")
@@ -432,3 +511,18 @@ def test_gui_benchmark_smoke_run_records_every_phase(tmp_path):
     assert phases["train"]["steps"] == 3 and phases["redundancy"]["layers"] > 0
     for phase in phases.values():
         assert phase["ticks"] > 0 and phase["max_gap_ms"] >= phase["median_gap_ms"] > 0
+
+
+def test_the_pretrained_cache_is_per_pretraining_setting(tmp_path):
+    """A run with another learning rate fine-tuned the model pretrained at the old one."""
+    from dataclasses import replace
+
+    from napari_selfreg.bench.interactive import InteractiveConfig, _pretrained_path
+
+    config = InteractiveConfig(cache_dir=str(tmp_path))
+    same = InteractiveConfig(cache_dir=str(tmp_path))
+    assert _pretrained_path(config, "glas", 0) == _pretrained_path(same, "glas", 0)
+    others = [replace(config, learning_rate=3e-3), replace(config, batch_size=config.batch_size * 2),
+              replace(config, transfer_patch_size=config.transfer_patch_size * 2)]
+    paths = {_pretrained_path(c, "glas", 0) for c in [config, *others]}
+    assert len(paths) == 4

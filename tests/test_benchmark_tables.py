@@ -98,3 +98,39 @@ def test_the_paired_selfreg_effect_pairs_runs_by_seed():
     # differences +2, +1, -1 points: mean +0.67, sample std 1.53, standard error 0.88
     assert "+0.67 (standard error 0.88; ahead on 2 of 3 seeds)" in line
     assert tables.selfreg_effect({"runs": runs[:1] + runs[3:4]}) == []  # one pair says nothing
+
+
+def test_correction_margins_compare_methods_on_the_same_images_only():
+    """Each method's mean is over the images it finished; one image each, not the same one,
+    printed a margin between different images."""
+    from napari_selfreg.bench.correction import summarize
+
+    def row(image, method, dice):
+        return {"dataset": "monuseg", "image": image, "method": method, "budget": "60s", "seed": 0,
+                "rounds": [{"dice": dice, "stroke_fraction": 0.005}]}
+
+    table = _script("make_tables").correction_table
+    config = {"correction": {"strokes": 5, "width": 3}}
+    apart = {"config": config, "means": summarize([row("a", "selfreg", 0.8), row("b", "rf", 0.55)])}
+    assert not any("margin" in line for line in table(apart))
+    together = {"config": config, "means": summarize([row("a", "selfreg", 0.8), row("a", "rf", 0.55)])}
+    assert any("margin +25.0 points" in line for line in table(together))
+
+
+def test_an_image_a_method_failed_on_keeps_the_interactive_goal_from_reading_met():
+    from napari_selfreg.bench.interactive import summarize
+
+    def row(image, method, dice, budget="none"):
+        return {"dataset": "monuseg", "image": image, "method": method, "budget": budget, "seed": 0,
+                "dice": dice, "iou": dice / 2}
+
+    rows = [row("a", "selfreg", 0.9, "60s"), row("b", "selfreg", 0.9, "60s"), row("a", "otsu", 0.7),
+            row("b", "otsu", 0.7), row("c", "otsu", 0.8)]
+    (goal,) = summarize(rows)["goal"]
+    assert goal["images"] == 2 and goal["met"]  # c was not planned for SelfReg: no failure
+    failed = [{"dataset": "monuseg", "image": "c", "method": "selfreg", "budget": "60s", "seed": 0,
+               "protocol": "interactive", "error": "InputError: training diverged"}]
+    (goal,) = summarize(rows, failed)["goal"]
+    assert goal["failed_images"] == ["c"] and not goal["met"]
+    other_budget = [{**failed[0], "budget": "30s"}]
+    assert summarize(rows, other_budget)["goal"][0]["met"]

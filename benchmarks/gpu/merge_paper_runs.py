@@ -20,36 +20,54 @@ from pathlib import Path
 from napari_selfreg.bench.harness import (
     KEY_FIELDS,
     RunKey,
+    SettingsMismatch,
     StateFile,
     default_state_path,
     seed_state_from_results,
     write_json,
 )
-from napari_selfreg.bench.paper_protocol import PaperConfig, paper_document
+from napari_selfreg.bench.paper_protocol import SETTING_NAMES, UNRECORDED, PaperConfig, paper_document, run_settings
 
 
 def _key(row: dict) -> str:
     return RunKey(**{f: row[f] for f in KEY_FIELDS}).id()
 
 
+def _settings(row: dict) -> dict:
+    """The settings a row was made with (``UNRECORDED`` for rows from before they were recorded)."""
+    recorded = {**UNRECORDED, **(row.get("settings") or {})}
+    return {name: recorded[name] for name in SETTING_NAMES}
+
+
 def merge(out: Path, sources: list[Path], note: str | None = None, state_path: Path | None = None) -> dict:
+    """Raises ``SettingsMismatch`` (before writing anything) for rows made with other settings
+    than the result's, which a mean over seeds would pool with them."""
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    imported = [row for source in sources for row in StateFile(source).load().values() if "error" not in row]
+    if "config" in previous:
+        config = PaperConfig(**previous["config"])
+        expected, where = run_settings(config), str(out)
+    else:
+        config, expected, where = None, _settings(imported[0]) if imported else {}, f"the first run of {sources[0]}"
+    for row in imported:
+        found = _settings(row)
+        if found != expected:
+            name = next(n for n in SETTING_NAMES if found[n] != expected[n])
+            raise SettingsMismatch(f"{row['method']} seed {row['seed']} ({row['dataset']}) was made with {name} = "
+                                   f"{found[name]!r}, {where} with {expected[name]!r}; merge it into another --out")
     state = StateFile(state_path or default_state_path(out))
     seed_state_from_results(state, out)
     done = state.load()
     added = 0
-    for source in sources:
-        for row in StateFile(source).load().values():
-            if "error" not in row and _key(row) not in done:
-                state.append(row)
-                done[_key(row)] = row
-                added += 1
-    previous = json.loads(out.read_text()) if out.is_file() else {}
+    for row in imported:
+        if _key(row) not in done:
+            state.append(row)
+            done[_key(row)] = row
+            added += 1
     rows = list(done.values())
-    if "config" in previous:
-        config = PaperConfig(**previous["config"])
-    else:  # a new file: the settings the imported runs share
+    if config is None:  # a new file: the settings the imported runs share
         config = PaperConfig(datasets=sorted({r["dataset"] for r in rows}), seeds=sorted({r["seed"] for r in rows}),
-                             device=rows[0]["device"] if rows else "auto")
+                             device=rows[0]["device"] if rows else "auto", **expected)
     # a new file: no environment of its own (this machine ran none of its runs); the note says where they ran
     document = paper_document(config, rows, previous.get("environment", {}), note or previous.get("note"))
     write_json(out, document)
@@ -68,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
-    merge(args.out, args.sources, args.note, args.state)
+    try:
+        merge(args.out, args.sources, args.note, args.state)
+    except SettingsMismatch as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -186,9 +186,11 @@ def _print_interactive(document: dict) -> None:
               f"Dice {100 * entry['dice']:5.1f} ± {100 * entry['dice_std']:4.1f}  (n={entry['n']})")
     for goal in document["goal"]:
         verdict = "met" if goal["met"] else "NOT met"
-        print(f"goal {goal['dataset']} {goal['budget']}: selfreg {100 * goal['selfreg_dice']:.1f} vs "
-              f"{goal['best_baseline']} {100 * goal['best_baseline_dice']:.1f} -> margin "
-              f"{100 * goal['margin']:+.1f} points ({verdict}; needs +5.0)")
+        failed = goal.get("failed_images", [])
+        lost = f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""
+        print(f"goal {goal['dataset']} {goal['budget']} on {goal['images']} images: selfreg "
+              f"{100 * goal['selfreg_dice']:.1f} vs {goal['best_baseline']} {100 * goal['best_baseline_dice']:.1f} "
+              f"-> margin {100 * goal['margin']:+.1f} points ({verdict}; needs +5.0{lost})")
 
 
 def _paper(args) -> int:

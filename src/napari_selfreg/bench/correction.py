@@ -122,6 +122,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         fractions = np.array([[r["stroke_fraction"] for r in row["rounds"]] for row in items])
         means.append({
             "dataset": dataset, "method": method, "budget": budget, "n": len(items),
+            "images": sorted(f"{r['image']}|{r['seed']}" for r in items),  # which, for comparing methods
             "dice_per_round": per_round.mean(0).tolist(), "dice_std_per_round": per_round.std(0).tolist(),
             "stroke_fraction_per_round": fractions.mean(0).tolist(),
         })

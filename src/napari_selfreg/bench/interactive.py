@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import Sample, center_crop, load_split
-from .harness import RunKey, StateFile, Task, protocol_rows, run_tasks, write_protocol
+from .harness import KEY_FIELDS, RunKey, StateFile, Task, protocol_rows, run_tasks, write_protocol
 from .strokes import StrokeConfig, coverage, simulate_strokes
 
 PROTOCOL = "interactive"
@@ -122,9 +122,14 @@ def _scores(predicted_labels: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
 
 
 def _pretrained_path(config: InteractiveConfig, source: str, seed: int) -> Path:
+    """The cached model of exactly these pretraining settings: the readable ones in the name,
+    all of them (learning rate, batch and patch size too) in its checksum."""
     crop = f"_crop{config.crop}" if config.crop else ""
     count = f"_{config.transfer_images}img" if config.transfer_images else ""
-    name = f"pretrained_{source}_{config.transfer_steps}steps_b{config.base_channels}_seed{seed}{crop}{count}"
+    settings = (source, seed, config.transfer_steps, config.transfer_patch_size, config.batch_size,
+                config.learning_rate, config.base_channels, config.crop, config.transfer_images, config.data_root)
+    digest = f"{zlib.crc32(repr(settings).encode()):08x}"
+    name = f"pretrained_{source}_{config.transfer_steps}steps_b{config.base_channels}_seed{seed}{crop}{count}_{digest}"
     return Path(config.cache_dir) / f"{name}.safetensors"
 
 
@@ -300,11 +305,13 @@ def plan(config: InteractiveConfig) -> list[Task]:
     return tasks
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def summarize(rows: Sequence[dict[str, Any]], failed: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """Means per (dataset, method, budget), and the issue's goal per (dataset, budget).
 
     Goal: SelfReg-UNet's mean Dice minus the better of the RF's and Otsu's mean Dice
-    (on the same images), to be at least 0.05.
+    (on the same images), to be at least 0.05. ``failed`` are the runs that ended in an
+    error: an image one of the compared methods failed on is named, and the goal is then
+    not met, whatever the images that did finish say.
     """
     scored = [r for r in rows if "dice" in r and r["method"] != "pretrain"]
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
@@ -350,6 +357,10 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 "best_baseline": best_method, "best_baseline_dice": base_means[best_method],
                 "margin": margin, "goal_margin": 0.05, "met": bool(margin >= 0.05),
             }
+            lost = sorted({f["image"] for f in failed if f["dataset"] == dataset and (
+                f["method"] in BASELINE_METHODS or (f["method"] == "selfreg" and f["budget"] == budget))})
+            if lost:
+                entry.update(failed_images=lost, met=False)
             if all(k in ours_flips for k in common):
                 flips_mean = float(np.mean([ours_flips[k] for k in common]))
                 entry.update(selfreg_dice_flips=flips_mean, margin_flips=flips_mean - base_means[best_method])
@@ -359,7 +370,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def run_interactive(config: InteractiveConfig, out: str | Path, state: StateFile, progress: bool = True) -> dict:
     tasks = plan(config)
-    run_tasks(tasks, state, progress=progress, description="interactive")
+    ran = run_tasks(tasks, state, progress=progress, description="interactive")
+    failed = [{**{f: r[f] for f in KEY_FIELDS}, "error": r["error"]} for r in ran if "error" in r]
     rows = protocol_rows(state, PROTOCOL)
     units = "dice and iou are fractions in [0, 1]; times in seconds; memory in MiB"
-    return write_protocol(out, PROTOCOL, units, config, **summarize(rows), rows=rows)
+    return write_protocol(out, PROTOCOL, units, config, **summarize(rows, failed), rows=rows, failed=failed)

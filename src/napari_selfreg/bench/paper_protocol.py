@@ -321,15 +321,31 @@ def plan(config: PaperConfig) -> list[Task]:
         for seed in config.seeds:
             for model in config.models:
                 key = RunKey(PROTOCOL, dataset, "test-set", model, schedule.label(), seed)
-                tasks.append(Task(key, _runner(config, schedule, dataset, model, seed), run_settings(config)))
+                tasks.append(Task(key, _runner(config, schedule, dataset, model, seed),
+                                  run_settings(config, schedule), UNRECORDED))
     return tasks
 
 
-def run_settings(config: PaperConfig) -> dict:
-    """What a run's result depends on besides its key (whose budget names the schedule)."""
-    names = ("image_size", "base_channels", "batch_size", "learning_rate", "restart_epochs", "min_learning_rate",
-             "patience", "crop", "limit_images")
-    return {name: getattr(config, name) for name in names}
+SETTING_NAMES = ("image_size", "base_channels", "batch_size", "learning_rate", "restart_epochs", "min_learning_rate",
+                 "patience", "crop", "limit_images")
+# what the rows made before settings were recorded ran with (every committed paper row):
+# PaperConfig's defaults; their device is a field of each row
+UNRECORDED = {"image_size": 224, "base_channels": 64, "batch_size": 4, "learning_rate": 1e-3, "restart_epochs": 10,
+              "min_learning_rate": 1e-4, "patience": 50, "crop": None, "limit_images": None, "device": None}
+
+
+def run_settings(config: PaperConfig, schedule: Schedule | None = None) -> dict:
+    """What a run's result depends on besides its key (whose budget names the schedule, but
+    not the device: 60 bfloat16 epochs on a GPU and on a CPU share a label)."""
+    settings = {name: getattr(config, name) for name in SETTING_NAMES}
+    if schedule is not None:
+        settings["device"] = device_kind(schedule.device)
+    return settings
+
+
+def device_kind(device: str) -> str:
+    """"cuda" for "cuda:1": rows record the kind of device they ran on."""
+    return str(device).split(":")[0]
 
 
 def _runner(config, schedule, dataset, model, seed):
@@ -338,16 +354,16 @@ def _runner(config, schedule, dataset, model, seed):
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean ± std over seeds per (dataset, model, resolution, schedule)."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for row in rows:
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:  # a GPU's and a CPU's runs of one schedule label are not pooled
         if "dice_224" in row:
-            groups.setdefault((row["dataset"], row["method"], row["budget"]), []).append(row)
+            key = (row["dataset"], row["method"], row["budget"], device_kind(row["device"]))
+            groups.setdefault(key, []).append(row)
     results = []
-    for (dataset, model, budget), items in sorted(groups.items()):
+    for (dataset, model, budget, device), items in sorted(groups.items()):
         for resolution in ("224", "native"):
             dice = np.array([r[f"dice_{resolution}"] for r in items])
             iou = np.array([r[f"iou_{resolution}"] for r in items])
-            device = items[0]["device"]
             results.append({
                 "dataset": dataset, "model": model, "resolution": resolution,
                 "dice": float(dice.mean()), "dice_std": float(dice.std()),
