@@ -7,10 +7,13 @@ Used by the command line and, through the npe2 manifest, by napari's reader/writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import struct
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -23,6 +26,10 @@ ITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
 LABEL_SUFFIXES = (*TIFF_SUFFIXES, ".png", ".bmp", *ITK_SUFFIXES)  # lossless, integer ids
 FLOAT_SUFFIXES = (*TIFF_SUFFIXES, *ITK_SUFFIXES)  # float32 probability maps
 INSTANCE_SUFFIXES = (*TIFF_SUFFIXES, *ITK_SUFFIXES)  # int32 instance ids, more than a PNG holds
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# SimpleITK picks its ImageIO from a lower-case suffix only (C.MHA would be "not an image"): named from ours
+ITK_IO = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO",
+          ".nrrd": "NrrdImageIO", ".png": "PNGImageIO"}
 
 
 # TIFFs with more pixels than this open lazily (``open_image``): a slide is read tile by
@@ -73,11 +80,8 @@ def check_planar(path: str | Path) -> None:
                 planes = "".join(f"{a if a in 'ZT' else 'pages'}={n} " for a, n in axes if a not in "YXSC" and n > 1)
                 planes = planes or _page_stack(tif)
         else:
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
+            with _itk_reader(path) as reader:
+                reader.ReadImageInformation()
             size = reader.GetSize()
             if len(size) > 2 and any(n > 1 for n in size[2:]):
                 planes = f"Z={size[2]} "
@@ -193,8 +197,10 @@ def _tiff_to_yx(data: np.ndarray, axes: str) -> np.ndarray:
     data = data.reshape([data.shape[i] for i in keep])
     axes = "".join(axes[i] for i in keep)
     for channel_axis in ("S", "C"):
-        # RGB(A) only: two channels last would be drawn as a plane of X by channel
-        if channel_axis in axes and data.shape[axes.index(channel_axis)] in (3, 4) and axes[-1] != channel_axis:
+        # samples (S) are the components of each pixel (gray + alpha, RGB, ...) however they are stored;
+        # channels (C) only as RGB(A): two channels last would be drawn as a plane of X by channel
+        size = data.shape[axes.index(channel_axis)] if channel_axis in axes else 0
+        if ((channel_axis == "S" and size > 1) or size in (3, 4)) and axes[-1] != channel_axis:
             i = axes.index(channel_axis)
             data = np.moveaxis(data, i, -1)
             axes = axes[:i] + axes[i + 1 :] + channel_axis
@@ -242,9 +248,12 @@ def read_image(path: str | Path, labels: bool = False) -> np.ndarray:
         if suffix in ITK_SUFFIXES or suffix == ".png":
             import SimpleITK as sitk
 
-            if suffix in (".nii", ".nii.gz") and (problem := _nifti_problem(path)):
+            if suffix in NIFTI_SUFFIXES and (problem := _nifti_problem(path)):
                 raise ImageFileError(f"could not read {path.name}: {problem}")
-            image = sitk.ReadImage(str(path))
+            if suffix == ".mhd" and (raw := _mhd_data_file(path)) is not None and not raw.is_file():
+                raise ImageFileError(f"could not read {path.name}: its data file {raw.name} is missing")
+            with _itk_reader(path) as reader:
+                image = reader.Execute()
             data = sitk.GetArrayFromImage(image)
             # drop singleton Z (T, ...) axes, never a plane 1 pixel high or wide, nor the colour axis
             stack_axes = image.GetDimension() - 2
@@ -282,6 +291,81 @@ def _pil_open(path: Path):
     return img
 
 
+@contextlib.contextmanager
+def _itk_reader(path: Path):
+    """A SimpleITK ``ImageFileReader`` of ``path``. SimpleITK finds the ImageIO from a lower-case
+    suffix only: for C.MHA it is named from ours (a lower-case name keeps SimpleITK's own check
+    that the file is what its name says, which words damaged files better). NIfTI is read
+    through a link to the file alone in a temporary folder, under a lower-case name: NIfTI's
+    library, asked for X.nii.gz, reads X.nii instead where that file lies beside it, and refuses
+    mixed-case suffixes. Where no link can be made (Windows), such a file is copied there."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    suffix = suffix_of(path)
+    reader = sitk.ImageFileReader()
+    if suffix not in NIFTI_SUFFIXES:
+        if not path.name.endswith(suffix):
+            reader.SetImageIO(ITK_IO[suffix])
+        reader.SetFileName(str(path))
+        yield reader
+        return
+    with tempfile.TemporaryDirectory(prefix="napari-selfreg-") as folder:
+        alone = Path(folder) / f"image{suffix}"
+        try:
+            os.symlink(os.path.abspath(path), alone)
+        except OSError:
+            shadow = _nifti_shadow(path)
+            if shadow is None and path.name.endswith(suffix):
+                alone = path  # nothing to be mistaken for it
+            else:
+                try:
+                    shutil.copyfile(path, alone)
+                except OSError as error:
+                    beside = f"{shadow.name} lies beside it and would be read instead" if shadow else "mixed-case name"
+                    raise ImageFileError(
+                        f"could not read {path.name}: {beside}, and no copy could be made ({error.strerror or error}); "
+                        f"rename it to end in {suffix}" + (f" or move {shadow.name} away" if shadow else "")
+                    ) from None
+        reader.SetFileName(str(alone))
+        try:
+            yield reader
+        except RuntimeError as error:  # SimpleITK's message names the file it was given
+            raise RuntimeError(str(error).replace(str(alone), str(path))) from None
+
+
+def _nifti_shadow(path: Path) -> Path | None:
+    """The X.nii that NIfTI's library reads when asked for X.nii.gz, where there is one."""
+    if suffix_of(path) != ".nii.gz":
+        return None
+    stem = path.name[: -len(".nii.gz")]
+    return next((p for p in (path.with_name(stem + ".nii"), path.with_name(stem + ".NII")) if p.exists()), None)
+
+
+def _metaimage(path: Path) -> bool:
+    """Whether a file begins like a MetaImage header (its first lines name its dimensions)."""
+    try:
+        with open(path, "rb") as handle:
+            return b"NDims" in handle.read(4096)
+    except OSError:
+        return True  # SimpleITK says why
+
+
+def _mhd_data_file(path: Path) -> Path | None:
+    """The data file a MetaImage header (.mhd) names, beside it; None where the pixels are in the
+    header's own file (LOCAL), in a list of files, or the header cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16).decode("latin-1")
+    except OSError:
+        return None
+    found = re.search(r"^\s*ElementDataFile\s*=\s*(.*?)\s*$", head, re.MULTILINE)
+    name = found.group(1) if found else ""
+    if not name or name.upper() in ("LOCAL", "LIST") or " " in name or "%" in name:
+        return None
+    return Path(path).parent / name
+
+
 def _itk_reason(error: Exception, path: Path | None = None) -> str:
     """SimpleITK's message in one line: its errors name the C++ source file and span several lines
     of ITK's internals, of which the user needs the last statement about the file."""
@@ -295,9 +379,10 @@ def _itk_reason(error: Exception, path: Path | None = None) -> str:
     if path is not None:  # reading a file that exists
         if path.is_file() and path.stat().st_size == 0:
             return "the file is empty"
-        if "Unable to determine ImageIO" in text:
+        if "Unable to determine ImageIO" in text or (suffix_of(path) in (".mha", ".mhd") and not _metaimage(path)):
             return "not an image in the format its name says (or damaged)"
-        if re.search(r"not read completely|fread got only|[Tt]runcat|[Pp]remature|No such file or directory", text):
+        stale = re.search(r"not read completely|fread got only|[Tt]runcat|[Pp]remature|No such file or directory", text)
+        if stale or ("File cannot be read" in text and text.endswith("Reason: Success")):
             # ITK's "Reason" is a stale errno when the pixels of a file that exists are cut short
             return "the file is shorter than its header says (cut off or damaged)"
     reasons = [line.removeprefix("Reason:").strip() for line in lines if line.startswith("Reason:")]
@@ -432,11 +517,8 @@ def _plane_geometry(reference: str | Path):
         return _tiff_geometry(reference)
     if suffix_of(reference) not in ITK_SUFFIXES:
         return None
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(reference))
-    reader.ReadImageInformation()
+    with _itk_reader(Path(reference)) as reader:
+        reader.ReadImageInformation()
     n = reader.GetDimension()
     direction = np.asarray(reader.GetDirection()).reshape(n, n)[:2, :2]
     return reader.GetSpacing()[:2], reader.GetOrigin()[:2], tuple(direction.ravel())
@@ -489,44 +571,128 @@ def write_image(
 
     The file is written under a temporary name beside it and then renamed, so a write that
     fails (a full disk, no permission) or is interrupted (Ctrl-C) leaves the file as it was,
-    or absent, never half written; it raises ``ImageFileError`` in one line.
+    or absent, never half written; it raises ``ImageFileError`` in one line. SimpleITK's
+    formats are written in a hidden folder beside it under their final names and moved from
+    there: an .mhd's data file (X.raw, which its header names) first, then the header.
     """
     path = Path(path)
     data = np.asarray(data)
     suffix = suffix_of(path)
+    if not data.dtype.isnative:  # big-endian data (from a big-endian TIFF): SimpleITK takes native order only
+        data = data.astype(data.dtype.newbyteorder("="))
     if suffix not in TIFF_SUFFIXES:  # only TIFF holds half floats; SimpleITK holds no bool
         data = data.astype(np.float32) if data.dtype == np.float16 else data
         data = data.astype(np.uint8) if data.dtype == np.bool_ and suffix in ITK_SUFFIXES else data
     note = None if class_names is None else json.dumps(list(class_names))
+    volume = _slice_volume(like) if geometry is None and suffix in ITK_SUFFIXES and data.ndim == 2 else None
     geometry = geometry if geometry is not None else _plane_geometry(like)
     target = path.resolve() if path.is_symlink() else path  # written through a link, as before
     existed = os.path.lexists(target)
-    # a device or pipe is written into, never renamed over
+    # a device or pipe is written into, never renamed over; SimpleITK's formats are written into a
+    # private folder under their final names (an .mhd header names its data file) and moved from there
     partial = path if existed and not target.is_file() else _partial_name(target, suffix)
+    options = dict(note=note, geometry=geometry, planes=planes, volume=volume, name=path.name)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        _write(partial, suffix, data, note, geometry, planes)
-        if partial != path:
+        if partial == path:
+            _write(path, suffix, data, **options)
+        elif suffix in ITK_SUFFIXES:
+            _write_itk_into_place(target, partial, suffix, data, options)
+        else:
+            _write(partial, suffix, data, **options)
             os.replace(partial, target)
     except OSError as error:
         if partial != path or not existed:
-            partial.unlink(missing_ok=True)
-        where = f" ({error.filename})" if error.filename and Path(error.filename) not in (path, partial) else ""
+            _discard(partial)
+        named = Path(error.filename) if error.filename else None  # a folder or file the user knows nothing of
+        ours = named is None or named in (path, target, partial) or named.parent == partial
+        where = "" if ours else f" ({error.filename})"
         raise ImageFileError(f"could not write {path.name}: {error.strerror or error}{where}") from None
     except BaseException:
         if partial != path:
-            partial.unlink(missing_ok=True)
+            _discard(partial)
         raise
     return path
 
 
 def _partial_name(target: Path, suffix: str) -> Path:
-    """A hidden name beside ``target`` with its suffix (the writers choose the format by it)."""
+    """A hidden name beside ``target`` with its suffix (the writers choose the format by it); for
+    SimpleITK's formats a hidden folder, in which the file is written under its own name."""
     stem = target.name[: len(target.name) - len(suffix)]
-    return target.with_name(f".{stem}.writing-{os.getpid()}{suffix}")
+    return target.with_name(f".{stem}.writing-{os.getpid()}" + ("" if suffix in ITK_SUFFIXES else suffix))
 
 
-def _write(path: Path, suffix: str, data: np.ndarray, note: str | None, geometry, planes: bool) -> None:
+def _discard(partial: Path) -> None:
+    if partial.is_dir() and not partial.is_symlink():
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        partial.unlink(missing_ok=True)
+
+
+def _write_itk_into_place(target: Path, folder: Path, suffix: str, data: np.ndarray, options: dict) -> None:
+    """Write a SimpleITK file in ``folder`` under ``target``'s stem and a lower-case suffix (NIfTI's
+    writer refuses mixed case, MetaImage's lowers it), then move it over ``target``. An .mhd's data
+    file goes first, then its header; a data file of ours that the old header named and the new
+    one does not (an earlier version's hidden name) is removed."""
+    folder.mkdir(exist_ok=True)  # a crashed run's of the same pid is only written over
+    stem = target.name[: len(target.name) - len(suffix)]
+    written = folder / f"{stem}{suffix}"
+    _write(written, suffix, data, **options)
+    if suffix == ".mhd":
+        raw = _mhd_data_file(written)
+        old = _mhd_data_file(target) if target.is_file() else None
+        if raw is not None:
+            os.replace(raw, target.parent / raw.name)
+        os.replace(written, target)
+        if old is not None and (raw is None or old.name != raw.name) and old.parent == target.parent:
+            if re.fullmatch(rf"\.?{re.escape(stem)}(\.writing-\d+)?\.z?raw", old.name):
+                old.unlink(missing_ok=True)
+    else:
+        os.replace(written, target)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _slice_volume(like) -> tuple | None:
+    """(spacing, origin, direction) in 3-D of a SimpleITK image of one slice (a plane exported
+    from a CT or MR volume), so labels written like it keep its z; None for any other file."""
+    if like is None or suffix_of(like) not in ITK_SUFFIXES or not Path(like).is_file():
+        return None
+    try:
+        with _itk_reader(Path(like)) as reader:
+            reader.ReadImageInformation()
+    except Exception:  # unreadable: ``_plane_geometry`` reports it
+        return None
+    if reader.GetDimension() != 3 or reader.GetSize()[2] != 1:
+        return None
+    return reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+
+
+def _pil_refusal(suffix: str, data: np.ndarray) -> str | None:
+    """Why Pillow cannot write ``data`` (integer labels already narrowed to uint8 or uint16) as
+    PNG, JPEG or BMP, saying what to use instead; None where it can."""
+    kind = {".png": "PNG", ".bmp": "BMP"}.get(suffix, "JPEG")
+    colour = data.ndim == 3 and data.shape[-1] in (3, 4)
+    if data.ndim != 2 and not colour:
+        return f"a {data.ndim}-D array does not fit a {kind}; save it as TIFF or NIfTI"
+    if kind == "JPEG" and data.dtype == np.bool_:
+        return "JPEG is lossy and would change mask values; save masks as TIFF or PNG"
+    if kind == "JPEG" and np.issubdtype(data.dtype, np.integer) and data.ndim == 2:
+        return "JPEG is lossy and would change label ids; save labels as TIFF or PNG"
+    if data.dtype.kind == "f":
+        return f"{kind} holds no floating-point pixels; save them as TIFF or NIfTI (or scale them to uint8)"
+    if colour and data.dtype != np.uint8:
+        return f"{kind} holds 8-bit colour only (uint8, 0-255); save it as TIFF or convert it to uint8"
+    if kind == "JPEG" and data.shape[-1] == 4:
+        return "JPEG holds no alpha; save RGBA images as PNG or TIFF"
+    if kind == "BMP" and data.dtype == np.uint16:
+        return "BMP holds 8-bit pixels; save values above 255 as PNG or TIFF"
+    return None
+
+
+def _write(path: Path, suffix: str, data: np.ndarray, note: str | None, geometry, planes: bool, volume=None,
+           name: str | None = None) -> None:
+    """Write ``data`` to ``path``; ``name`` is the user's file name, for messages."""
+    name = name or path.name
     if suffix in TIFF_SUFFIXES:
         import tifffile
 
@@ -543,30 +709,34 @@ def _write(path: Path, suffix: str, data: np.ndarray, note: str | None, geometry
 
         if data.dtype not in (np.uint8, np.uint16) and np.issubdtype(data.dtype, np.integer):
             if data.max(initial=0) > 65535 or data.min(initial=0) < 0:
-                raise ImageFileError("labels above 65535 or below 0 do not fit a PNG; save as TIFF")
+                raise ImageFileError(f"{name}: labels above 65535 or below 0 do not fit a PNG; save as TIFF")
             data = data.astype(np.uint16 if data.max(initial=0) > 255 else np.uint8)
-        if suffix in (".jpg", ".jpeg") and np.issubdtype(data.dtype, np.integer) and data.ndim == 2:
-            raise ImageFileError("JPEG is lossy and would change label ids; save labels as TIFF or PNG")
-        if data.ndim != 2 and not (data.ndim == 3 and data.shape[-1] in (3, 4)):
-            raise ImageFileError(f"{path.name}: a {data.ndim}-D array does not fit a PNG; save it as TIFF or NIfTI")
+        if refusal := _pil_refusal(suffix, data):
+            raise ImageFileError(f"{name}: {refusal}")
         Image.fromarray(data).save(path)
         if not _pil_file_complete(path, suffix):  # Pillow's JPEG and BMP encoders miss a short write
             raise OSError("the file was cut short; is the disk full?")
     elif suffix in ITK_SUFFIXES:
         import SimpleITK as sitk
 
-        out = sitk.GetImageFromArray(data)
+        # (H, W, 3 or 4): one RGB(A) plane of vector pixels, unless they are planes; one slice of a volume: 3-D
+        vector = data.ndim == 3 and data.shape[-1] in (3, 4) and not planes
+        out = sitk.GetImageFromArray(data[None] if volume is not None else data, isVector=vector)
         if note is not None:
             out.SetMetaData(LABELS_KEY, note)  # MHA, NRRD
-            if suffix in (".nii", ".nii.gz"):  # NIfTI keeps only its 80-byte description
+            if suffix in NIFTI_SUFFIXES:  # NIfTI keeps only its 80-byte description
                 fits = len(NIFTI_NOTE + note) < 80
                 if not fits:
                     warnings.warn(
-                        f"{path.name}: NIfTI's header has room for about 55 characters of class names, so they "
-                        "are not saved (the ids are); save as .mha, .nrrd or .tif to keep them", stacklevel=3,
+                        f"{name}: NIfTI's header has room for about 55 characters of class names, so they "
+                        "are not saved (the ids are); save as .mha, .nrrd or .tif to keep them", stacklevel=4,
                     )
                 out.SetMetaData("ITK_FileNotes", NIFTI_NOTE + (note if fits else "[]"))
-        if geometry is not None and out.GetDimension() in (2, 3):
+        if volume is not None:
+            out.SetSpacing(volume[0])
+            out.SetOrigin(volume[1])
+            out.SetDirection(volume[2])
+        elif geometry is not None and out.GetDimension() in (2, 3):
             spacing, origin, direction = geometry
             if out.GetDimension() == 3:  # (K, H, W) probabilities: one plane per class, a unit apart
                 (a, b), (c, d) = np.reshape(direction, (2, 2))
@@ -579,13 +749,16 @@ def _write(path: Path, suffix: str, data: np.ndarray, note: str | None, geometry
         except RuntimeError as error:
             raise OSError(_itk_reason(error)) from None
         # SimpleITK's NIfTI, MHA and NRRD writers report no short write (a full disk): check the size
-        problem = _nifti_problem(path, written=True) if suffix in (".nii", ".nii.gz") else None
-        if suffix in (".mha", ".nrrd") and (size := path.stat().st_size) < data.nbytes:
-            problem = f"only {size} of its {data.nbytes} bytes of pixels were written"
+        problem = _nifti_problem(path, written=True) if suffix in NIFTI_SUFFIXES else None
+        pixels = _mhd_data_file(path) if suffix == ".mhd" else path
+        if suffix in (".mha", ".mhd", ".nrrd") and pixels is not None:
+            size = pixels.stat().st_size if pixels.is_file() else 0
+            if size < data.nbytes:
+                problem = f"only {size} of its {data.nbytes} bytes of pixels were written"
         if problem:
             raise OSError(f"{problem}; is the disk full?")
     else:
-        raise ImageFileError(f"{path.name}: unsupported format for writing; use .tif, .png or .nii.gz")
+        raise ImageFileError(f"{name}: unsupported format for writing; use .tif, .png or .nii.gz")
 
 
 def _pil_file_complete(path: Path, suffix: str) -> bool:
@@ -683,11 +856,8 @@ def labels_note(path) -> list[str] | None:
         if suffix in TIFF_SUFFIXES:
             note = _tiff_metadata(path).get(LABELS_KEY)
         elif suffix in ITK_SUFFIXES:
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
+            with _itk_reader(Path(path)) as reader:
+                reader.ReadImageInformation()
             note = reader.GetMetaData(LABELS_KEY) if reader.HasMetaDataKey(LABELS_KEY) else None
             descrip = reader.GetMetaData("descrip") if reader.HasMetaDataKey("descrip") else ""
             if note is None and descrip.startswith(NIFTI_NOTE):
