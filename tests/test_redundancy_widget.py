@@ -377,3 +377,54 @@ def test_a_stop_while_the_maps_are_built_adds_none(registry_models, monkeypatch)
             steps.append(next(run))
     assert end.value.value is None
     assert steps and steps[-1][2] != "done"
+
+
+def test_a_failed_run_is_told_on_the_status_line_only(make_napari_viewer, qtbot, registry_models, monkeypatch):
+    """Errors go to the status line: not also re-raised in the main thread, where napari shows
+    them as an uncaught exception with its traceback."""
+    import sys
+
+    from napari_selfreg.core.config import ModelConfig, ModelInfo
+    from napari_selfreg.core.model import SegmentationModel
+    from napari_selfreg.widgets.model_registry import model_registry
+
+    raised = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, error, tb: raised.append(error))
+    registry = model_registry()
+    deeper = registry.add("depth 3", SegmentationModel.create(ModelInfo(model=ModelConfig(base_channels=4, depth=3))),
+                          replace=True)
+    try:
+        viewer = _viewer_with_image(make_napari_viewer)
+        _, widget = docked(viewer, "Feature redundancy")
+        widget.model_box.setCurrentText(registry_models[0])
+        widget.compare_check.setChecked(True)
+        widget.compare_box.setCurrentText(deeper)
+        widget.image_box.setCurrentText("tissue")
+        widget.kind_checks["scr"].setChecked(False)
+        widget.kind_checks["ifd"].setChecked(False)
+        assert widget.compute() is not None
+        qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+        qtbot.wait(100)  # a re-raise comes through the event loop
+    finally:
+        registry.remove(deeper)
+    assert widget.status.text() == "the two models have different blocks; compare models of the same depth"
+    assert raised == []
+    assert [layer.name for layer in viewer.layers] == ["tissue"]
+
+
+def test_only_the_region_in_view_with_the_image_out_of_view_is_refused(make_napari_viewer, registry_models):
+    from napari_selfreg.widgets._common import viewer_camera
+
+    viewer = _viewer_with_image(make_napari_viewer)
+    _, widget = docked(viewer, "Feature redundancy")
+    widget.model_box.setCurrentText(registry_models[0])
+    widget.image_box.setCurrentText("tissue")
+    widget.view_only.setChecked(True)
+    camera = viewer_camera(viewer)
+    camera.center = (0, 5000, 5000)  # panned far off the image
+    camera.zoom = 4
+    top, left, bottom, right = widget.view_region(viewer.layers["tissue"])
+    assert bottom <= top and right <= left  # nothing of the image in view
+    assert widget.compute() is None and not widget.running
+    assert widget.status.text() == "'tissue' is not in view; pan to it or untick 'Only the region in view'"
+    assert [layer.name for layer in viewer.layers] == ["tissue"]

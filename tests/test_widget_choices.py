@@ -242,6 +242,38 @@ def test_closing_the_train_dock_stops_its_training(he_viewer, qtbot):
     wait_idle(qtbot, train)
 
 
+def test_closing_the_train_dock_mid_training_starts_no_end_of_round_prediction(he_viewer, qtbot, monkeypatch):
+    """The training stopped by the dock's ✕ returns later: its model is kept, but the whole-image
+    prediction of a round's end must not start for a dock no one sees (minutes on a CPU)."""
+    from test_widgets import tiny
+
+    from napari_selfreg.widgets import train_widget
+
+    started = []
+    real = train_widget._predict_labels
+
+    def spy(*args):
+        started.append(args[-1].is_set())
+        return real(*args)
+
+    monkeypatch.setattr(train_widget, "_predict_labels", spy)
+    dock, train = docked(he_viewer, "Train SelfReg UNet")
+    train.image_combo.select("H&E tissue")
+    train.labels_combo.select("strokes")
+    tiny(train, steps=100_000)
+    train.preview_every.setValue(0.0)
+    train.start()
+    qtbot.waitUntil(lambda: len(train.plot.steps) >= 2, timeout=60_000)
+    dock.destroyOnClose()
+    qtbot.waitUntil(lambda: not train.running, timeout=30_000)
+    qtbot.wait(300)  # time for a prediction started on return to reach its worker
+    wait_idle(qtbot, train)
+    assert train.result is not None and train.result.stopped
+    name = train.model_combo.currentText()
+    assert name in train.registry and train.registry.get(name) is train.result.model  # the model is kept
+    assert started == [] and train.final_worker is None
+
+
 def test_closing_the_train_dock_stops_its_end_of_round_prediction(he_viewer, qtbot, monkeypatch):
     """A 4 MP end-of-round prediction takes minutes on a CPU; a closed dock has no one to show it to."""
     from test_widgets import tiny
@@ -683,3 +715,78 @@ def test_a_layer_is_read_only_while_its_objects_are_separated(he_viewer, qtbot, 
     wait_idle(qtbot, segment, timeout=30_000)
     assert truth.editable and he_viewer.layers["ground truth instances"].data.max() == 55
     assert not messages.errors
+
+
+def test_the_layer_pickers_follow_renames(he_viewer, qtbot, messages):
+    """A rename emits no layer-list event: the pickers must still name the chosen layer, and an
+    item chosen with the wheel or the keyboard must be the layer it shows."""
+    from napari_selfreg.widgets._common import LayerCombo
+
+    train = train_widget_for(he_viewer)
+    old = he_viewer.layers["strokes"]
+    new = he_viewer.add_labels(np.zeros((256, 256), np.uint8), name="new strokes")
+    new.data[100:110, 100:110] = 1
+    new.data[150:160, 150:160] = 2
+    # the old strokes kept under another name, the new ones under the usual name
+    old.name = "strokes (old)"
+    new.name = "strokes"
+    combo = train.labels_combo
+    assert combo.currentText() == "strokes (old)" and combo.layer().name == "strokes (old)"
+    items = [combo.itemText(i) for i in range(combo.count())]
+    assert items == ["ground truth", "strokes (old)", "strokes"]
+    for i, text in enumerate(items):  # what the wheel and the arrow keys do
+        combo.setCurrentIndex(i)
+        assert combo.layer().name == text
+    assert combo.layer() == new
+    assert train._pairs()[0][1] == new  # what Start trains on: the layer shown
+
+    _, segment = docked(he_viewer, "Segment")
+    segment.split_source.select("ground truth")
+    he_viewer.layers["ground truth"].name = "gt (renamed)"
+    assert segment.split_source.currentText() == "gt (renamed)" == segment.split_source.layer().name
+
+    # a picker gone (its dock deleted) lets go of the layers' renames
+    from qtpy.QtCore import QCoreApplication, QEvent
+
+    gone = LayerCombo(he_viewer, type(new))
+    followed = gone._named
+    assert len(followed) == len(he_viewer.layers)
+    gone.deleteLater()
+    QCoreApplication.sendPostedEvents(gone, QEvent.Type.DeferredDelete)
+    assert followed == []
+    he_viewer.layers["gt (renamed)"].name = "ground truth"
+    he_viewer.layers.remove(new)  # and removals
+    assert segment.split_source.currentText() == "ground truth"
+    assert not messages.errors
+
+
+def _add_models(registry, *names) -> None:
+    from napari_selfreg.core.config import ModelConfig, ModelInfo
+    from napari_selfreg.core.model import SegmentationModel
+
+    for name in names:
+        registry.add(name, SegmentationModel.create(ModelInfo(model=ModelConfig(base_channels=4, depth=2))),
+                     replace=True)
+
+
+def test_segment_keeps_the_users_model_when_another_viewer_trains_one(make_napari_viewer):
+    """The model registry is shared by every viewer: a model joining it (trained in another
+    viewer, say) is chosen only where the user had not chosen another than the newest."""
+    first, second = make_napari_viewer(), make_napari_viewer()
+    _, chooser = docked(second, "Segment")
+    _, follower = docked(first, "Segment")
+    registry = chooser.registry
+    names = ["choice test A", "choice test B", "choice test C", "choice test D"]
+    try:
+        _add_models(registry, *names[:2])
+        assert chooser.model_combo.currentText() == follower.model_combo.currentText() == names[1]  # the newest
+        chooser.model_combo.setCurrentText(names[0])  # the user's choice
+        _add_models(registry, names[2])  # what the Train widget of the first viewer does at a round's end
+        assert chooser.model_combo.currentText() == names[0]
+        assert follower.model_combo.currentText() == names[2]  # no choice made there: the new model
+        chooser.model_combo.setCurrentText(names[2])  # choosing the newest again follows new ones
+        _add_models(registry, names[3])
+        assert chooser.model_combo.currentText() == follower.model_combo.currentText() == names[3]
+    finally:
+        for name in names:
+            registry.remove(name)

@@ -216,7 +216,9 @@ class LayerCombo(QComboBox):
     """A combo box of the viewer's layers of one kind, kept in step with the layer list.
 
     It follows the chosen layer itself, not its name: a renamed layer stays chosen, and a
-    removed one leaves nothing chosen (rather than silently another layer of the kind).
+    removed one leaves nothing chosen (rather than silently another layer of the kind). Every
+    layer's renames refresh the list, so the text always names the chosen layer and a choice
+    made with the wheel or the keyboard picks the layer shown.
     """
 
     def __init__(self, viewer, layer_type, none_text: str | None = None, parent=None) -> None:
@@ -230,9 +232,53 @@ class LayerCombo(QComboBox):
         self.setMinimumContentsLength(12)
         self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         events = viewer.layers.events
-        connect_while_alive(self, (events.inserted, self.refresh), (events.removed, self.refresh),
+        connect_while_alive(self, (events.inserted, self._on_inserted), (events.removed, self._on_removed),
                             (events.moved, self.refresh))
+        self._named: list = []  # the layers whose name events this combo follows (napari's own objects)
+        for layer in viewer.layers:
+            self._follow_name(layer)
+        named, on_renamed = self._named, self._on_renamed
+
+        def unfollow(*_) -> None:  # a layer outlives the combo: its renames must not call into a deleted widget
+            for layer in named:
+                try:
+                    layer.events.name.disconnect(on_renamed)
+                except (RuntimeError, TypeError, ValueError):
+                    pass
+            named.clear()
+
+        self.destroyed.connect(unfollow)
         self.currentTextChanged.connect(self._remember)
+        self.refresh()
+
+    def _follow_name(self, layer) -> None:
+        layer = getattr(layer, "__wrapped__", layer)  # a proxy of the layer hands out a new one on each access
+        if not any(layer is other for other in self._named):
+            layer.events.name.connect(self._on_renamed)
+            self._named.append(layer)
+
+    def _unfollow_name(self, layer) -> None:
+        layer = getattr(layer, "__wrapped__", layer)
+        if any(layer is other for other in self._named):
+            self._named[:] = [other for other in self._named if other is not layer]
+            try:
+                layer.events.name.disconnect(self._on_renamed)
+            except (RuntimeError, TypeError, ValueError):
+                pass
+
+    def _on_inserted(self, event=None) -> None:
+        layer = getattr(event, "value", None)
+        if layer is not None:
+            self._follow_name(layer)
+        self.refresh()
+
+    def _on_removed(self, event=None) -> None:
+        layer = getattr(event, "value", None)
+        if layer is not None:
+            self._unfollow_name(layer)
+        self.refresh()
+
+    def _on_renamed(self, *_) -> None:
         self.refresh()
 
     def names(self) -> list[str]:
@@ -242,6 +288,8 @@ class LayerCombo(QComboBox):
         return layer is not None and any(same_layer(layer, other) for other in self.viewer.layers)
 
     def _remember(self, name: str) -> None:
+        if name and self._present(self._chosen) and self._chosen.name == name:
+            return  # still the chosen layer (a name napari is about to make unique may be shared a moment)
         layer = self.viewer.layers[name] if name and name in self.viewer.layers else None
         self._chosen = layer if isinstance(layer, self.layer_type) else None
         if self._chosen is not None:
@@ -274,10 +322,6 @@ class LayerCombo(QComboBox):
             self.currentTextChanged.emit(self.currentText())
         elif self._chosen is None:
             self._remember(self.currentText())
-
-    def showPopup(self) -> None:  # layer renames emit no list event: refresh when opened
-        self.refresh()
-        super().showPopup()
 
     def layer(self):
         """The chosen layer, or None (nothing chosen, or it was removed)."""

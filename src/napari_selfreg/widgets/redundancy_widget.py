@@ -352,7 +352,8 @@ class RedundancyWidget(QWidget):
         return name
 
     def view_region(self, layer) -> tuple[int, int, int, int] | None:
-        """The image pixels (top, left, bottom, right) in view, or None if the view shows it all."""
+        """The image pixels (top, left, bottom, right) in view, or None if the view shows it all.
+        With the image out of view the region is empty (bottom <= top or right <= left)."""
         camera = viewer_camera(self.viewer)
         zoom = max(camera.zoom, 1e-9)
         half = max(self.viewer.canvas.size) / zoom / 2  # generous: the longer side in both directions
@@ -362,7 +363,7 @@ class RedundancyWidget(QWidget):
         h, w = image_shape_2d(layer)
         top, left = np.floor(points.min(0)).astype(int)
         bottom, right = np.ceil(points.max(0)).astype(int) + 1
-        region = (max(0, top), max(0, left), min(h, bottom), min(w, right))
+        region = (max(0, int(top)), max(0, int(left)), min(h, int(bottom)), min(w, int(right)))
         if region == (0, 0, h, w):
             return None
         return region
@@ -405,6 +406,9 @@ class RedundancyWidget(QWidget):
             return None
         image = layer_data(layer)
         region = self.view_region(layer) if self.view_only.isChecked() else None
+        if region is not None and (region[0] >= region[2] or region[1] >= region[3]):
+            self.status.setText(f"'{layer.name}' is not in view; pan to it or untick 'Only the region in view'")
+            return None
         models = [self.registry.get(n) for n in names]
         too_big = self._memory_problem(models, kinds, region, image_shape_2d(layer))
         if too_big:
@@ -415,7 +419,7 @@ class RedundancyWidget(QWidget):
         self._stop_event = threading.Event()
         worker = create_worker(
             redundancy_job, models, labels, image, self.similarity_box.currentText(), kinds, region,
-            stop=self._stop_event, _start_thread=False,
+            stop=self._stop_event, _start_thread=False, _ignore_errors=True,  # errors go to the status line
         )
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_result)

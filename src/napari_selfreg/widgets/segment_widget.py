@@ -98,6 +98,7 @@ class SegmentWidget(QWidget):
         self.prediction = None
         self._last_refresh = 0.0
         self._tempdir: tempfile.TemporaryDirectory | None = None
+        self._newest: str | None = None  # the registry's newest model at the last refresh
         self._build()
         connect_while_alive(self, (self.registry.changed, self._refresh_models))
         stop_when_closed(self, lambda: self.running and self.stop())
@@ -181,12 +182,19 @@ class SegmentWidget(QWidget):
 
     # ------------------------------------------------------------------ models
 
-    def _refresh_models(self) -> None:
+    def _refresh_models(self, *_) -> None:
+        """List the session's models. A model just trained or loaded is the likely next choice,
+        unless the user chose another than the newest: the registry is shared by every viewer,
+        and a model trained elsewhere must not replace their choice."""
         names = self.registry.names()
-        grew = len(names) > self.model_combo.count()
+        shown = self.model_combo.currentText()
+        listed = {self.model_combo.itemText(i) for i in range(self.model_combo.count())}
+        following = not shown or shown == self._newest  # nothing chosen, or still the newest
         self.model_combo.set_names(names)
-        if names and grew:  # a model just trained or loaded is the likely next choice
-            self.model_combo.setCurrentText(names[-1])
+        newest = names[-1] if names else None
+        if newest is not None and newest not in listed and following:
+            self.model_combo.setCurrentText(newest)
+        self._newest = newest
 
     def load_model(self, path: str | Path) -> str | None:
         from ..core.checkpoint import ModelFileError

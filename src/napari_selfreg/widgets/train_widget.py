@@ -138,6 +138,7 @@ class TrainWidget(QWidget):
         self._view_box = None
         self._stop_requested_at: float | None = None
         self.last_stop_latency: float | None = None
+        self._closed = False  # the dock's ✕ was clicked: no new work starts for a widget no one sees
         self._build()
         connect_while_alive(
             self,
@@ -524,7 +525,9 @@ class TrainWidget(QWidget):
 
     def _on_closed(self) -> None:
         """The dock's ✕: training stops as with Stop, and so do end-of-round predictions, which
-        would otherwise go on for minutes on a CPU with nothing left to show them."""
+        would otherwise go on for minutes on a CPU with nothing left to show them. The stopped
+        training's model is still kept, but no end-of-round prediction starts after it."""
+        self._closed = True
         self.stop()
         for worker in self._final_workers:
             worker.stop_event.set()
@@ -541,6 +544,7 @@ class TrainWidget(QWidget):
 
     def start(self):
         """Copy the painted data and settings, then train in a thread worker."""
+        self._closed = False  # started again (docked anew, or from code): its round ends as usual
         self.status.setText("")  # no earlier run's status beside this run's errors
         pairs = self._pairs()
         for row, (image, labels) in enumerate(pairs):
@@ -779,7 +783,8 @@ class TrainWidget(QWidget):
             f"Model '{name}' is ready for Segment; Start again continues from it."
         )
         show_info(f"Training {how}: model '{name}' is ready (Segment widget, or Save…).")
-        self._final_preview(result.model)
+        if not self._closed:  # a closed dock's prediction would run for minutes, shown to no one
+            self._final_preview(result.model)
 
     def _final_preview(self, model) -> None:
         """Predict the whole image (small ones) with the trained model, for the correction loop."""
