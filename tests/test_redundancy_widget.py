@@ -292,6 +292,30 @@ def test_a_run_replaces_the_last_runs_maps_and_lets_deleted_layers_go(make_napar
     assert names == ["tissue", *[f"plain: {b} {k}" for b in BLOCKS for k in ("redundancy", "IFD")]]
 
 
+def test_a_renamed_map_and_a_users_layer_under_a_maps_name_survive_the_next_run(make_napari_viewer, qtbot,
+                                                                                 registry_models):
+    """Renaming a map is how a user keeps it; the next run deleted it, and wrote its own values
+    into any layer that happened to carry a map's name."""
+    from napari_selfreg.widgets.redundancy_widget import MAP_FLAG
+
+    viewer, widget = _every_kind_of_map(make_napari_viewer, registry_models[0])
+    widget.compute()
+    _wait(qtbot, widget)
+    first = f"plain: {BLOCKS[0]} redundancy"
+    kept = np.array(viewer.layers[first].data)
+    viewer.layers[first].name = "my map"
+    taken = f"plain: {BLOCKS[-1]} IFD"
+    viewer.layers.remove(taken)
+    mine = np.full((5, 5), 0.25, np.float32)
+    viewer.add_image(mine, name=taken)
+    widget.compute()
+    _wait(qtbot, widget)
+    np.testing.assert_array_equal(viewer.layers["my map"].data, kept)
+    np.testing.assert_array_equal(viewer.layers[f"{taken} (kept)"].data, mine)
+    assert viewer.layers[taken].metadata.get(MAP_FLAG) == taken and viewer.layers[taken].data.shape != (5, 5)
+    assert viewer.layers[first].metadata.get(MAP_FLAG) == first
+
+
 def _running_on_a_big_image(make_napari_viewer, qtbot, model_name):
     """A widget docked in a viewer, computing the whole of a 3000 x 3000 image (several seconds)."""
 

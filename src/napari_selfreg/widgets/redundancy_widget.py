@@ -196,7 +196,7 @@ def _redundancy_job(models, labels, image, similarity, kinds, region, window, st
     return result
 
 
-MAP_FLAG = "napari_selfreg_redundancy"  # layer metadata of the maps this widget adds
+MAP_FLAG = "napari_selfreg_redundancy"  # layer metadata of the maps this widget adds: the name it gave them
 REPORT_BYTES_PER_PIXEL = 29  # a report's own grids and maps, per model (BENCHMARKS.md, redundancy)
 
 
@@ -499,14 +499,16 @@ class RedundancyWidget(QWidget):
 
     def _apply_layers(self, result: ComputeResult) -> None:
         """Add (or update in place) the layers, aligned with the image layer, kept adjacent; maps
-        of earlier runs that this one does not remake go, so the layers match the chart.
+        of earlier runs that this one does not remake go, so the layers match the chart. A map
+        the user renamed is theirs and stays; a layer of theirs under a map's name is kept as
+        "… (kept)".
 
         A grid value goes where the image layer shows its cell centre: one step of the
         layer is ``cell`` image pixels, and its pixel (0, 0) lands on image pixel
         ``spec.centre`` (both composed with the image layer's own scale and translate)."""
         image = self._image_layer
         made = {spec.name for spec in result.layers}
-        for layer in [layer for layer in self.viewer.layers if layer.metadata.get(MAP_FLAG)]:
+        for layer in [layer for layer in self.viewer.layers if _ours(layer)]:
             if layer.name not in made:
                 self.viewer.layers.remove(layer)
         where = placement(image)
@@ -520,14 +522,16 @@ class RedundancyWidget(QWidget):
             translate = image_translate + image_scale * np.asarray(spec.centre, float)
             if spec.name in self.viewer.layers:
                 layer = self.viewer.layers[spec.name]
-                layer.data = spec.data
-                layer.scale = scale
-                layer.translate = translate
-                continue
+                if _ours(layer):
+                    layer.data = spec.data
+                    layer.scale = scale
+                    layer.translate = translate
+                    continue
+                layer.name = f"{spec.name} (kept)"
             kwargs = {"rgb": True} if spec.rgb else {"colormap": COLORMAP, "contrast_limits": (0.0, 1.0)}
             self.viewer.add_image(
                 spec.data, name=spec.name, scale=scale, translate=translate, opacity=OPACITY,
-                blending="translucent", visible=visible, metadata={MAP_FLAG: True}, interpolation2d="linear",
+                blending="translucent", visible=visible, metadata={MAP_FLAG: spec.name}, interpolation2d="linear",
                 **kwargs,
             )
 
@@ -559,3 +563,8 @@ def _short_labels(names: list[str]) -> list[str]:
     if len(labels) == 2 and labels[0] == labels[1]:
         labels = [f"{labels[0]} (A)", f"{labels[1]} (B)"]
     return labels
+
+
+def _ours(layer) -> bool:
+    """A map this widget added that still has the name it was given (renamed, it is the user's)."""
+    return layer.metadata.get(MAP_FLAG) == layer.name
