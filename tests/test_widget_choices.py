@@ -97,6 +97,15 @@ def test_a_three_plane_stack_is_not_taken_for_rgb(he_viewer, messages):
     assert segment.start() is None and "stack of 2-D planes" in messages.errors[-1]
 
 
+def test_a_refused_start_leaves_the_edited_predictions_name_alone(he_viewer, messages):
+    """Start renamed a '… prediction' labels layer to '… corrected' before checking the ids."""
+    train = train_widget_for(he_viewer)
+    edited = he_viewer.add_labels(np.full((256, 256), 9, np.uint8), name="H&E tissue prediction")
+    train.labels_combo.select("H&E tissue prediction")
+    assert train.start() is None and "hold id 9" in messages.errors[-1]
+    assert edited.name == "H&E tissue prediction"
+
+
 def test_correction_starts_from_the_chosen_images_own_prediction(he_viewer, qtbot, messages):
     image = he_viewer.layers["H&E tissue"]
     other = he_viewer.add_image(np.asarray(image.data)[::-1].copy(), name="other tissue", rgb=True)

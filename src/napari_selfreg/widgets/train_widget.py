@@ -580,12 +580,6 @@ class TrainWidget(QWidget):
         except ValueError as error:
             show_error(f"Check the settings: {error}")
             return None
-        preview_name = f"{pairs[0][0].name} prediction"
-        for _, lbl in pairs:
-            if lbl.name == preview_name:  # the edited prediction as labels: previews must not overwrite it
-                lbl.name = f"{pairs[0][0].name} corrected"
-                show_info(f"Training on '{lbl.name}' (the edited prediction); previews go to a new layer.")
-        self.labels_combo.select(pairs[0][1].name)
         images = [layer_data(image) for image, _ in pairs]  # lazy: training reads only the painted windows
         labels = [np.array(layer_data(lbl), copy=True) for _, lbl in pairs]  # a snapshot: painting may go on
         highest = max(int(np.max(lbl, initial=0)) for lbl in labels)
@@ -610,6 +604,12 @@ class TrainWidget(QWidget):
                 f"No strokes of {listed}: this training does not teach "
                 f"{'that class' if len(unpainted) == 1 else 'those classes'}. Paint some, or remove the class."
             )
+        preview_name = f"{pairs[0][0].name} prediction"
+        for _, lbl in pairs:  # renamed only once Start is sure to train: a refused Start renames nothing
+            if lbl.name == preview_name:  # the edited prediction as labels: previews must not overwrite it
+                lbl.name = f"{pairs[0][0].name} corrected"
+                show_info(f"Training on '{lbl.name}' (the edited prediction); previews go to a new layer.")
+        self.labels_combo.select(pairs[0][1].name)
         self._run_layers = [layer for pair in pairs for layer in pair]
         self._run_image = pairs[0][0]
         self._prediction_name = f"{self._run_image.name} prediction"
