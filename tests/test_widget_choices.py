@@ -354,6 +354,35 @@ def test_a_rounds_final_prediction_lands_on_its_own_image(he_viewer, qtbot, mess
     assert not messages.errors
 
 
+def test_a_new_round_on_the_same_image_stops_the_last_rounds_final_prediction(he_viewer, qtbot, monkeypatch):
+    """Coming back after the new round's previews began, it painted the old model's labels over them."""
+    from test_widgets import tiny
+
+    from napari_selfreg.widgets import train_widget
+
+    gate, stopped = threading.Event(), []
+    real = train_widget._predict_labels
+
+    def held(*args):
+        gate.wait(60)
+        stopped.append(args[-1].is_set())
+        return real(*args)
+
+    monkeypatch.setattr(train_widget, "_predict_labels", held)
+    train = train_widget_for(he_viewer)
+    tiny(train, steps=3)
+    train.start()
+    qtbot.waitUntil(lambda: not train.running and train.final_worker is not None, timeout=60_000)
+    first = train.final_worker
+    assert train.start() is not None
+    assert first.stop_event.is_set()
+    qtbot.waitUntil(lambda: not train.running, timeout=60_000)
+    gate.set()
+    wait_idle(qtbot, train)
+    assert sorted(stopped) == [False, True]  # the old round's stopped, this round's ran
+    assert np.asarray(he_viewer.layers["H&E tissue prediction"].data).min() >= 1
+
+
 def test_ids_beyond_the_class_table_and_misaligned_strokes_are_refused(he_viewer, messages):
     train = train_widget_for(he_viewer)
     strokes = he_viewer.layers["strokes"]

@@ -613,6 +613,9 @@ class TrainWidget(QWidget):
         self._run_layers = [layer for pair in pairs for layer in pair]
         self._run_image = pairs[0][0]
         self._prediction_name = f"{self._run_image.name} prediction"
+        for worker in self._final_workers:  # the last round's picture of this image would land on this one's previews
+            if getattr(worker, "prediction_name", None) == self._prediction_name:
+                worker.stop_event.set()
         self._keep_corrections(self._prediction_name)
         names = self.class_names()
         self._write_classes()
@@ -806,8 +809,10 @@ class TrainWidget(QWidget):
         worker = create_worker(
             _predict_labels, model, layer_data(image), box, config, self._value_range, stop, _ignore_errors=True
         )
-        worker.stop_event = stop  # set when the dock closes
-        worker.returned.connect(lambda labels: labels is None or self._show_prediction(box, labels, image, name))
+        worker.stop_event = stop  # set when the dock closes, or a new round on this image starts
+        worker.prediction_name = name
+        worker.returned.connect(
+            lambda labels: labels is None or stop.is_set() or self._show_prediction(box, labels, image, name))
         worker.errored.connect(self._on_final_error)
         worker.finished.connect(lambda: self._on_final_finished(worker))
         self._final_workers.append(worker)
