@@ -630,6 +630,19 @@ _ABSENT_DEVICES = [
 ]
 
 
+def test_a_cuda_index_the_machine_lacks_or_a_malformed_one_is_refused_before_any_work(monkeypatch):
+    """cuda:7 on a one-GPU machine passed and failed at the first tensor; cuda:x raised torch's RuntimeError."""
+    from napari_selfreg.core.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"cuda:7 was requested but this machine has 1 CUDA GPU\(s\), cuda:0 to"):
+        resolve_device("cuda:7")
+    with pytest.raises(ValueError, match="unknown device 'cuda:x'"):
+        resolve_device("cuda:x")
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+
+
 @pytest.fixture(scope="module")
 def small_inputs(tmp_path_factory):
     """A 48 x 48 RGB image, labels painted with 1 and 2, and an untrained tiny model."""

@@ -31,7 +31,14 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ValueError("MPS was requested but is not available; use --device auto or cpu")
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # "cuda:x", "cudaa"
+        raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or mps (or cuda:N)") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()  # a wrong index failed only at the first tensor, deep in training
+        raise ValueError(f"{name} was requested but this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 @lru_cache(maxsize=1)
