@@ -791,3 +791,28 @@ def test_the_seed_makes_a_cpu_training_run_repeatable(tmp_path, capsys):
     assert loss_a == loss_b and all(torch.equal(a[k], b[k]) for k in a)
     different = [k for k in a if not torch.equal(a[k], c[k])]
     assert loss_a != loss_c and any(k.endswith("weight") for k in different), different
+
+
+def test_a_reader_that_leaves_the_pipe_ends_predict_quietly(tmp_path):
+    """`predict ... | head -1`: the second image's line meets a closed pipe. That ends the run
+    as a shell's SIGPIPE would, without a traceback."""
+    from PIL import Image
+
+    script = _console_script()
+    assert script is not None
+    model = _untrained_model(tmp_path / "m")
+    rng = np.random.default_rng(0)
+    images = []
+    for name in ("a", "b", "c"):
+        images.append(tmp_path / f"{name}.png")
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images[-1])
+    process = subprocess.Popen(
+        [script, "predict", "--model", str(model), "--image", *map(str, images), "--out",
+         str(tmp_path / "out" / "{stem}.tif"), "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline()
+    process.stdout.close()  # as `head -1` does once it has its line
+    err = process.stderr.read()
+    assert process.wait(timeout=300) == 141, err
+    assert json.loads(first)["image"] == str(images[0])
+    assert "Traceback" not in err and "Broken pipe" not in err, err

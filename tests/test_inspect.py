@@ -206,3 +206,33 @@ def test_models_of_other_depths_are_refused_before_computing(files, tmp_path, mo
     monkeypatch.setattr(progress, "drain", lambda *a: pytest.fail("computed before refusing"))
     with pytest.raises(InputError, match="depths 2 and 3"):
         run_inspect(files["model"], files["image"], tmp_path / "x", compare_path=deeper, device="cpu")
+
+
+def test_a_rerun_replaces_the_earlier_reports_maps_and_leaves_other_files(files, tmp_path):
+    """A deeper model, compared with another, then a shallower one alone into the same folder:
+    the deeper model's extra blocks and the compared maps go, so every map file there belongs
+    to the report beside it; a file of the user's with a report-like name stays."""
+    out = tmp_path / "report"
+    deep = _save_tiny(tmp_path / "deep.safetensors", 2, depth=3)
+    deep_other = _save_tiny(tmp_path / "deep_other.safetensors", 3, depth=3)
+    run_inspect(deep, files["image"], out, compare_path=deep_other, device="cpu")
+    assert (out / "E4_scr.tif").exists() and (out / "compare" / "E4_scr.tif").exists()
+    (out / "E9_scr.tif").write_bytes(b"mine")  # not listed by the report: the user's
+    (out / "notes.txt").write_text("mine")
+    path = run_inspect(files["model"], files["image"], out, device="cpu")
+    listed = {name for block in json.loads(path.read_text())["blocks"] for name in block["files"].values()}
+    maps = {p.name for p in out.iterdir() if p.suffix in (".tif", ".png") and p.name != "redundancy.png"}
+    assert maps == listed | {"E9_scr.tif"}
+    assert not (out / "compare").exists()
+    assert (out / "notes.txt").read_text() == "mine" and (out / "E9_scr.tif").read_bytes() == b"mine"
+
+
+def test_a_crafted_report_cannot_make_a_rerun_delete_files_outside_its_maps(files, tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    victim = tmp_path / "precious.tif"
+    victim.write_bytes(b"keep")
+    (out / "redundancy.json").write_text(json.dumps(
+        {"blocks": [{"files": {"scr": "../precious.tif", "x": str(victim)}}], "compare": "nonsense"}))
+    run_inspect(files["model"], files["image"], out, device="cpu")
+    assert victim.read_bytes() == b"keep"

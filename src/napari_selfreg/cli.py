@@ -643,6 +643,17 @@ DELEGATED = {"bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # `napari-selfreg predict ... | head`: the reader left; stop quietly
+        import os
+
+        # Python flushes stdout again at exit, which would print a second error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a shell reports a process ended by SIGPIPE
+
+
+def _run(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
         # these parse their own options (argparse would swallow a leading --help)

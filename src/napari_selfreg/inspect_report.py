@@ -12,6 +12,9 @@ Writes into the output folder:
   heatmap (the view of the SelfReg paper's Figure 1c);
 - ``compare/``: the compared model's maps, under the same names.
 
+A rerun into the same folder removes the maps the earlier ``redundancy.json`` lists and it
+does not rewrite; other files in the folder are left alone.
+
 SCR and IFD distances have no natural upper bound, so their maps are divided by a per-block
 scale (``scr_scale`` / ``ifd_scale`` in the JSON: the 99th percentile of the raw distance
 over the image, shared by both models when comparing, so paired maps use one colour scale)
@@ -153,6 +156,34 @@ def check_inputs_outside_report(out_dir: str | Path, inputs: dict[str, str | Pat
             )
 
 
+def _earlier_report_files(out: Path) -> set[Path]:
+    """The map files an earlier report in ``out`` lists. Those this run does not rewrite (a
+    deeper model's blocks, a compared model left out now) are removed after it, so the folder
+    never holds two reports' maps under one ``redundancy.json``; files it does not list, the
+    user's own, are never touched."""
+    try:
+        document = json.loads((out / "redundancy.json").read_text())
+        sections = [(out, document.get("blocks") or [])]
+        if isinstance(document.get("compare"), dict):
+            sections.append((out / "compare", document["compare"].get("blocks") or []))
+        return {
+            folder / name
+            for folder, blocks in sections
+            for block in blocks
+            for name in (block.get("files") or {}).values()
+            if isinstance(name, str) and REPORT_FILE.match(name)  # a bare report name, never a path
+        }
+    except (OSError, ValueError, AttributeError, TypeError):  # no report there, or not ours
+        return set()
+
+
+def _remove_stale(earlier: set[Path], written: set[Path], compare: Path) -> None:
+    for path in earlier - written:
+        path.unlink(missing_ok=True)
+    if compare not in {p.parent for p in written} and compare.is_dir() and not any(compare.iterdir()):
+        compare.rmdir()
+
+
 def run_inspect(
     model_path: str | Path,
     image_path: str | Path,
@@ -196,6 +227,7 @@ def run_inspect(
     reports = [drain(compute_redundancy(model, image, config, region), progress) for model in models]
 
     out = Path(out_dir)
+    earlier = _earlier_report_files(out)
     out.mkdir(parents=True, exist_ok=True)
     names = reports[0].names
     scales = {
@@ -215,23 +247,27 @@ def run_inspect(
         "similarity": first.similarity,
         "window": first.window,
         "device": str(torch_device),
-        "blocks": _block_entries(first, scales, _write_maps(first, out, scales)),
+        "blocks": _block_entries(first, scales, written := _write_maps(first, out, scales)),
         "scaling": SCALING_NOTE,
         "scale_percentile": SCALE_PERCENTILE,
         "seconds": first.seconds,
         "settings": first.settings,
         "figure": "redundancy.png",
     }
+    files = {out / name for entry in written.values() for name in entry.values()}
     if len(reports) == 2:
         second = reports[1]
+        compared = _write_maps(second, out / "compare", scales)
+        files |= {out / "compare" / name for entry in compared.values() for name in entry.values()}
         document["compare"] = {
             "model": str(paths[1]),
             "folder": "compare",
-            "blocks": _block_entries(second, scales, _write_maps(second, out / "compare", scales)),
+            "blocks": _block_entries(second, scales, compared),
             "seconds": second.seconds,
         }
     figure = redundancy_figure(reports, labels)
     figure.savefig(out / "redundancy.png", dpi=110)
     path = out / "redundancy.json"
     path.write_text(json.dumps(document, indent=2))
+    _remove_stale(earlier, files, out / "compare")
     return path
