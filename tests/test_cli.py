@@ -816,3 +816,22 @@ def test_a_reader_that_leaves_the_pipe_ends_predict_quietly(tmp_path):
     assert process.wait(timeout=300) == 141, err
     assert json.loads(first)["image"] == str(images[0])
     assert "Traceback" not in err and "Broken pipe" not in err, err
+
+
+def test_a_prediction_and_mask_given_the_other_way_round_are_named(tmp_path, capsys):
+    """A 0/255 mask given as --prediction against predict's labels given as --mask scored
+    every class 0 (and a class '255'); a 0/255 prediction against a 0/255 mask still scores."""
+    from PIL import Image
+
+    truth = np.zeros((16, 16), np.uint8)
+    truth[4:10, 4:10] = 255
+    Image.fromarray(truth).save(tmp_path / "mask.png")
+    Image.fromarray(np.where(truth > 0, 2, 1).astype(np.uint8)).save(tmp_path / "labels.png")
+    swapped = ["--prediction", str(tmp_path / "mask.png"), "--mask", str(tmp_path / "labels.png")]
+    assert main(["evaluate", *swapped]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mask.png holds 255" in err[0] and "other way round" in err[0]
+    assert main(["evaluate", "--prediction", str(tmp_path / "labels.png"), "--mask", str(tmp_path / "mask.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["classes"]["2"]["dice"] == 1.0
+    assert main(["evaluate", "--prediction", str(tmp_path / "mask.png"), "--mask", str(tmp_path / "mask.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["classes"]["2"]["dice"] == 1.0

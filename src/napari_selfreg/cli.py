@@ -469,7 +469,7 @@ def evaluate_pair(prediction_path: Path, mask_path: Path, kind: str | None = Non
                   instances: Path | None = None) -> dict:
     """Dice and IoU per class; with ``instances``, the objects matched one to one too."""
     from .core.data import InputError
-    from .core.metrics import mask_objects, object_scores, per_class_overlap
+    from .core.metrics import MAX_PAINTING_ID, mask_kind, mask_objects, object_scores, per_class_overlap
     from .io import read_image
 
     prediction = read_image(prediction_path, labels=True)
@@ -478,6 +478,14 @@ def evaluate_pair(prediction_path: Path, mask_path: Path, kind: str | None = Non
         raise InputError(
             f"prediction {prediction_path.name} {prediction.shape} and mask {mask_path.name} {mask.shape} "
             "differ in shape"
+        )
+    top = int(prediction.max()) if prediction.size else 0
+    if top > MAX_PAINTING_ID and (kind or mask_kind(mask)) == "ids":
+        # scored class by class, a 0/255 prediction matches nothing: every Dice would read 0
+        raise InputError(
+            f"prediction {prediction_path.name} holds {top}, which is no painting id, while mask "
+            f"{mask_path.name} holds painting ids (1 = background, 2.. = structures); were --prediction "
+            "and --mask given the other way round?"
         )
     scores = per_class_overlap(prediction, mask, kind)
     pair = {
