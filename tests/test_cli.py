@@ -835,3 +835,45 @@ def test_a_prediction_and_mask_given_the_other_way_round_are_named(tmp_path, cap
     assert json.loads(capsys.readouterr().out)["classes"]["2"]["dice"] == 1.0
     assert main(["evaluate", "--prediction", str(tmp_path / "mask.png"), "--mask", str(tmp_path / "mask.png")]) == 0
     assert json.loads(capsys.readouterr().out)["classes"]["2"]["dice"] == 1.0
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_train_saves_once_and_aborts_twice(small_inputs, tmp_path, capsys, monkeypatch, presses):
+    """The README's promise: Ctrl-C stops after the current step and the model is saved; a
+    second Ctrl-C aborts without writing it. The interrupts are real SIGINTs, sent once
+    training has made two steps."""
+    import os
+    import signal
+
+    import napari_selfreg.core.train as core_train
+    from napari_selfreg.core.checkpoint import load_model
+
+    real_train = core_train.train
+
+    def interrupted(*args, **kwargs):
+        run = real_train(*args, **kwargs)
+        while True:
+            try:
+                report = next(run)
+            except StopIteration as done:
+                return done.value
+            yield report
+            if report.step == 2:
+                for _ in range(presses):
+                    os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(core_train, "train", interrupted)
+    image, strokes = small_inputs / "img.tif", small_inputs / "painted.tif"
+    out = tmp_path / "m.safetensors"
+    before = signal.getsignal(signal.SIGINT)
+    rc = main(["train", "--image", str(image), "--labels", str(strokes), "--out", str(out), "--steps", "1000",
+               "--width", "4", "--depth", "2", "--patch-size", "32", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert signal.getsignal(signal.SIGINT) is before  # the user's handler is back
+    if presses == 1:
+        assert rc == 0, captured.err
+        result = json.loads(captured.out)
+        assert result["stopped"] is True and result["steps"] == 2  # no step begins after the press
+        assert load_model(out).config.base_channels == 4
+    else:
+        assert rc == 130 and "aborted" in captured.err and not out.exists()
