@@ -108,8 +108,9 @@ def test_an_mhd_is_written_as_its_header_and_data_file_and_nothing_else(tmp_path
 
     real = sitk.WriteImage
     monkeypatch.setattr(sitk, "WriteImage", failing)
-    with pytest.raises(ImageFileError, match=r"^could not write labels\.mhd: File too large$"):
+    with pytest.raises(ImageFileError) as error:
         write_image(tmp_path / "labels.mhd", np.zeros((3, 4), np.uint8))
+    assert str(error.value) == f"could not write {tmp_path / 'labels.mhd'}: File too large"
     assert _names(tmp_path) == ["labels.mhd", "labels.raw"]
     assert np.array_equal(read_image(tmp_path / "labels.mhd"), labels)
     with pytest.raises(ImageFileError):

@@ -41,11 +41,14 @@ def test_sample_data(manifest):
 
 def test_readers_and_writers(manifest):
     (reader,) = manifest.contributions.readers
-    for pattern in ("*.tif", "*.tiff", "*.nii", "*.nii.gz", "*.mha", "*.nrrd"):
+    for pattern in ("*.tif", "*.tiff", "*.nii", "*.nii.gz", "*.mha", "*.mhd", "*.nrrd"):
         assert pattern in reader.filename_patterns
     (writer,) = manifest.contributions.writers
     assert [str(t) for t in writer.layer_types] == ["labels"]
-    assert {".tif", ".png", ".nii", ".nii.gz", ".mha", ".nrrd"} <= set(writer.filename_extensions)
+    # every format write_image writes labels in and the reader opens (.mhd with its .raw)
+    assert {".tif", ".tiff", ".png", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd"} <= set(writer.filename_extensions)
+    # PNG keeps the ids only: the menu must not promise class names and place for it
+    assert "PNG ids only" in writer.display_name
 
 
 def test_every_command_imports(manifest):

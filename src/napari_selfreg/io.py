@@ -8,6 +8,7 @@ Used by the command line and, through the npe2 manifest, by napari's reader/writ
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -43,7 +44,7 @@ _PIL_LIMIT = threading.Lock()  # Pillow's limit is a module global: lifted only 
 
 LABELS_KEY = "napari_selfreg_labels"  # in a labels file's header: its class names as JSON
 NIFTI_NOTE = "napari-selfreg labels "  # NIfTI's description field: the same, after this prefix
-GEOMETRY_KEY = "napari_selfreg_geometry"  # in a TIFF's header: spacing, origin, direction (x, y)
+GEOMETRY_KEY = "napari_selfreg_geometry"  # in a TIFF's header: spacing, origin, direction (x, y[, z])
 DIRECTION_KEY = "napari_selfreg_direction"  # in a layer's metadata: its file's 2 x 2 direction
 IDENTITY = (1.0, 0.0, 0.0, 1.0)
 
@@ -514,7 +515,11 @@ def _plane_geometry(reference: str | Path):
     if reference is None or not Path(reference).is_file():
         return None
     if suffix_of(reference) in TIFF_SUFFIXES:
-        return _tiff_geometry(reference)
+        found = _tiff_geometry(reference)
+        if found is None:
+            return None
+        (spacing, origin, direction), n = found, len(found[0])  # a volume's: its plane's part
+        return spacing[:2], origin[:2], tuple(np.reshape(direction, (n, n))[:2, :2].ravel())
     if suffix_of(reference) not in ITK_SUFFIXES:
         return None
     with _itk_reader(Path(reference)) as reader:
@@ -543,13 +548,15 @@ def _tiff_geometry(path):
         spacing, origin, direction = (tuple(float(v) for v in found[k]) for k in ("spacing", "origin", "direction"))
     except (TypeError, ValueError, KeyError):
         return None
-    return (spacing, origin, direction) if (len(spacing), len(origin), len(direction)) == (2, 2, 4) else None
+    n = len(spacing)  # a plane's, or a labels volume's (``write_labels``)
+    return (spacing, origin, direction) if n in (2, 3) and (len(origin), len(direction)) == (n, n * n) else None
 
 
 def _placed(geometry) -> bool:
-    """Whether a geometry places the plane anywhere but at unit pixels from the origin."""
+    """Whether a geometry places the pixels anywhere but at unit spacing from the origin."""
     spacing, origin, direction = geometry
-    return not (np.allclose(spacing, 1.0) and np.allclose(origin, 0.0) and np.allclose(direction, IDENTITY))
+    identity = np.eye(len(spacing)).ravel()
+    return not (np.allclose(spacing, 1.0) and np.allclose(origin, 0.0) and np.allclose(direction, identity))
 
 
 def write_image(
@@ -564,7 +571,8 @@ def write_image(
 
     ``like``: an input image whose spacing, origin and direction a SimpleITK output keeps,
     so the labels overlay the image in ITK-SNAP or 3D Slicer; ``geometry`` gives them
-    directly as (spacing, origin, direction) in x, y order. ``class_names`` (labels) go into
+    directly as (spacing, origin, direction) in x, y order, or x, y, z for a volume (a 2-D one
+    on (K, H, W) planes places each plane, a unit apart). ``class_names`` (labels) go into
     TIFF, MHA and NRRD headers and NIfTI's description, and mark the file as labels for the
     plugin's reader. ``planes``: a (K, H, W) stack, never a colour picture (an image 3 or 4
     pixels wide would look like one).
@@ -607,7 +615,11 @@ def write_image(
         named = Path(error.filename) if error.filename else None  # a folder or file the user knows nothing of
         ours = named is None or named in (path, target, partial) or named.parent == partial
         where = "" if ours else f" ({error.filename})"
-        raise ImageFileError(f"could not write {path.name}: {error.strerror or error}{where}") from None
+        reason = error.strerror or error
+        if isinstance(error, FileExistsError) and not ours and not named.is_dir():  # mkdir of a folder that is a file
+            reason = os.strerror(errno.ENOTDIR)
+        # the path as given: its folder is often what went wrong (no permission, not a folder)
+        raise ImageFileError(f"could not write {path}: {reason}{where}") from None
     except BaseException:
         if partial != path:
             _discard(partial)
@@ -623,10 +635,13 @@ def _partial_name(target: Path, suffix: str) -> Path:
 
 
 def _discard(partial: Path) -> None:
+    """Remove a partial file or folder, if any; cleaning up never hides the error being reported
+    (where the folder is a file, unlink raises ENOTDIR, which missing_ok does not cover)."""
     if partial.is_dir() and not partial.is_symlink():
         shutil.rmtree(partial, ignore_errors=True)
     else:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
 
 
 def _write_itk_into_place(target: Path, folder: Path, suffix: str, data: np.ndarray, options: dict) -> None:
@@ -667,11 +682,12 @@ def _slice_volume(like) -> tuple | None:
     return reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
 
 
-def _pil_refusal(suffix: str, data: np.ndarray) -> str | None:
+def _pil_refusal(suffix: str, data: np.ndarray, planes: bool = False) -> str | None:
     """Why Pillow cannot write ``data`` (integer labels already narrowed to uint8 or uint16) as
-    PNG, JPEG or BMP, saying what to use instead; None where it can."""
+    PNG, JPEG or BMP, saying what to use instead; None where it can. ``planes``: never colour
+    (a labels volume 3 slices wide is no RGB picture)."""
     kind = {".png": "PNG", ".bmp": "BMP"}.get(suffix, "JPEG")
-    colour = data.ndim == 3 and data.shape[-1] in (3, 4)
+    colour = data.ndim == 3 and data.shape[-1] in (3, 4) and not planes
     if data.ndim != 2 and not colour:
         return f"a {data.ndim}-D array does not fit a {kind}; save it as TIFF or NIfTI"
     if kind == "JPEG" and data.dtype == np.bool_:
@@ -711,7 +727,7 @@ def _write(path: Path, suffix: str, data: np.ndarray, note: str | None, geometry
             if data.max(initial=0) > 65535 or data.min(initial=0) < 0:
                 raise ImageFileError(f"{name}: labels above 65535 or below 0 do not fit a PNG; save as TIFF")
             data = data.astype(np.uint16 if data.max(initial=0) > 255 else np.uint8)
-        if refusal := _pil_refusal(suffix, data):
+        if refusal := _pil_refusal(suffix, data, planes):
             raise ImageFileError(f"{name}: {refusal}")
         Image.fromarray(data).save(path)
         if not _pil_file_complete(path, suffix):  # Pillow's JPEG and BMP encoders miss a short write
@@ -736,11 +752,14 @@ def _write(path: Path, suffix: str, data: np.ndarray, note: str | None, geometry
             out.SetSpacing(volume[0])
             out.SetOrigin(volume[1])
             out.SetDirection(volume[2])
-        elif geometry is not None and out.GetDimension() in (2, 3):
-            spacing, origin, direction = geometry
-            if out.GetDimension() == 3:  # (K, H, W) probabilities: one plane per class, a unit apart
-                (a, b), (c, d) = np.reshape(direction, (2, 2))
-                spacing, origin, direction = (*spacing, 1.0), (*origin, 0.0), (a, b, 0.0, c, d, 0.0, 0.0, 0.0, 1.0)
+        elif geometry is not None and len(geometry[0]) == out.GetDimension():  # a plane's, or a volume's
+            out.SetSpacing(geometry[0])
+            out.SetOrigin(geometry[1])
+            out.SetDirection(geometry[2])
+        elif geometry is not None and out.GetDimension() == 3:  # (K, H, W) probabilities: one plane per class
+            (a, b), (c, d) = np.reshape(geometry[2], (2, 2))
+            spacing, origin = (*geometry[0], 1.0), (*geometry[1], 0.0)  # the planes a unit apart
+            direction = (a, b, 0.0, c, d, 0.0, 0.0, 0.0, 1.0)
             out.SetSpacing(spacing)
             out.SetOrigin(origin)
             out.SetDirection(direction)
@@ -779,12 +798,10 @@ def _pil_file_complete(path: Path, suffix: str) -> bool:
 
 
 def napari_get_reader(path):
-    """Reader contribution: TIFF with its axes handled, and the SimpleITK formats."""
-    if isinstance(path, list):
-        if not path:
-            return None
-        path = path[0]
-    if suffix_of(path) not in (*TIFF_SUFFIXES, *ITK_SUFFIXES):
+    """Reader contribution: TIFF with its axes handled, and the SimpleITK formats. napari passes
+    a list of paths only to stack them (``viewer.open(paths, stack=True)``)."""
+    paths = path if isinstance(path, list) else [path]
+    if not paths or any(suffix_of(p) not in (*TIFF_SUFFIXES, *ITK_SUFFIXES) for p in paths):
         return None
     return _read_layers
 
@@ -792,42 +809,84 @@ def napari_get_reader(path):
 def _read_layers(path):
     """Large TIFF images open lazily (``open_levels``): napari then reads only the tiles it shows,
     a pyramidal slide becomes a multiscale layer, and the Segment widget predicts tile by tile
-    from full resolution. Labels are always read whole (level 0), because painting writes into them."""
+    from full resolution. Labels are always read whole (level 0), because painting writes into them.
+    Several paths become one layer, the files stacked along a new first axis."""
     paths = path if isinstance(path, list) else [path]
-    layers = []
-    for p in paths:
-        names = labels_note(p)
-        # a palette or MinIsWhite mask keeps its stored ids instead of turning into a picture
-        levels = _open(Path(p), None, every_level=True, labels=names is not None or _named_like_labels(p))
-        data = levels[0]
-        rgb = data.ndim == 3 and data.shape[-1] in (3, 4) and _colour_last(p)
-        kind = "labels" if names is not None or _looks_like_labels(p, data, rgb) else "image"
-        meta = {"name": Path(p).name.split(".")[0]}
-        if data.ndim - rgb == 2:
-            meta.update(_plane_placement(p))
-        elif data.ndim - rgb == 3 and (placement := _plane_placement(p)):  # (K, H, W) probabilities
-            placement.update(scale=(1.0, *placement["scale"]), translate=(0.0, *placement["translate"]))
-            meta.update(placement)
-        if names:
-            from .widgets.classes import class_colormap, class_features
+    layers = [_read_layer(p) for p in paths]
+    return layers if len(layers) == 1 else [_stack_layers(paths, layers)]
 
-            meta.update(features=class_features(names), colormap=class_colormap())
-        if kind == "labels" and not isinstance(data, np.ndarray):
-            data = np.asarray(data)
-        elif kind == "image":
-            meta["rgb"] = rgb
-            if len(levels) > 1:
-                data, meta["multiscale"] = levels, True
-        layers.append((data, meta, kind))
-    return layers
+
+def _read_layer(p) -> tuple:
+    names = labels_note(p)
+    # a palette or MinIsWhite mask keeps its stored ids instead of turning into a picture
+    levels = _open(Path(p), None, every_level=True, labels=names is not None or _named_like_labels(p))
+    data = levels[0]
+    rgb = data.ndim == 3 and data.shape[-1] in (3, 4) and _colour_last(p)
+    kind = "labels" if names is not None or _looks_like_labels(p, data, rgb) else "image"
+    meta = {"name": layer_name(p), **_placement(p, data.ndim - rgb)}
+    if names:
+        from .widgets.classes import class_colormap, class_features
+
+        meta.update(features=class_features(names), colormap=class_colormap())
+    if kind == "labels":
+        data = np.asarray(data)
+        data = data.astype(np.uint8) if data.dtype == np.bool_ else data  # napari paints no bool labels
+    else:
+        meta["rgb"] = rgb
+        if len(levels) > 1:
+            data, meta["multiscale"] = levels, True
+    return data, meta, kind
+
+
+def _stack_layers(paths: list, layers: list) -> tuple:
+    """The layers of several files as one, along a new first axis (named and placed after the
+    first file); files of other shapes or pixel kinds (integer, float) are refused."""
+    first = Path(paths[0]).name
+    full = [data[0] if meta.get("multiscale") else data for data, meta, _ in layers]  # full resolution
+    group = {"b": "integer", "u": "integer", "i": "integer"}
+    for p, data in zip(paths[1:], full[1:], strict=True):
+        if data.shape != full[0].shape:
+            raise ImageFileError(
+                f"cannot stack {Path(p).name} on {first}: their shapes differ ({data.shape} and {full[0].shape})"
+            )
+        kinds = [group.get(d.dtype.kind, d.dtype.name) for d in (data, full[0])]
+        if kinds[0] != kinds[1]:
+            raise ImageFileError(f"cannot stack {Path(p).name} on {first}: {kinds[0]} and {kinds[1]} pixels")
+    if all(isinstance(d, np.ndarray) for d in full):
+        data = np.stack(full)
+    else:  # lazily read slides stay lazy
+        import dask.array as da
+
+        data = da.stack(full)
+    _, meta, _ = layers[0]
+    kind = "labels" if all(k == "labels" for _, _, k in layers) else "image"
+    dropped = ("multiscale",) if kind == "labels" else ("multiscale", "features", "colormap")  # a labels file's
+    meta = {k: v for k, v in meta.items() if k not in dropped}
+    if kind == "image":
+        meta["rgb"] = all(m.get("rgb", False) for _, m, _ in layers)
+    if "scale" in meta:  # the files' own place; one unit between them
+        meta.update(scale=(1.0, *meta["scale"]), translate=(0.0, *meta["translate"]))
+    return data, meta, kind
+
+
+def layer_name(path) -> str:
+    """A file's name without its format suffix only: run.2024.01.tif is run.2024.01."""
+    name, suffix = Path(path).name, suffix_of(path)
+    return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
 
 
 def _colour_last(path) -> bool:
-    """Whether a TIFF's last axis holds colour samples (YXS), not a third pixel axis: (K, H, W)
-    planes of an image 3 or 4 pixels wide end in 3 or 4 too. Other formats: True."""
-    if suffix_of(path) not in TIFF_SUFFIXES:
-        return True
+    """Whether the last axis holds colour: a TIFF's samples (YXS), not a third pixel axis ((K, H, W)
+    planes of an image 3 or 4 pixels wide end in 3 or 4 too); a SimpleITK file's vector pixels of
+    3 or 4 components, not a volume 3 or 4 voxels wide. Other formats: True."""
+    suffix = suffix_of(path)
     try:
+        if suffix in ITK_SUFFIXES:
+            with _itk_reader(Path(path)) as reader:
+                reader.ReadImageInformation()
+            return reader.GetNumberOfComponents() in (3, 4)
+        if suffix not in TIFF_SUFFIXES:
+            return True
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
@@ -838,14 +897,23 @@ def _colour_last(path) -> bool:
     return axes[-1:] in ("S", "C") or (len(axes) == 3 and axes[0] in "SC")
 
 
+# whole words of a file name that mark it as labels, plural or numbered ("nuclei_masks2",
+# StarDist's "mask2d"); "unlabeled" or "presegmentation" are no such word
+LABEL_WORDS = re.compile(
+    r"(?:label(?:s|ed|led|map|maps)?|masks?|segs?|segmentations?|annos?|annotations?|annotated)(?:\d+[a-z]*)?"
+)
+
+
 def _named_like_labels(path) -> bool:
-    name = Path(path).name.lower()
-    return any(word in name for word in ("label", "mask", "seg", "anno"))
+    # words split at separators and at camelCase ("nucleiMask")
+    words = re.split(r"[_\-.\s]+", re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", layer_name(path)))
+    return any(LABEL_WORDS.fullmatch(word.lower()) for word in words)
 
 
 def _looks_like_labels(path, data, rgb: bool) -> bool:
-    """An integer file named like labels, unless it is an RGB(A) picture ("masked tissue.tif")."""
-    return not rgb and np.issubdtype(data.dtype, np.integer) and _named_like_labels(path)
+    """An integer or bool file named like labels, unless it is an RGB(A) picture ("masked tissue.tif")."""
+    integer = data.dtype == np.bool_ or np.issubdtype(data.dtype, np.integer)
+    return not rgb and integer and _named_like_labels(path)
 
 
 def labels_note(path) -> list[str] | None:
@@ -870,36 +938,72 @@ def labels_note(path) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
-def _plane_placement(path) -> dict:
-    """napari's scale and translate (y, x) from a file's spacing and origin. A direction other
-    than the identity goes into the layer's metadata, so labels saved from the layer keep it
-    and overlay the image in ITK-SNAP or 3D Slicer (napari itself shows the plane unrotated)."""
-    geometry = _plane_geometry(path)
-    if geometry is None:
+def _placement(path, ndim: int) -> dict:
+    """napari's scale and translate for the ``ndim`` pixel axes a file opens with, from its
+    spacing and origin: a SimpleITK volume's in full (z, y, x), a plane's (y, x), and (K, H, W)
+    planes of probabilities unscaled along K. A direction other than the identity goes into
+    the layer's metadata as its plane's 2 x 2 part, so labels saved from the layer keep it and
+    overlay the image in ITK-SNAP or 3D Slicer (napari itself shows the pixels unrotated)."""
+    geometry = _file_geometry(path)
+    if geometry is None or ndim < 2:
         return {}
-    (sx, sy), (ox, oy), direction = geometry
-    placement = {"scale": (sy, sx), "translate": (oy, ox)}
+    spacing, origin, direction = geometry  # napari's order: ..., z, y, x
+    spacing, origin = spacing[-ndim:], origin[-ndim:]
+    pad = ndim - len(spacing)  # planes of a file placed in 2-D only
+    placement = {"scale": (*(1.0,) * pad, *spacing), "translate": (*(0.0,) * pad, *origin)}
     if not np.allclose(direction, IDENTITY):
         placement["metadata"] = {DIRECTION_KEY: [float(v) for v in direction]}
     return placement
 
 
+def _file_geometry(path):
+    """(spacing, origin) in napari's axis order of the axes ``read_image`` keeps, and the 2 x 2
+    direction of the plane; None for a file without any (a TIFF not written by ``write_image``)."""
+    if not Path(path).is_file():
+        return None
+    if suffix_of(path) in TIFF_SUFFIXES:
+        found = _tiff_geometry(path)
+        if found is None:
+            return None
+        (spacing, origin, direction), n = found, len(found[0])
+        return spacing[::-1], origin[::-1], tuple(np.reshape(direction, (n, n))[:2, :2].ravel())
+    if suffix_of(path) not in ITK_SUFFIXES:
+        return None
+    try:
+        with _itk_reader(Path(path)) as reader:
+            reader.ReadImageInformation()
+    except Exception:  # unreadable headers are reported when the pixels are read
+        return None
+    n, size = reader.GetDimension(), reader.GetSize()[::-1]
+    keep = [i for i, k in enumerate(size) if i >= n - 2 or k > 1]  # as read_image drops singleton stack axes
+    spacing, origin = reader.GetSpacing()[::-1], reader.GetOrigin()[::-1]
+    direction = np.asarray(reader.GetDirection()).reshape(n, n)[:2, :2]
+    return tuple(spacing[i] for i in keep), tuple(origin[i] for i in keep), tuple(direction.ravel())
+
+
 def write_labels(path: str, data, attributes: dict) -> list[str]:
-    """Writer contribution: a Labels layer to TIFF, PNG or NIfTI, ids unchanged; its class
-    names, scale, translate and its image's direction go into TIFF and SimpleITK files (PNG
-    keeps the ids only).
+    """Writer contribution: a Labels layer (a plane or a volume) to TIFF, PNG or a SimpleITK
+    format, ids unchanged; its class names, scale, translate and its image's direction go
+    into TIFF and SimpleITK files (PNG keeps the ids only).
 
     A refusal is raised as ``OSError``: napari swallows a writer's ``ValueError``.
     """
+    if attributes.get("multiscale") or isinstance(data, list | tuple):
+        data = data[0]  # full resolution: np.asarray of napari's MultiScaleData is its smallest level
+    data = np.asarray(data)
     names = _feature_class_names(attributes.get("features"))
-    geometry = None
-    if np.ndim(data) == 2:
-        sy, sx = attributes.get("scale", (1.0, 1.0))[-2:]
-        ty, tx = attributes.get("translate", (0.0, 0.0))[-2:]
-        direction = (attributes.get("metadata") or {}).get(DIRECTION_KEY, IDENTITY)
-        geometry = ((float(sx), float(sy)), (float(tx), float(ty)), tuple(float(v) for v in direction))
+    n = data.ndim
+    # napari's (z,) y, x order reversed into the files' x, y (, z); 2-D and 3-D: what TIFF geometry holds
+    scale = [float(v) for v in attributes.get("scale", (1.0,) * n)[-n:]][::-1]
+    translate = [float(v) for v in attributes.get("translate", (0.0,) * n)[-n:]][::-1]
+    # the image's direction as the reader keeps it: its plane's (x, y), any further axis unrotated
+    found = np.asarray((attributes.get("metadata") or {}).get(DIRECTION_KEY, IDENTITY), float)
+    direction = np.eye(n)
+    if found.size == 4 and n >= 2:
+        direction[:2, :2] = found.reshape(2, 2)
+    geometry = (scale, translate, tuple(direction.ravel().tolist()))
     try:
-        return [str(write_image(path, np.asarray(data), geometry=geometry, class_names=names or []))]
+        return [str(write_image(path, data, geometry=geometry, class_names=names or [], planes=True))]
     except ImageFileError as error:
         raise OSError(str(error)) from None
 
