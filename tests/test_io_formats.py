@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -247,3 +248,32 @@ def test_labels_like_a_single_slice_volume_keep_its_z(tmp_path):
     assert written.GetOrigin() == (10.0, 20.0, 42.0) and written.GetSpacing() == (0.5, 0.5, 2.0)
     assert np.array_equal(read_image(tmp_path / "labels.nii.gz"), labels)
     assert labels_note(tmp_path / "labels.nii.gz") == ["bg", "x"]
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png", ".nii.gz", ".mhd"])
+def test_a_file_written_over_keeps_its_permissions(tmp_path, suffix):
+    """A labels file a lab keeps group-writable (0664) stays so when it is saved again; it
+    took the umask's mode of the temporary copy (0644). A new file still follows the umask."""
+    path = tmp_path / f"labels{suffix}"
+    write_image(path, np.ones((6, 7), np.uint8))
+    os.chmod(path, 0o664)
+    write_image(path, np.full((6, 7), 2, np.uint8))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o664
+    assert np.array_equal(read_image(path), np.full((6, 7), 2, np.uint8))
+    fresh = tmp_path / f"fresh{suffix}"
+    write_image(fresh, np.ones((6, 7), np.uint8))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o666 & ~umask
+
+
+def test_a_model_written_over_keeps_its_permissions(tmp_path):
+    from napari_selfreg.core.checkpoint import load_model, save_model
+    from napari_selfreg.core.config import ModelConfig, ModelInfo
+    from napari_selfreg.core.model import SegmentationModel
+
+    model = SegmentationModel.create(ModelInfo(model=ModelConfig(base_channels=4, depth=2)))
+    path = save_model(model, tmp_path / "m.safetensors")
+    os.chmod(path, 0o640)
+    save_model(model, path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640 and load_model(path).config.base_channels == 4

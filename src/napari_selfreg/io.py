@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .core.files import replace_keeping_mode
+
 TIFF_SUFFIXES = (".tif", ".tiff")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 ITK_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
@@ -608,7 +610,7 @@ def write_image(
             _write_itk_into_place(target, partial, suffix, data, options)
         else:
             _write(partial, suffix, data, **options)
-            os.replace(partial, target)
+            replace_keeping_mode(partial, target)
     except OSError as error:
         if partial != path or not existed:
             _discard(partial)
@@ -657,13 +659,13 @@ def _write_itk_into_place(target: Path, folder: Path, suffix: str, data: np.ndar
         raw = _mhd_data_file(written)
         old = _mhd_data_file(target) if target.is_file() else None
         if raw is not None:
-            os.replace(raw, target.parent / raw.name)
-        os.replace(written, target)
+            replace_keeping_mode(raw, target.parent / raw.name)
+        replace_keeping_mode(written, target)
         if old is not None and (raw is None or old.name != raw.name) and old.parent == target.parent:
             if re.fullmatch(rf"\.?{re.escape(stem)}(\.writing-\d+)?\.z?raw", old.name):
                 old.unlink(missing_ok=True)
     else:
-        os.replace(written, target)
+        replace_keeping_mode(written, target)
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -20,6 +20,7 @@ from .. import __version__
 from .config import ModelInfo
 from .data import MAX_CLASSES
 from .device import resolve_device
+from .files import replace_keeping_mode
 from .model import SegmentationModel
 
 METADATA_KEY = "napari_selfreg"
@@ -35,9 +36,10 @@ class ModelFileError(ValueError):
 def save_model(model: SegmentationModel, path: str | Path) -> Path:
     """Write the model; the write goes through a temporary file so a crash loses nothing.
 
-    The bytes are written by Python's ``open``, so the file's mode follows the umask as any
+    The bytes are written by Python's ``open``, so a new file's mode follows the umask as any
     file the user writes (safetensors' own writer makes it 0600, and setting the mode after
-    needs the umask, which can only be read by changing it for every thread).
+    needs the umask, which can only be read by changing it for every thread); a file written
+    over keeps its own mode.
     """
     from safetensors.torch import save
 
@@ -52,7 +54,7 @@ def save_model(model: SegmentationModel, path: str | Path) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())  # the rename must not land before the bytes do
-        tmp.replace(path)
+        replace_keeping_mode(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
