@@ -187,3 +187,24 @@ def test_the_largest_id_is_read_a_band_at_a_time_from_a_lazy_map():
     lazy = da.from_array(labels, chunks=(50, 50))
     assert largest_id(lazy, band=64) == 65 == largest_id(labels)
     assert largest_id(np.ones((0, 5), np.uint8)) == 0
+
+
+def test_the_second_pass_of_a_too_wide_group_shows_progress_and_stops():
+    """The fill pass ran without progress or Stop: a slide of percolating glands took minutes
+    there with the Stop button dead."""
+    from napari_selfreg.core.instances import split_instances
+    from napari_selfreg.core.progress import drain
+
+    labels = np.ones((300, 400), np.uint8)
+    labels[20:280, 20:380] = 2
+    seen = []
+    split = drain(split_instances(labels, tile=64, margin=8, max_window=150 * 150), seen.append)
+    cores = seen[0].total
+    assert split.complete and split.truncated >= 1
+    assert [(p.done, p.total) for p in seen] == [(i, cores) for i in range(1, cores + 1)] * 2  # both passes
+    asked = []
+    stopped = drain(split_instances(labels, tile=64, margin=8, max_window=150 * 150,
+                                    stop=lambda: len(asked) >= cores + 2), asked.append)
+    assert not stopped.complete and len(asked) == cores + 2
+    # the cores filled before the stop have ids; later ones keep their unfilled pixels at 0
+    assert 0 < np.count_nonzero(stopped.instances) < np.count_nonzero(split.instances)

@@ -402,6 +402,8 @@ def _with_bar(run, desc: str, unit: str):
             progress = next(run)
             if bar is None:
                 bar = _progress(progress.total, desc, unit)
+            if progress.done < bar.n:  # a second pass (the instances' fill) counts from 0 again
+                bar.reset(total=progress.total)
             bar.update(progress.done - bar.n)
     except StopIteration as done:
         return done.value

@@ -169,6 +169,8 @@ def split_instances(
     first pixel (in row-major order). A group that reaches a window's edge is split again in a
     window fitted to it (``_holding_window``), up to ``max_window`` pixels. A stop request is
     honoured between windows (``complete`` is then False and the objects written so far stay).
+    Where groups were wider than the widest window, a second pass over the cores gives their
+    remaining pixels ids; it yields its own progress, from 0 again, and honours a stop too.
 
     ``workers`` threads (default: the CPUs, at most ``SPLIT_WORKERS``) split the next windows
     while this one is written: scipy and scikit-image release the GIL for most of a split.
@@ -226,8 +228,10 @@ def split_instances(
             yield InstanceProgress(done + 1, len(cores))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # a stop does not wait for windows split ahead
-    if truncated:
-        count = _fill_beyond_windows(labels, out, cores, count, options, per_class)
+    if truncated:  # a second pass over the cores, shown and stoppable as the first
+        count, filled = yield from _fill_beyond_windows(labels, out, cores, count, options, per_class, stop)
+        if not filled:
+            return InstanceSplit(out, count, complete=False, truncated=truncated, per_class=per_class)
     return InstanceSplit(out, count, truncated=truncated, per_class=per_class)
 
 
@@ -346,12 +350,15 @@ def _write(out, window: tuple[slice, slice], instances: np.ndarray, groups: np.n
     return count + len(ids)
 
 
-def _fill_beyond_windows(labels, out, cores, count: int, options: dict, per_class: Counter) -> int:
+def _fill_beyond_windows(labels, out, cores, count: int, options: dict, per_class: Counter, stop: StopRequest):
     """The parts of truncated groups that no window wrote: object pixels still without an id
-    become one object per class, core and connected piece. Returns the new count."""
+    become one object per class, core and connected piece. Yields progress per core; returns
+    the new count and whether every core was filled (a stop leaves the rest unfilled)."""
     h, w = (int(n) for n in labels.shape[:2])
     min_size = options.get("min_size", MIN_SIZE)
-    for core in cores:
+    for done, core in enumerate(cores):
+        if stop_requested(stop):
+            return count, False
         window = _window(core, REACH, h, w)
         inner = (slice(core[0] - window[0].start, core[1] - window[0].start),
                  slice(core[2] - window[1].start, core[3] - window[1].start))
@@ -367,4 +374,5 @@ def _fill_beyond_windows(labels, out, cores, count: int, options: dict, per_clas
                 out[core[0] : core[1], core[2] : core[3]] = written
                 count += n
                 per_class[cls] += n
-    return count
+        yield InstanceProgress(done + 1, len(cores))
+    return count, True
