@@ -145,7 +145,8 @@ def test_integer_files_named_with_a_labels_word_open_as_labels(tmp_path, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["unlabeled_raw", "unmasked", "presegmentation", "segue", "annotator_view", "masked_raw", "Unlabeled"]
+    "name", ["unlabeled_raw", "unmasked", "presegmentation", "segue", "annotator_view", "masked_raw", "Unlabeled",
+             "MoNuSeg_TCGA-2Z_gray", "GlaSAnnoView"]
 )
 def test_a_labels_word_inside_another_word_does_not_make_labels(tmp_path, name):
     tifffile.imwrite(tmp_path / f"{name}.tif", np.ones((8, 8), np.uint16))

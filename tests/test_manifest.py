@@ -48,7 +48,7 @@ def test_readers_and_writers(manifest):
     # every format write_image writes labels in and the reader opens (.mhd with its .raw)
     assert {".tif", ".tiff", ".png", ".nii", ".nii.gz", ".mha", ".mhd", ".nrrd"} <= set(writer.filename_extensions)
     # PNG keeps the ids only: the menu must not promise class names and place for it
-    assert "PNG ids only" in writer.display_name
+    assert writer.display_name == "labels, class names and place (PNG: ids only)"
 
 
 def test_every_command_imports(manifest):

@@ -906,10 +906,16 @@ LABEL_WORDS = re.compile(
 )
 
 
+# camelCase parts count only as the long words ("nucleiMask", "cellLabels3"): "MoNuSeg" is no "seg"
+CAMEL_LABEL_WORDS = re.compile(r"(?:label(?:s|ed|led|map|maps)?|masks?|segmentations?|annotations?)(?:\d+[a-z]*)?")
+
+
 def _named_like_labels(path) -> bool:
-    # words split at separators and at camelCase ("nucleiMask")
-    words = re.split(r"[_\-.\s]+", re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", layer_name(path)))
-    return any(LABEL_WORDS.fullmatch(word.lower()) for word in words)
+    words = re.split(r"[_\-.\s]+", layer_name(path))
+    if any(LABEL_WORDS.fullmatch(word.lower()) for word in words):
+        return True
+    parts = [part for word in words for part in re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", word).split()]
+    return any(CAMEL_LABEL_WORDS.fullmatch(part.lower()) for part in parts)
 
 
 def _looks_like_labels(path, data, rgb: bool) -> bool:
