@@ -177,16 +177,24 @@ def test_stopping_the_split_keeps_whole_objects_of_the_windows_done(tmp_path):
         assert len(ids) == 1 and np.array_equal(whole == ids[0], written == index)
 
 
-def test_the_largest_id_is_read_a_band_at_a_time_from_a_lazy_map():
+def test_the_ids_are_counted_a_band_at_a_time_from_a_lazy_map():
     import dask.array as da
 
-    from napari_selfreg.core.instances import largest_id
+    from napari_selfreg.core.instances import IdCounts, id_counts
 
     labels = np.ones((300, 200), np.int32)
     labels[290, 7] = 65  # in the last band only
+    labels[:10] = 0
     lazy = da.from_array(labels, chunks=(50, 50))
-    assert largest_id(lazy, band=64) == 65 == largest_id(labels)
-    assert largest_id(np.ones((0, 5), np.uint8)) == 0
+    assert id_counts(lazy, band=64) == IdCounts(65, 2000, 57999) == id_counts(labels)
+    assert id_counts(np.ones((0, 5), np.uint8)) == IdCounts(0, 0, 0)
+    assert not id_counts(labels).zero_background  # a class map: background 1 covers most
+    glands = np.zeros((50, 50), np.uint8)  # a GlaS annotation: 0 around, glands 1, 2, 3
+    glands[5:15, 5:15], glands[20:30, 20:30], glands[35:45, 5:15] = 1, 2, 3
+    assert id_counts(glands).zero_background
+    painted = np.zeros((50, 50), np.uint8)  # nuclei painted as 2 on an unpainted layer: no 1
+    painted[5:15, 5:15] = 2
+    assert not id_counts(painted).zero_background
 
 
 def test_the_second_pass_of_a_too_wide_group_shows_progress_and_stops():

@@ -643,6 +643,22 @@ def test_the_objects_of_a_corrected_labels_layer_are_separated_on_demand(he_view
     assert "holds objects" in segment.status.text() and "objects from elsewhere instances" not in he_viewer.layers
     assert not segment.running and segment.run_button.text() == "Segment"
 
+    # a GlaS-like annotation of a few objects (ids 1..9 on 0): object 1 was taken for background
+    few = np.zeros((256, 256), np.uint8)
+    for index in range(9):
+        few[20 + 25 * index : 35 + 25 * index, 30:60] = index + 1
+    he_viewer.add_labels(few, name="nine glands")
+    segment.split_source.select("nine glands")
+    assert segment.split_layer() is not None
+    wait_idle(qtbot, segment, timeout=30_000)
+    assert "'nine glands' looks like a mask or objects with 0 as background" in messages.errors[-1]
+    assert "nine glands instances" not in he_viewer.layers and not segment.running
+    # with class names the layer says it is a class map: 0 is then unpainted, 1 background
+    he_viewer.layers["nine glands"].features = class_features([f"class {i}" for i in range(1, 11)])
+    segment.split_button.click()
+    wait_idle(qtbot, segment, timeout=30_000)
+    assert "nine glands instances" in he_viewer.layers
+
 
 def test_correction_starts_from_the_prediction_the_user_corrected(he_viewer, qtbot, messages):
     """With a training preview and a Segment output of the same image, the one painted on is

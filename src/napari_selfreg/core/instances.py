@@ -138,15 +138,33 @@ def _objects_of(mask: np.ndarray, min_size: int, cut_sides: tuple[bool, ...] = (
     return keep[components]
 
 
-def largest_id(labels, band: int = SPLIT_TILE) -> int:
-    """The largest value of a class map, read a band of rows at a time: ``np.max`` of a lazy
-    slide (dask, zarr) would compute or load all of it at once."""
-    largest = 0
+@dataclass
+class IdCounts:
+    """What tells a class map from a mask or object ids: the largest id, and how many pixels
+    hold 0 and 1 (1 is background in a class map, an object in a mask of 0 = background)."""
+
+    largest: int
+    zeros: int
+    ones: int
+
+    @property
+    def zero_background(self) -> bool:
+        """0 covers more than 1 while 1 is used: a mask or object ids, unless named classes
+        say otherwise (painted strokes on an unpainted image look the same)."""
+        return 0 < self.ones < self.zeros
+
+
+def id_counts(labels, band: int = SPLIT_TILE) -> IdCounts:
+    """``IdCounts`` of a map, read a band of rows at a time: ``np.max`` of a lazy slide (dask,
+    zarr) would compute or load all of it at once."""
+    largest = zeros = ones = 0
     for top in range(0, int(labels.shape[0]), band):
         part = np.asarray(labels[top : top + band])
         if part.size:
             largest = max(largest, int(part.max()))
-    return largest
+            zeros += int(np.count_nonzero(part == 0))
+            ones += int(np.count_nonzero(part == 1))
+    return IdCounts(largest, zeros, ones)
 
 
 def split_instances(

@@ -412,13 +412,13 @@ class SegmentWidget(QWidget):
         # before: objects lost or split in two. Read-only until the split ends.
         self._held = (classes, True if classes is self.output_layer else classes.editable)
         classes.editable = False
-        worker = create_worker(
-            _split_classes, labels, self._instance_output(labels.shape), self._instance_stop,
-            source.name if check_ids else None, _ignore_errors=True,
-        )
-        worker.yielded.connect(self._on_instance_progress)
         # this run's layers and names, not whichever the next Segment has made current
         output_name, names = classes.name, class_names_of(classes) or []
+        worker = create_worker(
+            _split_classes, labels, self._instance_output(labels.shape), self._instance_stop,
+            source.name if check_ids else None, bool(names), _ignore_errors=True,
+        )
+        worker.yielded.connect(self._on_instance_progress)
         worker.returned.connect(lambda split: self._add_instances(split, source, output_name, names))
         worker.errored.connect(self._on_instances_error)
         worker.finished.connect(self._on_instances_finished)
@@ -507,12 +507,21 @@ def _mapped_file(folder: Path, stem: str, dtype, shape: tuple[int, ...]) -> np.m
     return np.memmap(path, dtype, "w+", shape=shape)
 
 
-def _split_classes(labels, out, stop, check_name: str | None):
-    """The worker's split; with ``check_name``, first refuses a map whose ids are objects."""
+def _split_classes(labels, out, stop, check_name: str | None, named: bool = False):
+    """The worker's split; with ``check_name``, first refuses a map whose ids are objects, or
+    one with 0 as background (a GlaS annotation of 9 glands, a 0/1 mask), where id 1 would be
+    taken for background and its object lost, unless ``named`` classes say it is a class map."""
     from ..core.data import InputError
-    from ..core.instances import largest_id, split_instances
+    from ..core.instances import id_counts, split_instances
     from ..core.metrics import MAX_PAINTING_ID
 
-    if check_name is not None and largest_id(labels) > MAX_PAINTING_ID:
-        raise InputError(_holds_objects(check_name))
+    if check_name is not None:
+        counts = id_counts(labels)
+        if counts.largest > MAX_PAINTING_ID:
+            raise InputError(_holds_objects(check_name))
+        if counts.zero_background and not named:
+            raise InputError(
+                f"'{check_name}' looks like a mask or objects with 0 as background (0 covers more of it than 1, "
+                "and 1 is used). Choose a layer of classes (1 = background, 2.. = structures), e.g. a segmentation."
+            )
     return (yield from split_instances(labels, out, stop=stop))
