@@ -452,3 +452,37 @@ def test_only_the_region_in_view_with_the_image_out_of_view_is_refused(make_napa
     assert widget.compute() is None and not widget.running
     assert widget.status.text() == "'tissue' is not in view; pan to it or untick 'Only the region in view'"
     assert [layer.name for layer in viewer.layers] == ["tissue"]
+
+
+def test_an_image_deleted_mid_run_gets_no_maps_and_the_status_says_why(make_napari_viewer, qtbot, registry_models):
+    """27 map layers used to land over an image that was no longer there, with "27 layers"."""
+    viewer, widget, _ = _running_on_a_big_image(make_napari_viewer, qtbot, registry_models[0])
+    viewer.layers.remove("big")
+    _wait(qtbot, widget)
+    assert len(viewer.layers) == 0
+    assert widget.status.text().startswith("'big' was deleted while its maps were computed: no map layers")
+    assert len(widget.figure.axes[0].patches) == len(BLOCKS)  # the chart still shows the run
+
+
+def test_two_models_named_after_one_image_keep_apart_in_the_chart():
+    from napari_selfreg.widgets.redundancy_widget import _short_labels
+
+    first, second = "TCGA-2Z-A9J9-01A-01-TS1 model", "TCGA-2Z-A9J9-01A-01-TS1 model (2)"
+    labels = _short_labels([first, second])
+    assert labels[0] != labels[1] and labels[1].endswith("model (2)") and labels[0].startswith("TCGA-2Z")
+    assert all(len(label) <= 28 for label in labels) and "(A)" not in labels[0]
+    assert _short_labels(["plain", "selfreg"]) == ["plain", "selfreg"]
+
+
+def test_a_probability_map_made_by_segment_is_not_the_image_a_new_dock_offers(make_napari_viewer):
+    """napari makes each new layer active, so after a Segment run with probabilities, a dock
+    opened next chose the probability map as its image."""
+    from napari_selfreg.widgets.segment_widget import OURS_KEY
+
+    viewer = _viewer_with_image(make_napari_viewer)
+    viewer.add_image(np.zeros((57, 75), np.float32), name="tissue probabilities", metadata={OURS_KEY: True})
+    assert viewer.layers.selection.active.name == "tissue probabilities"
+    _, widget = docked(viewer, "Feature redundancy")
+    assert widget.image_box.currentText() == "tissue"
+    _, segment = docked(viewer, "Segment")
+    assert segment.image_combo.currentText() == "tissue"

@@ -154,6 +154,8 @@ def stack_problem(layer) -> str | None:
     )
 
 
+OURS_KEY = "napari_selfreg_segmentation"  # layer metadata: made by Segment (labels, probabilities)
+MAP_FLAG = "napari_selfreg_redundancy"  # layer metadata of the redundancy maps: the name they were given
 EDITED_KEY = "napari_selfreg_edited"  # layer metadata: painted on, filled or erased by the user
 TRACKED_KEY = "napari_selfreg_tracked"  # layer metadata: its paint events set EDITED_KEY
 
@@ -210,6 +212,13 @@ def image_shape_2d(layer) -> tuple[int, int]:
     if getattr(layer, "rgb", False):
         shape = shape[:-1]
     return int(shape[-2]), int(shape[-1])
+
+
+def _made_image(layer) -> bool:
+    """An image layer the plugin computed (probabilities, redundancy maps): no input to choose."""
+    from napari.layers import Image
+
+    return isinstance(layer, Image) and bool(layer.metadata.get(OURS_KEY) or layer.metadata.get(MAP_FLAG))
 
 
 class LayerCombo(QComboBox):
@@ -313,10 +322,14 @@ class LayerCombo(QComboBox):
         elif current in names:
             self.setCurrentText(current)
         elif self.none_text is None and names:
-            # nothing chosen yet: the layer the user selected last, else the first one
+            # nothing chosen yet: the layer the user selected last, else the first one; never a
+            # probability or redundancy map the plugin added (napari makes each new layer active)
             active = self.viewer.layers.selection.active
-            if active is not None and active.name in names:
+            inputs = [name for name in names if not _made_image(self.viewer.layers[name])]
+            if active is not None and active.name in names and not _made_image(active):
                 self.setCurrentText(active.name)
+            elif inputs:
+                self.setCurrentText(inputs[0])
         self.blockSignals(False)
         if self.currentText() != current:
             self.currentTextChanged.emit(self.currentText())

@@ -35,6 +35,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._common import (
+    MAP_FLAG,
     LayerCombo,
     NameCombo,
     ask_model_file,
@@ -42,6 +43,7 @@ from ._common import (
     image_shape_2d,
     layer_data,
     placement,
+    same_layer,
     stack_problem,
     stop_when_closed,
     viewer_camera,
@@ -196,7 +198,6 @@ def _redundancy_job(models, labels, image, similarity, kinds, region, window, st
     return result
 
 
-MAP_FLAG = "napari_selfreg_redundancy"  # layer metadata of the maps this widget adds: the name it gave them
 REPORT_BYTES_PER_PIXEL = 29  # a report's own grids and maps, per model (BENCHMARKS.md, redundancy)
 
 
@@ -482,8 +483,11 @@ class RedundancyWidget(QWidget):
             return
         self._stopping = False  # the maps came in before the stop took effect
         self.result = result
-        added = len(result.layers)
-        self._apply_layers(result)
+        image = self._image_layer
+        gone = not any(same_layer(image, layer) for layer in self.viewer.layers)
+        added = 0 if gone else len(result.layers)
+        if not gone:
+            self._apply_layers(result)
         result.layers = []  # the layers hold the maps now; a deleted layer must free its memory
         names = result.reports[0].names
         self.block_box.blockSignals(True)
@@ -495,6 +499,10 @@ class RedundancyWidget(QWidget):
         self.block_box.blockSignals(False)
         self._draw()
         seconds = sum(r.seconds for r in result.reports)
+        if gone:  # maps over an image that is no longer there would mislead: the chart only
+            self.status.setText(f"'{image.name}' was deleted while its maps were computed: no map layers were "
+                                f"added; the chart shows its {len(names)} blocks ({seconds:.1f} s)")
+            return
         self.status.setText(f"{added} layers from {len(names)} blocks in {seconds:.1f} s")
 
     def _apply_layers(self, result: ComputeResult) -> None:
@@ -559,7 +567,9 @@ class RedundancyWidget(QWidget):
 
 
 def _short_labels(names: list[str]) -> list[str]:
-    labels = [n if len(n) <= 28 else n[:27] + "…" for n in names]
+    """Names short enough for the chart and the layer names, cut in the middle: two models
+    named after one image differ at the end ("… model" and "… model (2)")."""
+    labels = [n if len(n) <= 28 else n[:13] + "…" + n[-14:] for n in names]
     if len(labels) == 2 and labels[0] == labels[1]:
         labels = [f"{labels[0]} (A)", f"{labels[1]} (B)"]
     return labels

@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (
 from ..core.config import PredictConfig
 from ._common import (
     EDITED_KEY,
+    OURS_KEY,
     DeviceCombo,
     LayerCombo,
     NameCombo,
@@ -55,7 +56,6 @@ MEMMAP_PIXELS = 64_000_000  # outputs above this many pixels go to memory-mapped
 REFRESH_SECONDS = 0.5
 
 
-OURS_KEY = "napari_selfreg_segmentation"  # layer metadata: made by Segment
 PARTIAL_KEY = "napari_selfreg_partial"  # layer metadata: its run has not completed
 INSTANCES_KEY = "napari_selfreg_instances"  # layer metadata: object ids, not classes
 
