@@ -844,3 +844,29 @@ def test_segment_keeps_the_users_model_when_another_viewer_trains_one(make_napar
     finally:
         for name in names:
             registry.remove(name)
+
+
+def test_a_run_without_probabilities_or_objects_drops_the_last_runs_unedited_ones(he_viewer, qtbot, messages):
+    """The last run's probability maps and objects stayed beside the new segmentation they no
+    longer matched; objects the user corrected are kept, renamed."""
+    segment = _segment_he(he_viewer, probabilities=True, instances=True)
+    segment.start()
+    wait_idle(qtbot, segment, timeout=60_000)
+    assert {"H&E tissue probabilities", "H&E tissue instances"} <= {layer.name for layer in he_viewer.layers}
+    segment.probabilities.setChecked(False)
+    segment.instances.setChecked(False)
+    segment.start()
+    wait_idle(qtbot, segment, timeout=60_000)
+    names = [layer.name for layer in he_viewer.layers]
+    assert "H&E tissue segmentation" in names
+    assert not any(name.startswith("H&E tissue probabilities") or "instances" in name for name in names), names
+
+    segment.instances.setChecked(True)
+    segment.start()
+    wait_idle(qtbot, segment, timeout=60_000)
+    objects = he_viewer.layers["H&E tissue instances"]
+    objects.paint((10, 10), 0)  # the user corrects the objects
+    segment.instances.setChecked(False)
+    segment.start()
+    wait_idle(qtbot, segment, timeout=60_000)
+    assert "H&E tissue instances (corrected)" in he_viewer.layers and "H&E tissue instances" not in he_viewer.layers

@@ -356,11 +356,25 @@ class SegmentWidget(QWidget):
             self._drop_unless_edited(self.viewer.layers[self._previous_name])
         self.status.setText(f"Done in {seconds:.1f} s: '{self.output_layer.name}'.")
         image = self._image
+        self._drop_stale(image, prediction.probabilities is not None, self.instances.isChecked())
         if prediction.probabilities is not None:
             self._add_probabilities(image, prediction.probabilities, self._model.class_names)
         if self.instances.isChecked():
             self.status.setText(f"{self.status.text()} Separating touching objects (read-only until then)…")
             self._start_instances(prediction.labels, image, self.output_layer)
+
+    def _drop_stale(self, image, probabilities: bool, instances: bool) -> None:
+        """The last run's probability maps and objects of this image that this run does not
+        remake: they belong to the segmentation just replaced. Objects the user edited stay,
+        renamed; layers the user made or renamed are not ours and stay as they are."""
+        base = f"{image.name} probabilities"
+        if not probabilities:
+            for layer in [layer for layer in self.viewer.layers if layer.name.startswith(base)]:
+                if layer.metadata.get(OURS_KEY):
+                    self.viewer.layers.remove(layer)
+        name = f"{image.name} instances"
+        if not instances and name in self.viewer.layers and self.viewer.layers[name].metadata.get(INSTANCES_KEY):
+            self._drop_unless_edited(self.viewer.layers[name])
 
     def _add_probabilities(self, image, probabilities, class_names: list[str]) -> None:
         """One 2-D layer per structure class, named after it ("… probabilities" alone for a
