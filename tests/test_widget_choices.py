@@ -679,8 +679,11 @@ def test_correction_starts_from_the_prediction_the_user_corrected(he_viewer, qtb
     segmentation = he_viewer.layers["H&E tissue segmentation"]
     segmentation.paint((200, 30), 3)  # a correction with a third class
     corrected = train.use_prediction_as_labels()
-    assert "Copied from 'H&E tissue segmentation'" in messages.infos[-1]
+    assert "Copied from 'H&E tissue segmentation' into 'H&E tissue corrected'" in messages.infos[-1]
     assert np.asarray(corrected.data)[200, 30] == 3
+    again = train.use_prediction_as_labels()  # napari named it "… corrected [1]", the message no layer
+    assert again.name == "H&E tissue corrected 2" and "into 'H&E tissue corrected 2'" in messages.infos[-1]
+    he_viewer.layers.remove(again)
 
     train.class_table.item(1, 1).setText("tumour nucleus")
     preview = train._prediction_layer(he_viewer.layers["H&E tissue"], "H&E tissue prediction")

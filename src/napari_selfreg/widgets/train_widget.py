@@ -902,7 +902,7 @@ class TrainWidget(QWidget):
                 data[painted] = np.asarray(strokes.data)[painted]
         layer = self.viewer.add_labels(
             data,
-            name=f"{image.name} corrected",
+            name=free_name(self.viewer, f"{image.name} corrected"),
             features=class_features(self.class_names()),
             colormap=class_colormap(show_background=False),
             opacity=0.6,
@@ -912,8 +912,8 @@ class TrainWidget(QWidget):
         layer.mode = "paint"
         self.labels_combo.select(layer.name)
         self.viewer.layers.selection.active = layer
-        show_info(f"Copied from '{name}'. Correct mistakes with the brush on this layer, then press Start to "
-                  "train the next round.")
+        show_info(f"Copied from '{name}' into '{layer.name}'. Correct mistakes with the brush there, then press "
+                  "Start to train the next round.")
         return layer
 
 
