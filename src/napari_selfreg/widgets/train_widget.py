@@ -8,6 +8,7 @@ in the background).
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -649,7 +650,8 @@ class TrainWidget(QWidget):
         self.progress.setValue(0)
         self._config = config
         self.start_button.setText("Stop")
-        self.status.setText("Preparing (the first step also loads torch)…")
+        loaded = "torch" in sys.modules  # the first round of a session imports it: seconds on a laptop
+        self.status.setText("Preparing…" if loaded else "Preparing (the first step also loads torch)…")
         self.worker.start()
         return self.worker
 
