@@ -873,3 +873,35 @@ def test_a_run_without_probabilities_or_objects_drops_the_last_runs_unedited_one
     segment.start()
     wait_idle(qtbot, segment, timeout=60_000)
     assert "H&E tissue instances (corrected)" in he_viewer.layers and "H&E tissue instances" not in he_viewer.layers
+
+
+def test_a_prediction_split_while_training_writes_it_is_paintable_once_both_end(he_viewer, qtbot, monkeypatch):
+    """Train and Separate objects each made the preview read-only and, when done, set what
+    they had found: the split, begun while training held the layer, ended last and left the
+    prediction the user is to correct read-only for good."""
+    from test_widgets import tiny
+
+    from napari_selfreg.widgets import segment_widget
+
+    release = threading.Event()
+    real = segment_widget._split_classes
+
+    def held_back(*args, **kwargs):
+        release.wait(60)  # the split ends after training
+        return (yield from real(*args, **kwargs))
+
+    monkeypatch.setattr(segment_widget, "_split_classes", held_back)
+    train = train_widget_for(he_viewer)
+    tiny(train, steps=40)
+    train.start()
+    qtbot.waitUntil(lambda: "H&E tissue prediction" in he_viewer.layers, timeout=60_000)
+    prediction = he_viewer.layers["H&E tissue prediction"]
+    assert not prediction.editable  # training writes previews into it
+    _, segment = docked(he_viewer, "Segment")
+    segment.split_source.select("H&E tissue prediction")
+    assert segment.split_layer() is not None
+    wait_idle(qtbot, train)
+    assert not prediction.editable  # the split still reads it
+    release.set()
+    wait_idle(qtbot, segment, timeout=60_000)
+    assert prediction.editable

@@ -11,6 +11,7 @@ import inspect
 import logging
 import sys
 import time
+import weakref
 
 import numpy as np
 from napari.utils.notifications import show_error, show_warning
@@ -167,6 +168,32 @@ def track_edits(layer) -> None:
         return
     layer.metadata[TRACKED_KEY] = True
     layer.events.paint.connect(lambda _event: layer.metadata.__setitem__(EDITED_KEY, True))
+
+
+# layers made read-only by running jobs: layer -> [jobs holding it, its editable before the first]
+_READ_ONLY_HOLDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def hold_read_only(layer) -> None:
+    """Read-only while a job writes into the layer or reads it window by window. Several jobs
+    may hold one layer (training's previews and a split of its objects, say): each restoring
+    what it found left the layer locked, or paintable mid-write, depending on who ended last."""
+    layer = getattr(layer, "__wrapped__", layer)
+    entry = _READ_ONLY_HOLDS.setdefault(layer, [0, layer.editable])
+    entry[0] += 1
+    layer.editable = False
+
+
+def let_go(layer) -> None:
+    """One job is done with the layer: the last one gives it back as it was before the first."""
+    layer = getattr(layer, "__wrapped__", layer)
+    entry = _READ_ONLY_HOLDS.get(layer)
+    if entry is None:
+        return
+    entry[0] -= 1
+    if entry[0] <= 0:
+        del _READ_ONLY_HOLDS[layer]
+        layer.editable = entry[1]
 
 
 def free_name(viewer, base: str) -> str:

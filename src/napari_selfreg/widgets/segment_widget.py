@@ -41,8 +41,10 @@ from ._common import (
     create_worker,
     explain,
     free_name,
+    hold_read_only,
     image_shape_2d,
     layer_data,
+    let_go,
     placement,
     stack_problem,
     stop_when_closed,
@@ -92,7 +94,7 @@ class SegmentWidget(QWidget):
         self.instance_worker = None
         self.stop_event = threading.Event()
         self._instance_stop = threading.Event()
-        self._held: tuple | None = None  # (layer, its editable before) while its objects are split
+        self._held = None  # the layer whose objects are being split: read-only until then
         self.output_layer = None
         self._previous_name = ""  # the last segmentation, kept under this name while a new run goes
         self.prediction = None
@@ -297,7 +299,7 @@ class SegmentWidget(QWidget):
         _mark_edits(self.output_layer)
         self.output_layer.metadata[PARTIAL_KEY] = True
         # strokes painted while the tiles fill in would be overwritten: editable again at the end
-        self.output_layer.editable = False
+        hold_read_only(self.output_layer)
         self._image = image
         self._model = model
         self.stop_event = threading.Event()
@@ -424,8 +426,8 @@ class SegmentWidget(QWidget):
         self._instance_stop = threading.Event()
         # A stroke painted now would reach the windows split later and not those split
         # before: objects lost or split in two. Read-only until the split ends.
-        self._held = (classes, True if classes is self.output_layer else classes.editable)
-        classes.editable = False
+        self._held = classes
+        hold_read_only(classes)
         # this run's layers and names, not whichever the next Segment has made current
         output_name, names = classes.name, class_names_of(classes) or []
         worker = create_worker(
@@ -462,8 +464,8 @@ class SegmentWidget(QWidget):
     def _on_instances_finished(self) -> None:
         self.instance_worker = None
         if self._held is not None:
-            (layer, editable), self._held = self._held, None
-            layer.editable = editable
+            layer, self._held = self._held, None
+            let_go(layer)
         if self.worker is None:
             self.run_button.setText("Segment")
 
@@ -498,8 +500,8 @@ class SegmentWidget(QWidget):
 
     def _on_finished(self) -> None:
         self.worker = None
-        if self.output_layer is not None and (self._held is None or self._held[0] is not self.output_layer):
-            self.output_layer.editable = True  # (a split of its objects unlocks it when it ends)
+        if self.output_layer is not None:
+            let_go(self.output_layer)  # (a split of its objects holds it until that ends)
         self.run_button.setText("Stop" if self.instance_worker is not None else "Segment")
 
 

@@ -51,8 +51,10 @@ from ._common import (
     create_worker,
     explain,
     free_name,
+    hold_read_only,
     image_shape_2d,
     layer_data,
+    let_go,
     misaligned,
     notify_error,
     placement,
@@ -709,7 +711,7 @@ class TrainWidget(QWidget):
     def _lock(self, layer) -> None:
         """Not paintable while previews and the end-of-round prediction overwrite it."""
         if layer is not None:
-            layer.editable = False
+            hold_read_only(layer)
             self._locked.append(layer)
 
     def _after_round(self) -> None:
@@ -718,8 +720,7 @@ class TrainWidget(QWidget):
         if self.worker is not None or self._final_workers:
             return
         for layer in self._locked:
-            if self._present(layer):
-                layer.editable = True
+            let_go(layer)
         for layer in self._unfilled:
             if self._present(layer):
                 self.viewer.layers.remove(layer)
