@@ -306,6 +306,8 @@ _HAS_MPS = getattr(torch.backends, "mps", None) is not None and torch.backends.m
          "--out must hold {stem} when predicting several images"),
         (["predict", "--model", "{tmp}/m", "--image", "{tmp}/img.tif", "{tmp}/adir/img.tif",
           "--out", "{tmp}/{{stem}}_labels.tif"], "share the name img, so their outputs would overwrite each other"),
+        (["predict", "--model", "{tmp}/m", "--image", "{tmp}/img.tif", "{tmp}/adir/IMG.tif",
+          "--out", "{tmp}/{{stem}}_labels.tif"], "have names that differ only in letter case, so their outputs"),
         (["predict", "--model", "{tmp}/m", "--image", "{tmp}/img.tif", "--image", "{tmp}/adir/../img.tif",
           "--out", "{tmp}/{{stem}}_labels.tif"], "an --image is given twice"),
         (["predict", "--model", "{tmp}/m", "--image", "{tmp}/img.tif", "--out", "{tmp}/out/{{stem}}.tif",
@@ -318,7 +320,8 @@ _HAS_MPS = getattr(torch.backends, "mps", None) is not None and torch.backends.m
          "labels-jpeg", "probabilities-png", "inspect-out-file", "seed", "imagej-z-stack", "nifti-volume",
          "gray-pages", "bare-gray-pages", "budget-inf", "negative-lambda", "out-is-image",
          "probabilities-is-out", "colour-labels", "extra-class-name", "instances-png", "depth-12", "width-100000",
-         "several-without-stem", "same-stem", "image-twice", "stem-names-the-image", "eval-pair-count"],
+         "several-without-stem", "same-stem", "stems-differing-in-case", "image-twice", "stem-names-the-image",
+         "eval-pair-count"],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     import re

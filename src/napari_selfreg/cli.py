@@ -291,10 +291,14 @@ def predict_jobs(args: argparse.Namespace) -> list[PredictJob]:
         raise InputError("an --image is given twice; name each image once")
     stems: dict[str, Path] = {}
     for image in images if STEM in f"{args.out}{args.probabilities}{args.instances}" else ():
-        if image_stem(image) in stems:
-            raise InputError(f"{stems[image_stem(image)]} and {image} share the name {image_stem(image)}, so their "
-                             f"outputs would overwrite each other; predict them in separate runs")
-        stems[image_stem(image)] = image
+        # letter case too: the folders of macOS and Windows take A_labels.tif for a_labels.tif
+        key = image_stem(image).casefold()
+        if key in stems:
+            same = image_stem(stems[key]) == image_stem(image)
+            how = f"share the name {image_stem(image)}" if same else "have names that differ only in letter case"
+            raise InputError(f"{stems[key]} and {image} {how}, so their outputs would overwrite each other; "
+                             "predict them in separate runs")
+        stems[key] = image
     jobs = [
         PredictJob(image, *(output_for(t, image, o, several) for t, o in (
             (args.out, "--out"), (args.probabilities, "--probabilities"), (args.instances, "--instances"))))
