@@ -63,7 +63,8 @@ def _save(image, path: Path) -> None:
     picture.save(path, optimize=True)
     if path.stat().st_size > MAX_BYTES:
         picture.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
-    print(f"{path.relative_to(OUT.parents[1])}: {image.shape[1]}x{image.shape[0]}, {path.stat().st_size // 1024} KiB")
+    shown = path.relative_to(OUT.parents[1]) if path.is_relative_to(OUT.parents[1]) else path  # --out elsewhere
+    print(f"{shown}: {image.shape[1]}x{image.shape[0]}, {path.stat().st_size // 1024} KiB")
 
 
 def _shot(viewer, path: Path) -> None:

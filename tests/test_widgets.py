@@ -828,3 +828,15 @@ def test_the_loss_plot_redraws_its_axes_only_when_the_limits_move(qtbot):
     for step in range(1, 31):  # a long round under a time budget: x follows the steps done
         plot.add(report(step, 0.5, total=100_000))
     assert plot.axes.get_xlim() == (0.0, 50.0)
+
+
+def test_a_round_under_a_time_budget_ends_with_the_bar_full(he_viewer, qtbot):
+    """The last step of a time budget reports a little under the budget: the bar stayed at 99 %
+    beside "Training finished"."""
+    train = train_widget_for(he_viewer)
+    tiny(train, steps=100000)
+    train.time_budget.setValue(3)
+    train.start()
+    wait_idle(qtbot, train)
+    assert "Training finished" in train.status.text()
+    assert train.progress.value() == train.progress.maximum() == 1000

@@ -784,6 +784,8 @@ class TrainWidget(QWidget):
         last = result.history[-1]
         best = "" if last.best_val_dice is None else f"; best held-out Dice {last.best_val_dice:.3f}"
         how = "stopped" if result.stopped else "finished"
+        if not result.stopped:  # a time budget's last step reports a little under the budget: 99 %
+            self.progress.setValue(self.progress.maximum())
         self.status.setText(
             f"Training {how} after {result.steps} steps ({last.elapsed:.0f} s){best}. "
             f"Model '{name}' is ready for Segment; Start again continues from it."
