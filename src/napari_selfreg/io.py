@@ -513,22 +513,12 @@ def _lazy_level(path: Path, axes: str, level: int):
 
 def _plane_geometry(reference: str | Path):
     """(spacing, origin, direction) of the 2-D plane of a SimpleITK-readable file, or of a TIFF
-    that ``write_image`` gave one; None for any other file."""
-    if reference is None or not Path(reference).is_file():
+    that ``write_image`` gave one, in x, y order; None for any other file."""
+    found = None if reference is None else _file_geometry(reference)
+    if found is None:
         return None
-    if suffix_of(reference) in TIFF_SUFFIXES:
-        found = _tiff_geometry(reference)
-        if found is None:
-            return None
-        (spacing, origin, direction), n = found, len(found[0])  # a volume's: its plane's part
-        return spacing[:2], origin[:2], tuple(np.reshape(direction, (n, n))[:2, :2].ravel())
-    if suffix_of(reference) not in ITK_SUFFIXES:
-        return None
-    with _itk_reader(Path(reference)) as reader:
-        reader.ReadImageInformation()
-    n = reader.GetDimension()
-    direction = np.asarray(reader.GetDirection()).reshape(n, n)[:2, :2]
-    return reader.GetSpacing()[:2], reader.GetOrigin()[:2], tuple(direction.ravel())
+    spacing, origin, direction = found  # napari's order: the plane's y, x last
+    return tuple(spacing[-2:][::-1]), tuple(origin[-2:][::-1]), direction
 
 
 def _tiff_metadata(path) -> dict:
@@ -677,7 +667,7 @@ def _slice_volume(like) -> tuple | None:
     try:
         with _itk_reader(Path(like)) as reader:
             reader.ReadImageInformation()
-    except Exception:  # unreadable: ``_plane_geometry`` reports it
+    except Exception:  # unreadable: reported when its pixels are read
         return None
     if reader.GetDimension() != 3 or reader.GetSize()[2] != 1:
         return None
@@ -900,14 +890,12 @@ def _colour_last(path) -> bool:
 
 
 # whole words of a file name that mark it as labels, plural or numbered ("nuclei_masks2",
-# StarDist's "mask2d"); "unlabeled" or "presegmentation" are no such word
-LABEL_WORDS = re.compile(
-    r"(?:label(?:s|ed|led|map|maps)?|masks?|segs?|segmentations?|annos?|annotations?|annotated)(?:\d+[a-z]*)?"
-)
-
-
-# camelCase parts count only as the long words ("nucleiMask", "cellLabels3"): "MoNuSeg" is no "seg"
-CAMEL_LABEL_WORDS = re.compile(r"(?:label(?:s|ed|led|map|maps)?|masks?|segmentations?|annotations?)(?:\d+[a-z]*)?")
+# StarDist's "mask2d"); "unlabeled" or "presegmentation" are no such word. camelCase parts count
+# only as the long words ("nucleiMask", "cellLabels3"): "MoNuSeg" is no "seg"
+_LONG_LABEL_WORDS = r"label(?:s|ed|led|map|maps)?|masks?|segmentations?|annotations?"
+_NUMBERED = r"(?:\d+[a-z]*)?"
+LABEL_WORDS = re.compile(rf"(?:{_LONG_LABEL_WORDS}|segs?|annos?|annotated){_NUMBERED}")
+CAMEL_LABEL_WORDS = re.compile(rf"(?:{_LONG_LABEL_WORDS}){_NUMBERED}")
 
 
 def _named_like_labels(path) -> bool:

@@ -248,6 +248,13 @@ def _made_image(layer) -> bool:
     return isinstance(layer, Image) and bool(layer.metadata.get(OURS_KEY) or layer.metadata.get(MAP_FLAG))
 
 
+def _stop_following(layer, on_renamed) -> None:
+    try:
+        layer.events.name.disconnect(on_renamed)
+    except (RuntimeError, TypeError, ValueError):  # already gone
+        pass
+
+
 class LayerCombo(QComboBox):
     """A combo box of the viewer's layers of one kind, kept in step with the layer list.
 
@@ -277,10 +284,7 @@ class LayerCombo(QComboBox):
 
         def unfollow(*_) -> None:  # a layer outlives the combo: its renames must not call into a deleted widget
             for layer in named:
-                try:
-                    layer.events.name.disconnect(on_renamed)
-                except (RuntimeError, TypeError, ValueError):
-                    pass
+                _stop_following(layer, on_renamed)
             named.clear()
 
         self.destroyed.connect(unfollow)
@@ -297,10 +301,7 @@ class LayerCombo(QComboBox):
         layer = getattr(layer, "__wrapped__", layer)
         if any(layer is other for other in self._named):
             self._named[:] = [other for other in self._named if other is not layer]
-            try:
-                layer.events.name.disconnect(self._on_renamed)
-            except (RuntimeError, TypeError, ValueError):
-                pass
+            _stop_following(layer, self._on_renamed)
 
     def _on_inserted(self, event=None) -> None:
         layer = getattr(event, "value", None)
