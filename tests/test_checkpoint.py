@@ -206,7 +206,7 @@ def _set(doc, **changes):
         (lambda doc: _set(doc, class_names="abc"), "list of names"),
         (lambda doc: _set(doc, normalization__channels=1), "1 channel"),
         (lambda doc: _set(doc, normalization__mode="bogus"), "unknown normalisation"),
-        (lambda doc: _set(doc, normalization__low_percentile="x"), "percentiles"),
+        (lambda doc: _set(doc, normalization__low_percentile="x"), "percentile"),
         (lambda doc: _set(doc, normalization__high_percentile=150), "percentiles"),
         # continued training reads the history after its last step: refused now, not then
         (lambda doc: _set(doc, history="old"), "history must be a list of step records"),
@@ -334,6 +334,20 @@ def test_a_folder_is_not_a_model(tmp_path):
     (tmp_path / "models.safetensors").mkdir()
     with pytest.raises(ModelFileError, match="is a folder"):
         load_model(tmp_path / "models.safetensors")
+
+
+def test_saving_into_a_folder_name_is_refused(tmp_path, model):
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelFileError, match="is a folder; give the model a file name"):
+        save_model(model, tmp_path / "models")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # no models.safetensors beside it
+
+
+def test_a_model_that_would_not_load_again_is_not_written(tmp_path, model):
+    model.info.class_names = [1, 2, 3]
+    with pytest.raises(ModelFileError, match="cannot save the model: class_names must be a list of names"):
+        save_model(model, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_saved_names_and_permissions(tmp_path, model):

@@ -422,6 +422,37 @@ def test_mismatched_pair_counts():
         train_to_end([image, image], [labels], TrainConfig(steps=1), SMALL)
 
 
+def test_one_array_instead_of_lists_is_named():
+    image, labels, _ = _scene()
+    with pytest.raises(InputError, match=r"labels is one array; .*pass \[image\], \[labels\]"):
+        train_to_end(image, labels, TrainConfig(steps=1), SMALL)
+    with pytest.raises(InputError, match=r"images is one array"):
+        train_to_end(image[..., 0], [labels], TrainConfig(steps=1), SMALL)
+
+
+@pytest.mark.parametrize(
+    "names, message",
+    [("background,nuclei", "not one string"), ([1, 2], "must be strings"), (np.array([1, 2]), "must be strings")],
+)
+def test_class_names_that_would_make_an_unloadable_file_are_refused_before_training(names, message):
+    image, labels, _ = _scene()
+    with pytest.raises(InputError, match=message):
+        train_to_end([image], [labels], TrainConfig(steps=1), SMALL, class_names=names)
+
+
+def test_numpy_settings_and_names_train_save_and_load(tmp_path):
+    """A seed sweep over np.arange used to fail at the first step, and numpy widths at save time."""
+    from napari_selfreg.core.checkpoint import load_model, save_model
+
+    image, labels, _ = _scene()
+    config = TrainConfig(steps=np.int64(2), patch_size=np.int64(32), batch_size=2, seed=np.arange(3)[2])
+    model_config = ModelConfig(base_channels=np.int64(4), depth=np.int64(2))
+    result = train_to_end([image], [labels], config, model_config, class_names=np.array(["bg", "nuclei"]))
+    loaded = load_model(save_model(result.model, tmp_path / "m.safetensors"))
+    assert loaded.class_names == ["bg", "nuclei"] and loaded.config.base_channels == 4
+    assert loaded.info.training["seed"] == 2 and len(result.history) == 2
+
+
 def test_keep_chooses_which_weights_the_run_hands_over():
     image, labels, _ = _scene()
     base = dict(steps=6, patch_size=32, batch_size=2, validation_every=2, seed=0)

@@ -43,10 +43,16 @@ def save_model(model: SegmentationModel, path: str | Path) -> Path:
     """
     from safetensors.torch import save
 
+    if Path(path).is_dir():  # else "models/" would quietly become "models.safetensors" beside it
+        example = Path(path) / "model.safetensors"
+        raise ModelFileError(f"{path} is a folder; give the model a file name, such as {example}")
     path = model_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model.info.package_version = __version__
     document = {"format": FORMAT_VERSION, **model.info.to_dict()}
+    problem = _document_problem(document, model.info)
+    if problem:  # a file that would not load again is not written
+        raise ModelFileError(f"cannot save the model: {problem}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     data = save(model.state_dict_cpu(), metadata={METADATA_KEY: json.dumps(document)})
     tmp = path.with_name(path.name + ".part")
     try:
@@ -161,8 +167,9 @@ def _document_problem(document: dict, info: ModelInfo) -> str | None:
         return "history must be a list of step records"  # continued training reads it
     if not all(isinstance(r.get("round", 1), int) and not isinstance(r.get("round"), bool) for r in history):
         return "history rounds must be whole numbers"
-    whole = {f"model.{k}": v for k, v in info.model.to_dict().items()} | {
-        "normalization.channels": info.normalization.channels}
+    stored = {**info.model.to_dict(), **(document.get("model") or {})}  # as written, before from_dict's ints
+    whole = {f"model.{k}": stored[k] for k in info.model.to_dict()} | {
+        "normalization.channels": (document.get("normalization") or {}).get("channels", info.normalization.channels)}
     broken = [k for k, v in whole.items() if not isinstance(v, int) or isinstance(v, bool)]
     if broken:  # 16.0 channels build no network; 1.0 passed every check and failed in prediction
         return f"{broken[0]} must be a whole number"

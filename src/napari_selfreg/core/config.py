@@ -10,7 +10,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
+
+# annotation (a string under ``from __future__ import annotations``) -> the plain type it holds
+_PLAIN_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def check_field_types(settings, error: type[Exception] = ValueError) -> None:
+    """Refuse wrong types and turn numpy numbers into Python ones, in place.
+
+    Why: a numpy int64 seed or width passed the range checks and then failed at the first
+    step or in ``json.dumps`` at save time, after the training was done; a string "False"
+    switched a feature on; 2.5 steps ran 3. Whole floats (16.0, as JSON may hold) become ints.
+    """
+    for spec in dataclasses.fields(settings):
+        parts = [part.strip() for part in str(spec.type).split("|")]
+        optional = "None" in parts
+        kinds = [part for part in parts if part != "None"]
+        if len(kinds) != 1 or kinds[0] not in _PLAIN_TYPES:
+            continue
+        kind, value = kinds[0], getattr(settings, spec.name)
+        if value is None and optional:
+            continue
+        setattr(settings, spec.name, _plain(spec.name, kind, value, optional, error))
+
+
+def _plain(name: str, kind: str, value, optional: bool, error: type[Exception]):
+    alternative = " or None" if optional else ""
+    if kind == "bool":
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise error(f"{name} must be True or False{alternative}, not {value!r}")
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        raise error(f"{name} must be a string{alternative}, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise error(f"{name} must be a number{alternative}, not {value!r}")
+    if kind == "float":
+        return float(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    raise error(f"{name} must be a whole number{alternative}, not {value!r}")
 
 
 class _JsonMixin:
@@ -59,6 +104,7 @@ class ModelConfig(_JsonMixin):
     depth: int = 4
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if not 1 <= self.depth <= MAX_DEPTH:
             raise ValueError(f"depth must be 1 to {MAX_DEPTH} (the paper's network has 4)")
         if not 2 <= self.base_channels <= MAX_BASE_CHANNELS:
@@ -113,6 +159,7 @@ class TrainConfig(_JsonMixin):
     seed: int | None = 0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.steps < 1:
             raise ValueError("steps must be at least 1")
         if self.patch_size < 16:
@@ -133,8 +180,7 @@ class TrainConfig(_JsonMixin):
             raise ValueError("the CE or the Dice loss weight must be above 0, or nothing is learnt from the strokes")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError("weight decay must be a finite number, 0 or more")
-        seed_ok = isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool)
-        if self.seed is not None and not (seed_ok and 0 <= self.seed < 2**64):
+        if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError("seed must be a whole number from 0 to 2**64 - 1, or None for a different run each time")
         if self.scr_pairing not in ("random", "mean"):
             raise ValueError("scr_pairing must be 'random' or 'mean'")
@@ -158,10 +204,13 @@ class PredictConfig(_JsonMixin):
     flips: bool = False
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.tile_size < 16:
             raise ValueError("tile size must be at least 16 pixels")
         if not 0.0 <= self.overlap < 0.9:
             raise ValueError("overlap must be in [0, 0.9)")
+        if self.batch_size < 1:
+            raise ValueError("batch size must be at least 1 tile")
 
 
 @dataclass
@@ -178,6 +227,9 @@ class Normalization(_JsonMixin):
     low_percentile: float = 0.5
     high_percentile: float = 99.8
     channels: int = 3
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
 
 
 @dataclass

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .allocator import trim_freed_memory
+from .config import check_field_types
 from .data import InputError, as_channels_last, check_finite, check_finite_pixels, intensity_range, normalize
 from .device import network_on, resolve_device
 from .model import SegmentationModel, evaluating
@@ -164,11 +165,16 @@ class RedundancyConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        check_field_types(self, InputError)
         _check_similarity(self.similarity)
         if self.window < 2:
             raise InputError("the redundancy window must be at least 2 pixels")
         if self.tile_size < 16:
             raise InputError("tile size must be at least 16 pixels")
+        if self.halo is not None and self.halo < 0:
+            raise InputError("the halo must be 0 pixels or more, or None for the receptive-field radius")
+        if not 0 < self.memory_mb < math.inf:
+            raise InputError("the memory budget must be a finite number of megabytes above 0")
 
 
 @dataclass

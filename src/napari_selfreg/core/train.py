@@ -245,6 +245,29 @@ def painted_normalization(images: Sequence[np.ndarray], crops: Sequence[PaintedC
     return normalization_for(images[first])
 
 
+def _pair_lists(images, labels) -> tuple[list, list]:
+    """The image and labels lists; one bare array would be split into its rows and refused with
+    a misleading shape message, so it is named here instead."""
+    for given, name in ((images, "images"), (labels, "labels")):
+        if hasattr(given, "shape") and len(given.shape) <= 2:
+            raise InputError(f"{name} is one array; images and labels are lists: pass [image], [labels] for one pair")
+    return list(images), list(labels)
+
+
+def _names_given(class_names) -> list[str] | None:
+    """``class_names`` as a list of strings; a string would be split into letters, and anything
+    else would save a model file that does not load again."""
+    if class_names is None:
+        return None
+    if isinstance(class_names, str):
+        raise InputError(
+            f"class_names is a list of names such as ['background', 'nuclei'], not one string ({class_names!r})")
+    names = list(class_names)
+    if not all(isinstance(name, str) for name in names):
+        raise InputError(f"class names must be strings, not {names!r}")
+    return [str(name) for name in names] or None
+
+
 def train(
     images: Sequence[np.ndarray],
     labels: Sequence[np.ndarray],
@@ -261,8 +284,8 @@ def train(
     Raises ``InputError`` before the first step for anything the user must fix.
     """
     config = config or TrainConfig()
-    images = list(images)
-    labels = list(labels)
+    images, labels = _pair_lists(images, labels)
+    class_names = _names_given(class_names)
     if not images:
         raise InputError("no image given; choose at least one image with painted labels")
     if len(images) != len(labels):
