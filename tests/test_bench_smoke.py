@@ -104,6 +104,34 @@ def test_the_committed_paper_runs_are_not_taken_for_runs_of_other_settings_or_de
         check_settings([task(PaperConfig(), "cuda:0")], done, tmp_path)
 
 
+def test_the_committed_cpu_and_gpu_paper_rows_resume_under_their_own_commands(tmp_path):
+    """paper_protocol.json holds the GPU's 1000-epoch rows beside the CPU's 20- and 60-epoch
+    ones; every committed CPU command was refused because a GPU row of another budget said
+    device = 'cuda'. The device is held only against rows of the task's own budget."""
+    from pathlib import Path
+
+    from napari_selfreg.bench.harness import check_settings
+    from napari_selfreg.bench.paper_protocol import PER_BUDGET, UNRECORDED, PaperConfig, Schedule, run_settings
+
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "paper_protocol.json"
+    rows = json.loads(committed.read_text())["runs"]
+    assert {(r["budget"], r["device"]) for r in rows} >= {("20ep", "cpu"), ("1000ep-bf16", "cuda")}
+    done = {str(i): row for i, row in enumerate(rows)}
+
+    def task(config, schedule):
+        key = RunKey("paper", "monuseg", "test-set", "unet", schedule.label(), 0)
+        return Task(key, lambda: {}, run_settings(config, schedule), UNRECORDED, PER_BUDGET)
+
+    cpu_20 = Schedule(20, None, None, "cpu", "float32")
+    assert cpu_20.label() == "20ep"
+    check_settings([task(PaperConfig(), cpu_20)], done, tmp_path)
+    check_settings([task(PaperConfig(), Schedule(60, None, None, "cpu", "bfloat16"))], done, tmp_path)
+    with pytest.raises(SettingsMismatch, match=r"device = 'cpu'.*asks 'cuda'"):
+        check_settings([task(PaperConfig(), Schedule(20, None, None, "cuda", "float32"))], done, tmp_path)
+    with pytest.raises(SettingsMismatch, match=r"base_channels = 64.*asks 16"):  # still held file-wide
+        check_settings([task(PaperConfig(base_channels=16), cpu_20)], done, tmp_path)
+
+
 def test_paper_means_keep_a_gpus_and_a_cpus_runs_of_one_label_apart():
     from napari_selfreg.bench.paper_protocol import aggregate
 

@@ -49,6 +49,9 @@ class Task:
     settings: dict[str, Any] = field(default_factory=dict)
     # what rows made before a setting was recorded ran with (their code's fixed value)
     unrecorded: dict[str, Any] = field(default_factory=dict)
+    # settings that may differ between budgets of one file (the paper's device: its GPU and
+    # CPU schedules share a file), held only against rows of the task's own budget
+    per_budget: frozenset[str] = frozenset()
 
 
 class SettingsMismatch(ValueError):
@@ -65,19 +68,24 @@ def check_settings(tasks: Iterable[Task], done: dict[str, dict[str, Any]], state
     A row is compared on its ``settings``; for the names in the task's ``unrecorded``, a
     row without them is compared on its top-level field of that name (the runs' facts kept
     some), else on the ``unrecorded`` value. A setting known neither way is not held
-    against it.
+    against it, nor is a ``per_budget`` setting of a row of another budget.
     """
-    expected: dict[tuple[str, str], Task] = {}
+    by_method: dict[tuple[str, str], Task] = {}
+    by_budget: dict[tuple[str, str, str], Task] = {}
     for task in tasks:
-        expected.setdefault((task.key.protocol, task.key.method), task)
+        by_method.setdefault((task.key.protocol, task.key.method), task)
+        by_budget.setdefault((task.key.protocol, task.key.method, task.key.budget), task)
     for row in done.values():
-        task = expected.get((row.get("protocol"), row.get("method")))
+        own = by_budget.get((row.get("protocol"), row.get("method"), row.get("budget")))
+        task = own or by_method.get((row.get("protocol"), row.get("method")))
         if task is None or not task.settings:
             continue
         wanted = _as_json(task.settings)
         recorded = {**task.unrecorded, **{name: row[name] for name in task.unrecorded if name in row}}
         recorded.update(row.get("settings") or {})
         for name, value in wanted.items():
+            if own is None and name in task.per_budget:
+                continue
             if name in recorded and _as_json(recorded[name]) != value:
                 raise SettingsMismatch(
                     f"{state_path} holds finished {row['method']} runs made with {name} = {recorded[name]!r} "

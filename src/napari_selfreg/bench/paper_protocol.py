@@ -322,7 +322,7 @@ def plan(config: PaperConfig) -> list[Task]:
             for model in config.models:
                 key = RunKey(PROTOCOL, dataset, "test-set", model, schedule.label(), seed)
                 tasks.append(Task(key, _runner(config, schedule, dataset, model, seed),
-                                  run_settings(config, schedule), UNRECORDED))
+                                  run_settings(config, schedule), UNRECORDED, PER_BUDGET))
     return tasks
 
 
@@ -332,6 +332,10 @@ SETTING_NAMES = ("image_size", "base_channels", "batch_size", "learning_rate", "
 # PaperConfig's defaults; their device is a field of each row
 UNRECORDED = {"image_size": 224, "base_channels": 64, "batch_size": 4, "learning_rate": 1e-3, "restart_epochs": 10,
               "min_learning_rate": 1e-4, "patience": 50, "crop": None, "limit_images": None, "device": None}
+
+
+# a GPU's and a CPU's schedules share one file (paper_protocol.json); each budget keeps its device
+PER_BUDGET = frozenset({"device"})
 
 
 def run_settings(config: PaperConfig, schedule: Schedule | None = None) -> dict:
