@@ -167,9 +167,10 @@ def test_a_few_outlying_pixels_do_not_change_the_white_level():
         (np.where(_painted() == 2, 40, _painted()), "only 2 of them"),
         (np.where(_painted() == 2, 255, _painted()), "at most 64"),  # a 0/255 mask with background 1
         (np.where(_painted() == 2, np.uint16(300), _painted().astype(np.uint16)), "at most 64"),
+        (np.where(_painted() == 2, np.uint64(2**63), _painted().astype(np.uint64)), "hold the id 9223372036854775808"),
     ],
     ids=["nothing", "only-background", "no-background", "shape", "negative", "fractional", "gaps", "0-255-mask",
-         "ids-over-255"],
+         "ids-over-255", "uint64-over-int64"],
 )
 def test_label_mistakes_give_clear_errors(labels, message):
     image = np.zeros((40, 48, 3), np.uint8)

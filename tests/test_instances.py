@@ -216,3 +216,45 @@ def test_the_second_pass_of_a_too_wide_group_shows_progress_and_stops():
     assert not stopped.complete and len(asked) == cores + 2
     # the cores filled before the stop have ids; later ones keep their unfilled pixels at 0
     assert 0 < np.count_nonzero(stopped.instances) < np.count_nonzero(split.instances)
+
+
+def test_a_boolean_mask_is_one_structure_class_and_other_inputs_are_checked():
+    """A True/False mask gave no objects (True read as background id 1); a stack failed deep in scipy."""
+    import pytest
+
+    from napari_selfreg.core.data import InputError
+    from napari_selfreg.core.instances import separate_instances, split_instances
+    from napari_selfreg.core.progress import drain
+
+    truth = he_arrays()["ground_truth"]
+    as_classes = separate_instances(truth)
+    assert as_classes.max() == 55
+    assert _same_objects(separate_instances(truth == 2), as_classes)
+    assert _same_objects(drain(split_instances(truth == 2, tile=64, margin=32)).instances, as_classes)
+    assert _same_objects(drain(split_instances(truth.tolist())).instances, as_classes)
+    with pytest.raises(InputError, match=r"one 2-D class map .*split a stack slice by slice"):
+        separate_instances(np.stack([truth, truth]))
+    with pytest.raises(InputError, match="one 2-D class map"):
+        drain(split_instances(truth[None]))
+
+
+def test_an_out_array_is_checked_and_reused_cleanly():
+    """Split twice into one array: the second run found every object 'already written' (0
+    objects, the old ids kept); a uint8 array wrapped ids past 255."""
+    import pytest
+
+    from napari_selfreg.core.instances import split_instances
+    from napari_selfreg.core.progress import drain
+
+    truth = he_arrays()["ground_truth"]
+    out = np.zeros(truth.shape, np.int32)
+    first = drain(split_instances(truth, out=out, tile=64, margin=32))
+    kept = out.copy()
+    other = np.where(np.arange(truth.shape[1]) < truth.shape[1] // 2, truth, 1).astype(truth.dtype)
+    second = drain(split_instances(other, out=out, tile=64, margin=32))
+    assert first.count == 55 and 0 < second.count < 55
+    assert not np.any(out[:, truth.shape[1] // 2 + 16:])  # no stale objects from the first map
+    third = drain(split_instances(truth, out=out, tile=64, margin=32))
+    assert third.count == 55 and np.array_equal(out, kept)
+    with pytest.raises(ValueError, match=r"32-bit object ids \(int32\), not uint8"):
+        drain(split_instances(truth, out=np.zeros(truth.shape, np.uint8)))

@@ -414,6 +414,34 @@ def test_stop_ends_early(colour_model):
     assert done.value.value.complete is False
 
 
+def test_stop_may_be_a_plain_bool(colour_model):
+    image = _image(200, 300)
+    config = PredictConfig(tile_size=64, batch_size=2, **F32)
+    assert predict(colour_model, image, config, stop=False).complete
+    stopped = predict(colour_model, image, config, stop=True)
+    assert not stopped.complete and not np.any(stopped.labels)
+
+
+def test_wrong_argument_types_are_named_in_one_line(colour_model):
+    from napari_selfreg.core.data import InputError
+
+    image = _image(64, 64)
+    with pytest.raises(TypeError, match=r"config must be a PredictConfig .*not dict"):
+        predict(colour_model, image, {"tile_size": 64})
+    with pytest.raises(InputError, match=r"torch tensor; pass a numpy, dask or zarr array"):
+        predict(colour_model, torch.from_numpy(image))
+
+
+def test_overlap_runs_to_half_a_tile_and_no_further(colour_model):
+    """Up to 0.9 was accepted, then quietly cut to half a tile."""
+    image = _image(150, 170)
+    halves = predict(colour_model, image, PredictConfig(tile_size=64, overlap=0.5, **F32))
+    whole = predict_whole(colour_model, image)
+    assert np.mean(halves.labels == whole.argmax(0) + 1) > 0.99
+    with pytest.raises(ValueError, match=r"overlap must be from 0 to 0\.5"):
+        PredictConfig(overlap=0.6)
+
+
 def test_inference_network_folds_batchnorm_without_touching_the_model(colour_model):
     before = {k: v.clone() for k, v in colour_model.network.state_dict().items()}
     fused = inference_network(colour_model.network, torch.device("cpu"))

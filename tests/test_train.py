@@ -453,6 +453,16 @@ def test_numpy_settings_and_names_train_save_and_load(tmp_path):
     assert loaded.info.training["seed"] == 2 and len(result.history) == 2
 
 
+def test_settings_and_the_starting_model_of_the_wrong_type_are_named():
+    image, labels, _ = _scene()
+    with pytest.raises(TypeError, match=r"config must be a TrainConfig .*not dict"):
+        train_to_end([image], [labels], {"steps": 1}, SMALL)
+    with pytest.raises(TypeError, match=r"model_config must be a ModelConfig .*not dict"):
+        train_to_end([image], [labels], TrainConfig(steps=1), {"depth": 2})
+    with pytest.raises(TypeError, match=r"initial must be a model \(load_model\(path\) reads one\), not str"):
+        train_to_end([image], [labels], TrainConfig(steps=1), SMALL, initial="model.safetensors")
+
+
 def test_keep_chooses_which_weights_the_run_hands_over():
     image, labels, _ = _scene()
     base = dict(steps=6, patch_size=32, batch_size=2, validation_every=2, seed=0)

@@ -18,6 +18,16 @@ T = TypeVar("T")
 _PLAIN_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
+def settings_of(value: T | None, kind: type[T], name: str) -> T:
+    """``value``, or ``kind``'s defaults for None; a dict or another object is refused in one
+    line instead of failing deep inside on an attribute it lacks."""
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be a {kind.__name__} (or None for the defaults), not {type(value).__name__}")
+    return value
+
+
 def check_field_types(settings, error: type[Exception] = ValueError) -> None:
     """Refuse wrong types and turn numpy numbers into Python ones, in place.
 
@@ -207,8 +217,8 @@ class PredictConfig(_JsonMixin):
         check_field_types(self)
         if self.tile_size < 16:
             raise ValueError("tile size must be at least 16 pixels")
-        if not 0.0 <= self.overlap < 0.9:
-            raise ValueError("overlap must be in [0, 0.9)")
+        if not 0.0 <= self.overlap <= 0.5:
+            raise ValueError("overlap must be from 0 to 0.5 (half a tile: each pixel then lies in two tiles a side)")
         if self.batch_size < 1:
             raise ValueError("batch size must be at least 1 tile")
 
@@ -219,8 +229,8 @@ class Normalization(_JsonMixin):
 
     ``mode``: "uint8" divides 8-bit images by 255; "percentile" maps the image's own low/high
     percentiles to 0/1 (16-bit, float). Per image, the same in training and prediction; an
-    image that is not 8-bit is scaled to 8-bit units where its container says how, else by its
-    percentiles (``data.intensity_range``).
+    image that is not 8-bit is scaled to 8-bit units where its pixel values show its white
+    level (``data.intensity_range``), else by its percentiles.
     """
 
     mode: str = "uint8"

@@ -224,6 +224,9 @@ def check_pair(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
     if np.issubdtype(labels.dtype, np.floating):
         if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
             raise InputError(WHOLE_NUMBERS)
+    if labels.dtype == np.uint64 and labels.size and labels.max() > np.iinfo(np.int64).max:
+        raise InputError(
+            f"labels hold the id {int(labels.max())}; ids run 0 = not painted, 1 = background, 2.. = structures")
     labels = labels.astype(np.int64)
     if labels.min() < 0:
         raise InputError("labels must not be negative (0 = not painted, 1 = background, 2.. = structures)")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from .data import InputError
 from .progress import StopRequest, stop_requested
 
 INSTANCE_PIXELS = 64_000_000  # largest window split at once (a few GB of scratch arrays)
@@ -69,11 +70,12 @@ def separate_instances(
     single-pixel peaks cut every few pixels, and a large gland has bays whose lobes would
     each keep a maximum of a pixel or two (BENCHMARKS.md, "Instances"). A small opening first
     removes slivers one or two pixels thin (edge artefacts would otherwise shatter into
-    many tiny "objects"); objects smaller than ``min_size`` pixels are dropped.
+    many tiny "objects"); objects smaller than ``min_size`` pixels are dropped. A boolean mask
+    is one structure class (True).
     """
     from skimage.segmentation import watershed
 
-    labels = np.asarray(labels)
+    labels = _class_map(np.asarray(labels))
     if classes is None:
         classes = [int(c) for c in np.unique(labels) if c >= 2]
     out = np.zeros(labels.shape, np.int32)
@@ -95,6 +97,20 @@ def separate_instances(
         out[instances > 0] = instances[instances > 0] + offset
         offset = int(out.max())
     return out
+
+
+def _class_map(labels):
+    """``labels`` as a 2-D class map: a boolean mask (True = structure) read as ids 1 and 2,
+    since its True would be background (id 1) and give no objects at all."""
+    if len(labels.shape) != 2:
+        raise InputError(f"instances are split on one 2-D class map (H, W), not shape {tuple(labels.shape)}; "
+                         "split a stack slice by slice")
+    if labels.dtype == bool:
+        if not isinstance(labels, np.ndarray):
+            raise InputError("a lazy boolean mask cannot be read as a class map; give ids (mask + 1: 1 = background, "
+                             "2 = structure)")
+        return labels.astype(np.uint8) + 1
+    return labels
 
 
 def _seeds(distance: np.ndarray, components: np.ndarray, height: float, relative_height: float) -> np.ndarray:
@@ -180,8 +196,8 @@ def split_instances(
     """``separate_instances`` over ``labels`` (H, W) of any size, a window at a time; yields
     progress per window and returns the ``InstanceSplit``.
 
-    Memory stays at a window's scratch arrays plus ``out`` (a zero-filled (H, W) int32 array,
-    memory map or zarr array; allocated in memory when None). Each touching group of objects
+    Memory stays at a window's scratch arrays plus ``out`` (an (H, W) int32 array, cleared
+    here; or a zero-filled memory map or zarr array; allocated in memory when None). Each touching group of objects
     is split in a window that holds it whole with ``REACH`` pixels to spare, so it comes out as
     the whole-map split would have it, and is written by the one window whose core holds its
     first pixel (in row-major order). A group that reaches a window's edge is split again in a
@@ -195,11 +211,18 @@ def split_instances(
     The writes stay in window order, so the result does not depend on ``workers``; memory
     grows by a window's scratch arrays per worker.
     """
-    h, w = (int(n) for n in labels.shape[:2])
+    if not hasattr(labels, "shape") or not hasattr(labels, "__getitem__"):
+        labels = np.asarray(labels)
+    labels = _class_map(labels)
+    h, w = (int(n) for n in labels.shape)
     if out is None:
         out = np.zeros((h, w), np.int32)
     if tuple(out.shape) != (h, w):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(h, w)}")
+    if np.dtype(out.dtype).kind not in "iu" or np.dtype(out.dtype).itemsize < 4:
+        raise ValueError(f"out must hold 32-bit object ids (int32), not {np.dtype(out.dtype)}")
+    if type(out) is np.ndarray:  # in memory: cheap to clear; ids left there would pass for objects written
+        out.fill(0)
     tile, margin = max(1, int(tile)), max(0, int(margin))
     cores = [(y, min(y + tile, h), x, min(x + tile, w)) for y in range(0, h, tile) for x in range(0, w, tile)]
     count = truncated = 0

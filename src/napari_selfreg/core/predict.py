@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .allocator import freed_memory_kept
-from .config import Normalization, PredictConfig
+from .config import Normalization, PredictConfig, settings_of
 from .cpu_fusion import fuse_for_cpu
 from .data import (
     RANGE_SAMPLE_PIXELS,
@@ -122,6 +122,8 @@ class _TileReader:
     """
 
     def __init__(self, image) -> None:
+        if type(image).__module__.startswith("torch"):  # numpy cannot read a tensor's dtype
+            raise InputError("the image is a torch tensor; pass a numpy, dask or zarr array (tensor.numpy())")
         if not hasattr(image, "shape") or not hasattr(image, "__getitem__"):
             image = np.asarray(image)
         self.image = image
@@ -373,7 +375,7 @@ def predict_tiled(
     outputs and ``complete`` is False. ``value_range`` (``value_range_of``) scales the image;
     a crop must be given its whole image's, else it is stretched by its own percentiles.
     """
-    config = config or PredictConfig()
+    config = settings_of(config, PredictConfig, "config")
     reader = _TileReader(image)
     h, w = reader.height, reader.width
     norm = model.info.normalization
@@ -392,7 +394,7 @@ def predict_tiled(
 
     divisor = model.config.divisor
     tile = max(divisor, _round_up(config.tile_size, divisor))
-    overlap = min(int(round(tile * config.overlap)), tile // 2)
+    overlap = int(round(tile * config.overlap))
     th, ys = tile_layout(h, tile, overlap, divisor)
     tw, xs = tile_layout(w, tile, overlap, divisor)
     ramp_y = blend_ramp(th, overlap) if len(ys) > 1 else np.ones(th, np.float32)

@@ -8,13 +8,13 @@ from typing import Any, TypeVar
 
 R = TypeVar("R")
 
-StopRequest = Callable[[], bool] | threading.Event | None
+StopRequest = Callable[[], bool] | threading.Event | bool | None
 
 
 def stop_requested(stop: StopRequest) -> bool:
     """Whether a stop was asked for: an Event set by a widget, or a callable polled by a script."""
-    if stop is None:
-        return False
+    if stop is None or isinstance(stop, bool):
+        return bool(stop)
     if isinstance(stop, threading.Event):
         return stop.is_set()
     return bool(stop())

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .allocator import freed_memory_kept
-from .config import ModelConfig, ModelInfo, Normalization, TrainConfig
+from .config import ModelConfig, ModelInfo, Normalization, TrainConfig, settings_of
 from .data import (
     BatchPrefetcher,
     InputError,
@@ -283,7 +283,10 @@ def train(
     ``class_names``, when given, rename them, so a class renamed between rounds stays renamed).
     Raises ``InputError`` before the first step for anything the user must fix.
     """
-    config = config or TrainConfig()
+    config = settings_of(config, TrainConfig, "config")
+    model_config = settings_of(model_config, ModelConfig, "model_config")
+    if initial is not None and not isinstance(initial, SegmentationModel):
+        raise TypeError(f"initial must be a model (load_model(path) reads one), not {type(initial).__name__}")
     images, labels = _pair_lists(images, labels)
     class_names = _names_given(class_names)
     if not images:
