@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .allocator import trim_freed_memory
-from .config import check_field_types
+from .config import check_field_types, settings_of
 from .data import InputError, as_channels_last, check_finite, check_finite_pixels, intensity_range, normalize
 from .device import network_on, resolve_device
 from .model import SegmentationModel, evaluating
@@ -545,7 +545,7 @@ def _compute_redundancy(
     config: RedundancyConfig | None,
     region: tuple[int, int, int, int] | None,
 ) -> Generator[RedundancyProgress, None, RedundancyReport]:
-    config = config or RedundancyConfig()
+    config = settings_of(config, RedundancyConfig, "config")
     start_time = time.perf_counter()
     image = as_channels_last(image)
     every_pixel_checked = check_finite(image)
