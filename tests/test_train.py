@@ -273,6 +273,11 @@ def test_fine_tuning_continues_from_a_saved_model(tmp_path):
     more[:2, :10] = 3
     with pytest.raises(InputError, match="knows only 2 classes"):
         train_to_end([image], [more], TrainConfig(steps=1, patch_size=32), initial=loaded)
+    # corrections of one class alone are refused, and the message says what works
+    for kept, missing in ((2, "no background"), (1, "only background")):
+        one_class = np.where(labels == kept, kept, 0).astype(labels.dtype)
+        with pytest.raises(InputError, match=f"{missing} is painted.*paint over its prediction used as labels"):
+            train_to_end([image], [one_class], TrainConfig(steps=1, patch_size=32), initial=loaded)
 
 
 def test_fine_tuning_starts_from_the_loaded_weights(tmp_path):

@@ -267,12 +267,16 @@ def painted_ids(labels_list: list[np.ndarray], rows: int = 512) -> set[int]:
 def check_painted(labels_list: list[np.ndarray], num_classes: int | None = None) -> int:
     """Check that background and at least one structure are painted; return the class count."""
     present = painted_ids(labels_list)
+    # a round of corrections often paints one class only; training on it alone would teach
+    # the model that class everywhere, so it is refused, and the message says what works
+    again = ("; to correct a model, paint over its prediction used as labels, which holds every class"
+             if num_classes is not None else "")
     if not present:
         raise InputError("nothing is painted; paint background (label 1) and at least one structure (label 2)")
     if 1 not in present:
-        raise InputError("no background is painted; paint some background with label 1")
+        raise InputError(f"no background is painted; paint some background with label 1{again}")
     if len(present) < 2:
-        raise InputError("only background is painted; paint at least one structure with label 2")
+        raise InputError(f"only background is painted; paint at least one structure with label 2{again}")
     highest = max(present)
     unused = highest - len(present)
     if num_classes is None and unused > highest // 2:  # a new model gets a class per id
