@@ -23,6 +23,15 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.data)
 
 
+@pytest.fixture(autouse=True)
+def model_copies(tmp_path_factory, monkeypatch) -> Path:
+    """Trained models are copied to disk by the Train widget: into a fresh folder per test,
+    never into the user's data folder."""
+    folder = tmp_path_factory.mktemp("model-copies")
+    monkeypatch.setenv("NAPARI_SELFREG_COPIES", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "monuseg").is_dir():

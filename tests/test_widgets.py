@@ -7,10 +7,12 @@ minutes on a 2-core CPU; the flow test still asserts a Dice clearly above chance
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -503,7 +505,7 @@ def test_bad_model_file_is_a_notification(make_napari_viewer, qtbot, messages, t
 
 
 @pytest.mark.gui
-def test_training_error_keeps_the_partial_model(he_viewer, qtbot, messages, monkeypatch):
+def test_training_error_keeps_the_partial_model(he_viewer, qtbot, messages, monkeypatch, model_copies):
     """A failure mid-training (here a simulated GPU out-of-memory) keeps the model so far."""
     from napari_selfreg.core import losses
 
@@ -525,6 +527,42 @@ def test_training_error_keeps_the_partial_model(he_viewer, qtbot, messages, monk
     assert "out of memory" in messages.errors[-1] and "batch size" in messages.errors[-1]
     assert "kept" in messages.errors[-1]
     assert len(train.registry) == before + 1
+    copy = Path(re.search(r"a copy is in (.+\.safetensors)", messages.errors[-1]).group(1))
+    assert copy.parent == model_copies and "(partial)" in copy.name and copy.is_file()
+
+
+@pytest.mark.gui
+def test_every_trained_model_is_copied_to_disk_until_saved(he_viewer, qtbot, messages, monkeypatch, model_copies):
+    """A model lived only in memory until Save…: closing napari, or a crash, lost every round."""
+    import torch
+
+    from napari_selfreg.core.checkpoint import load_model
+
+    train = train_widget_for(he_viewer)
+    tiny(train, steps=4)
+    train.start()
+    wait_idle(qtbot, train)
+    copy = Path(re.search(r"A copy is in (.+\.safetensors)\.", train.status.text()).group(1))
+    assert copy.parent == model_copies and copy.name.startswith("H&E tissue model-")
+    kept = load_model(copy)
+    model = train.registry.get(train.model_combo.currentText())
+    assert kept.class_names == model.class_names
+    for a, b in zip(kept.network.state_dict().values(), model.network.state_dict().values(), strict=True):
+        assert torch.equal(a, b.cpu())
+
+    monkeypatch.setenv("NAPARI_SELFREG_COPIES", "0")  # turned off: nothing written, nothing said
+    train.start()
+    wait_idle(qtbot, train)
+    assert "copy" not in train.status.text() and len(list(model_copies.iterdir())) == 1
+
+    blocked = model_copies / "a file, not a folder"
+    blocked.write_text("")
+    monkeypatch.setenv("NAPARI_SELFREG_COPIES", str(blocked))  # cannot be written: told, model still kept
+    before = len(train.registry)
+    train.start()
+    wait_idle(qtbot, train)
+    assert len(train.registry) == before + 1 and "ready for Segment" in train.status.text()
+    assert any("could not be copied to disk" in text and "Save" in text for text in messages.warnings)
 
 
 

@@ -7,11 +7,15 @@ snapshot of the weights, so the user sees the model learn while training goes on
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Generator
+from pathlib import Path
 
 import numpy as np
+
+from .model_registry import keep_copy
 
 PREVIEW_MAX_SIDE = 384
 PREVIEW_TILE = 192  # small tiles: a stop request is seen between them
@@ -55,6 +59,7 @@ class WorkerError(Exception):
         super().__init__(str(error))
         self.error = error
         self.partial = partial
+        self.copied: Path | None = None  # where the partial model was copied (``keep_copy``)
 
 
 def run_training(
@@ -68,6 +73,7 @@ def run_training(
     view: Callable[[], tuple[slice, slice] | None] | None = None,
     preview_image=None,
     preview_every: float = 3.0,
+    copy_name: str | None = None,
 ) -> Generator[tuple[str, object], None, object]:
     """Yield ("report", TrainReport) per step and ("preview", (box, labels)) now and then.
 
@@ -79,18 +85,30 @@ def run_training(
     Returns the core's TrainResult. On Stop the core generator returns before its next
     step, with the weights the settings keep (last, or best held-out so far). Every error
     leaves as ``WorkerError`` (a RuntimeError would vanish in superqt), after the first step
-    carrying a copy of the model trained so far, so nothing is lost.
+    carrying a copy of the model trained so far, so nothing is lost. With ``copy_name`` the
+    model (or the partial one) is also written to disk by ``keep_copy``: ("copied", path) is
+    yielded last, or ("copy_failed", error); a failed error's copy is its ``copied``.
     """
     try:
-        return (
-            yield from _train_with_previews(
-                images, labels, config, model_config, class_names, initial, stop, view, preview_image, preview_every
-            )
+        result = yield from _train_with_previews(
+            images, labels, config, model_config, class_names, initial, stop, view, preview_image, preview_every
         )
-    except WorkerError:
+    except WorkerError as error:
+        if copy_name is not None and error.partial is not None:
+            with contextlib.suppress(Exception):  # the training error is the one to report
+                error.copied = keep_copy(error.partial, f"{copy_name} (partial)")
         raise
     except Exception as error:
         raise WorkerError(error) from error
+    if copy_name is not None and result.history:
+        try:
+            copied = keep_copy(result.model, copy_name)
+        except Exception as error:  # a full disk must not lose the model in memory
+            yield "copy_failed", error
+        else:
+            if copied is not None:
+                yield "copied", copied
+    return result
 
 
 def _train_with_previews(

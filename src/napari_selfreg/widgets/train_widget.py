@@ -136,6 +136,7 @@ class TrainWidget(QWidget):
         self._last_status = 0.0
         self._prediction_name: str | None = None
         self._value_range = None  # the run image's, for the end-of-round prediction of a crop
+        self._copied = None  # where the round's model was copied to disk (keep_copy)
         self._unfilled: list = []  # prediction layers made empty by this round, not yet written
         self._locked: list = []  # prediction layers not editable until the round's predictions end
         self._view_box = None
@@ -625,6 +626,7 @@ class TrainWidget(QWidget):
         if self.preview_every.value() > 0:  # made now, not mid-training: napari takes 0.3-0.4 s for it
             self._lock(self._prediction_layer(self._run_image, self._prediction_name))
         self._value_range = None
+        self._copied = None  # where this round's model is copied (keep_copy), once it is
         self.stop_event = threading.Event()
         self._stop_requested_at = None
         self.result = None
@@ -642,6 +644,7 @@ class TrainWidget(QWidget):
             view=lambda: self._view_box,
             preview_image=images[0],
             preview_every=self.preview_every.value(),
+            copy_name=f"{self._run_image.name} model",
             _ignore_errors=True,
         )
         self.worker.yielded.connect(self._on_yielded)
@@ -692,6 +695,11 @@ class TrainWidget(QWidget):
             self._value_range = value
         elif kind == "preview_failed":
             show_warning(f"A live preview failed and was skipped; training goes on. The cause: {explain(value)}")
+        elif kind == "copied":
+            self._copied = value
+        elif kind == "copy_failed":
+            self._copied = None
+            show_warning(f"The trained model could not be copied to disk ({explain(value)}); use Save… to keep it.")
 
     def _keep_corrections(self, name: str) -> None:
         """A prediction the user painted on is theirs, and so is a layer of that name this
@@ -786,9 +794,10 @@ class TrainWidget(QWidget):
         how = "stopped" if result.stopped else "finished"
         if not result.stopped:  # a time budget's last step reports a little under the budget: 99 %
             self.progress.setValue(self.progress.maximum())
+        copied = f" A copy is in {self._copied}." if self._copied is not None else ""
         self.status.setText(
             f"Training {how} after {result.steps} steps ({last.elapsed:.0f} s){best}. "
-            f"Model '{name}' is ready for Segment; Start again continues from it."
+            f"Model '{name}' is ready for Segment; Start again continues from it.{copied}"
         )
         show_info(f"Training {how}: model '{name}' is ready (Segment widget, or Save…).")
         if not self._closed:  # a closed dock's prediction would run for minutes, shown to no one
@@ -842,7 +851,9 @@ class TrainWidget(QWidget):
         if partial is not None:
             name = self.registry.add(f"{self._run_image.name if self._run_image else 'model'} model (partial)", partial)
             self.model_combo.setCurrentText(name)
-            message += f". The model trained so far is kept as '{name}'."
+            message += f". The model trained so far is kept as '{name}'"
+            copied = getattr(error, "copied", None)
+            message += f" (a copy is in {copied})." if copied is not None else "."
         show_error(f"Training failed: {message}")
         self.status.setText(f"Training failed: {message}")
 

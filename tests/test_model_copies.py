@@ -1,0 +1,73 @@
+"""Copies of trained models on disk: named, loadable, the oldest removed, the user's files never."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+from napari_selfreg.core.checkpoint import load_model
+from napari_selfreg.core.config import ModelConfig, ModelInfo, TrainConfig
+from napari_selfreg.core.model import SegmentationModel
+from napari_selfreg.widgets import model_registry
+from napari_selfreg.widgets.model_registry import copies_folder, keep_copy
+
+
+def _model() -> SegmentationModel:
+    torch.manual_seed(0)
+    return SegmentationModel.create(ModelInfo(model=ModelConfig(base_channels=4, depth=2), class_names=["bg", "n"]))
+
+
+def test_a_copy_loads_as_the_model_and_its_name_survives_any_layer_name(model_copies):
+    model = _model()
+    path = keep_copy(model, 'run 2: "H&E" / slide?')
+    assert path.parent == model_copies and path.name.startswith("run 2_ _H&E_ _ slide_-")
+    loaded = load_model(path)
+    for a, b in zip(loaded.network.state_dict().values(), model.network.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert keep_copy(model, 'run 2: "H&E" / slide?') != path  # the same second: a second file, not over it
+
+
+def test_only_the_newest_copies_stay_and_other_files_are_never_removed(model_copies, monkeypatch):
+    monkeypatch.setattr(model_registry, "KEEP_COPIES", 3)
+    mine = model_copies / "my nuclei model.safetensors"
+    mine.write_bytes(b"the user's own file")
+    model = _model()
+    made = []
+    for n in range(5):
+        made.append(keep_copy(model, f"round {n}"))
+        os.utime(made[-1], (1_000_000 + n, 1_000_000 + n))  # the order they were made in
+    keep_copy(model, "round 5")
+    left = sorted(p.name for p in model_copies.iterdir())
+    assert mine.name in left and len(left) == 4
+    assert not any(p.exists() for p in made[:3]) and all(p.exists() for p in made[3:])
+
+
+def test_copies_can_be_turned_off_and_default_to_the_user_data_folder(monkeypatch):
+    for off in ("0", ""):
+        monkeypatch.setenv("NAPARI_SELFREG_COPIES", off)
+        assert copies_folder() is None and keep_copy(_model(), "m") is None
+    monkeypatch.delenv("NAPARI_SELFREG_COPIES")
+    folder = copies_folder()
+    assert folder.name == "trained" and folder.parent.name == "napari-selfreg"
+
+
+def test_the_training_worker_yields_the_copy_last():
+    from napari_selfreg.sample_data import he_arrays
+    from napari_selfreg.widgets._workers import run_training
+
+    data = he_arrays()
+    config = TrainConfig(steps=3, patch_size=48, batch_size=2, seed=0)
+    run = run_training([data["image"]], [data["strokes"]], config, ModelConfig(base_channels=4, depth=2),
+                       ["background", "nuclei"], None, threading.Event(), copy_name="H&E tissue model")
+    events = []
+    with pytest.raises(StopIteration) as done:
+        while True:
+            events.append(next(run))
+    assert [kind for kind, _ in events] == ["report"] * 3 + ["copied"]
+    copied = load_model(events[-1][1])
+    result = done.value.value
+    for a, b in zip(copied.network.state_dict().values(), result.model.network.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
