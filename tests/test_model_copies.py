@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,24 +31,34 @@ def test_a_copy_loads_as_the_model_and_its_name_survives_any_layer_name(model_co
 
 
 def test_only_the_newest_copies_stay_and_other_files_are_never_removed(model_copies, monkeypatch):
+    """A user's own model in the folder stays, even under a copy's name or saved over a copy."""
+    import time
+
+    from napari_selfreg.core.checkpoint import save_model
+
     monkeypatch.setattr(model_registry, "KEEP_COPIES", 3)
     mine = model_copies / "my nuclei model.safetensors"
-    mine.write_bytes(b"the user's own file")
+    lookalike = model_copies / "H&E tissue model-20240101-120000.safetensors"  # a loaded copy saved again
     model = _model()
+    for path in (mine, lookalike):
+        save_model(model, path)
     made = []
-    for n in range(5):
+    for n in range(6):
         made.append(keep_copy(model, f"round {n}"))
-        os.utime(made[-1], (1_000_000 + n, 1_000_000 + n))  # the order they were made in
-    keep_copy(model, "round 5")
-    left = sorted(p.name for p in model_copies.iterdir())
-    assert mine.name in left and len(left) == 4
-    assert not any(p.exists() for p in made[:3]) and all(p.exists() for p in made[3:])
+        time.sleep(0.02)  # distinct modification times on any file system
+        if n == 1:
+            save_model(model, made[0])  # the user saved a model over the first copy: theirs now
+    left = {p.name for p in model_copies.glob("*.safetensors")}
+    assert left == {mine.name, lookalike.name, made[0].name, *(p.name for p in made[3:])}
+    assert not any(p.exists() for p in made[1:3])
 
 
 def test_copies_can_be_turned_off_and_default_to_the_user_data_folder(monkeypatch):
     for off in ("0", ""):
         monkeypatch.setenv("NAPARI_SELFREG_COPIES", off)
         assert copies_folder() is None and keep_copy(_model(), "m") is None
+    monkeypatch.setenv("NAPARI_SELFREG_COPIES", "trained")  # relative: fixed now, not at each later copy
+    assert copies_folder() == Path.cwd() / "trained"
     monkeypatch.delenv("NAPARI_SELFREG_COPIES")
     folder = copies_folder()
     assert folder.name == "trained" and folder.parent.name == "napari-selfreg"

@@ -420,6 +420,7 @@ def test_stop_may_be_a_plain_bool(colour_model):
     assert predict(colour_model, image, config, stop=False).complete
     stopped = predict(colour_model, image, config, stop=True)
     assert not stopped.complete and not np.any(stopped.labels)
+    assert not predict(colour_model, image, config, stop=np.bool_(True)).complete
 
 
 def test_wrong_argument_types_are_named_in_one_line(colour_model):

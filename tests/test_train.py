@@ -433,6 +433,13 @@ def test_one_array_instead_of_lists_is_named():
         train_to_end(image, labels, TrainConfig(steps=1), SMALL)
     with pytest.raises(InputError, match=r"images is one array"):
         train_to_end(image[..., 0], [labels], TrainConfig(steps=1), SMALL)
+    with pytest.raises(InputError, match=r"images is one array"):  # an RGB image was split into its rows
+        train_to_end(image, [labels], TrainConfig(steps=1), SMALL)
+    # an object array of images of different sizes is a sequence of images, as before
+    other, other_labels, _ = _scene(seed=1, size=80)
+    images = np.empty(2, object)
+    images[:] = [image, other]
+    assert len(train_to_end(images, [labels, other_labels], TrainConfig(steps=1, patch_size=32), SMALL).history) == 1
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,8 @@ import threading
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
+import numpy as np
+
 R = TypeVar("R")
 
 StopRequest = Callable[[], bool] | threading.Event | bool | None
@@ -13,7 +15,7 @@ StopRequest = Callable[[], bool] | threading.Event | bool | None
 
 def stop_requested(stop: StopRequest) -> bool:
     """Whether a stop was asked for: an Event set by a widget, or a callable polled by a script."""
-    if stop is None or isinstance(stop, bool):
+    if stop is None or isinstance(stop, bool | np.bool_):
         return bool(stop)
     if isinstance(stop, threading.Event):
         return stop.is_set()

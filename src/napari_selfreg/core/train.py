@@ -249,7 +249,11 @@ def _pair_lists(images, labels) -> tuple[list, list]:
     """The image and labels lists; one bare array would be split into its rows and refused with
     a misleading shape message, so it is named here instead."""
     for given, name in ((images, "images"), (labels, "labels")):
-        if hasattr(given, "shape") and len(given.shape) <= 2:
+        shape = getattr(given, "shape", None)
+        if shape is None or str(getattr(given, "dtype", "")) == "object":  # a list, or an object array of images
+            continue
+        one_image = name == "images" and len(shape) == 3 and not hasattr(labels, "shape") and shape[0] != len(labels)
+        if len(shape) <= 2 or one_image:
             raise InputError(f"{name} is one array; images and labels are lists: pass [image], [labels] for one pair")
     return list(images), list(labels)
 

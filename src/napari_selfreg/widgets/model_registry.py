@@ -8,8 +8,11 @@ import here, so docking stays fast.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,43 +82,82 @@ def copies_folder() -> Path | None:
     (``~/.local/share/napari-selfreg/trained`` on Linux); None when turned off."""
     chosen = os.environ.get(COPIES_ENV)
     if chosen is not None:
-        return None if chosen.strip() in ("", "0") else Path(chosen).expanduser()
+        return None if chosen.strip() in ("", "0") else Path(chosen).expanduser().absolute()
     from platformdirs import user_data_dir
 
     return Path(user_data_dir("napari-selfreg", appauthor=False)) / "trained"
+
+
+RECORD = ".napari-selfreg-copies.jsonl"  # the copies keep_copy wrote: nothing else is ever removed
 
 
 def keep_copy(model: SegmentationModel, name: str) -> Path | None:
     """Write ``model`` to ``copies_folder()`` as NAME-TIME.safetensors and remove the oldest
     copies beyond ``KEEP_COPIES``; returns the file (None when copies are off). Raises OSError
     when it cannot be written. Runs in the training worker, so a large model costs the viewer
-    nothing."""
+    nothing.
+
+    Only files listed in the folder's record, and unchanged since (size and modification
+    time), are removed: a model the user saved there, even under a copy's name, stays.
+    """
     from ..core.checkpoint import save_model
 
     folder = copies_folder()
     if folder is None:
         return None
     folder.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r'[<>:"/\\|?*\x00-\x1f]+', "_", name).strip(" .")[:80] or "model"  # no OS refuses the rest
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path, n = folder / f"{stem}-{stamp}.safetensors", 2
-    while path.exists():
-        path, n = folder / f"{stem}-{stamp}-{n}.safetensors", n + 1
-    save_model(model, path)
+    path = _reserve(folder, re.sub(r'[<>:"/\\|?*\x00-\x1f]+', "_", name).strip(" .")[:80] or "model")
+    try:
+        save_model(model, path)
+    except BaseException:
+        path.unlink(missing_ok=True)  # the empty file that held the name
+        raise
+    written = path.stat()
+    with open(folder / RECORD, "a") as record:  # one short line per append: other processes' lines stay whole
+        record.write(json.dumps({"name": path.name, "mtime_ns": written.st_mtime_ns, "size": written.st_size}) + "\n")
     _remove_oldest(folder)
     return path
 
 
-_COPY_NAME = re.compile(r".+-\d{8}-\d{6}(-\d+)?\.safetensors")  # only files keep_copy names are ever removed
+def _reserve(folder: Path, stem: str) -> Path:
+    """A new file NAME-TIME[-N].safetensors, created empty: two napari processes finishing a
+    round in the same second get two names (and two temporary files)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        path = folder / (f"{stem}-{stamp}.safetensors" if n == 1 else f"{stem}-{stamp}-{n}.safetensors")
+        try:
+            path.open("xb").close()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name for {stem} in {folder}")
 
 
 def _remove_oldest(folder: Path) -> None:
-    copies = []
-    for path in folder.iterdir():
-        if _COPY_NAME.fullmatch(path.name):
-            try:
-                copies.append((path.stat().st_mtime, path))
-            except OSError:  # removed meanwhile (another napari)
-                continue
-    for _, old in sorted(copies, reverse=True)[KEEP_COPIES:]:
-        old.unlink(missing_ok=True)
+    entries: dict[str, dict] = {}
+    for line in (folder / RECORD).read_text().splitlines():
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            entry = json.loads(line)
+            name, stamp, size = entry.get("name"), entry.get("mtime_ns"), entry.get("size")
+            if isinstance(name, str) and _COPY_NAME.fullmatch(name) and all(isinstance(v, int) for v in (stamp, size)):
+                entries[name] = entry
+    kept = []
+    for entry in sorted(entries.values(), key=lambda e: e["mtime_ns"], reverse=True):
+        path = folder / entry["name"]
+        try:
+            now = path.stat()
+        except OSError:  # removed by the user, or by another napari
+            continue
+        if (now.st_mtime_ns, now.st_size) != (entry["mtime_ns"], entry["size"]):
+            continue  # written over since: the user's file now, not a copy
+        if len(kept) < KEEP_COPIES:
+            kept.append(entry)
+        else:
+            path.unlink(missing_ok=True)
+    handle, partial = tempfile.mkstemp(prefix=RECORD, dir=folder)
+    with os.fdopen(handle, "w") as record:
+        record.write("".join(json.dumps(entry) + "\n" for entry in reversed(kept)))
+    os.replace(partial, folder / RECORD)
+
+
+_COPY_NAME = re.compile(r"[^/\\]+-\d{8}-\d{6}(-\d+)?\.safetensors")
