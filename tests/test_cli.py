@@ -185,6 +185,9 @@ def test_evaluate_matches_objects_of_instance_files(tmp_path, capsys):
     tifffile.imwrite(tmp_path / "small.tif", split[:10])
     assert main([*evaluate, "--mask", str(tmp_path / "m.tif"), "--instances", str(tmp_path / "small.tif")]) == 2
     assert "differ in shape" in capsys.readouterr().err
+    # predict's labels given as the instances: every nucleus pixel read as one object, quietly
+    assert main([*evaluate, "--mask", str(tmp_path / "m.tif"), "--instances", str(tmp_path / "p.tif")]) == 2
+    assert "holds no 0 (no object), so it is a class map" in capsys.readouterr().err
 
 
 def test_evaluate_reads_palette_masks_and_masks_without_background(tmp_path, capsys):

@@ -504,6 +504,11 @@ def evaluate_pair(prediction_path: Path, mask_path: Path, kind: str | None = Non
         if found.shape != mask.shape:
             raise InputError(f"instances {instances.name} {found.shape} and mask {mask_path.name} {mask.shape} "
                              "differ in shape")
+        if found.size and found.min() > 0:  # instance files keep 0 for "no object"; a class map has none
+            raise InputError(
+                f"instances {instances.name} holds no 0 (no object), so it is a class map such as predict's labels "
+                "(1 = background), not objects; give the file predict --instances wrote"
+            )
         truth, read_as = mask_objects(mask)  # as the mask itself shows them, whatever the others hold
         pair["instances"] = str(instances)
         pair["objects"] = {**object_scores(found, truth).to_dict(), "true_objects_from": read_as}
