@@ -905,3 +905,43 @@ def test_a_prediction_split_while_training_writes_it_is_paintable_once_both_end(
     release.set()
     wait_idle(qtbot, segment, timeout=60_000)
     assert prediction.editable
+
+
+def test_load_opens_where_the_copies_are_until_a_model_file_is_chosen(make_napari_viewer, tmp_path, model_copies,
+                                                                     monkeypatch):
+    """After napari was closed before Save…, the status line that named the copy is gone:
+    Load… opens in the copies' folder; once a file is chosen, Load… and Save… open beside it."""
+    from napari_selfreg.core.checkpoint import save_model
+    from napari_selfreg.core.config import ModelConfig, ModelInfo
+    from napari_selfreg.core.model import SegmentationModel
+    from napari_selfreg.widgets import _common
+    from napari_selfreg.widgets.model_registry import keep_copy
+
+    monkeypatch.setattr(_common, "_last_model_folder", [])
+    model = SegmentationModel.create(ModelInfo(model=ModelConfig(base_channels=4, depth=2)))
+    opened, saved = [], []
+
+    def open_dialog(parent, title, folder, filters):
+        opened.append(folder)
+        return (str(chosen) if chosen else "", filters)
+
+    def save_dialog(parent, title, suggested, filters):
+        saved.append(suggested)
+        return ("", filters)
+
+    monkeypatch.setattr(_common.QFileDialog, "getOpenFileName", open_dialog)
+    monkeypatch.setattr(_common.QFileDialog, "getSaveFileName", save_dialog)
+    train = train_widget_for(make_napari_viewer())
+    chosen = None
+    train._load_dialog()  # no copies yet: the working folder
+    copy = keep_copy(model, "H&E tissue model")
+    train._load_dialog()
+    assert opened == ["", str(model_copies)]
+    chosen = save_model(model, tmp_path / "project" / "nuclei.safetensors")
+    train._load_dialog()  # loads it, and remembers its folder
+    assert train.model_combo.currentText() == "nuclei"
+    chosen = None
+    train._load_dialog()
+    train._save_dialog()
+    assert opened[-1] == str(tmp_path / "project") and saved == [str(tmp_path / "project" / "nuclei.safetensors")]
+    assert copy.is_file()

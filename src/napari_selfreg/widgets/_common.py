@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 import weakref
+from pathlib import Path
 
 import numpy as np
 from napari.utils.notifications import show_error, show_warning
@@ -119,9 +120,34 @@ def stop_when_closed(widget, on_closed) -> None:
     widget.installEventFilter(_CloseWatcher(widget, on_closed))
 
 
+_last_model_folder: list[str] = []  # the folder of the last model file chosen in this session
+
+
+def model_folder(loading: bool) -> str:
+    """Where Load… and Save… open: the folder of the last model file chosen in this session;
+    else, for Load…, the folder of the trained models' copies when it holds any (napari was
+    closed before Save…, and the status line that named the copy is gone); else the
+    working folder ("")."""
+    if _last_model_folder:
+        return _last_model_folder[-1]
+    from .model_registry import copies_folder
+
+    copies = copies_folder() if loading else None
+    if copies is not None and any(copies.glob("*.safetensors")):
+        return str(copies)
+    return ""
+
+
+def remember_model_file(path: str) -> None:
+    _last_model_folder[:] = [str(Path(path).parent)]
+
+
 def ask_model_file(parent) -> str | None:
     """A file dialog for napari-selfreg model files; None when cancelled."""
-    path, _ = QFileDialog.getOpenFileName(parent, "Load model", "", "napari-selfreg model (*.safetensors)")
+    path, _ = QFileDialog.getOpenFileName(
+        parent, "Load model", model_folder(loading=True), "napari-selfreg model (*.safetensors)")
+    if path:
+        remember_model_file(path)
     return path or None
 
 

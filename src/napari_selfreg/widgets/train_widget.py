@@ -56,8 +56,10 @@ from ._common import (
     layer_data,
     let_go,
     misaligned,
+    model_folder,
     notify_error,
     placement,
+    remember_model_file,
     same_layer,
     stack_problem,
     stop_when_closed,
@@ -460,10 +462,10 @@ class TrainWidget(QWidget):
 
     def _save_dialog(self) -> None:
         name = self.model_combo.currentText()
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Save model", f"{name}.safetensors", "napari-selfreg model (*.safetensors)"
-        )
+        suggested = str(Path(model_folder(loading=False)) / f"{name}.safetensors")
+        path, _ = QFileDialog.getSaveFileName(self, "Save model", suggested, "napari-selfreg model (*.safetensors)")
         if path:
+            remember_model_file(path)
             self.save_model(path)
 
     # ------------------------------------------------------------------ settings
