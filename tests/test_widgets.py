@@ -435,9 +435,12 @@ def test_a_quit_worker_closes_its_generator(qtbot):
 
 
 @pytest.mark.gui
-def test_closing_the_viewer_during_training_frees_what_training_held(he_viewer, qtbot):
+def test_closing_the_viewer_during_training_frees_what_training_held(he_viewer, qtbot, model_copies):
     """napari quits the workers of a closing viewer; a quit generator must not stay suspended
-    with its model, its batch thread and the allocator setting for the rest of the process."""
+    with its model, its batch thread and the allocator setting for the rest of the process.
+    The weights trained so far are copied to disk, not lost with the window."""
+    from napari_selfreg.core.checkpoint import load_model
+
     train = train_widget_for(he_viewer)
     tiny(train, steps=100_000)
     train.start()
@@ -452,6 +455,9 @@ def test_closing_the_viewer_during_training_frees_what_training_held(he_viewer, 
         lambda: not any(t.name.startswith("napari-selfreg-batches") for t in threading.enumerate()), timeout=10_000
     )
     assert allocator._holders == 0
+    copies = list(model_copies.glob("*.safetensors"))
+    assert len(copies) == 1 and copies[0].name.startswith("H&E tissue model (at quit)-")
+    assert load_model(copies[0]).info.history[-1]["step"] >= 2
 
 
 # ----------------------------------------------------------------------------- mistakes
@@ -529,6 +535,9 @@ def test_training_error_keeps_the_partial_model(he_viewer, qtbot, messages, monk
     assert len(train.registry) == before + 1
     copy = Path(re.search(r"a copy is in (.+\.safetensors)", messages.errors[-1]).group(1))
     assert copy.parent == model_copies and "(partial)" in copy.name and copy.is_file()
+    from napari_selfreg.core.checkpoint import load_model
+
+    assert [(r["step"], r["round"]) for r in load_model(copy).info.history] == [(1, 1), (2, 1), (3, 1)]
 
 
 @pytest.mark.gui

@@ -427,15 +427,19 @@ def train(
     last = model.clone()
     if best_val is None:  # no held-out strokes, or stopped before the first validation
         best_state = last
-    # a continued model keeps the rounds before this one; each record says its round
-    earlier = list(model.info.history)
-    this_round = 1 + max((int(r.get("round", 1)) for r in earlier), default=0)
-    record = earlier + [{**r.to_dict(), "round": this_round} for r in history]
+    record = history_records(model.info.history, history)
     last.info.history = record
     best_state.info.history = record
     last.network.eval()
     best_state.network.eval()
     return TrainResult(best=best_state, last=last, history=history, stopped=stopped, keep=config.keep)
+
+
+def history_records(earlier: list[dict], reports: list[TrainReport]) -> list[dict]:
+    """A model file's history: the rounds before this one (a continued model), then this
+    round's reports, each record saying its round."""
+    this_round = 1 + max((int(r.get("round", 1)) for r in earlier), default=0)
+    return list(earlier) + [{**r.to_dict(), "round": this_round} for r in reports]
 
 
 def train_to_end(*args, **kwargs) -> TrainResult:

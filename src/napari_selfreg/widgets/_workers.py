@@ -87,16 +87,37 @@ def run_training(
     leaves as ``WorkerError`` (a RuntimeError would vanish in superqt), after the first step
     carrying a copy of the model trained so far, so nothing is lost. With ``copy_name`` the
     model (or the partial one) is also written to disk by ``keep_copy``: ("copied", path) is
-    yielded last, or ("copy_failed", error); a failed error's copy is its ``copied``.
+    yielded last, or ("copy_failed", error); a failed error's copy is its ``copied``. When
+    napari quits mid-round (the worker is closed, not stopped) the weights of the last step
+    are copied too, as NAME (at quit).
     """
+    steps = _train_with_previews(
+        images, labels, config, model_config, class_names, initial, stop, view, preview_image, preview_every
+    )
+    live, reports = None, []  # the model of the last report (whole between steps), and the reports
     try:
-        result = yield from _train_with_previews(
-            images, labels, config, model_config, class_names, initial, stop, view, preview_image, preview_every
-        )
+        while True:
+            try:
+                item = next(steps)
+            except StopIteration as done:
+                result = done.value
+                break
+            if item[0] == "report":
+                live = item[1].model or live
+                reports.append(item[1])
+            yield item
+    except GeneratorExit:
+        steps.close()  # the core lets go of its threads and memory first
+        if copy_name is not None and live is not None:
+            with contextlib.suppress(Exception):  # napari is closing: nothing to tell anyone
+                keep_copy(_with_history(live.clone(), reports), f"{copy_name} (at quit)")
+        raise
     except WorkerError as error:
-        if copy_name is not None and error.partial is not None:
-            with contextlib.suppress(Exception):  # the training error is the one to report
-                error.copied = keep_copy(error.partial, f"{copy_name} (partial)")
+        if error.partial is not None:
+            _with_history(error.partial, reports)
+            if copy_name is not None:
+                with contextlib.suppress(Exception):  # the training error is the one to report
+                    error.copied = keep_copy(error.partial, f"{copy_name} (partial)")
         raise
     except Exception as error:
         raise WorkerError(error) from error
@@ -152,6 +173,14 @@ def _train_with_previews(
                 yield "preview", (box, labels)
         last_preview = time.monotonic()
         interval = max(preview_every, (last_preview - began) / PREVIEW_SHARE)
+
+
+def _with_history(model, reports: list):
+    """``model`` with this round's steps so far in its history, as a finished round records them."""
+    from ..core.train import history_records
+
+    model.info.history = history_records(model.info.history, reports)
+    return model
 
 
 def _copy_of(model):
