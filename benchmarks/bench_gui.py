@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+# the runs' trained models are not copied into the user's folder (nor timed)
+os.environ.setdefault("NAPARI_SELFREG_COPIES", "0")
+
 HERE = Path(__file__).resolve().parent
 TICK_MS = 10
 PLUGIN = "napari-selfreg"

@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("LP_NUM_THREADS", "1")
+# no copies of the trained models: they would fill the user's folder, and the status line in
+# the pictures would show this machine's path
+os.environ.setdefault("NAPARI_SELFREG_COPIES", "0")
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
 MAX_BYTES = 300 * 1024
