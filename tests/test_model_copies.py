@@ -81,3 +81,45 @@ def test_the_training_worker_yields_the_copy_last():
     result = done.value.value
     for a, b in zip(copied.network.state_dict().values(), result.model.network.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_long_names_are_cut_by_bytes_and_keep_their_marker(model_copies):
+    """An image named in 76 CJK characters (224 bytes) made every copy fail ('File name too
+    long'), and a long name lost its ' (at quit)' marker to the cut."""
+    name = "病理切片" * 19 + " model"
+    path = keep_copy(_model(), name, " (at quit)")
+    assert path.is_file() and len((path.name + ".part").encode()) <= 255
+    assert " (at quit)-" in path.name and path.name.startswith("病理切片")
+
+
+def test_copies_written_at_once_by_two_sessions_are_all_recorded(model_copies, monkeypatch):
+    """The record was rewritten on each removal, dropping lines another writer appended
+    meanwhile: those copies stayed forever (23-24 of 20 left)."""
+    monkeypatch.setattr(model_registry, "KEEP_COPIES", 5)
+    model = _model()
+
+    def rounds(tag):
+        for n in range(12):
+            keep_copy(model, f"{tag} {n}")
+
+    threads = [threading.Thread(target=rounds, args=(tag,)) for tag in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(list(model_copies.glob("*.safetensors"))) == 5
+
+
+def test_a_broken_record_does_not_turn_a_written_copy_into_a_failure(model_copies):
+    (model_copies / ".napari-selfreg-copies.jsonl").mkdir()
+    path = keep_copy(_model(), "m")
+    assert path.is_file() and load_model(path).class_names == ["bg", "n"]
+
+
+def test_a_relative_folder_stays_where_it_was_first_meant(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_registry, "_relative", {})
+    monkeypatch.setenv("NAPARI_SELFREG_COPIES", "relative-copies")
+    monkeypatch.chdir(tmp_path)
+    first = keep_copy(_model(), "m")
+    monkeypatch.chdir(first.parent.parent.parent)
+    assert keep_copy(_model(), "m").parent == first.parent == tmp_path / "relative-copies"

@@ -110,14 +110,14 @@ def run_training(
         steps.close()  # the core lets go of its threads and memory first
         if copy_name is not None and live is not None:
             with contextlib.suppress(Exception):  # napari is closing: nothing to tell anyone
-                keep_copy(_with_history(live.clone(), reports), f"{copy_name} (at quit)")
+                keep_copy(_with_history(live.clone(), reports), copy_name, " (at quit)")
         raise
     except WorkerError as error:
         if error.partial is not None:
             _with_history(error.partial, reports)
             if copy_name is not None:
                 with contextlib.suppress(Exception):  # the training error is the one to report
-                    error.copied = keep_copy(error.partial, f"{copy_name} (partial)")
+                    error.copied = keep_copy(error.partial, copy_name, " (partial)")
         raise
     except Exception as error:
         raise WorkerError(error) from error

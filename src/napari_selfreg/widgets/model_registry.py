@@ -75,6 +75,10 @@ def model_registry() -> ModelRegistry:
 
 COPIES_ENV = "NAPARI_SELFREG_COPIES"  # a folder for the copies; "0" or "" turns them off
 KEEP_COPIES = 20  # the newest copies kept; older ones are removed as new ones come
+RECORD = ".napari-selfreg-copies.jsonl"  # the copies keep_copy wrote: nothing else is ever removed
+RECORD_LINES = 1000  # the record is rewritten without its removed copies past this many lines
+NAME_BYTES = 150  # of the layer's name in a copy's name: with marker, time and suffixes under 255
+_relative: dict[str, Path] = {}  # a relative folder, made absolute once: a later chdir does not move it
 
 
 def copies_folder() -> Path | None:
@@ -82,20 +86,19 @@ def copies_folder() -> Path | None:
     (``~/.local/share/napari-selfreg/trained`` on Linux); None when turned off."""
     chosen = os.environ.get(COPIES_ENV)
     if chosen is not None:
-        return None if chosen.strip() in ("", "0") else Path(chosen).expanduser().absolute()
+        if chosen.strip() in ("", "0"):
+            return None
+        return _relative.setdefault(chosen, Path(chosen).expanduser().absolute())
     from platformdirs import user_data_dir
 
     return Path(user_data_dir("napari-selfreg", appauthor=False)) / "trained"
 
 
-RECORD = ".napari-selfreg-copies.jsonl"  # the copies keep_copy wrote: nothing else is ever removed
-
-
-def keep_copy(model: SegmentationModel, name: str) -> Path | None:
-    """Write ``model`` to ``copies_folder()`` as NAME-TIME.safetensors and remove the oldest
-    copies beyond ``KEEP_COPIES``; returns the file (None when copies are off). Raises OSError
-    when it cannot be written. Runs in the training worker, so a large model costs the viewer
-    nothing.
+def keep_copy(model: SegmentationModel, name: str, marker: str = "") -> Path | None:
+    """Write ``model`` to ``copies_folder()`` as NAME[MARKER]-TIME.safetensors and remove the
+    oldest copies beyond ``KEEP_COPIES``; returns the file (None when copies are off). Raises
+    OSError when it cannot be written. Runs in the training worker, so a large model costs
+    the viewer nothing. A long NAME is shortened, never the MARKER (" (partial)").
 
     Only files listed in the folder's record, and unchanged since (size and modification
     time), are removed: a model the user saved there, even under a copy's name, stays.
@@ -106,36 +109,49 @@ def keep_copy(model: SegmentationModel, name: str) -> Path | None:
     if folder is None:
         return None
     folder.mkdir(parents=True, exist_ok=True)
-    path = _reserve(folder, re.sub(r'[<>:"/\\|?*\x00-\x1f]+', "_", name).strip(" .")[:80] or "model")
+    path = _reserve(folder, _short(re.sub(r'[<>:"/\\|?*\x00-\x1f]+', "_", name)).strip(" .") or "model", marker)
     try:
         save_model(model, path)
     except BaseException:
         path.unlink(missing_ok=True)  # the empty file that held the name
         raise
-    written = path.stat()
-    with open(folder / RECORD, "a") as record:  # one short line per append: other processes' lines stay whole
-        record.write(json.dumps({"name": path.name, "mtime_ns": written.st_mtime_ns, "size": written.st_size}) + "\n")
-    _remove_oldest(folder)
+    with contextlib.suppress(OSError, ValueError):  # the copy is written; a broken record only stops the removal
+        written = path.stat()
+        with open(folder / RECORD, "a") as record:  # a short line per append: others' lines stay whole
+            record.write(json.dumps({"name": path.name, "mtime_ns": written.st_mtime_ns, "size": written.st_size})
+                         + "\n")
+        _remove_oldest(folder)
     return path
 
 
-def _reserve(folder: Path, stem: str) -> Path:
+def _short(name: str) -> str:
+    """``name`` cut to ``NAME_BYTES`` bytes of UTF-8 (file names are limited in bytes)."""
+    while len(name.encode("utf-8")) > NAME_BYTES:
+        name = name[:-1]
+    return name
+
+
+def _reserve(folder: Path, stem: str, marker: str) -> Path:
     """A new file NAME-TIME[-N].safetensors, created empty: two napari processes finishing a
     round in the same second get two names (and two temporary files)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in range(1, 1000):
-        path = folder / (f"{stem}-{stamp}.safetensors" if n == 1 else f"{stem}-{stamp}-{n}.safetensors")
+        path = folder / f"{stem}{marker}-{stamp}{'' if n == 1 else f'-{n}'}.safetensors"
         try:
             path.open("xb").close()
             return path
         except FileExistsError:
             continue
-    raise FileExistsError(f"no free name for {stem} in {folder}")
+    raise FileExistsError(f"no free name for {stem}{marker} in {folder}")
 
 
 def _remove_oldest(folder: Path) -> None:
+    """Remove the recorded copies beyond the newest ``KEEP_COPIES``. The record is only
+    appended to, so copies recorded by another napari meanwhile are never lost from it; past
+    ``RECORD_LINES`` lines it is rewritten without the copies that are gone."""
+    lines = (folder / RECORD).read_text(errors="replace").splitlines()
     entries: dict[str, dict] = {}
-    for line in (folder / RECORD).read_text().splitlines():
+    for line in lines:
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             entry = json.loads(line)
             name, stamp, size = entry.get("name"), entry.get("mtime_ns"), entry.get("size")
@@ -154,10 +170,11 @@ def _remove_oldest(folder: Path) -> None:
             kept.append(entry)
         else:
             path.unlink(missing_ok=True)
-    handle, partial = tempfile.mkstemp(prefix=RECORD, dir=folder)
-    with os.fdopen(handle, "w") as record:
-        record.write("".join(json.dumps(entry) + "\n" for entry in reversed(kept)))
-    os.replace(partial, folder / RECORD)
+    if len(lines) > RECORD_LINES:  # rare; a copy another napari records during this rewrite stays unremoved
+        handle, partial = tempfile.mkstemp(prefix=RECORD, dir=folder)
+        with os.fdopen(handle, "w") as record:
+            record.write("".join(json.dumps(entry) + "\n" for entry in reversed(kept)))
+        os.replace(partial, folder / RECORD)
 
 
 _COPY_NAME = re.compile(r"[^/\\]+-\d{8}-\d{6}(-\d+)?\.safetensors")
