@@ -449,7 +449,7 @@ def test_closing_the_viewer_during_training_frees_what_training_held(he_viewer, 
     assert any(t.name.startswith("napari-selfreg-batches") for t in threading.enumerate())
     he_viewer.close()
     qtbot.waitUntil(lambda: not worker.is_running, timeout=30_000)
-    assert worker.abort_requested and not train.stop_event.is_set()  # napari's quit, not our Stop
+    assert worker.abort_requested  # napari's quit (its window's deletion sets our stop event too)
     assert worker._gen.gi_frame is None  # closed, not suspended
     qtbot.waitUntil(
         lambda: not any(t.name.startswith("napari-selfreg-batches") for t in threading.enumerate()), timeout=10_000
@@ -458,6 +458,30 @@ def test_closing_the_viewer_during_training_frees_what_training_held(he_viewer, 
     copies = list(model_copies.glob("*.safetensors"))
     assert len(copies) == 1 and copies[0].name.startswith("H&E tissue model (at quit)-")
     assert load_model(copies[0]).info.history[-1]["step"] >= 2
+
+
+@pytest.mark.gui
+def test_closing_one_of_two_napari_windows_stops_its_training_and_keeps_its_model(
+        make_napari_viewer, qtbot, messages, model_copies):
+    """With a second window open, napari goes on and does not quit the closed window's workers:
+    its training ran on unseen, warned in the other window that its layers were removed, and
+    its model was copied only when the process ended."""
+    from napari_selfreg.core.checkpoint import load_model
+
+    closing, other = make_napari_viewer(), make_napari_viewer()
+    closing.open_sample(PLUGIN, "he_tissue")
+    train = train_widget_for(closing)
+    tiny(train, steps=100_000)
+    train.start()
+    qtbot.waitUntil(lambda: len(train.plot.steps) >= 2, timeout=60_000)
+    worker = train.worker
+    closing.close()
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=30_000)
+    copies = list(model_copies.glob("*.safetensors"))
+    assert len(copies) == 1 and copies[0].name.startswith("H&E tissue model-")  # a stopped round's copy
+    assert load_model(copies[0]).info.history[-1]["stopped"] is True
+    assert not [text for text in messages.warnings if "was removed while training" in text]
+    assert len(other.layers) == 0
 
 
 # ----------------------------------------------------------------------------- mistakes

@@ -7,6 +7,7 @@ device list is filled when it is first opened, which imports torch once.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import inspect
 import logging
 import sys
@@ -103,21 +104,66 @@ def connect_while_alive(widget, *pairs) -> None:
 
 
 class _CloseWatcher(QObject):
-    def __init__(self, widget, on_closed) -> None:
+    """Watches a dock widget for its ✕ and, once shown, its napari window for closing."""
+
+    def __init__(self, widget, on_closed, on_window_gone) -> None:
         super().__init__(widget)
+        self._widget = widget
         self._on_closed = on_closed
+        self._on_window_gone = on_window_gone
+        self._window = lambda: None  # a weak reference: the window's wrapper holds napari's viewer
+        self.window_closing = False  # its window got a Close (teardown removes its layers next)
 
     def eventFilter(self, watched, event) -> bool:
-        if event.type() == QEvent.ParentChange and watched.parent() is None:
-            self._on_closed()
+        kind = event.type()
+        if watched is self._widget:
+            if kind == QEvent.ParentChange and watched.parent() is None:
+                self._on_closed()
+            elif kind == QEvent.Show:  # docked in its window by now: watch that window
+                self.watch_window()
+        elif kind == QEvent.Close:
+            self.window_closing = True
+        elif kind == QEvent.Show:
+            self.window_closing = False  # the close was cancelled, or the window is back
         return False
 
+    def watch_window(self) -> None:
+        """Watch the window the widget is in now (on Show, and when a run starts: a viewer
+        made with show=False shows nothing)."""
+        window = self._widget.window()
+        while window.parentWidget() is not None:  # a floating dock's window is the dock itself
+            window = window.parentWidget().window()
+        if window is self._window() or window is self._widget:
+            return
+        if self._window() is not None:
+            with contextlib.suppress(RuntimeError, TypeError):
+                self._window().removeEventFilter(self)
+                self._window().destroyed.disconnect(self._gone)
+        self._window = weakref.ref(window)
+        window.installEventFilter(self)
+        # through a weak reference: the window's signal must not keep the widget, and with it
+        # the viewer, alive after the window closed
+        watcher = weakref.ref(self)
 
-def stop_when_closed(widget, on_closed) -> None:
+        def gone(*_) -> None:
+            alive = watcher()
+            if alive is not None:
+                alive._on_window_gone()
+
+        self._gone = gone
+        window.destroyed.connect(gone)
+
+
+def stop_when_closed(widget, on_closed, on_window_gone=None):
     """Call ``on_closed`` when the dock's ✕ is clicked. napari then detaches the widget
     (``setParent(None)``) without deleting it, so a running worker would go on, invisible
-    and out of reach of its Stop button."""
-    widget.installEventFilter(_CloseWatcher(widget, on_closed))
+    and out of reach of its Stop button. ``on_window_gone`` (default ``on_closed``) runs when
+    the napari window holding the dock is deleted: with a second napari window open, the
+    application, and so its workers, go on. The widget is being deleted then: it may set
+    stop events, but not touch any Qt object. Returns the watcher (``window_closing``)."""
+    watcher = _CloseWatcher(widget, on_closed, on_window_gone or on_closed)
+    widget.installEventFilter(watcher)
+    return watcher
 
 
 _last_model_folder: list[str] = []  # the folder of the last model file chosen in this session

@@ -254,7 +254,7 @@ class RedundancyWidget(QWidget):
         self._stopping = False
         self._stop_event = threading.Event()
         self.result: ComputeResult | None = None
-        stop_when_closed(self, lambda: self._stop_event.set())  # each run makes its own event
+        self._close_watcher = stop_when_closed(self, lambda: self._stop_event.set())  # each run makes its own event
 
         form = QFormLayout()
         self.model_box = NameCombo()
@@ -418,6 +418,7 @@ class RedundancyWidget(QWidget):
         labels = _short_labels(names)
         self._image_layer = layer
         self._stop_event = threading.Event()
+        self._close_watcher.watch_window()
         worker = create_worker(
             redundancy_job, models, labels, image, self.similarity_box.currentText(), kinds, region,
             stop=self._stop_event, _start_thread=False, _ignore_errors=True,  # errors go to the status line

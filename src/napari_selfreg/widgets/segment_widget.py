@@ -103,7 +103,7 @@ class SegmentWidget(QWidget):
         self._newest: str | None = None  # the registry's newest model at the last refresh
         self._build()
         connect_while_alive(self, (self.registry.changed, self._refresh_models))
-        stop_when_closed(self, lambda: self.running and self.stop())
+        self._close_watcher = stop_when_closed(self, lambda: self.running and self.stop(), self._stop_events)
         self._refresh_models()
 
     def _build(self) -> None:
@@ -226,6 +226,11 @@ class SegmentWidget(QWidget):
         else:
             self.start()
 
+    def _stop_events(self) -> None:
+        """Its napari window is gone: stop the work without touching any Qt object."""
+        self.stop_event.set()
+        self._instance_stop.set()
+
     def stop(self) -> None:
         self.stop_event.set()
         if self.instance_worker is not None:
@@ -249,6 +254,7 @@ class SegmentWidget(QWidget):
         return labels, probs
 
     def start(self):
+        self._close_watcher.watch_window()
         name = self.model_combo.currentText()
         if name not in self.registry:
             show_error("Choose a model: train one with 'Train SelfReg UNet' or Load… a model file.")

@@ -151,7 +151,7 @@ class TrainWidget(QWidget):
             (self.registry.changed, self._refresh_models),
             (self.viewer.layers.events.removed, self._on_layer_removed),
         )
-        stop_when_closed(self, self._on_closed)
+        self._close_watcher = stop_when_closed(self, self._on_closed, self._stop_events)
         self.labels_combo.currentTextChanged.connect(self._show_classes_of_layer)
         self._refresh_models()
         self._show_classes_of_layer()
@@ -538,6 +538,14 @@ class TrainWidget(QWidget):
         for worker in self._final_workers:
             worker.stop_event.set()
 
+    def _stop_events(self) -> None:
+        """Its napari window is gone (another one goes on): training stops after this step and
+        its model is copied to disk as a finished round's; no Qt object may be touched here."""
+        self._closed = True
+        self.stop_event.set()
+        for worker in self._final_workers:
+            worker.stop_event.set()
+
     def stop(self) -> None:
         """Ask the worker to stop after the current step; the model so far is kept."""
         if self.worker is None:
@@ -551,6 +559,7 @@ class TrainWidget(QWidget):
     def start(self):
         """Copy the painted data and settings, then train in a thread worker."""
         self._closed = False  # started again (docked anew, or from code): its round ends as usual
+        self._close_watcher.watch_window()
         self.status.setText("")  # no earlier run's status beside this run's errors
         pairs = self._pairs()
         for row, (image, labels) in enumerate(pairs):
@@ -880,8 +889,9 @@ class TrainWidget(QWidget):
             QTimer.singleShot(0, lambda: self._tell_removed(show_info, message))
 
     def _tell_removed(self, show, message: str) -> None:
-        """Told a moment later: closing the viewer removes every layer, then quits our worker."""
-        if self.worker is not None and not self.worker.abort_requested:
+        """Told a moment later: closing the viewer removes every layer, then quits our worker
+        (the last window) or closes its window (another one goes on)."""
+        if self.worker is not None and not self.worker.abort_requested and not self._close_watcher.window_closing:
             show(message)
 
     # ------------------------------------------------------------------ correction loop
