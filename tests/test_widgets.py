@@ -397,14 +397,19 @@ def test_a_prediction_layer_the_training_did_not_make_is_kept(he_viewer, qtbot, 
     assert "H&E tissue prediction (kept) [1]" not in he_viewer.layers and not messages.errors
 
 
+def _mid_round(train, qtbot):
+    """Start a long round and return its worker once two steps are done."""
+    tiny(train, steps=100_000)
+    train.start()
+    qtbot.waitUntil(lambda: len(train.plot.steps) >= 2, timeout=60_000)
+    return train.worker
+
+
 @pytest.mark.gui
 def test_closing_the_viewer_during_training_ends_it_without_warnings(he_viewer, qtbot, messages):
     """Closing removes every layer before the window: that is no reason to warn about each."""
     train = train_widget_for(he_viewer)
-    tiny(train, steps=100_000)
-    train.start()
-    qtbot.waitUntil(lambda: len(train.plot.steps) >= 2, timeout=60_000)
-    worker = train.worker
+    worker = _mid_round(train, qtbot)
     he_viewer.close()
     qtbot.waitUntil(lambda: not worker.is_running, timeout=30_000)
     qtbot.wait(200)
@@ -442,10 +447,7 @@ def test_closing_the_viewer_during_training_frees_what_training_held(he_viewer, 
     from napari_selfreg.core.checkpoint import load_model
 
     train = train_widget_for(he_viewer)
-    tiny(train, steps=100_000)
-    train.start()
-    qtbot.waitUntil(lambda: len(train.plot.steps) >= 2, timeout=60_000)
-    worker = train.worker
+    worker = _mid_round(train, qtbot)
     assert any(t.name.startswith("napari-selfreg-batches") for t in threading.enumerate())
     he_viewer.close()
     qtbot.waitUntil(lambda: not worker.is_running, timeout=30_000)
@@ -471,10 +473,7 @@ def test_closing_one_of_two_napari_windows_stops_its_training_and_keeps_its_mode
     closing, other = make_napari_viewer(), make_napari_viewer()
     closing.open_sample(PLUGIN, "he_tissue")
     train = train_widget_for(closing)
-    tiny(train, steps=100_000)
-    train.start()
-    qtbot.waitUntil(lambda: len(train.plot.steps) >= 2, timeout=60_000)
-    worker = train.worker
+    worker = _mid_round(train, qtbot)
     closing.close()
     qtbot.waitUntil(lambda: not worker.is_running, timeout=30_000)
     copies = list(model_copies.glob("*.safetensors"))
