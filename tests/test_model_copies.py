@@ -123,3 +123,19 @@ def test_a_relative_folder_stays_where_it_was_first_meant(tmp_path, monkeypatch)
     first = keep_copy(_model(), "m")
     monkeypatch.chdir(first.parent.parent.parent)
     assert keep_copy(_model(), "m").parent == first.parent == tmp_path / "relative-copies"
+
+
+def test_a_copy_left_unfinished_by_a_killed_napari_is_removed_a_day_later(model_copies):
+    import os
+    import time
+
+    old = model_copies / "round 1-20240101-120000.safetensors.part"
+    fresh = model_copies / "round 2-20240101-120000.safetensors.part"  # another napari writing it now
+    other = model_copies / "my model.safetensors.part"
+    for path in (old, fresh, other):
+        path.write_bytes(b"half a model")
+    day_ago = time.time() - 2 * 86_400
+    for path in (old, other):
+        os.utime(path, (day_ago, day_ago))
+    keep_copy(_model(), "m")
+    assert not old.exists() and fresh.exists() and other.exists()

@@ -77,6 +77,7 @@ COPIES_ENV = "NAPARI_SELFREG_COPIES"  # a folder for the copies; "0" or "" turns
 KEEP_COPIES = 20  # the newest copies kept; older ones are removed as new ones come
 RECORD = ".napari-selfreg-copies.jsonl"  # the copies keep_copy wrote: nothing else is ever removed
 RECORD_LINES = 1000  # the record is rewritten without its removed copies past this many lines
+STALE_PART_S = 86_400  # an unfinished copy this old was left by a napari killed while writing it
 NAME_BYTES = 150  # of the layer's name in a copy's name: with marker, time and suffixes under 255
 _relative: dict[str, Path] = {}  # a relative folder, made absolute once: a later chdir does not move it
 
@@ -170,6 +171,11 @@ def _remove_oldest(folder: Path) -> None:
             kept.append(entry)
         else:
             path.unlink(missing_ok=True)
+    for part in folder.glob("*.safetensors.part"):  # a napari killed while writing a copy left it
+        with contextlib.suppress(OSError):
+            stale = time.time() - part.stat().st_mtime > STALE_PART_S
+            if stale and _COPY_NAME.fullmatch(part.name.removesuffix(".part")):
+                part.unlink()
     if len(lines) > RECORD_LINES:  # rare; a copy another napari records during this rewrite stays unremoved
         handle, partial = tempfile.mkstemp(prefix=RECORD, dir=folder)
         with os.fdopen(handle, "w") as record:
