@@ -868,7 +868,8 @@ def test_a_run_without_probabilities_or_objects_drops_the_last_runs_unedited_one
     segment.start()
     wait_idle(qtbot, segment, timeout=60_000)
     objects = he_viewer.layers["H&E tissue instances"]
-    objects.paint(tuple(np.argwhere(objects.data > 0)[0]), 0)  # the user corrects the objects (the random model's)
+    # the user corrects the objects: erases one, or adds one where the random model found none
+    objects.paint((10, 10), 0 if objects.data[10, 10] else 1)
     segment.instances.setChecked(False)
     segment.start()
     wait_idle(qtbot, segment, timeout=60_000)

@@ -79,6 +79,7 @@ RECORD = ".napari-selfreg-copies.jsonl"  # the copies keep_copy wrote: nothing e
 RECORD_LINES = 1000  # the record is rewritten without its removed copies past this many lines
 STALE_PART_S = 86_400  # an unfinished copy this old was left by a napari killed while writing it
 NAME_BYTES = 150  # of the layer's name in a copy's name: with marker, time and suffixes under 255
+_COPY_NAME = re.compile(r"[^/\\]+-\d{8}-\d{6}(-\d+)?\.safetensors")  # NAME[MARKER]-TIME[-N]
 _relative: dict[str, Path] = {}  # a relative folder, made absolute once: a later chdir does not move it
 
 
@@ -182,5 +183,3 @@ def _remove_oldest(folder: Path) -> None:
             record.write("".join(json.dumps(entry) + "\n" for entry in reversed(kept)))
         os.replace(partial, folder / RECORD)
 
-
-_COPY_NAME = re.compile(r"[^/\\]+-\d{8}-\d{6}(-\d+)?\.safetensors")

@@ -232,9 +232,7 @@ class SegmentWidget(QWidget):
         self._instance_stop.set()
 
     def stop(self) -> None:
-        self.stop_event.set()
-        if self.instance_worker is not None:
-            self._instance_stop.set()
+        self._stop_events()  # each split makes its own event: setting an idle one is harmless
         self.status.setText("Stopping…")
 
     def _outputs(self, shape: tuple[int, int], classes: int, probabilities: bool):

@@ -533,10 +533,8 @@ class TrainWidget(QWidget):
         """The dock's ✕: training stops as with Stop, and so do end-of-round predictions, which
         would otherwise go on for minutes on a CPU with nothing left to show them. The stopped
         training's model is still kept, but no end-of-round prediction starts after it."""
-        self._closed = True
+        self._stop_events()
         self.stop()
-        for worker in self._final_workers:
-            worker.stop_event.set()
 
     def _stop_events(self) -> None:
         """Its napari window is gone (another one goes on): training stops after this step and
