@@ -20,6 +20,7 @@ from napari_selfreg.core.metrics import binary_dice
 from napari_selfreg.core.model import SegmentationModel
 from napari_selfreg.core.predict import (
     allocate_outputs,
+    allocate_uncertainty,
     blend_ramp,
     cached_inference_network,
     inference_network,
@@ -27,6 +28,7 @@ from napari_selfreg.core.predict import (
     predict_tiled,
     predict_whole,
     tile_layout,
+    uncertainty_of,
     value_range_of,
 )
 from napari_selfreg.core.progress import drain
@@ -382,6 +384,72 @@ def test_outputs_written_into_the_images_zarr_group_leave_the_image_alone(colour
     np.testing.assert_array_equal(np.asarray(root["image"][:]), pixels)
     assert (tmp_path / "slide.zarr" / "notes.txt").read_text() == "the user's"
     np.testing.assert_array_equal(np.asarray(labels[:]), predict(colour_model, pixels, config).labels)
+
+
+@pytest.mark.parametrize("kind", ["zarr", "memmap"])
+def test_uncertainty_on_disk_beside_the_other_outputs(colour_model, tmp_path, kind):
+    if kind == "zarr":
+        pytest.importorskip("zarr")
+    image = _image(140, 200)
+    config = PredictConfig(tile_size=64, **F32)
+    reference = predict(colour_model, image, config, uncertainty=True)
+    labels, probs = allocate_outputs((140, 200), 3, store=tmp_path / "out", kind=kind, chunk=64)
+    unsure = allocate_uncertainty((140, 200), store=tmp_path / "out", kind=kind, chunk=64)
+    result = predict(colour_model, image, config, out_labels=labels, out_probabilities=probs, out_uncertainty=unsure)
+    assert result.uncertainty is unsure
+    np.testing.assert_allclose(np.asarray(unsure[:]), reference.uncertainty, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(labels[:]), reference.labels)  # the labels are not disturbed
+
+
+def test_uncertainty_of_known_probabilities():
+    """Hand-computed: 0 for a sure pixel, 1 for a tie of every class, log 2 / log 3 for a tie
+    of two classes out of three."""
+    two = np.array([[1.0, 0.5, 0.9], [0.0, 0.5, 0.1]], np.float32)[:, None, :]
+    expected_two = [0.0, 1.0, -(0.9 * np.log(0.9) + 0.1 * np.log(0.1)) / np.log(2)]
+    np.testing.assert_allclose(uncertainty_of(two).numpy()[0], expected_two, atol=1e-6)
+    three = np.array([[1 / 3, 0.5, 0.0], [1 / 3, 0.5, 0.0], [1 / 3, 0.0, 1.0]], np.float32)[:, None, :]
+    np.testing.assert_allclose(uncertainty_of(three).numpy()[0], [1.0, np.log(2) / np.log(3), 0.0], atol=1e-6)
+
+
+def test_uncertainty_is_the_entropy_of_the_blended_probabilities(colour_model):
+    """Across tile seams and with flips the map is computed from the final (blended,
+    averaged) probabilities, the ones the labels come from, with or without them kept."""
+    image = _image(150, 170, seed=3)
+    for flips in (False, True):
+        config = PredictConfig(tile_size=64, overlap=0.25, flips=flips, **F32)
+        kept = predict(colour_model, image, config, uncertainty=True)
+        p = kept.probabilities.astype(np.float64)
+        expected = -(p * np.log(np.clip(p, 1e-12, None))).sum(0) / np.log(3)
+        np.testing.assert_allclose(kept.uncertainty, expected, atol=1e-5)
+        alone = predict(colour_model, image, config, probabilities=False, uncertainty=True)
+        assert alone.probabilities is None
+        np.testing.assert_allclose(alone.uncertainty, kept.uncertainty, atol=1e-6)
+        np.testing.assert_array_equal(alone.labels, predict(colour_model, image, config).labels)
+        # a map that tells pixels apart: low where one class clearly wins, high where classes tie
+        top = p.max(0)
+        sure, unsure = top >= np.percentile(top, 90), top <= np.percentile(top, 10)
+        assert kept.uncertainty[sure].mean() + 0.4 < kept.uncertainty[unsure].mean()
+    assert predict(colour_model, image, config).uncertainty is None  # only when asked for
+
+
+def test_a_stopped_prediction_keeps_the_uncertainty_of_the_rows_it_finished(colour_model):
+    image = _image(200, 300)
+    config = PredictConfig(tile_size=64, batch_size=2, **F32)
+    whole = predict(colour_model, image, config, uncertainty=True)
+    done = []
+    result = drain(predict_tiled(colour_model, image, config, uncertainty=True, stop=lambda: len(done) >= 6),
+                   done.append)
+    assert not result.complete
+    finished = int(np.flatnonzero(result.labels.any(1)).max()) + 1  # rows with labels are final
+    assert 0 < finished < 200
+    np.testing.assert_allclose(result.uncertainty[:finished], whole.uncertainty[:finished], atol=1e-6)
+    assert not result.uncertainty[finished:].any()
+
+
+def test_uncertainty_output_of_the_wrong_shape_is_refused(colour_model):
+    with pytest.raises(ValueError, match="out_uncertainty has shape"):
+        predict(colour_model, _image(80, 90), PredictConfig(tile_size=64, **F32),
+                out_uncertainty=np.zeros((80, 91), np.float32))
 
 
 def test_labels_only(colour_model):

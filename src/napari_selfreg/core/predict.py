@@ -55,11 +55,13 @@ class PredictProgress:
 
 @dataclass
 class Prediction:
-    """``labels``: painting ids (1 = background, 2.. = structures); ``probabilities``: (K, H, W)."""
+    """``labels``: painting ids (1 = background, 2.. = structures); ``probabilities``: (K, H, W);
+    ``uncertainty``: (H, W) in [0, 1] (``uncertainty_of``), where asked for."""
 
     labels: np.ndarray
     probabilities: np.ndarray | None
     complete: bool = True
+    uncertainty: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------- tile geometry
@@ -316,41 +318,38 @@ def allocate_outputs(
     needs little RAM.
     """
     h, w = int(shape[0]), int(shape[1])
+    labels = _allocate("labels", (h, w), np.uint8, store, kind, chunk)
+    probs = _allocate("probabilities", (num_classes, h, w), np.float32, store, kind, chunk) if probabilities else None
+    return labels, probs
+
+
+def allocate_uncertainty(
+    shape: tuple[int, int], store: str | Path | None = None, kind: str = "zarr", chunk: int = 1024
+) -> np.ndarray:
+    """The (H, W) float32 uncertainty map to pass to ``predict_tiled`` as ``out_uncertainty``:
+    in memory, or "uncertainty" beside ``allocate_outputs``' arrays in the same ``store``."""
+    return _allocate("uncertainty", (int(shape[0]), int(shape[1])), np.float32, store, kind, chunk)
+
+
+def _allocate(name: str, shape: tuple[int, ...], dtype, store, kind: str, chunk: int) -> np.ndarray:
     if store is None:
-        labels = np.zeros((h, w), np.uint8)
-        probs = np.zeros((num_classes, h, w), np.float32) if probabilities else None
-        return labels, probs
+        return np.zeros(shape, dtype)
     if kind == "memmap":
         folder = Path(store)
         folder.mkdir(parents=True, exist_ok=True)
-        labels = np.lib.format.open_memmap(folder / "labels.npy", mode="w+", dtype=np.uint8, shape=(h, w))
-        probs = None
-        if probabilities:
-            probs = np.lib.format.open_memmap(
-                folder / "probabilities.npy", mode="w+", dtype=np.float32, shape=(num_classes, h, w)
-            )
-        return labels, probs
+        return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
     if kind != "zarr":
         raise ValueError("kind must be 'zarr' or 'memmap'")
     import zarr
 
     # "a", not "w": the group may hold the image itself, or other work, which "w" deleted
     group = zarr.open_group(str(store), mode="a")
+    h, w = shape[-2:]
     c = max(16, min(chunk, max(h, w)))
-    labels = group.create_array(
-        "labels", shape=(h, w), chunks=(min(c, h), min(c, w)), dtype="uint8", fill_value=0, overwrite=True
+    chunks = (1,) * (len(shape) - 2) + (min(c, h), min(c, w))  # one class plane per chunk
+    return group.create_array(
+        name, shape=shape, chunks=chunks, dtype=np.dtype(dtype).name, fill_value=0, overwrite=True
     )
-    probs = None
-    if probabilities:
-        probs = group.create_array(
-            "probabilities",
-            shape=(num_classes, h, w),
-            chunks=(1, min(c, h), min(c, w)),
-            dtype="float32",
-            fill_value=0.0,
-            overwrite=True,
-        )
-    return labels, probs
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -365,12 +364,16 @@ def predict_tiled(
     out_probabilities=None,
     stop: StopRequest = None,
     value_range: tuple[np.ndarray, np.ndarray] | None = None,
+    uncertainty: bool = False,
+    out_uncertainty=None,
 ) -> Generator[PredictProgress, None, Prediction]:
     """Yield progress per batch of tiles; return the ``Prediction``.
 
     ``image``: (H, W), (H, W, C) or (C, H, W) numpy, dask or zarr array. ``out_labels``
-    (H, W) and ``out_probabilities`` (K, H, W) may be preallocated arrays (numpy, memmap,
-    zarr; see ``allocate_outputs``) for outputs that do not fit in memory. A stop
+    (H, W), ``out_probabilities`` (K, H, W) and ``out_uncertainty`` (H, W) may be
+    preallocated arrays (numpy, memmap, zarr; see ``allocate_outputs``) for outputs that do
+    not fit in memory; ``uncertainty`` (or an ``out_uncertainty``) asks for the map of
+    where the model is unsure (``uncertainty_of``). A stop
     request is honoured between batches; the rows finished so far are then in the
     outputs and ``complete`` is False. ``value_range`` (``value_range_of``) scales the image;
     a crop must be given its whole image's, else it is stretched by its own percentiles.
@@ -412,6 +415,12 @@ def predict_tiled(
         raise ValueError(f"out_labels has shape {tuple(labels_out.shape)}, expected {(h, w)}")
     if probs_out is not None and tuple(probs_out.shape) != (k, h, w):
         raise ValueError(f"out_probabilities has shape {tuple(probs_out.shape)}, expected {(k, h, w)}")
+    unsure_out = out_uncertainty
+    if unsure_out is None and uncertainty:
+        unsure_out = np.zeros((h, w), np.float32)
+    if unsure_out is not None and tuple(unsure_out.shape) != (h, w):
+        raise ValueError(f"out_uncertainty has shape {tuple(unsure_out.shape)}, expected {(h, w)}")
+    outputs = _Outputs(labels_out, probs_out, unsure_out)
 
     batch_size = max(1, int(config.batch_size))
     tiles = [(row, col) for row in range(len(ys)) for col in range(len(xs))]
@@ -424,8 +433,8 @@ def predict_tiled(
             if stop_requested(stop):
                 next_top = ys[tiles[first][0]]
                 if next_top != band_top:  # the rows above the next tile row are final: keep them
-                    _flush(band, band_top, next_top, labels_out, probs_out)
-                return Prediction(labels_out, probs_out, complete=False)
+                    _flush(band, band_top, next_top, outputs)
+                return outputs.prediction(complete=False)
             chunk = tiles[first : first + batch_size]
             batch = np.empty((len(chunk), th, tw, norm.channels), np.float32)
             for i, (row, col) in enumerate(chunk):
@@ -438,7 +447,7 @@ def predict_tiled(
                 top, left = ys[row], xs[col]
                 if top != band_top:
                     # every tile of the rows above `top` is done (row-major order): those rows are final
-                    _flush(band, band_top, top, labels_out, probs_out)
+                    _flush(band, band_top, top, outputs)
                     shift = top - band_top
                     keep = th - shift
                     if keep > 0:
@@ -450,8 +459,8 @@ def predict_tiled(
                 band[:, :vh, left : left + vw].addcmul_(p[:, :vh, :vw], win)
             done += len(chunk)
             yield PredictProgress(done, total)
-        _flush(band, band_top, h, labels_out, probs_out)
-        return Prediction(labels_out, probs_out)
+        _flush(band, band_top, h, outputs)
+        return outputs.prediction(complete=True)
 
 
 def _normalized_ramps(ramp: np.ndarray, starts: list[int], length: int) -> list[torch.Tensor]:
@@ -467,15 +476,44 @@ def _normalized_ramps(ramp: np.ndarray, starts: list[int], length: int) -> list[
     return out
 
 
-def _flush(band: torch.Tensor, band_top: int, end: int, labels_out, probs_out, columns: int = 4096) -> None:
+@dataclass
+class _Outputs:
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    uncertainty: np.ndarray | None
+
+    def prediction(self, complete: bool) -> Prediction:
+        return Prediction(self.labels, self.probabilities, complete, self.uncertainty)
+
+
+def _flush(band: torch.Tensor, band_top: int, end: int, outputs: _Outputs, columns: int = 4096) -> None:
     """Write the finished rows [band_top, end) into the outputs, a few columns at a time
     so that the temporaries stay small for very wide images."""
     rows = end - band_top
     for left in range(0, band.shape[-1], columns):
         block = band[:, :rows, left : left + columns]
-        labels_out[band_top:end, left : left + columns] = _painting_ids(block).numpy()
-        if probs_out is not None:
-            probs_out[:, band_top:end, left : left + columns] = block.numpy()
+        outputs.labels[band_top:end, left : left + columns] = _painting_ids(block).numpy()
+        if outputs.probabilities is not None:
+            outputs.probabilities[:, band_top:end, left : left + columns] = block.numpy()
+        if outputs.uncertainty is not None:
+            outputs.uncertainty[band_top:end, left : left + columns] = uncertainty_of(block).numpy()
+
+
+def uncertainty_of(probabilities: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """How unsure the model is, per pixel: the entropy of the (K, ...) class probabilities
+    divided by its largest value, log K.
+
+    0 where one class has all the probability, 1 where every class is equally likely.
+    Where it is high is where strokes teach the model most: the map tells the user where to
+    paint next (METHOD.md, UG-MCL). Computed on the blended probabilities (averaged over
+    flips where those are on), so it also rises where tiles or flipped views disagree.
+    """
+    p = torch.as_tensor(probabilities, dtype=torch.float32)
+    k = p.shape[0]
+    if k < 2:
+        return torch.zeros(p.shape[1:], dtype=torch.float32)
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(0)
+    return entropy.div_(float(np.log(k))).clamp_(0.0, 1.0)
 
 
 def _painting_ids(probabilities: torch.Tensor) -> torch.Tensor:
