@@ -47,7 +47,7 @@ def test_train_predict_evaluate_on_a_real_image(tmp_path, monuseg_pair, capsys):
     rc = main([
         "predict", "--model", str(tmp_path / "model.safetensors"), "--image", str(tmp_path / "image.tif"),
         "--out", str(tmp_path / "pred.tif"), "--probabilities", str(tmp_path / "prob.tif"), "--tile-size", "256",
-        "--instances", str(tmp_path / "inst.tif"),
+        "--instances", str(tmp_path / "inst.tif"), "--uncertainty", str(tmp_path / "unsure.tif"),
     ])
     assert rc == 0
     predicted_json = json.loads(capsys.readouterr().out)
@@ -67,6 +67,14 @@ def test_train_predict_evaluate_on_a_real_image(tmp_path, monuseg_pair, capsys):
     assert probs.shape == (2, 384, 384) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-4)
     np.testing.assert_array_equal(labels, probs.argmax(0) + 1)
+    # where the model is unsure: the entropy of the written probabilities over log 2, and its mean
+    unsure = tifffile.imread(tmp_path / "unsure.tif")
+    p = probs.astype(np.float64)
+    assert unsure.shape == (384, 384) and unsure.dtype == np.float32
+    np.testing.assert_allclose(unsure, -(p * np.log(np.clip(p, 1e-12, None))).sum(0) / np.log(2), atol=1e-4)
+    assert predicted_json["mean_uncertainty"] == pytest.approx(unsure.mean(), abs=1e-4)
+    wrong = (labels == 2) != mask.astype(bool)
+    assert unsure[wrong].mean() > unsure[~wrong].mean()  # less sure where it is wrong
 
     # --flips: the averaged prediction of the mirrored image is the mirrored averaged prediction
     tifffile.imwrite(tmp_path / "mirrored.tif", np.ascontiguousarray(image[:, ::-1]))
@@ -104,7 +112,7 @@ def test_a_slide_sized_tiff_is_predicted_lazily_into_the_same_files(tmp_path, mo
     predict = ["predict", "--model", str(tmp_path / "model.safetensors"), "--image", str(tmp_path / "image.tif"),
                "--tile-size", "256", "--precision", "float32", "--device", "cpu"]
     assert main([*predict, "--out", str(tmp_path / "whole.tif"), "--probabilities", str(tmp_path / "whole_p.tif"),
-                 "--instances", str(tmp_path / "whole_i.tif")]) == 0
+                 "--instances", str(tmp_path / "whole_i.tif"), "--uncertainty", str(tmp_path / "whole_u.tif")]) == 0
     whole_counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pixels_per_label"]
 
     opened = []
@@ -113,12 +121,13 @@ def test_a_slide_sized_tiff_is_predicted_lazily_into_the_same_files(tmp_path, mo
     monkeypatch.setattr(io, "open_image", lambda path, lazy_above=None: opened.append(original(path)) or opened[-1])
     out = tmp_path / "lazy" / "labels.tif"  # a folder that does not exist yet
     assert main([*predict, "--out", str(out), "--probabilities", str(tmp_path / "lazy_p.tif"),
-                 "--instances", str(tmp_path / "lazy_i.tif")]) == 0
+                 "--instances", str(tmp_path / "lazy_i.tif"), "--uncertainty", str(tmp_path / "lazy_u.tif")]) == 0
     lazy_counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pixels_per_label"]
 
     assert not isinstance(opened[0], np.ndarray)  # read through the file's tiles, not whole
     np.testing.assert_array_equal(tifffile.imread(out), tifffile.imread(tmp_path / "whole.tif"))
     np.testing.assert_allclose(tifffile.imread(tmp_path / "lazy_p.tif"), tifffile.imread(tmp_path / "whole_p.tif"))
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "lazy_u.tif"), tifffile.imread(tmp_path / "whole_u.tif"))
     assert lazy_counts == whole_counts and sum(lazy_counts.values()) == 512 * 640
     # the instances of a slide are split into a memory map beside the labels: the same objects
     lazy_instances = tifffile.imread(tmp_path / "lazy_i.tif")
@@ -317,6 +326,10 @@ _HAS_MPS = getattr(torch.backends, "mps", None) is not None and torch.backends.m
           "--probabilities", "{tmp}/{{stem}}.tif"], "--probabilities and --image name the same file"),
         (["evaluate", "--prediction", "{tmp}/img.tif", "{tmp}/empty.tif", "--mask", "{tmp}/empty.tif"],
          "2 --prediction files but 1 --mask files"),
+        (["predict", "--model", "{tmp}/m", "--image", "{tmp}/img.tif", "--out", "{tmp}/o.tif",
+          "--uncertainty", "{tmp}/u.png"], "--uncertainty u.png: cannot write this format"),
+        (["predict", "--model", "{tmp}/m", "--image", "{tmp}/img.tif", "--out", "{tmp}/o.tif",
+          "--uncertainty", "{tmp}/o.tif"], "--uncertainty and --out name the same file"),
     ],
     ids=["no-model", "not-a-model", "unpainted", "shape", "pair-count", "no-image", "cuda", "eval-shape",
          "out-folder", "out-under-file", "budget-0", "one-class-name", "resume-width", "model-folder",
@@ -324,7 +337,7 @@ _HAS_MPS = getattr(torch.backends, "mps", None) is not None and torch.backends.m
          "gray-pages", "bare-gray-pages", "budget-inf", "negative-lambda", "out-is-image",
          "probabilities-is-out", "colour-labels", "extra-class-name", "instances-png", "depth-12", "width-100000",
          "several-without-stem", "same-stem", "stems-differing-in-case", "image-twice", "stem-names-the-image",
-         "eval-pair-count"],
+         "eval-pair-count", "uncertainty-png", "uncertainty-is-out"],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     import re

@@ -274,9 +274,11 @@ class PredictJob:
     out: Path
     probabilities: Path | None
     instances: Path | None
+    uncertainty: Path | None = None
 
     def outputs(self) -> dict[str, Path | None]:
-        return {"--out": self.out, "--probabilities": self.probabilities, "--instances": self.instances}
+        return {"--out": self.out, "--probabilities": self.probabilities, "--instances": self.instances,
+                "--uncertainty": self.uncertainty}
 
 
 def predict_jobs(args: argparse.Namespace) -> list[PredictJob]:
@@ -290,7 +292,7 @@ def predict_jobs(args: argparse.Namespace) -> list[PredictJob]:
     if len({image.resolve() for image in images}) < len(images):
         raise InputError("an --image is given twice; name each image once")
     stems: dict[str, Path] = {}
-    for image in images if STEM in f"{args.out}{args.probabilities}{args.instances}" else ():
+    for image in images if STEM in f"{args.out}{args.probabilities}{args.instances}{args.uncertainty}" else ():
         # letter case too: the folders of macOS and Windows take A_labels.tif for a_labels.tif
         key = image_stem(image).casefold()
         if key in stems:
@@ -301,7 +303,8 @@ def predict_jobs(args: argparse.Namespace) -> list[PredictJob]:
         stems[key] = image
     jobs = [
         PredictJob(image, *(output_for(t, image, o, several) for t, o in (
-            (args.out, "--out"), (args.probabilities, "--probabilities"), (args.instances, "--instances"))))
+            (args.out, "--out"), (args.probabilities, "--probabilities"), (args.instances, "--instances"),
+            (args.uncertainty, "--uncertainty"))))
         for image in images
     ]
     inputs = {"--model": args.model} | {_of("--image", job, several): job.image for job in jobs}
@@ -313,6 +316,8 @@ def predict_jobs(args: argparse.Namespace) -> list[PredictJob]:
             check_output(job.probabilities, _of("--probabilities", job, several), FLOAT_SUFFIXES)
         if job.instances is not None:
             check_output(job.instances, _of("--instances", job, several), INSTANCE_SUFFIXES)
+        if job.uncertainty is not None:
+            check_output(job.uncertainty, _of("--uncertainty", job, several), FLOAT_SUFFIXES)
         if not job.image.exists():
             raise FileNotFoundError(f"--image {job.image} does not exist")
         check_planar(job.image)
@@ -359,14 +364,14 @@ def predict_one(model, job: PredictJob, config, desc: str = "predicting") -> dic
 
     import numpy as np
 
-    from .core.predict import allocate_outputs, plane_shape, predict_tiled
+    from .core.predict import allocate_outputs, allocate_uncertainty, plane_shape, predict_tiled
     from .io import open_image, write_image
 
     image = open_image(job.image)
     want_probabilities = job.probabilities is not None
     summary: dict = {"image": str(job.image), "labels": str(job.out), "classes": model.class_names}
     with contextlib.ExitStack() as cleanup:
-        out_labels = out_probabilities = scratch = None
+        out_labels = out_probabilities = out_uncertainty = scratch = None
         if not isinstance(image, np.ndarray):
             # a slide opened lazily: the outputs go to memory maps beside the result, not to RAM
             folder = job.out.resolve().parent
@@ -375,15 +380,22 @@ def predict_one(model, job: PredictJob, config, desc: str = "predicting") -> dic
             out_labels, out_probabilities = allocate_outputs(
                 plane_shape(image), model.config.num_classes, scratch, probabilities=want_probabilities, kind="memmap"
             )
+            if job.uncertainty is not None:
+                out_uncertainty = allocate_uncertainty(plane_shape(image), scratch, kind="memmap")
         run = predict_tiled(
             model, image, config, probabilities=want_probabilities,
             out_labels=out_labels, out_probabilities=out_probabilities,
+            uncertainty=job.uncertainty is not None, out_uncertainty=out_uncertainty,
         )
         prediction = _with_bar(run, desc, "tile")
         write_image(job.out, prediction.labels, like=job.image, class_names=model.class_names)
         if want_probabilities:
             write_image(job.probabilities, np.asarray(prediction.probabilities, np.float32), like=job.image,
                         planes=True)
+        if job.uncertainty is not None:
+            write_image(job.uncertainty, prediction.uncertainty, like=job.image)
+            # which images of a batch most need strokes: the mean, read band by band from a memory map
+            summary["mean_uncertainty"] = round(_mean_of(prediction.uncertainty), 4)
         if job.instances is not None:
             split = _split_instances(prediction.labels, scratch)
             write_image(job.instances, split.instances, like=job.image, class_names=[])  # reopens as labels
@@ -394,8 +406,13 @@ def predict_one(model, job: PredictJob, config, desc: str = "predicting") -> dic
                       "wider than the widest window and were split only near where they start", file=sys.stderr)
             del split
         summary["pixels_per_label"] = label_counts(prediction.labels, model.info.label_ids)
-        del prediction, out_labels, out_probabilities  # release the memory maps before their folder goes
+        del prediction, out_labels, out_probabilities, out_uncertainty  # memory maps go before their folder
     return summary
+
+
+def _mean_of(plane, rows: int = 1024) -> float:
+    total = sum(float(plane[top : top + rows].sum(dtype="float64")) for top in range(0, plane.shape[0], rows))
+    return total / max(1, plane.shape[0] * plane.shape[1])
 
 
 def _with_bar(run, desc: str, unit: str):
@@ -620,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probabilities", type=Path, help="also write per-class probabilities (K, H, W) float32")
     p.add_argument("--instances", type=Path,
                    help="also write instance ids of the structures (touching objects split; TIFF, NIfTI, MHA or NRRD)")
+    p.add_argument("--uncertainty", type=Path,
+                   help="also write where the model is unsure, (H, W) float32 from 0 (sure) to 1 (classes tie): "
+                   "where to paint next; the summary gives its mean per image")
     p.add_argument("--tile-size", type=int, default=PredictConfig.tile_size, help="pixels per tile side")
     p.add_argument("--overlap", type=float, default=PredictConfig.overlap, help="fraction shared by neighbours")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
