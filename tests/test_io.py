@@ -396,6 +396,46 @@ def test_lzw_and_jpeg_compressed_tiffs_open_eagerly_and_lazily(tmp_path, compres
         assert np.abs(back.astype(int) - data).mean() < 3
 
 
+def test_a_cut_slide_is_refused_when_opened_not_when_a_missing_tile_is_drawn(tmp_path, monkeypatch):
+    """Read lazily, a TIFF cut short by an interrupted copy opened fine and failed later, with a
+    codec's error (DeflateError) when napari drew or predict reached a tile past the end."""
+    pytest.importorskip("dask")
+    import napari_selfreg.io as io
+
+    data = np.random.default_rng(5).integers(0, 255, size=(512, 512, 3), dtype=np.uint8)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, data, tile=(128, 128), photometric="rgb", compression="zlib")
+    assert np.array_equal(np.asarray(open_image(path, lazy_above=1000)), data)  # whole, it opens lazily
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+    with pytest.raises(ImageFileError, match=r"slide\.tif is cut short: \d+ of its 16 tiles"):
+        open_image(path, lazy_above=1000)
+    monkeypatch.setattr(io, "LAZY_PIXELS", 1000)
+    with pytest.raises(ImageFileError, match="is cut short"):
+        napari_get_reader(str(path))(str(path))
+
+
+def test_a_pyramid_cut_in_its_overviews_is_refused_by_the_viewer_that_shows_them(tmp_path, monkeypatch):
+    pytest.importorskip("dask")
+    import napari_selfreg.io as io
+
+    image = np.random.default_rng(6).integers(0, 255, size=(512, 384, 3), dtype=np.uint8)
+    path = tmp_path / "pyramid.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, subifds=1, tile=(128, 128), photometric="rgb", compression="zlib")
+        tif.write(image[::2, ::2], subfiletype=1, tile=(64, 64), photometric="rgb", compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        overview = tif.series[0].levels[1].pages[0]
+        cut = overview.dataoffsets[-1] + 10  # into the overview's last tile, after every full-size tile
+        assert cut > max(np.add(tif.pages[0].dataoffsets, tif.pages[0].databytecounts))
+    with open(path, "r+b") as handle:
+        handle.truncate(cut)
+    monkeypatch.setattr(io, "LAZY_PIXELS", 1000)
+    with pytest.raises(ImageFileError, match="1 of its 24 tiles"):  # 12 full-size tiles, 12 overview tiles
+        napari_get_reader(str(path))(str(path))
+    assert np.array_equal(np.asarray(io.open_image(path)), image)  # predict reads level 0 alone: it is whole
+
+
 def test_a_missing_codec_on_the_lazy_path_is_not_blamed_on_the_file():
     from napari_selfreg.core.data import InputError
     from napari_selfreg.core.predict import _TileReader

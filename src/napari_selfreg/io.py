@@ -487,6 +487,8 @@ def _open(path: Path, lazy_above: int | None, every_level: bool, labels: bool = 
             if "Y" not in axes or "X" not in axes or shape[axes.index("Y")] * shape[axes.index("X")] <= limit:
                 # small: read whole from the file already open
                 return [colours.apply(_tiff_to_yx(series.asarray(), axes))]
+            # read lazily, a cut file would fail only when a missing tile is drawn, mid-session
+            _refuse_cut_short(path, series.levels[: count if every_level else 1])
         try:
             return [colours.apply(_lazy_level(path, axes, level)) for level in range(count if every_level else 1)]
         except Exception as error:  # e.g. zarr 2 beside a tifffile that needs zarr 3, or the reverse
@@ -500,6 +502,24 @@ def _open(path: Path, lazy_above: int | None, every_level: bool, labels: bool = 
         raise
     except Exception as error:
         raise ImageFileError(f"could not read {path.name}: {error}") from None
+
+
+def _refuse_cut_short(path: Path, levels) -> None:
+    """Refuse a TIFF whose tiles or strips run past its end (an interrupted copy or download)."""
+    size = path.stat().st_size
+    beyond = total = 0
+    for level in levels:
+        for page in level.pages:
+            if page is None:
+                continue
+            ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
+            total += ends.size
+            beyond += int((ends > size).sum())
+    if beyond:
+        raise ImageFileError(
+            f"{path.name} is cut short: {beyond} of its {total} tiles or strips lie past the end of the file "
+            "(an interrupted copy or download?); copy it again"
+        )
 
 
 def _lazy_level(path: Path, axes: str, level: int):
