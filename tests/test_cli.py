@@ -328,6 +328,10 @@ _HAS_MPS = getattr(torch.backends, "mps", None) is not None and torch.backends.m
          "2 --prediction files but 1 --mask files"),
         (["predict", "--model", "{tmp}/m", "--image", "{tmp}/img.tif", "--out", "{tmp}/o.tif",
           "--uncertainty", "{tmp}/u.png"], "--uncertainty u.png: cannot write this format"),
+        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/nuclei.TIF"],
+         "--out nuclei.TIF names an image file, but train writes a model: name it e.g. nuclei.safetensors"),
+        (["train", "--image", "{tmp}/img.tif", "--labels", "{tmp}/empty.tif", "--out", "{tmp}/m.nii.gz"],
+         "name it e.g. m.safetensors"),
         (["predict", "--model", "{tmp}/m", "--image", "{tmp}/img.tif", "--out", "{tmp}/o.tif",
           "--uncertainty", "{tmp}/o.tif"], "--uncertainty and --out name the same file"),
     ],
@@ -337,7 +341,7 @@ _HAS_MPS = getattr(torch.backends, "mps", None) is not None and torch.backends.m
          "gray-pages", "bare-gray-pages", "budget-inf", "negative-lambda", "out-is-image",
          "probabilities-is-out", "colour-labels", "extra-class-name", "instances-png", "depth-12", "width-100000",
          "several-without-stem", "same-stem", "stems-differing-in-case", "image-twice", "stem-names-the-image",
-         "eval-pair-count", "uncertainty-png", "uncertainty-is-out"],
+         "eval-pair-count", "uncertainty-png", "train-out-tif", "train-out-nifti", "uncertainty-is-out"],
 )
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
     import re

@@ -88,6 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise InputError("--time-budget must be a positive number of seconds")
     if args.resume and (args.width != DEFAULT_WIDTH or args.depth != DEFAULT_DEPTH):
         raise InputError("--width and --depth come from the model when training continues (--resume); leave them out")
+    check_model_name(args.out)
     check_output(model_path(args.out), "--out")
     for p in [*args.image, *args.labels]:
         check_planar(p)
@@ -251,6 +252,18 @@ def image_stem(path: Path) -> str:
     suffix = suffix_of(path)
     stem = name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else Path(name).stem
     return stem[:-4] if suffix in (".tif", ".tiff") and stem.lower().endswith(".ome") else stem
+
+
+def check_model_name(out: Path) -> None:
+    """``train --out labels.tif`` (predict's --out is a labels file) would write labels.tif.safetensors."""
+    from .core.data import InputError
+    from .io import ITK_SUFFIXES, PIL_SUFFIXES, TIFF_SUFFIXES, suffix_of
+
+    suffix = suffix_of(out)
+    if suffix in (*TIFF_SUFFIXES, *PIL_SUFFIXES, *ITK_SUFFIXES):
+        stem = Path(out).name[: -len(suffix)] or "model"
+        raise InputError(f"--out {Path(out).name} names an image file, but train writes a model: "
+                         f"name it e.g. {stem}.safetensors")
 
 
 def output_for(template: Path | None, image: Path, option: str, several: bool) -> Path | None:
