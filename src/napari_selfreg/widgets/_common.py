@@ -16,7 +16,7 @@ import weakref
 from pathlib import Path
 
 import numpy as np
-from napari.utils.notifications import show_error, show_warning
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, QObject, QThreadPool
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QSizePolicy, QVBoxLayout, QWidget
 
@@ -231,6 +231,7 @@ OURS_KEY = "napari_selfreg_segmentation"  # layer metadata: made by Segment (lab
 MAP_FLAG = "napari_selfreg_redundancy"  # layer metadata of the redundancy maps: the name they were given
 EDITED_KEY = "napari_selfreg_edited"  # layer metadata: painted on, filled or erased by the user
 TRACKED_KEY = "napari_selfreg_tracked"  # layer metadata: its paint events set EDITED_KEY
+UNCERTAINTY_KEY = "napari_selfreg_uncertainty"  # layer metadata of an uncertainty map: the widget that made it
 
 
 def track_edits(layer) -> None:
@@ -311,6 +312,76 @@ def image_shape_2d(layer) -> tuple[int, int]:
     if getattr(layer, "rgb", False):
         shape = shape[:-1]
     return int(shape[-2]), int(shape[-1])
+
+
+def uncertainty_name(image) -> str:
+    return f"{image.name} uncertainty"
+
+
+def _our_uncertainty(viewer, image):
+    """The image's uncertainty layer this plugin made, or None (a user's layer of that name is not ours)."""
+    from napari.layers import Image
+
+    name = uncertainty_name(image)
+    layer = viewer.layers[name] if name in viewer.layers else None
+    ours = isinstance(layer, Image) and layer.metadata.get(OURS_KEY) and layer.metadata.get(UNCERTAINTY_KEY)
+    return layer if ours else None
+
+
+def uncertainty_colormap():
+    """Inferno whose opacity grows as the square of the value: transparent where the model is
+    sure, opaque where the classes tie. Additive blending washed a bright H&E slide out and
+    could not show anything on its pale glass; this marks the boundaries the model hesitates
+    on in yellow over bright and dark images alike, and leaves the tissue beneath visible."""
+    from napari.utils import Colormap
+    from napari.utils.colormaps import ensure_colormap
+
+    inferno = ensure_colormap("inferno")
+    colors = np.array(inferno.colors, copy=True)
+    colors[:, 3] = np.asarray(inferno.controls) ** 2
+    return Colormap(colors, name="inferno fading", controls=inferno.controls)
+
+
+def show_uncertainty(viewer, image, data, maker: str, box=None):
+    """Show ``data``, an (H, W) map in [0, 1] of where the model is unsure (``core.predict.
+    uncertainty_of``), as the image's one "… uncertainty" layer, which Segment and Train share.
+
+    Visible, so the user sees at once where to check first, in ``uncertainty_colormap``. Ours is
+    updated in place, so the opacity or visibility the user chose stays from one run to the
+    next; a layer of that name the user made is renamed out of the way, never overwritten.
+    ``maker`` ("Segment", "Train") is recorded: each widget drops only its own map
+    (``drop_uncertainty``). ``box`` (row and column slices) places a map of part of the image
+    over that part: a slide's map of the view, without a slide-sized array around it.
+    """
+    name = uncertainty_name(image)
+    place = placement(image)
+    if box is not None:
+        offset = np.array([box[0].start or 0, box[1].start or 0]) * np.asarray(place["scale"])
+        place["translate"] = tuple(float(t) for t in np.asarray(place["translate"]) + offset)
+    layer = _our_uncertainty(viewer, image)
+    if layer is None and name in viewer.layers:
+        theirs = viewer.layers[name]
+        theirs.name = free_name(viewer, f"{name} (kept)")
+        show_info(f"'{name}' was not made by napari-selfreg: it is kept as '{theirs.name}'.")
+    if layer is None:
+        metadata = {**place.pop("metadata"), OURS_KEY: True, UNCERTAINTY_KEY: maker}
+        return viewer.add_image(
+            data, name=name, colormap=uncertainty_colormap(), contrast_limits=(0.0, 1.0), blending="translucent",
+            opacity=0.8, metadata=metadata, **place,
+        )
+    layer.data = data
+    layer.scale, layer.translate = place["scale"], place["translate"]
+    layer.metadata.update({**place["metadata"], UNCERTAINTY_KEY: maker})
+    return layer
+
+
+def drop_uncertainty(viewer, image, maker: str) -> None:
+    """Remove the image's uncertainty map if ``maker`` made it: a run of that widget completed
+    without one, so its map is stale. The other widget's map (of another model's result), a
+    user's layer of that name and a renamed map stay."""
+    layer = _our_uncertainty(viewer, image)
+    if layer is not None and layer.metadata.get(UNCERTAINTY_KEY) == maker:
+        viewer.layers.remove(layer)
 
 
 def _made_image(layer) -> bool:

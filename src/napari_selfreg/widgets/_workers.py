@@ -210,24 +210,29 @@ def _preview(model, image, box, value_range, device, stop):
     return prediction.labels if prediction.complete else None
 
 
-def predict_region(model, image, box, config, value_range, stop=None):
-    """Labels of ``image[box]`` scaled by the whole image's value range (computed when None),
-    or None when ``stop`` ended it early; errors as ``WorkerError``, so a RuntimeError
-    reaches the widget."""
+def predict_region(model, image, box, config, value_range, stop=None, uncertainty: bool = False):
+    """The core ``Prediction`` of ``image[box]`` (labels, and with ``uncertainty`` the map of
+    where the model is unsure, from the same pass) scaled by the whole image's value range
+    (computed when None), or None when ``stop`` ended it early; errors as ``WorkerError``, so
+    a RuntimeError reaches the widget."""
     from ..core.predict import predict
 
     try:
         if value_range is None:
             value_range = _whole_value_range(image, model)
         crop = np.asarray(image[box[0], box[1]])
-        prediction = predict(model, crop, config, probabilities=False, stop=stop, value_range=value_range)
+        prediction = predict(
+            model, crop, config, probabilities=False, stop=stop, value_range=value_range, uncertainty=uncertainty
+        )
     except Exception as error:
         raise WorkerError(error) from error
-    return prediction.labels if prediction.complete else None
+    return prediction if prediction.complete else None
 
 
-def run_prediction(model, image, config, probabilities: bool, out_labels, out_probabilities, stop):
-    """The core's tiled prediction: yields PredictProgress, returns Prediction; errors as WorkerError."""
+def run_prediction(model, image, config, probabilities: bool, out_labels, out_probabilities, out_uncertainty, stop):
+    """The core's tiled prediction: yields PredictProgress, returns Prediction; errors as WorkerError.
+    ``out_uncertainty`` (or None) is filled with the map of where the model is unsure. ``stop``
+    stays the last argument: tests reach it as ``args[-1]``."""
     from ..core.predict import predict_tiled
 
     try:
@@ -235,6 +240,7 @@ def run_prediction(model, image, config, probabilities: bool, out_labels, out_pr
             yield from predict_tiled(
                 model, image, config, probabilities=probabilities,
                 out_labels=out_labels, out_probabilities=out_probabilities, stop=stop,
+                out_uncertainty=out_uncertainty,
             )
         )
     except Exception as error:

@@ -39,6 +39,7 @@ from ._common import (
     check_box,
     connect_while_alive,
     create_worker,
+    drop_uncertainty,
     explain,
     free_name,
     hold_read_only,
@@ -46,6 +47,7 @@ from ._common import (
     layer_data,
     let_go,
     placement,
+    show_uncertainty,
     stack_problem,
     stop_when_closed,
     track_edits,
@@ -155,6 +157,13 @@ class SegmentWidget(QWidget):
             "Probability map", "Also add the per-class probabilities as an image layer (0..1)."
         )
         form.addRow(self.probabilities)
+        self.uncertainty = check_box(
+            "Uncertainty (where to check first)",
+            "Also add a map of how unsure the model is (0 = sure, 1 = the classes tie). Its bright places "
+            "are the ones to check first: on MoNuSeg and GlaS a third of the wrong pixels lie in its brightest "
+            "tenth. Mistakes the model is sure of stay dark.",
+        )
+        form.addRow(self.uncertainty)
         layout.addLayout(form)
         self.run_button = QPushButton("Segment")
         self.run_button.setToolTip("Segment the image; while it runs, the same button stops it.")
@@ -235,21 +244,24 @@ class SegmentWidget(QWidget):
         self._stop_events()  # each split makes its own event: setting an idle one is harmless
         self.status.setText("Stopping…")
 
-    def _outputs(self, shape: tuple[int, int], classes: int, probabilities: bool):
-        """Output arrays: in memory, or memory-mapped files for very large images."""
+    def _outputs(self, shape: tuple[int, int], classes: int, probabilities: bool, uncertainty: bool):
+        """Output arrays (labels, probabilities or None, uncertainty or None): in memory, or
+        memory-mapped files for very large images."""
         h, w = shape
         if h * w <= MEMMAP_PIXELS:
             labels = np.zeros(shape, np.uint8)
             probs = np.zeros((classes, h, w), np.float32) if probabilities else None
-            return labels, probs
+            unsure = np.zeros(shape, np.float32) if uncertainty else None
+            return labels, probs, unsure
         self._tempdir = _temporary_folder()
         folder = Path(self._tempdir.name)
         labels = _mapped_file(folder, "labels", np.uint8, shape)
         probs = None
         if probabilities:
             probs = _mapped_file(folder, "probabilities", np.float16, (classes, h, w))
+        unsure = _mapped_file(folder, "uncertainty", np.float16, shape) if uncertainty else None
         show_info(f"The image is large: outputs are kept in memory-mapped files under {folder}.")
-        return labels, probs
+        return labels, probs, unsure
 
     def start(self):
         self._close_watcher.watch_window()
@@ -275,7 +287,9 @@ class SegmentWidget(QWidget):
             return None
         shape = image_shape_2d(image)
         data = layer_data(image)
-        labels, probs = self._outputs(shape, model.config.num_classes, self.probabilities.isChecked())
+        labels, probs, unsure = self._outputs(
+            shape, model.config.num_classes, self.probabilities.isChecked(), self.uncertainty.isChecked()
+        )
         layer_name = f"{image.name} segmentation"
         # the last result stays, renamed, until this run completes: a stopped or failed run
         # must not cost the user a segmentation; one they edited is kept for good
@@ -308,7 +322,7 @@ class SegmentWidget(QWidget):
         self._model = model
         self.stop_event = threading.Event()
         self.worker = create_worker(
-            run_prediction, model, data, config, probs is not None, labels, probs, self.stop_event,
+            run_prediction, model, data, config, probs is not None, labels, probs, unsure, self.stop_event,
             _ignore_errors=True,
         )
         self.worker.yielded.connect(self._on_progress)
@@ -362,22 +376,29 @@ class SegmentWidget(QWidget):
             self._drop_unless_edited(self.viewer.layers[self._previous_name])
         self.status.setText(f"Done in {seconds:.1f} s: '{self.output_layer.name}'.")
         image = self._image
-        self._drop_stale(image, prediction.probabilities is not None, self.instances.isChecked())
+        self._drop_stale(
+            image, prediction.probabilities is not None, self.instances.isChecked(), prediction.uncertainty is not None
+        )
         if prediction.probabilities is not None:
             self._add_probabilities(image, prediction.probabilities, self._model.class_names)
+        if prediction.uncertainty is not None:
+            show_uncertainty(self.viewer, image, prediction.uncertainty, "Segment")
         if self.instances.isChecked():
             self.status.setText(f"{self.status.text()} Separating touching objects (read-only until then)…")
             self._start_instances(prediction.labels, image, self.output_layer)
 
-    def _drop_stale(self, image, probabilities: bool, instances: bool) -> None:
-        """The last run's probability maps and objects of this image that this run does not
-        remake: they belong to the segmentation just replaced. Objects the user edited stay,
-        renamed; layers the user made or renamed are not ours and stay as they are."""
+    def _drop_stale(self, image, probabilities: bool, instances: bool, uncertainty: bool) -> None:
+        """The last run's probability maps, uncertainty map and objects of this image that this
+        run does not remake: they belong to the segmentation just replaced. Objects the user
+        edited stay, renamed; layers the user made or renamed are not ours and stay as they are,
+        and so does an uncertainty map Train made (of its own prediction)."""
         base = f"{image.name} probabilities"
         if not probabilities:
             for layer in [layer for layer in self.viewer.layers if layer.name.startswith(base)]:
                 if layer.metadata.get(OURS_KEY):
                     self.viewer.layers.remove(layer)
+        if not uncertainty:
+            drop_uncertainty(self.viewer, image, "Segment")
         name = f"{image.name} instances"
         if not instances and name in self.viewer.layers and self.viewer.layers[name].metadata.get(INSTANCES_KEY):
             self._drop_unless_edited(self.viewer.layers[name])

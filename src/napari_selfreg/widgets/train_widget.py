@@ -49,6 +49,7 @@ from ._common import (
     check_box,
     connect_while_alive,
     create_worker,
+    drop_uncertainty,
     explain,
     free_name,
     hold_read_only,
@@ -61,9 +62,11 @@ from ._common import (
     placement,
     remember_model_file,
     same_layer,
+    show_uncertainty,
     stack_problem,
     stop_when_closed,
     track_edits,
+    uncertainty_name,
     visible_corners,
 )
 from ._workers import WorkerError, predict_region, run_training, visible_box
@@ -290,6 +293,14 @@ class TrainWidget(QWidget):
             3.0, 0.0, 600.0, "Seconds between live previews of the visible region (0 = no preview).", 1, 1.0
         )
         af.addRow("Preview every (s)", self.preview_every)
+        self.uncertainty = check_box(
+            "Show where the model is unsure",
+            "After each round, also show the '… uncertainty' layer, from the same end-of-round prediction: "
+            "bright where the model hesitates between classes (0 = sure, 1 = the classes tie), the places to "
+            "check first. Mistakes it is sure of stay dark. Live previews stay labels only.",
+            True,
+        )
+        af.addRow(self.uncertainty)
         advanced.addWidget(inner)
         layout.addWidget(advanced)
 
@@ -830,16 +841,31 @@ class TrainWidget(QWidget):
         # a crop is scaled by the whole image's range, as training and previews scale it
         stop = threading.Event()
         worker = create_worker(
-            _predict_labels, model, layer_data(image), box, config, self._value_range, stop, _ignore_errors=True
+            _predict_labels, model, layer_data(image), box, config, self._value_range, self.uncertainty.isChecked(),
+            stop, _ignore_errors=True,
         )
         worker.stop_event = stop  # set when the dock closes, or a new round on this image starts
         worker.prediction_name = name
-        worker.returned.connect(
-            lambda labels: labels is None or stop.is_set() or self._show_prediction(box, labels, image, name))
+        worker.returned.connect(lambda prediction: self._on_final_prediction(prediction, box, image, name, stop))
         worker.errored.connect(self._on_final_error)
         worker.finished.connect(lambda: self._on_final_finished(worker))
         self._final_workers.append(worker)
         worker.start()
+
+    def _on_final_prediction(self, prediction, box, image, name: str, stop) -> None:
+        """The end-of-round labels into the prediction layer, and the uncertainty of the same pass
+        into the "… uncertainty" layer; a stopped prediction shows nothing. Without the option
+        this widget's last map goes: it was of an older model."""
+        if prediction is None or stop.is_set() or image not in self.viewer.layers:
+            return
+        self._show_prediction(box, prediction.labels, image, name)
+        if prediction.uncertainty is None:
+            drop_uncertainty(self.viewer, image, "Train")
+            return
+        show_uncertainty(self.viewer, image, prediction.uncertainty, "Train", box=box)
+        if self.worker is None:  # still the round's status line
+            self.status.setText(f"{self.status.text()} Bright in '{uncertainty_name(image)}': where the model is "
+                                "unsure; check there first.")
 
     def _on_final_finished(self, worker) -> None:
         self._final_workers.remove(worker)
@@ -943,7 +969,9 @@ class TrainWidget(QWidget):
         return layer
 
 
-def _predict_labels(model, image, box, config, value_range, stop):
-    """The end-of-round prediction of ``image[box]``, None if stopped (a module function: tests
-    hold it back)."""
-    return predict_region(model, image, box, config, value_range, stop)
+def _predict_labels(model, image, box, config, value_range, uncertainty, stop):
+    """The end-of-round prediction of ``image[box]`` (labels, and the uncertainty if asked, in one
+    pass), None if stopped (a module function: tests hold it back, reaching ``stop`` as the last
+    argument)."""
+    return predict_region(model, image, box, config, value_range, stop, uncertainty=uncertainty)
+
