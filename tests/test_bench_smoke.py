@@ -554,3 +554,62 @@ def test_the_pretrained_cache_is_per_pretraining_setting(tmp_path):
               replace(config, transfer_patch_size=config.transfer_patch_size * 2)]
     paths = {_pretrained_path(c, "glas", 0) for c in [config, *others]}
     assert len(paths) == 4
+
+
+def _bench_uncertainty():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_uncertainty.py"
+    spec = importlib.util.spec_from_file_location("bench_uncertainty", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_uncertainty_figures_count_ties_fairly():
+    bench = _bench_uncertainty()
+    rng = np.random.default_rng(0)
+    score = rng.integers(0, 5, 1000).astype(float)  # many ties, as a distance map has
+    wrong = rng.random(1000) < 0.2 + 0.1 * score
+    pairs = score[wrong][:, None] - score[~wrong][None, :]
+    assert bench.auroc(score, wrong) == pytest.approx((pairs > 0).mean() + 0.5 * (pairs == 0).mean())
+    assert bench.auroc(score, np.zeros(1000, bool)) is None
+    top = bench.top_share(np.zeros(1000), wrong, 0.1)  # one big tie: what a random choice gets
+    assert top["captured"] == pytest.approx(0.1)
+    assert top["error_rate_in"] == pytest.approx(top["error_rate_out"]) == pytest.approx(wrong.mean())
+    exact = bench.top_share(np.arange(1000.0), np.arange(1000) >= 950, 0.1)
+    assert exact["captured"] == 1.0 and exact["error_rate_in"] == 0.5 and exact["error_rate_out"] == 0.0
+
+
+def test_uncertainty_strokes_are_labelled_from_the_truth_and_spread():
+    from napari_selfreg.bench.strokes import CorrectionConfig
+
+    truth = np.zeros((120, 120), bool)
+    truth[20:60, 20:100] = True
+    priority = np.zeros(truth.shape)
+    priority[30:50, 30:90] = 1.0  # inside the object: the structure strokes start there
+    for where in (priority, None):
+        labels = _bench_uncertainty().placed_strokes(truth, where, 0, CorrectionConfig(strokes=3, length=10))
+        assert set(np.unique(labels)) <= {0, 1, 2}
+        assert not (labels == 2)[~truth].any() and not (labels == 1)[truth].any()
+        assert 0 < (labels > 0).sum() <= 3 * 10 * 9  # 3 walks of 10 pixels, a 9-pixel brush
+    assert (labels > 0).any()
+
+
+def test_bench_uncertainty_without_data_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SELFREG_SHARED_DATA", str(tmp_path))
+    assert _bench_uncertainty().main(["--images", "1", "--out", str(tmp_path / "u.json")]) == 2
+    assert "not found" in capsys.readouterr().err and not (tmp_path / "u.json").exists()
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_bench_uncertainty_smoke(shared_data, tmp_path):
+    out = tmp_path / "u.json"
+    argv = ["--images", "1", "--crop", "96", "--steps", "2", "--second-round-steps", "1", "--threads", "1",
+            "--data", str(shared_data), "--out", str(out)]
+    assert _bench_uncertainty().main(argv) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["labels_as_run"] and row["steps"] == 2 and 0 <= row["captured_top10"] <= 1
+    assert set(row["second_round"]) == {"extra_steps_only", "uncertain", "random", "on_mistakes"}

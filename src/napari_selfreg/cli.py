@@ -651,8 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=Path,
                    help="also write instance ids of the structures (touching objects split; TIFF, NIfTI, MHA or NRRD)")
     p.add_argument("--uncertainty", type=Path,
-                   help="also write where the model is unsure, (H, W) float32 from 0 (sure) to 1 (classes tie): "
-                   "where to paint next; the summary gives its mean per image")
+                   help="also write where the model is unsure, (H, W) float32 from 0 (sure) to 1 (classes tie); "
+                   "the summary gives its mean per image")
     p.add_argument("--tile-size", type=int, default=PredictConfig.tile_size, help="pixels per tile side")
     p.add_argument("--overlap", type=float, default=PredictConfig.overlap, help="fraction shared by neighbours")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
