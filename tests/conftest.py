@@ -67,3 +67,21 @@ def glas_pair(shared_data):
     with Image.open(shared_data / "glas" / "test" / "masks" / "testA_1_anno.png") as m:
         mask = np.array(m) > 0
     return image, mask
+
+
+@pytest.fixture
+def messages(monkeypatch):
+    """The notifications the widgets show, recorded (``test_widgets.Messages``)."""
+    from test_widgets import Messages
+
+    from napari_selfreg.widgets import _common, segment_widget, train_widget
+
+    return Messages(monkeypatch, train_widget, segment_widget, _common)
+
+
+@pytest.fixture
+def he_viewer(make_napari_viewer):
+    """A real viewer with the packaged H&E sample: the image, its strokes and its truth."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-selfreg", "he_tissue")
+    return viewer

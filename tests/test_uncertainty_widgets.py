@@ -10,25 +10,11 @@ import pytest
 pytest.importorskip("napari")
 
 from test_widget_choices import _stop_at_once
-from test_widgets import PLUGIN, Messages, docked, tiny, train_widget_for, wait_idle
+from test_widgets import docked, tiny, train_widget_for, wait_idle
 
 from napari_selfreg.sample_data import he_arrays
 
 NAME = "H&E tissue uncertainty"
-
-
-@pytest.fixture
-def messages(monkeypatch):
-    from napari_selfreg.widgets import _common, segment_widget, train_widget
-
-    return Messages(monkeypatch, train_widget, segment_widget, _common)
-
-
-@pytest.fixture
-def he_viewer(make_napari_viewer):
-    viewer = make_napari_viewer()
-    viewer.open_sample(PLUGIN, "he_tissue")
-    return viewer
 
 
 @pytest.fixture(scope="module")

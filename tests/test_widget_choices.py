@@ -10,21 +10,7 @@ import pytest
 
 pytest.importorskip("napari")
 
-from test_widgets import PLUGIN, Messages, docked, train_widget_for, wait_idle
-
-
-@pytest.fixture
-def messages(monkeypatch):
-    from napari_selfreg.widgets import _common, segment_widget, train_widget
-
-    return Messages(monkeypatch, train_widget, segment_widget, _common)
-
-
-@pytest.fixture
-def he_viewer(make_napari_viewer):
-    viewer = make_napari_viewer()
-    viewer.open_sample(PLUGIN, "he_tissue")
-    return viewer
+from test_widgets import PLUGIN, docked, train_widget_for, wait_idle
 
 
 def _add_tiny_model(segment) -> None:

@@ -117,13 +117,6 @@ class Messages:
             monkeypatch.setattr(module, "show_info", self.infos.append, raising=False)
 
 
-@pytest.fixture
-def messages(monkeypatch):
-    from napari_selfreg.widgets import _common, segment_widget, train_widget
-
-    return Messages(monkeypatch, train_widget, segment_widget, _common)
-
-
 def tiny(widget, steps: int = 30) -> None:
     """Settings for a quick run on a CPU."""
     widget.steps.setValue(steps)
@@ -154,13 +147,6 @@ def wait_idle(qtbot, *widgets, timeout: int = 120_000) -> None:
 def dice(labels: np.ndarray, truth: np.ndarray, cls: int = 2) -> float:
     p, g = labels == cls, truth == cls
     return float(2 * (p & g).sum() / (p.sum() + g.sum()))
-
-
-@pytest.fixture
-def he_viewer(make_napari_viewer):
-    viewer = make_napari_viewer()
-    viewer.open_sample(PLUGIN, "he_tissue")
-    return viewer
 
 
 def docked(viewer, title: str):
