@@ -390,11 +390,12 @@ def predict_one(model, job: PredictJob, config, desc: str = "predicting") -> dic
             folder = job.out.resolve().parent
             folder.mkdir(parents=True, exist_ok=True)
             scratch = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".selfreg-", dir=folder)))
+            shape = plane_shape(image)
             out_labels, out_probabilities = allocate_outputs(
-                plane_shape(image), model.config.num_classes, scratch, probabilities=want_probabilities, kind="memmap"
+                shape, model.config.num_classes, scratch, probabilities=want_probabilities, kind="memmap"
             )
             if job.uncertainty is not None:
-                out_uncertainty = allocate_uncertainty(plane_shape(image), scratch, kind="memmap")
+                out_uncertainty = allocate_uncertainty(shape, scratch, kind="memmap")
         run = predict_tiled(
             model, image, config, probabilities=want_probabilities,
             out_labels=out_labels, out_probabilities=out_probabilities,
@@ -407,8 +408,8 @@ def predict_one(model, job: PredictJob, config, desc: str = "predicting") -> dic
                         planes=True)
         if job.uncertainty is not None:
             write_image(job.uncertainty, prediction.uncertainty, like=job.image)
-            # which images of a batch most need strokes: the mean, read band by band from a memory map
-            summary["mean_uncertainty"] = round(_mean_of(prediction.uncertainty), 4)
+            # numpy sums a memory map through small buffers: no copy of a slide's map in RAM
+            summary["mean_uncertainty"] = round(float(np.mean(prediction.uncertainty, dtype=np.float64)), 4)
         if job.instances is not None:
             split = _split_instances(prediction.labels, scratch)
             write_image(job.instances, split.instances, like=job.image, class_names=[])  # reopens as labels
@@ -421,11 +422,6 @@ def predict_one(model, job: PredictJob, config, desc: str = "predicting") -> dic
         summary["pixels_per_label"] = label_counts(prediction.labels, model.info.label_ids)
         del prediction, out_labels, out_probabilities, out_uncertainty  # memory maps go before their folder
     return summary
-
-
-def _mean_of(plane, rows: int = 1024) -> float:
-    total = sum(float(plane[top : top + rows].sum(dtype="float64")) for top in range(0, plane.shape[0], rows))
-    return total / max(1, plane.shape[0] * plane.shape[1])
 
 
 def _with_bar(run, desc: str, unit: str):

@@ -346,7 +346,7 @@ def show_uncertainty(viewer, image, data, maker: str, box=None):
     """Show ``data``, an (H, W) map in [0, 1] of where the model is unsure (``core.predict.
     uncertainty_of``), as the image's one "… uncertainty" layer, which Segment and Train share.
 
-    Visible, so the user sees at once where to check first, in ``uncertainty_colormap``. Ours is
+    Visible (the user asked for it), in ``uncertainty_colormap``. Ours is
     updated in place, so the opacity or visibility the user chose stays from one run to the
     next; a layer of that name the user made is renamed out of the way, never overwritten.
     ``maker`` ("Segment", "Train") is recorded: each widget drops only its own map
