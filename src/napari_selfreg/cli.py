@@ -288,10 +288,11 @@ class PredictJob:
     probabilities: Path | None
     instances: Path | None
     uncertainty: Path | None = None
+    measurements: Path | None = None
 
     def outputs(self) -> dict[str, Path | None]:
         return {"--out": self.out, "--probabilities": self.probabilities, "--instances": self.instances,
-                "--uncertainty": self.uncertainty}
+                "--uncertainty": self.uncertainty, "--measurements": self.measurements}
 
 
 def predict_jobs(args: argparse.Namespace) -> list[PredictJob]:
@@ -302,10 +303,13 @@ def predict_jobs(args: argparse.Namespace) -> list[PredictJob]:
 
     images = [Path(p) for p in args.image]
     several = len(images) > 1
+    if args.measurements is not None and args.instances is None:
+        raise InputError("--measurements measures the objects of --instances; add --instances INSTANCES.tif")
     if len({image.resolve() for image in images}) < len(images):
         raise InputError("an --image is given twice; name each image once")
     stems: dict[str, Path] = {}
-    for image in images if STEM in f"{args.out}{args.probabilities}{args.instances}{args.uncertainty}" else ():
+    named = f"{args.out}{args.probabilities}{args.instances}{args.uncertainty}{args.measurements}"
+    for image in images if STEM in named else ():
         # letter case too: the folders of macOS and Windows take A_labels.tif for a_labels.tif
         key = image_stem(image).casefold()
         if key in stems:
@@ -317,7 +321,7 @@ def predict_jobs(args: argparse.Namespace) -> list[PredictJob]:
     jobs = [
         PredictJob(image, *(output_for(t, image, o, several) for t, o in (
             (args.out, "--out"), (args.probabilities, "--probabilities"), (args.instances, "--instances"),
-            (args.uncertainty, "--uncertainty"))))
+            (args.uncertainty, "--uncertainty"), (args.measurements, "--measurements"))))
         for image in images
     ]
     inputs = {"--model": args.model} | {_of("--image", job, several): job.image for job in jobs}
@@ -331,6 +335,8 @@ def predict_jobs(args: argparse.Namespace) -> list[PredictJob]:
             check_output(job.instances, _of("--instances", job, several), INSTANCE_SUFFIXES)
         if job.uncertainty is not None:
             check_output(job.uncertainty, _of("--uncertainty", job, several), FLOAT_SUFFIXES)
+        if job.measurements is not None:
+            check_output(job.measurements, _of("--measurements", job, several), (".csv",))
         if not job.image.exists():
             raise FileNotFoundError(f"--image {job.image} does not exist")
         check_planar(job.image)
@@ -415,6 +421,8 @@ def predict_one(model, job: PredictJob, config, desc: str = "predicting") -> dic
             write_image(job.instances, split.instances, like=job.image, class_names=[])  # reopens as labels
             summary["instances"] = split.count
             summary["instances_per_label"] = {str(c): n for c, n in split.per_class.items()}
+            if job.measurements is not None:
+                summary["measurements"] = _measure(split.instances, prediction.labels, job)
             if split.truncated:
                 print(f"napari-selfreg predict: warning: {job.image}: {split.truncated} groups of objects are "
                       "wider than the widest window and were split only near where they start", file=sys.stderr)
@@ -453,6 +461,26 @@ def _split_instances(labels, scratch: Path | None):
     if scratch is not None:
         out = np.lib.format.open_memmap(scratch / "instances.npy", mode="w+", dtype=np.int32, shape=labels.shape)
     return _with_bar(split_instances(labels, out), "instances", "window")
+
+
+def _measure(instances, labels, job: PredictJob) -> dict:
+    """Write the objects' table (read band by band: a slide's objects stay in their memory
+    map); the summary's per-class counts and sizes. The pixel size is the image file's, where
+    it has one (NIfTI, MHA, NRRD, or a TIFF that predict wrote)."""
+    from .core.measurements import class_summary, measure_objects, write_csv
+    from .io import pixel_size
+
+    table = _with_bar(measure_objects(instances, labels, pixel_size(job.image)), "measuring", "band")
+    write_csv(table, job.measurements)
+    summary: dict = {"file": str(job.measurements), "objects": len(table)}
+    if table.spacing is not None:
+        summary["pixel_size"] = list(table.spacing)
+    summary["per_label"] = {
+        str(c): {"count": s.count, "mean_area_px": round(s.mean_area, 2), "median_area_px": round(s.median_area, 2),
+                 "area_fraction": round(s.area_fraction, 6)}
+        for c, s in class_summary(table).items()
+    }
+    return summary
 
 
 # --------------------------------------------------------------------------------- evaluate
@@ -649,6 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", type=Path,
                    help="also write where the model is unsure, (H, W) float32 from 0 (sure) to 1 (classes tie); "
                    "the summary gives its mean per image")
+    p.add_argument("--measurements", type=Path,
+                   help="also write a CSV table of the --instances objects (id, class, area, centroid, bounding "
+                   "box, equivalent diameter, whether it touches the edge); the summary gives count and mean area "
+                   "per class")
     p.add_argument("--tile-size", type=int, default=PredictConfig.tile_size, help="pixels per tile side")
     p.add_argument("--overlap", type=float, default=PredictConfig.overlap, help="fraction shared by neighbours")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")

@@ -972,6 +972,13 @@ def _placement(path, ndim: int) -> dict:
     return placement
 
 
+def pixel_size(path) -> tuple[float, float] | None:
+    """The (row, col) size of a pixel where the file records one (NIfTI, MHA, NRRD, or a TIFF
+    ``write_image`` wrote), else None: the units in which objects are measured."""
+    geometry = _file_geometry(path)
+    return None if geometry is None else tuple(float(v) for v in geometry[0][-2:])
+
+
 def _file_geometry(path):
     """(spacing, origin) in napari's axis order of the axes ``read_image`` keeps, and the 2 x 2
     direction of the plane; None for a file without any (a TIFF not written by ``write_image``)."""

@@ -18,6 +18,7 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
     QDoubleSpinBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -47,6 +48,7 @@ from ._common import (
     layer_data,
     let_go,
     placement,
+    same_layer,
     show_uncertainty,
     stack_problem,
     stop_when_closed,
@@ -62,6 +64,7 @@ REFRESH_SECONDS = 0.5
 
 PARTIAL_KEY = "napari_selfreg_partial"  # layer metadata: its run has not completed
 INSTANCES_KEY = "napari_selfreg_instances"  # layer metadata: object ids, not classes
+MEASUREMENTS_KEY = "napari_selfreg_measurements"  # layer metadata of objects: their ObjectTable
 
 
 def _edited(layer) -> bool:
@@ -103,8 +106,14 @@ class SegmentWidget(QWidget):
         self._last_refresh = 0.0
         self._tempdir: tempfile.TemporaryDirectory | None = None
         self._newest: str | None = None  # the registry's newest model at the last refresh
+        self._last_measured = None  # the objects layer measured last
+        self._table_folder = ""  # where the last table was saved
         self._build()
-        connect_while_alive(self, (self.registry.changed, self._refresh_models))
+        connect_while_alive(
+            self, (self.registry.changed, self._refresh_models),
+            (self.viewer.layers.events.removed, self._update_save_button),
+            (self.viewer.layers.selection.events.active, self._update_save_button),
+        )
         self._close_watcher = stop_when_closed(self, lambda: self.running and self.stop(), self._stop_events)
         self._refresh_models()
 
@@ -189,6 +198,15 @@ class SegmentWidget(QWidget):
         row.addWidget(self.split_button)
         split_form.addRow("Objects of", row)
         layout.addLayout(split_form)
+        self.save_table_button = QPushButton("Save measurements…")
+        self.save_table_button.setToolTip(
+            "Write the measurements of the selected objects layer (else the last one measured) as a CSV table: "
+            "one row per object with its class, area, centroid, bounding box, equivalent diameter and whether it "
+            "touches the image edge."
+        )
+        self.save_table_button.clicked.connect(self._save_table_dialog)
+        self.save_table_button.setEnabled(False)
+        layout.addWidget(self.save_table_button)
         layout.addStretch(1)
 
     # ------------------------------------------------------------------ models
@@ -372,6 +390,7 @@ class SegmentWidget(QWidget):
             show_info(f"Segmentation stopped; the part done so far is kept.{kept}")
             return
         self.output_layer.metadata[PARTIAL_KEY] = False
+        self.split_source.select(self.output_layer.name)  # Separate objects acts on this result next
         if kept:
             self._drop_unless_edited(self.viewer.layers[self._previous_name])
         self.status.setText(f"Done in {seconds:.1f} s: '{self.output_layer.name}'.")
@@ -455,12 +474,13 @@ class SegmentWidget(QWidget):
         hold_read_only(classes)
         # this run's layers and names, not whichever the next Segment has made current
         output_name, names = classes.name, class_names_of(classes) or []
+        scale = tuple(float(v) for v in source.scale[-2:])  # the objects' layer is placed as ``source``
         worker = create_worker(
             _split_classes, labels, self._instance_output(labels.shape), self._instance_stop,
-            source.name if check_ids else None, bool(names), _ignore_errors=True,
+            source.name if check_ids else None, bool(names), scale, _ignore_errors=True,
         )
         worker.yielded.connect(self._on_instance_progress)
-        worker.returned.connect(lambda split: self._add_instances(split, source, output_name, names))
+        worker.returned.connect(lambda result: self._add_instances(*result, source, output_name, names))
         worker.errored.connect(self._on_instances_error)
         worker.finished.connect(self._on_instances_finished)
         self.instance_worker = worker
@@ -494,7 +514,7 @@ class SegmentWidget(QWidget):
         if self.worker is None:
             self.run_button.setText("Segment")
 
-    def _add_instances(self, split, source, output_name: str, class_names: list[str]) -> None:
+    def _add_instances(self, split, table, source, output_name: str, class_names: list[str]) -> None:
         name = f"{source.name} instances"
         if name in self.viewer.layers:
             self._drop_unless_edited(self.viewer.layers[name])  # instances the user corrected stay
@@ -507,10 +527,68 @@ class SegmentWidget(QWidget):
             self.status.setText(f"Instance separation stopped: '{name}' holds the {split.count} objects of the "
                                 "windows done so far.")
             return
-        self.status.setText(f"Done: '{output_name}' and '{name}' ({_counts(split, class_names)}).")
+        done = f"Done: '{output_name}' and '{name}' ({_counts(split, class_names)})."
+        if table is None:
+            self.status.setText(f"{done} Measuring them was stopped.")
+        else:
+            layer.features = measurement_features(table, class_names)  # shown on hover in the status bar
+            layer.metadata[MEASUREMENTS_KEY] = table
+            self._last_measured = layer
+            self._update_save_button()
+            self.status.setText(f"{done} Hover an object for its measurements; Save measurements… writes them.")
         if split.truncated:
             show_warning(f"{split.truncated} groups of objects are wider than the widest window of the split; "
                          "they are split only near where they start.")
+
+    # ------------------------------------------------------------------ measurements
+
+    def measured_layer(self):
+        """The objects layer whose table Save measurements… writes: the selected layer when it
+        has one, else the last one measured while it is still in the viewer."""
+        active = self.viewer.layers.selection.active
+        if active is not None and active.metadata.get(MEASUREMENTS_KEY) is not None:
+            return active
+        last = self._last_measured
+        if last is not None and any(same_layer(last, layer) for layer in self.viewer.layers):
+            return last
+        self._last_measured = None  # removed: its table goes with it
+        return None
+
+    def _update_save_button(self, *_) -> None:
+        self.save_table_button.setEnabled(self.measured_layer() is not None)
+
+    def save_measurements(self, path: str | Path) -> Path | None:
+        """Write the measured layer's table as CSV; an unwritable place is an error message, not a traceback."""
+        from ..core.measurements import write_csv
+
+        layer = self.measured_layer()
+        if layer is None:
+            show_error("Separate objects first (Segment with 'Separate touching objects', or Separate objects): "
+                       "their measurements are what is saved.")
+            return None
+        table = layer.metadata[MEASUREMENTS_KEY]
+        try:
+            written = write_csv(table, path)
+        except OSError as error:
+            message = f"Could not save the measurements: {error.strerror or error}: {path}; choose another folder."
+            show_error(message)
+            self.status.setText(message)
+            return None
+        self._table_folder = str(written.parent)
+        edited = (" It was painted on after it was measured: the table holds the objects as they were separated."
+                  if layer.metadata.get(EDITED_KEY) else "")
+        self.status.setText(f"Wrote the measurements of {len(table)} objects of '{layer.name}' to {written}.{edited}")
+        return written
+
+    def _save_table_dialog(self) -> None:
+        layer = self.measured_layer()
+        if layer is None:
+            self._update_save_button()
+            return
+        suggested = str(Path(self._table_folder) / f"{layer.name}.csv")
+        path, _ = QFileDialog.getSaveFileName(self, "Save measurements", suggested, "CSV table (*.csv)")
+        if path:
+            self.save_measurements(path if path.lower().endswith(".csv") else f"{path}.csv")
 
     def _kept_note(self) -> str:
         if self._previous_name and self._previous_name in self.viewer.layers:
@@ -548,12 +626,28 @@ def _mapped_file(folder: Path, stem: str, dtype, shape: tuple[int, ...]) -> np.m
     return np.memmap(path, dtype, "w+", shape=shape)
 
 
-def _split_classes(labels, out, stop, check_name: str | None, named: bool = False):
-    """The worker's split; with ``check_name``, first refuses a map whose ids are objects, or
+def measurement_features(table, class_names: list[str]):
+    """napari's features of an objects layer: one row per object id (the "index" column), so
+    hovering an object shows its measurements. Not a "class" column: that holds a layer's class
+    names (``class_names_of``), and the writer would save object rows as class names."""
+    import pandas as pd
+
+    columns = table.columns()
+    features = {"index": columns.pop("id")}
+    if class_names:
+        features["class_name"] = [class_names[c - 1] if 0 < c <= len(class_names) else f"class {c}"
+                                  for c in table.class_ids.tolist()]
+    return pd.DataFrame(features | columns)
+
+
+def _split_classes(labels, out, stop, check_name: str | None, named: bool = False, scale=None):
+    """The worker's split, then the objects' measurements (None when stopped), with ``scale``
+    as the pixel size; with ``check_name``, first refuses a map whose ids are objects, or
     one with 0 as background (a GlaS annotation of 9 glands, a 0/1 mask), where id 1 would be
     taken for background and its object lost, unless ``named`` classes say it is a class map."""
     from ..core.data import InputError
     from ..core.instances import id_counts, split_instances
+    from ..core.measurements import measure_objects
     from ..core.metrics import MAX_PAINTING_ID
 
     if check_name is not None:
@@ -565,4 +659,8 @@ def _split_classes(labels, out, stop, check_name: str | None, named: bool = Fals
                 f"'{check_name}' looks like a mask or objects with 0 as background (0 covers more of it than 1, "
                 "and 1 is used). Choose a layer of classes (1 = background, 2.. = structures), e.g. a segmentation."
             )
-    return (yield from split_instances(labels, out, stop=stop))
+    split = yield from split_instances(labels, out, stop=stop)
+    if not split.complete:
+        return split, None
+    table = yield from measure_objects(split.instances, labels, scale, stop)
+    return split, table if table.complete else None

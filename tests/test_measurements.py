@@ -1,0 +1,330 @@
+"""Per-object measurements (core.measurements) and ``predict --measurements``: exact values on
+hand-built maps, the same table whatever the band and the array type, agreement with
+skimage's regionprops on a real MoNuSeg mask, and the CSV the command line writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import threading
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_selfreg.core.data import InputError
+from napari_selfreg.core.measurements import (
+    MeasureProgress,
+    class_summary,
+    measure_objects,
+    measure_to_end,
+    write_csv,
+)
+from napari_selfreg.core.progress import drain
+
+
+def _hand_built():
+    """Four objects with sparse ids (3, 7, 40, 1000) on a 10 x 12 map; classes 2 and 3."""
+    instances = np.zeros((10, 12), np.int32)
+    classes = np.ones((10, 12), np.uint8)
+    instances[0:2, 0:3] = 7  # 6 px, top-left corner: touches the edge
+    instances[4:7, 5:7] = 3  # 6 px, inside
+    instances[5, 7] = 3  # 7 px now: centroid (5, 40/7)
+    instances[9, 11] = 40  # 1 px, bottom-right corner
+    instances[3:8, 9] = 1000  # 5 px column, not at the edge (col 9 of 12)
+    classes[instances > 0] = 2
+    classes[9, 11] = 3
+    classes[3:6, 9] = 3  # object 1000: 3 pixels of class 3, 2 of class 2 -> class 3
+    return instances, classes
+
+
+def test_hand_built_objects_have_their_exact_measurements():
+    instances, classes = _hand_built()
+    table = measure_to_end(instances, classes)
+    assert table.complete and len(table) == 4 and table.shape == (10, 12)
+    np.testing.assert_array_equal(table.ids, [3, 7, 40, 1000])  # only the ids present, in order
+    np.testing.assert_array_equal(table.class_ids, [2, 2, 3, 3])
+    np.testing.assert_array_equal(table.area, [7, 6, 1, 5])
+    np.testing.assert_allclose(table.centroid, [[5.0, 40 / 7], [0.5, 1.0], [9.0, 11.0], [5.0, 9.0]], rtol=0, atol=1e-12)
+    # min_row, min_col, max_row, max_col: the max exclusive
+    np.testing.assert_array_equal(table.bbox, [[4, 5, 7, 8], [0, 0, 2, 3], [9, 11, 10, 12], [3, 9, 8, 10]])
+    np.testing.assert_array_equal(table.touches_edge, [False, True, True, False])
+    np.testing.assert_allclose(table.equivalent_diameter, np.sqrt(4 * np.array([7, 6, 1, 5]) / math.pi))
+    assert table.spacing is None and table.area_scaled is None
+    columns = table.columns()
+    assert list(columns) == ["id", "class_id", "area_px", "equivalent_diameter_px", "centroid_row", "centroid_col",
+                             "min_row", "min_col", "max_row", "max_col", "touches_edge"]
+    assert all(len(v) == 4 for v in columns.values())
+
+
+def test_a_class_tie_takes_the_smaller_class_and_no_class_map_gives_0():
+    instances = np.zeros((4, 4), np.uint16)
+    instances[1, 1:3] = 5
+    classes = np.ones((4, 4), np.uint8)
+    classes[1, 1], classes[1, 2] = 4, 2
+    assert measure_to_end(instances, classes).class_ids.tolist() == [2]
+    assert measure_to_end(instances).class_ids.tolist() == [0]
+    mask = instances > 0  # a boolean class map: True = structure, read as id 2 (as the split reads it)
+    assert measure_to_end(instances, mask).class_ids.tolist() == [2]
+
+
+def test_a_pixel_size_adds_areas_and_diameters_in_its_units():
+    instances, classes = _hand_built()
+    table = measure_to_end(instances, classes, spacing=(0.5, 0.25))
+    assert table.spacing == (0.5, 0.25)
+    np.testing.assert_allclose(table.area_scaled, [7 / 8, 6 / 8, 1 / 8, 5 / 8])
+    np.testing.assert_allclose(table.equivalent_diameter_scaled, np.sqrt(4 * np.array([7, 6, 1, 5]) / 8 / math.pi))
+    assert list(table.columns())[3:6] == ["area_scaled", "equivalent_diameter_px", "equivalent_diameter_scaled"]
+    # a layer's scale of ones (or a volume's, of which the plane's two count) is pixels
+    assert measure_to_end(instances, classes, spacing=(1.0, 1.0)).spacing is None
+    assert measure_to_end(instances, classes, spacing=(3.0, 1.0, 1.0)).spacing is None
+    assert measure_to_end(instances, classes, spacing=(3.0, 2.0, 1.0)).spacing == (2.0, 1.0)
+
+
+def test_the_per_class_summary():
+    instances, classes = _hand_built()
+    summary = class_summary(measure_to_end(instances, classes))
+    assert sorted(summary) == [2, 3]
+    two, three = summary[2], summary[3]
+    assert (two.count, two.total_area, two.mean_area, two.median_area) == (2, 13, 6.5, 6.5)
+    assert (three.count, three.total_area, three.mean_area, three.median_area) == (2, 6, 3.0, 3.0)
+    assert two.area_fraction == pytest.approx(13 / 120) and three.area_fraction == pytest.approx(6 / 120)
+    assert class_summary(measure_to_end(np.zeros((5, 5), np.int32))) == {}
+
+
+def _many_objects(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Blobs with shuffled sparse ids, one of them a tall bar that crosses many bands."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    blobs, n = ndimage.label(ndimage.binary_opening(rng.random((97, 83)) > 0.55))
+    ids = np.concatenate([[0], rng.permutation(np.arange(1, n + 1) * 13 + 1000)])  # sparse, not in row order
+    instances = ids[blobs].astype(np.int32)
+    instances[5:90, 40:43] = 77  # spans every band of up to 85 rows
+    classes = np.where(instances > 0, 2 + (instances % 3 == 0), 1).astype(np.uint8)
+    return instances, classes
+
+
+def _same_tables(a, b) -> None:
+    assert list(a.columns()) == list(b.columns())
+    for name, column in a.columns().items():
+        np.testing.assert_array_equal(column, b.columns()[name], err_msg=name)
+
+
+@pytest.mark.parametrize("band", [1, 3, 10, 40])
+def test_bands_give_the_table_of_one_band(band):
+    instances, classes = _many_objects()
+    whole = measure_to_end(instances, classes, band=instances.shape[0])
+    assert len(whole) > 50 and 77 in whole.ids
+    bar = whole.ids.tolist().index(77)
+    assert tuple(whole.bbox[bar]) == (5, 40, 90, 43) and whole.area[bar] == 85 * 3
+    progress = []
+    banded = drain(measure_objects(instances, classes, band=band), progress.append)
+    _same_tables(banded, whole)
+    assert progress == [MeasureProgress(k, math.ceil(97 / band)) for k in range(1, math.ceil(97 / band) + 1)]
+
+
+def test_a_memory_map_a_zarr_and_a_dask_array_give_the_same_table(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    da = pytest.importorskip("dask.array")
+    instances, classes = _many_objects(1)
+    whole = measure_to_end(instances, classes, band=instances.shape[0])
+    mapped = np.lib.format.open_memmap(tmp_path / "ids.npy", mode="w+", dtype=np.int32, shape=instances.shape)
+    mapped[:] = instances
+    _same_tables(measure_to_end(mapped, classes, band=7), whole)
+    stored = zarr.create_array(store=str(tmp_path / "ids.zarr"), shape=instances.shape, chunks=(16, 32),
+                               dtype=np.int32)
+    stored[:] = instances
+    _same_tables(measure_to_end(stored, da.from_array(classes, chunks=(20, 20))), whole)  # default bands
+    _same_tables(measure_to_end(da.from_array(instances, chunks=(30, 40)), classes, band=11), whole)
+
+
+class _Recorded:
+    """An array that records every read: the measurement must read bands, never the whole map."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data, self.shape, self.dtype, self.reads = data, data.shape, data.dtype, []
+
+    def __getitem__(self, key):
+        part = self.data[key]
+        self.reads.append(part.shape)
+        return part
+
+
+def test_only_bands_are_read():
+    instances, classes = _many_objects(2)
+    ids, cls = _Recorded(instances), _Recorded(classes)
+    _same_tables(measure_to_end(ids, cls, band=8), measure_to_end(instances, classes))
+    assert ids.reads and max(rows for rows, _ in ids.reads) <= 8 and max(rows for rows, _ in cls.reads) <= 8
+    assert sum(rows for rows, _ in ids.reads) == instances.shape[0]  # each row read once
+
+
+def test_a_stop_ends_between_bands():
+    instances, classes = _many_objects()
+    stop = threading.Event()
+    run = measure_objects(instances, classes, band=10, stop=stop)
+    next(run)
+    stop.set()
+    with pytest.raises(StopIteration) as ended:
+        next(run)
+    table = ended.value.value
+    assert not table.complete and 0 < len(table) and table.bbox[:, 0].max() < 10  # the first band's objects
+    assert measure_to_end(instances, classes, stop=True).complete is False
+
+
+def test_maps_that_are_not_objects_are_refused():
+    instances, classes = _hand_built()
+    with pytest.raises(InputError, match="differ in shape"):
+        measure_to_end(instances, classes[:5])
+    with pytest.raises(InputError, match="must be integers"):
+        measure_to_end(instances.astype(np.float32), classes)
+    with pytest.raises(InputError, match="negative"):
+        measure_to_end(-instances, classes)
+    with pytest.raises(InputError, match="one 2-D map"):
+        measure_to_end(np.zeros((2, 4, 4), np.int32))
+    ids = np.arange(1, 601, dtype=np.int32).reshape(20, 30)
+    with pytest.raises(InputError, match="not object ids"):
+        measure_to_end(ids, ids)  # object ids given as the class map
+
+
+def test_write_csv_writes_one_row_per_object(tmp_path):
+    instances, classes = _hand_built()
+    table = measure_to_end(instances, classes, spacing=(0.5, 0.5))
+    path = write_csv(table, tmp_path / "objects.csv")
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == list(table.columns())
+    assert rows[1] == ["3", "2", "7", "1.75", format(math.sqrt(28 / math.pi), ".10g"),
+                       format(math.sqrt(7 / math.pi), ".10g"), "5", format(40 / 7, ".10g"), "4", "5", "7", "8",
+                       "False"]
+    assert [r[0] for r in rows[1:]] == ["3", "7", "40", "1000"] and rows[2][-1] == "True"
+    assert [p.name for p in tmp_path.iterdir()] == ["objects.csv"]  # no partial file left
+    with pytest.raises(OSError):
+        write_csv(table, tmp_path / "no such folder" / "objects.csv")
+
+
+@pytest.mark.data
+def test_agrees_with_regionprops_on_a_real_mask(monuseg_pair):
+    from skimage.measure import regionprops
+
+    from napari_selfreg.core.instances import separate_instances
+
+    _, mask = monuseg_pair
+    classes = mask.astype(np.uint8) + 1
+    instances = separate_instances(classes)
+    table = measure_to_end(instances, classes, band=37)  # objects cut by bands of 37 rows
+    props = regionprops(instances)
+    assert len(table) == len(props) > 300
+    np.testing.assert_array_equal(table.ids, [p.label for p in props])
+    np.testing.assert_array_equal(table.area, [p.area for p in props])
+    np.testing.assert_array_equal(table.bbox, [p.bbox for p in props])
+    np.testing.assert_allclose(table.centroid, [p.centroid for p in props], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(table.equivalent_diameter, [p.equivalent_diameter_area for p in props])
+    assert set(table.class_ids.tolist()) == {2}
+    edge = {int(v) for v in np.concatenate([instances[0], instances[-1], instances[:, 0], instances[:, -1]])} - {0}
+    assert set(table.ids[table.touches_edge].tolist()) == edge and 0 < len(edge) < len(table)
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+@pytest.fixture(scope="module")
+def real_model(tmp_path_factory, monuseg_pair):
+    """A 256 x 256 crop of a MoNuSeg image, and a model trained on it just long enough to find nuclei."""
+    from test_cli import _strokes
+
+    from napari_selfreg.core.checkpoint import save_model
+    from napari_selfreg.core.config import ModelConfig, TrainConfig
+    from napari_selfreg.core.train import train_to_end
+
+    folder = tmp_path_factory.mktemp("measure")
+    image, mask = monuseg_pair
+    image, mask = image[:256, :256], mask[:256, :256]
+    tifffile.imwrite(folder / "crop.tif", image)
+    settings = TrainConfig(steps=25, patch_size=48, batch_size=4, device="cpu", seed=0, learning_rate=1e-2,
+                           validation_every=1000)
+    model = train_to_end([image], [_strokes(mask)], settings, ModelConfig(base_channels=8, depth=2)).model
+    save_model(model, folder / "model.safetensors")
+    return folder
+
+
+@pytest.mark.data
+def test_predict_writes_measurements_that_match_its_instances(real_model, tmp_path, capsys, monkeypatch):
+    from napari_selfreg.cli import main
+    from napari_selfreg.io import write_image
+
+    image = tifffile.imread(real_model / "crop.tif")
+    write_image(tmp_path / "placed.tif", image, geometry=((0.25, 0.5), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)))
+    predict = ["predict", "--model", str(real_model / "model.safetensors"), "--device", "cpu",
+               "--precision", "float32", "--tile-size", "256"]
+    assert main([*predict, "--image", str(real_model / "crop.tif"), str(tmp_path / "placed.tif"),
+                 "--out", str(tmp_path / "{stem}_labels.tif"), "--instances", str(tmp_path / "{stem}_inst.tif"),
+                 "--measurements", str(tmp_path / "{stem}.csv")]) == 0
+    summaries = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    for stem, summary in zip(("crop", "placed"), summaries, strict=True):
+        instances = tifffile.imread(tmp_path / f"{stem}_inst.tif")
+        labels = tifffile.imread(tmp_path / f"{stem}_labels.tif")
+        with open(tmp_path / f"{stem}.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        ids = np.unique(instances[instances > 0])
+        counts = np.bincount(instances.ravel())
+        assert len(rows) == len(ids) == summary["instances"] > 5
+        assert [int(r["id"]) for r in rows] == ids.tolist()
+        assert [int(r["area_px"]) for r in rows] == counts[ids].tolist()
+        assert {r["class_id"] for r in rows} == {"2"}
+        measured = summary["measurements"]
+        assert measured["file"] == str(tmp_path / f"{stem}.csv") and measured["objects"] == len(ids)
+        assert measured["per_label"]["2"]["count"] == len(ids) == summary["instances_per_label"]["2"]
+        assert measured["per_label"]["2"]["mean_area_px"] == pytest.approx(counts[ids].mean(), abs=0.01)
+        assert measured["per_label"]["2"]["area_fraction"] == pytest.approx(counts[ids].sum() / labels.size, abs=1e-6)
+    # the file's pixel size (0.25 along x, 0.5 along y) gives areas in its units; the plain TIFF has none
+    assert "pixel_size" not in summaries[0]["measurements"] and summaries[1]["measurements"]["pixel_size"] == [0.5,
+                                                                                                                0.25]
+    with open(tmp_path / "placed.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["area_scaled"]) for r in rows] == [int(r["area_px"]) * 0.125 for r in rows]
+    with open(tmp_path / "crop.csv", newline="") as handle:
+        assert "area_scaled" not in next(csv.DictReader(handle))
+
+    # a slide opened lazily: measured from the instances' memory map, into the same table
+    import napari_selfreg.core.measurements as measurements
+    import napari_selfreg.io as io
+
+    read_from = []
+    real = measurements.measure_objects
+
+    def recorded(instances, *args, **kwargs):
+        read_from.append(type(instances))
+        return real(instances, *args, **kwargs)
+
+    monkeypatch.setattr(measurements, "measure_objects", recorded)
+    monkeypatch.setattr(io, "LAZY_PIXELS", 1000)
+    assert main([*predict, "--image", str(real_model / "crop.tif"), "--out", str(tmp_path / "lazy.tif"),
+                 "--instances", str(tmp_path / "lazy_inst.tif"), "--measurements", str(tmp_path / "lazy.csv")]) == 0
+    assert read_from == [np.memmap]
+    assert (tmp_path / "lazy.csv").read_text() == (tmp_path / "crop.csv").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--measurements", "{tmp}/o.csv"],
+         "--measurements measures the objects of --instances; add --instances INSTANCES.tif"),
+        (["--instances", "{tmp}/i.tif", "--measurements", "{tmp}/o.txt"],
+         "--measurements o.txt: cannot write this format; use one of .csv"),
+        (["--instances", "{tmp}/i.tif", "--measurements", "{tmp}/i.tif"],
+         "--measurements and --instances name the same file"),
+    ],
+    ids=["without-instances", "not-csv", "same-as-instances"],
+)
+def test_measurement_options_that_cannot_work_exit_2_in_one_line(tmp_path, capsys, extra, message):
+    from napari_selfreg.cli import main
+
+    tifffile.imwrite(tmp_path / "img.tif", np.zeros((32, 32, 3), np.uint8))
+    argv = ["predict", "--model", str(tmp_path / "m.safetensors"), "--image", str(tmp_path / "img.tif"),
+            "--out", str(tmp_path / "labels.tif"), *(a.replace("{tmp}", str(tmp_path)) for a in extra)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"napari-selfreg predict: error: {message}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.tif"]

@@ -1,0 +1,108 @@
+"""The objects' measurements in the Segment widget, in a real viewer under Xvfb: the instances
+layer's features (shown on hover), Save measurements…, and Objects of following the new
+segmentation."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+from test_uncertainty_widgets import _run, _segment, unsure_model  # noqa: F401 (a fixture)
+from test_widgets import docked, wait_idle
+
+from napari_selfreg.widgets._common import same_layer
+
+
+def _read(path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.gui
+def test_segment_measures_its_objects_and_saves_them(he_viewer, qtbot, messages, unsure_model, tmp_path,  # noqa: F811
+                                                     monkeypatch):
+    from qtpy.QtWidgets import QFileDialog
+
+    segment = _segment(he_viewer, unsure_model, uncertainty=False)
+    segment.instances.setChecked(True)
+    assert segment.split_source.currentText() != "H&E tissue segmentation"
+    assert not segment.save_table_button.isEnabled()  # nothing measured yet
+    _run(qtbot, segment)
+    assert not messages.errors
+    # Separate objects acts on the new segmentation next, not on the first labels layer
+    assert segment.split_source.currentText() == "H&E tissue segmentation"
+    assert same_layer(segment.split_source.layer(), he_viewer.layers["H&E tissue segmentation"])
+
+    layer = he_viewer.layers["H&E tissue instances"]
+    data = np.asarray(layer.data)
+    ids = np.unique(data[data > 0])
+    assert ids.size > 3
+    features = layer.features
+    np.testing.assert_array_equal(features["index"], ids)
+    np.testing.assert_array_equal(features["area_px"], np.bincount(data.ravel())[ids])
+    structure = unsure_model.class_names[1]  # the model's name of class 2
+    assert set(features["class_name"]) == {structure} and set(features["class_id"]) == {2}
+    assert "class" not in features  # the layer holds objects, not class names
+    rows, cols = np.nonzero(data == ids[0])
+    np.testing.assert_allclose(features[["centroid_row", "centroid_col"]].iloc[0], [rows.mean(), cols.mean()])
+    # hovering an object shows its measurements in napari's status bar
+    status = layer.get_status(position=(rows[0], cols[0]), world=True)["coordinates"]
+    assert f"area_px: {len(rows)}" in status and f"class_name: {structure}" in status
+    assert "Hover an object" in segment.status.text()
+
+    assert segment.save_table_button.isEnabled()
+    target = tmp_path / "nuclei.csv"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *args, **kwargs: (str(tmp_path / "nuclei"), ""))
+    segment.save_table_button.click()  # the dialog's name gets .csv
+    written = _read(target)
+    assert [int(r["id"]) for r in written] == ids.tolist()
+    assert [int(r["area_px"]) for r in written] == features["area_px"].tolist()
+    assert f"{ids.size} objects" in segment.status.text() and str(target) in segment.status.text()
+
+    # an unwritable place: a clear message, no traceback, the status says so too
+    assert segment.save_measurements(tmp_path / "no such folder" / "x.csv") is None
+    assert "Could not save the measurements" in messages.errors[-1] and "choose another folder" in messages.errors[-1]
+    assert "Could not save" in segment.status.text()
+
+    he_viewer.layers.remove(layer)
+    assert not segment.save_table_button.isEnabled()
+
+
+@pytest.mark.gui
+def test_separate_objects_measures_in_the_layers_units_and_saves_the_selected_layer(he_viewer, qtbot, messages,
+                                                                                     tmp_path):
+    from napari_selfreg.core.instances import separate_instances
+    from napari_selfreg.widgets.classes import class_features
+
+    _, segment = docked(he_viewer, "Segment")
+    truth = np.asarray(he_viewer.layers["ground truth"].data)
+    he_viewer.add_labels(truth, name="placed truth", scale=(0.5, 0.25),
+                         features=class_features(["background", "nucleus"]))
+    segment.split_source.select("placed truth")
+    segment.split_button.click()
+    wait_idle(qtbot, segment, timeout=30_000)
+    objects = separate_instances(truth)
+    placed = he_viewer.layers["placed truth instances"]
+    areas = np.bincount(objects.ravel())[1:]
+    assert len(placed.features) == objects.max() == 55
+    np.testing.assert_array_equal(placed.features["area_px"], areas)
+    np.testing.assert_allclose(placed.features["area_scaled"], areas * 0.125)
+    np.testing.assert_allclose(placed.features["equivalent_diameter_scaled"], np.sqrt(4 * areas * 0.125 / np.pi))
+
+    segment.split_source.select("ground truth")
+    segment.split_button.click()
+    wait_idle(qtbot, segment, timeout=30_000)
+    plain = he_viewer.layers["ground truth instances"]
+    assert "area_scaled" not in plain.features  # a scale of 1: pixels only
+    # the last measured layer is saved, unless another measured layer is selected
+    assert same_layer(segment.measured_layer(), plain)
+    he_viewer.layers.selection.active = placed
+    assert same_layer(segment.measured_layer(), placed)
+    assert segment.save_measurements(tmp_path / "placed.csv") == tmp_path / "placed.csv"
+    rows = _read(tmp_path / "placed.csv")
+    assert len(rows) == 55 and [float(r["area_scaled"]) for r in rows] == (areas * 0.125).tolist()
+    assert not messages.errors
