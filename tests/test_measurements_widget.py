@@ -68,6 +68,24 @@ def test_segment_measures_its_objects_and_saves_them(he_viewer, qtbot, messages,
     assert "Could not save the measurements" in messages.errors[-1] and "choose another folder" in messages.errors[-1]
     assert "Could not save" in segment.status.text()
 
+    # the user merges the first object into the second with the fill tool and paints a new one:
+    # Save measurements… measures the objects as they are now, not as they were split
+    before = dict(zip(features["index"].tolist(), features["area_px"].tolist(), strict=True))
+    first, second = ids[0], ids[1]
+    layer.data[data == first] = second
+    layer.paint((0, 0), 5000)  # a new object, in the corner
+    now = np.asarray(layer.data)
+    assert segment.save_measurements(tmp_path / "corrected.csv") is not None
+    qtbot.waitUntil(lambda: (tmp_path / "corrected.csv").exists() and segment.measure_worker is None, timeout=30_000)
+    rows = {int(r["id"]): r for r in _read(tmp_path / "corrected.csv")}
+    assert first not in rows and int(rows[second]["area_px"]) == before[first] + before[second]
+    assert int(rows[5000]["area_px"]) == int((now == 5000).sum()) > 0
+    assert rows[5000]["class_id"] == "1"  # painted on background: the segmentation's class there
+    assert sorted(rows) == np.unique(now[now > 0]).tolist()
+    assert layer.features.set_index("index").loc[second, "area_px"] == before[first] + before[second]
+    assert "measured again" in segment.status.text() and layer.editable
+    assert len(messages.errors) == 1  # the unwritable folder's, above
+
     he_viewer.layers.remove(layer)
     assert not segment.save_table_button.isEnabled()
 
@@ -106,3 +124,19 @@ def test_separate_objects_measures_in_the_layers_units_and_saves_the_selected_la
     rows = _read(tmp_path / "placed.csv")
     assert len(rows) == 55 and [float(r["area_scaled"]) for r in rows] == (areas * 0.125).tolist()
     assert not messages.errors
+
+
+def test_objects_measured_again_without_their_class_map_keep_their_classes():
+    from napari_selfreg.core.measurements import measure_to_end
+    from napari_selfreg.core.progress import drain
+    from napari_selfreg.widgets.segment_widget import _measure
+
+    objects = np.zeros((6, 6), np.int32)
+    objects[0:2, 0:2], objects[4:6, 4:6] = 1, 2
+    classes = np.where(objects == 2, 3, np.where(objects == 1, 2, 1)).astype(np.uint8)
+    before = measure_to_end(objects, classes)
+    objects[2, 2] = 9  # painted by the user: no class known
+    objects[4:6, 4] = 0
+    table = drain(_measure(objects, None, (1.0, 1.0), before))
+    assert table.ids.tolist() == [1, 2, 9]
+    assert table.class_ids.tolist() == [2, 3, 0] and table.area.tolist() == [4, 2, 1]

@@ -65,6 +65,9 @@ REFRESH_SECONDS = 0.5
 PARTIAL_KEY = "napari_selfreg_partial"  # layer metadata: its run has not completed
 INSTANCES_KEY = "napari_selfreg_instances"  # layer metadata: object ids, not classes
 MEASUREMENTS_KEY = "napari_selfreg_measurements"  # layer metadata of objects: their ObjectTable
+STALE_KEY = "napari_selfreg_measurements_stale"  # layer metadata: painted on since it was measured
+CLASSES_KEY = "napari_selfreg_classes_layer"  # layer metadata of objects: the name of their class map
+NAMES_KEY = "napari_selfreg_object_classes"  # layer metadata of objects: the class names of their table
 
 
 def _edited(layer) -> bool:
@@ -107,6 +110,7 @@ class SegmentWidget(QWidget):
         self._tempdir: tempfile.TemporaryDirectory | None = None
         self._newest: str | None = None  # the registry's newest model at the last refresh
         self._last_measured = None  # the objects layer measured last
+        self.measure_worker = None  # measuring a corrected objects layer again before saving it
         self._table_folder = ""  # where the last table was saved
         self._build()
         connect_while_alive(
@@ -531,10 +535,9 @@ class SegmentWidget(QWidget):
         if table is None:
             self.status.setText(f"{done} Measuring them was stopped.")
         else:
-            layer.features = measurement_features(table, class_names)  # shown on hover in the status bar
-            layer.metadata[MEASUREMENTS_KEY] = table
-            self._last_measured = layer
-            self._update_save_button()
+            layer.metadata[CLASSES_KEY] = output_name
+            self._set_table(layer, table, class_names)
+            layer.events.paint.connect(lambda _event: layer.metadata.__setitem__(STALE_KEY, True))
             self.status.setText(f"{done} Hover an object for its measurements; Save measurements… writes them.")
         if split.truncated:
             show_warning(f"{split.truncated} groups of objects are wider than the widest window of the split; "
@@ -554,18 +557,79 @@ class SegmentWidget(QWidget):
         self._last_measured = None  # removed: its table goes with it
         return None
 
+    def _set_table(self, layer, table, class_names: list[str]) -> None:
+        layer.features = measurement_features(table, class_names)  # shown on hover in the status bar
+        layer.metadata[MEASUREMENTS_KEY] = table
+        layer.metadata[NAMES_KEY] = list(class_names)
+        layer.metadata[STALE_KEY] = False
+        self._last_measured = layer
+        self._update_save_button()
+
     def _update_save_button(self, *_) -> None:
-        self.save_table_button.setEnabled(self.measured_layer() is not None)
+        self.save_table_button.setEnabled(self.measured_layer() is not None and self.measure_worker is None)
 
-    def save_measurements(self, path: str | Path) -> Path | None:
-        """Write the measured layer's table as CSV; an unwritable place is an error message, not a traceback."""
-        from ..core.measurements import write_csv
-
+    def save_measurements(self, path: str | Path):
+        """Write the measured layer's table as CSV; an unwritable place is an error message, not a
+        traceback. Objects painted on since they were measured are measured again first, in a
+        worker (returned; the file is written when it ends): the table is of what the user sees."""
         layer = self.measured_layer()
         if layer is None:
             show_error("Separate objects first (Segment with 'Separate touching objects', or Separate objects): "
                        "their measurements are what is saved.")
             return None
+        if self.measure_worker is not None:
+            show_error("The objects are being measured again: wait for it, then save.")
+            return None
+        if layer.metadata.get(STALE_KEY):
+            return self._measure_again(layer, Path(path))
+        return self._write_table(layer, path)
+
+    def _measure_again(self, layer, path: Path):
+        """Measure the corrected objects with their class map as it is now (its layer may be
+        corrected too); without it, each object keeps the class it was measured with."""
+        table = layer.metadata[MEASUREMENTS_KEY]
+        classes_layer = self.viewer.layers[layer.metadata.get(CLASSES_KEY)] if layer.metadata.get(
+            CLASSES_KEY) in self.viewer.layers else None
+        classes = None
+        if classes_layer is not None and image_shape_2d(classes_layer) == image_shape_2d(layer):
+            classes = layer_data(classes_layer)
+        names = (class_names_of(classes_layer) if classes is not None else None) or layer.metadata.get(NAMES_KEY, [])
+        held = [layer] + ([classes_layer] if classes is not None else [])
+        for each in held:
+            hold_read_only(each)  # a stroke painted mid-measure would be half in the table
+        scale = tuple(float(v) for v in layer.scale[-2:])
+        worker = create_worker(_measure, layer_data(layer), classes, scale, table, _ignore_errors=True)
+        worker.yielded.connect(self._on_instance_progress)
+
+        def measured(new_table) -> None:
+            if not any(same_layer(layer, other) for other in self.viewer.layers):
+                return  # removed meanwhile: nothing to save
+            self._set_table(layer, new_table, names)
+            self._write_table(layer, path, again=True)
+
+        def failed(error) -> None:
+            message = f"Measuring the objects again failed: {explain(error)}"
+            show_error(message)
+            self.status.setText(message)
+
+        def finished() -> None:
+            self.measure_worker = None
+            for each in held:
+                let_go(each)
+            self._update_save_button()
+
+        worker.returned.connect(measured)
+        worker.errored.connect(failed)
+        worker.finished.connect(finished)
+        self.measure_worker = worker
+        self._update_save_button()
+        self.status.setText(f"Measuring the objects of '{layer.name}' again: they were painted on since…")
+        worker.start()
+        return worker
+
+    def _write_table(self, layer, path, again: bool = False) -> Path | None:
+        from ..core.measurements import write_csv
+
         table = layer.metadata[MEASUREMENTS_KEY]
         try:
             written = write_csv(table, path)
@@ -575,9 +639,8 @@ class SegmentWidget(QWidget):
             self.status.setText(message)
             return None
         self._table_folder = str(written.parent)
-        edited = (" It was painted on after it was measured: the table holds the objects as they were separated."
-                  if layer.metadata.get(EDITED_KEY) else "")
-        self.status.setText(f"Wrote the measurements of {len(table)} objects of '{layer.name}' to {written}.{edited}")
+        again = " (measured again after your corrections)" if again else ""
+        self.status.setText(f"Wrote the measurements of {len(table)} objects of '{layer.name}'{again} to {written}.")
         return written
 
     def _save_table_dialog(self) -> None:
@@ -638,6 +701,18 @@ def measurement_features(table, class_names: list[str]):
         features["class_name"] = [class_names[c - 1] if 0 < c <= len(class_names) else f"class {c}"
                                   for c in table.class_ids.tolist()]
     return pd.DataFrame(features | columns)
+
+
+def _measure(objects, classes, scale, before):
+    """The worker's measurement of corrected objects. Without a class map each object keeps the
+    class ``before`` gave it (a new id, painted by the user, gets 0: unknown)."""
+    from ..core.measurements import measure_objects
+
+    table = yield from measure_objects(objects, classes, scale)
+    if classes is None:
+        known = dict(zip(before.ids.tolist(), before.class_ids.tolist(), strict=True))
+        table.class_ids = np.array([known.get(i, 0) for i in table.ids.tolist()], np.int64)
+    return table
 
 
 def _split_classes(labels, out, stop, check_name: str | None, named: bool = False, scale=None):
