@@ -5,7 +5,8 @@ Run under a virtual display large enough for the window:
     xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshots.py
 
 It opens the demo (H&E sample with strokes, widgets docked), trains for a while,
-segments, computes the feature-redundancy maps, and grabs the window at each stage.
+segments (with the objects measured; the status bar shows the largest one's measurements, as
+when the pointer hovers it), computes the feature-redundancy maps, and grabs the window at each stage.
 Images over 300 KiB are reduced to a 256-colour palette.
 """
 
@@ -140,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("strokes", "H&E tissue prediction", "H&E tissue segmentation", "H&E tissue probabilities"):
         if name in viewer.layers:
             viewer.layers[name].visible = False
-    viewer.layers.selection.active = viewer.layers["H&E tissue instances"]
+    objects = viewer.layers["H&E tissue instances"]
+    viewer.layers.selection.active = objects
+    if len(objects.features):  # the pointer over the largest object: the status bar shows its measurements
+        largest = objects.features.sort_values("area_px").iloc[-1]
+        viewer.cursor.position = (float(largest["centroid_row"]), float(largest["centroid_col"]))
     _shot(viewer, args.out / "segment_instances.png")
 
     # 4. feature redundancy of the trained model
