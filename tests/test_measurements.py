@@ -76,6 +76,13 @@ def test_a_pixel_size_adds_areas_and_diameters_in_its_units():
     np.testing.assert_allclose(table.area_scaled, [7 / 8, 6 / 8, 1 / 8, 5 / 8])
     np.testing.assert_allclose(table.equivalent_diameter_scaled, np.sqrt(4 * np.array([7, 6, 1, 5]) / 8 / math.pi))
     assert list(table.columns())[3:6] == ["area_scaled", "equivalent_diameter_px", "equivalent_diameter_scaled"]
+    # a known unit names the columns, and then a size of 1 is a size
+    in_um = measure_to_end(instances, classes, spacing=(1.0, 1.0), unit="um")
+    assert in_um.spacing == (1.0, 1.0) and in_um.unit == "um"
+    assert list(in_um.columns())[3:6] == ["area_um2", "equivalent_diameter_px", "equivalent_diameter_um"]
+    np.testing.assert_array_equal(in_um.columns()["area_um2"], [7, 6, 1, 5])
+    with pytest.raises(InputError, match="above 0"):
+        measure_to_end(instances, classes, spacing=(0.0, 0.5), unit="um")
     # a layer's scale of ones (or a volume's, of which the plane's two count) is pixels
     assert measure_to_end(instances, classes, spacing=(1.0, 1.0)).spacing is None
     assert measure_to_end(instances, classes, spacing=(3.0, 1.0, 1.0)).spacing is None
@@ -305,6 +312,20 @@ def test_predict_writes_measurements_that_match_its_instances(real_model, tmp_pa
     assert read_from == [np.memmap]
     assert (tmp_path / "lazy.csv").read_text() == (tmp_path / "crop.csv").read_text()
 
+    # --pixel-size: micrometres, over the file's own size, and named so in the table
+    capsys.readouterr()
+    assert main([*predict, "--image", str(tmp_path / "placed.tif"), "--out", str(tmp_path / "um.tif"),
+                 "--instances", str(tmp_path / "um_inst.tif"), "--measurements", str(tmp_path / "um.csv"),
+                 "--pixel-size", "0.25"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["measurements"]["pixel_size"] == [0.25, 0.25] and summary["measurements"]["unit"] == "um"
+    with open(tmp_path / "um.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["area_um2"]) for r in rows] == [int(r["area_px"]) * 0.0625 for r in rows]
+    np.testing.assert_allclose([float(r["equivalent_diameter_um"]) for r in rows],
+                               [float(r["equivalent_diameter_px"]) * 0.25 for r in rows], rtol=1e-9)
+    assert "area_scaled" not in rows[0]
+
 
 @pytest.mark.parametrize(
     ("extra", "message"),
@@ -315,8 +336,12 @@ def test_predict_writes_measurements_that_match_its_instances(real_model, tmp_pa
          "--measurements o.txt: cannot write this format; use one of .csv"),
         (["--instances", "{tmp}/i.tif", "--measurements", "{tmp}/i.tif"],
          "--measurements and --instances name the same file"),
+        (["--instances", "{tmp}/i.tif", "--pixel-size", "0.25"],
+         "--pixel-size sizes the objects of --measurements; add --measurements OBJECTS.csv"),
+        (["--instances", "{tmp}/i.tif", "--measurements", "{tmp}/o.csv", "--pixel-size", "0"],
+         "--pixel-size must be the side of a pixel in micrometres (e.g. 0.25), not 0.0"),
     ],
-    ids=["without-instances", "not-csv", "same-as-instances"],
+    ids=["without-instances", "not-csv", "same-as-instances", "pixel-size-alone", "pixel-size-0"],
 )
 def test_measurement_options_that_cannot_work_exit_2_in_one_line(tmp_path, capsys, extra, message):
     from napari_selfreg.cli import main

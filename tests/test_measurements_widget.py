@@ -123,6 +123,18 @@ def test_separate_objects_measures_in_the_layers_units_and_saves_the_selected_la
     assert segment.save_measurements(tmp_path / "placed.csv") == tmp_path / "placed.csv"
     rows = _read(tmp_path / "placed.csv")
     assert len(rows) == 55 and [float(r["area_scaled"]) for r in rows] == (areas * 0.125).tolist()
+
+    # a pixel size in micrometres: every measured layer shows it at once, and the table says so
+    segment.pixel_size.setValue(0.5)
+    for each in (placed, plain):
+        assert "area_scaled" not in each.features
+        np.testing.assert_allclose(each.features["area_um2"], areas * 0.25)
+        np.testing.assert_allclose(each.features["equivalent_diameter_um"], np.sqrt(4 * areas * 0.25 / np.pi))
+    assert segment.save_measurements(tmp_path / "um.csv") == tmp_path / "um.csv"
+    assert [float(r["area_um2"]) for r in _read(tmp_path / "um.csv")] == (areas * 0.25).tolist()
+    segment.pixel_size.setValue(0)  # back to the layers' scales
+    assert "area_um2" not in placed.features and "area_scaled" in placed.features
+    assert list(plain.features.columns[:4]) == ["index", "class_name", "area_px", "equivalent_diameter_px"]
     assert not messages.errors
 
 
@@ -137,6 +149,6 @@ def test_objects_measured_again_without_their_class_map_keep_their_classes():
     before = measure_to_end(objects, classes)
     objects[2, 2] = 9  # painted by the user: no class known
     objects[4:6, 4] = 0
-    table = drain(_measure(objects, None, (1.0, 1.0), before))
+    table = drain(_measure(objects, None, before))
     assert table.ids.tolist() == [1, 2, 9]
     assert table.class_ids.tolist() == [2, 3, 0] and table.area.tolist() == [4, 2, 1]

@@ -289,6 +289,7 @@ class PredictJob:
     instances: Path | None
     uncertainty: Path | None = None
     measurements: Path | None = None
+    pixel_size: float | None = None  # micrometres, for the measurements
 
     def outputs(self) -> dict[str, Path | None]:
         return {"--out": self.out, "--probabilities": self.probabilities, "--instances": self.instances,
@@ -305,6 +306,10 @@ def predict_jobs(args: argparse.Namespace) -> list[PredictJob]:
     several = len(images) > 1
     if args.measurements is not None and args.instances is None:
         raise InputError("--measurements measures the objects of --instances; add --instances INSTANCES.tif")
+    if args.pixel_size is not None and args.measurements is None:
+        raise InputError("--pixel-size sizes the objects of --measurements; add --measurements OBJECTS.csv")
+    if args.pixel_size is not None and not (math.isfinite(args.pixel_size) and args.pixel_size > 0):
+        raise InputError(f"--pixel-size must be the side of a pixel in micrometres (e.g. 0.25), not {args.pixel_size}")
     if len({image.resolve() for image in images}) < len(images):
         raise InputError("an --image is given twice; name each image once")
     stems: dict[str, Path] = {}
@@ -321,7 +326,7 @@ def predict_jobs(args: argparse.Namespace) -> list[PredictJob]:
     jobs = [
         PredictJob(image, *(output_for(t, image, o, several) for t, o in (
             (args.out, "--out"), (args.probabilities, "--probabilities"), (args.instances, "--instances"),
-            (args.uncertainty, "--uncertainty"), (args.measurements, "--measurements"))))
+            (args.uncertainty, "--uncertainty"), (args.measurements, "--measurements"))), args.pixel_size)
         for image in images
     ]
     inputs = {"--model": args.model} | {_of("--image", job, several): job.image for job in jobs}
@@ -465,16 +470,21 @@ def _split_instances(labels, scratch: Path | None):
 
 def _measure(instances, labels, job: PredictJob) -> dict:
     """Write the objects' table (read band by band: a slide's objects stay in their memory
-    map); the summary's per-class counts and sizes. The pixel size is the image file's, where
-    it has one (NIfTI, MHA, NRRD, or a TIFF that predict wrote)."""
+    map); the summary's per-class counts and sizes. The pixel size is the job's, in
+    micrometres (--pixel-size), else the image file's, where it has one (NIfTI, MHA, NRRD, or a TIFF that
+    predict wrote), in its own unknown unit."""
     from .core.measurements import class_summary, measure_objects, write_csv
     from .io import pixel_size
 
-    table = _with_bar(measure_objects(instances, labels, pixel_size(job.image)), "measuring", "band")
+    side = job.pixel_size
+    spacing, unit = ((side, side), "um") if side else (pixel_size(job.image), None)
+    table = _with_bar(measure_objects(instances, labels, spacing, unit=unit), "measuring", "band")
     write_csv(table, job.measurements)
     summary: dict = {"file": str(job.measurements), "objects": len(table)}
     if table.spacing is not None:
         summary["pixel_size"] = list(table.spacing)
+        if table.unit:
+            summary["unit"] = table.unit
     summary["per_label"] = {
         str(c): {"count": s.count, "mean_area_px": round(s.mean_area, 2), "median_area_px": round(s.median_area, 2),
                  "area_fraction": round(s.area_fraction, 6)}
@@ -681,6 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a CSV table of the --instances objects (id, class, area, centroid, bounding "
                    "box, equivalent diameter, whether it touches the edge); the summary gives count and mean area "
                    "per class")
+    p.add_argument("--pixel-size", type=float,
+                   help="side of a pixel in micrometres (e.g. 0.25 at 40x) for --measurements: adds area_um2 and "
+                   "equivalent_diameter_um (default: the image file's pixel size where it records one)")
     p.add_argument("--tile-size", type=int, default=PredictConfig.tile_size, help="pixels per tile side")
     p.add_argument("--overlap", type=float, default=PredictConfig.overlap, help="fraction shared by neighbours")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")

@@ -38,7 +38,8 @@ class ObjectTable:
     ``bbox`` rows are (min_row, min_col, max_row, max_col) with the max exclusive, as numpy
     slices and skimage's ``regionprops`` have them. ``class_ids``: the class most of the object's
     pixels have in the class map (the smallest on a tie; 0 when no class map was given).
-    ``spacing``: the pixel size (row, col) that the ``*_scaled`` values use, None for pixels.
+    ``spacing``: the pixel size (row, col) that the ``*_scaled`` values use, None for pixels;
+    ``unit`` its unit where known (e.g. "um"), which then names those columns ("area_um2").
     ``complete`` is False when a stop came first: the table then holds the rows read so far.
     """
 
@@ -50,6 +51,7 @@ class ObjectTable:
     shape: tuple[int, int]
     spacing: tuple[float, float] | None = None
     complete: bool = True
+    unit: str | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -81,11 +83,12 @@ class ObjectTable:
     def columns(self) -> dict[str, np.ndarray]:
         """The table as named columns, in the CSV's order (the widget makes napari's features of them)."""
         columns = {"id": self.ids, "class_id": self.class_ids, "area_px": self.area}
+        area, length = (f"{self.unit}2", self.unit) if self.unit else ("scaled", "scaled")
         if self.spacing is not None:
-            columns["area_scaled"] = self.area_scaled
+            columns[f"area_{area}"] = self.area_scaled
         columns["equivalent_diameter_px"] = self.equivalent_diameter
         if self.spacing is not None:
-            columns["equivalent_diameter_scaled"] = self.equivalent_diameter_scaled
+            columns[f"equivalent_diameter_{length}"] = self.equivalent_diameter_scaled
         columns |= {
             "centroid_row": self.centroid[:, 0], "centroid_col": self.centroid[:, 1],
             "min_row": self.bbox[:, 0], "min_col": self.bbox[:, 1],
@@ -126,13 +129,15 @@ def measure_objects(
     spacing: tuple[float, float] | None = None,
     stop: StopRequest = None,
     band: int | None = None,
+    unit: str | None = None,
 ) -> Generator[MeasureProgress, None, ObjectTable]:
     """Measure every object of ``instances`` (H, W; 0 = no object, ids need not be consecutive);
     yields progress per band of ``band`` rows (default: about ``BAND_PIXELS``, whole chunk rows
     of a zarr or dask array) and returns the ``ObjectTable``.
 
     ``classes``: the class map the objects came from (painting ids), same shape. ``spacing``:
-    the pixel size (row, col), e.g. a layer's scale; a size of 1 is left out. Each band adds up
+    the pixel size (row, col), e.g. a layer's scale; a size of 1 is left out unless ``unit``
+    names its unit (a pixel of 1 um is a size, a scale of 1 is pixels). Each band adds up
     its objects' pixels, coordinates and class votes with ``bincount``; the partial sums are
     merged at the end, so an object that spans bands is measured as a whole.
     """
@@ -147,8 +152,11 @@ def measure_objects(
         raise InputError(f"object ids must be integers, not {np.dtype(instances.dtype)}")
     if spacing is not None:
         spacing = tuple(float(s) for s in spacing[-2:])
-        if np.allclose(spacing, 1.0):
+        if np.allclose(spacing, 1.0) and not unit:
             spacing = None
+        if any(not math.isfinite(s) or s <= 0 for s in spacing or ()):
+            raise InputError(f"a pixel size must be above 0, not {spacing}")
+    unit = unit if spacing is not None else None
     rows = _band_rows(instances, w, band)
     tops = range(0, h, rows)
     parts: list[tuple] = []
@@ -163,6 +171,7 @@ def measure_objects(
         yield MeasureProgress(done + 1, len(tops))
     table = _merge(parts, (h, w), spacing)
     table.complete = complete
+    table.unit = unit
     return table
 
 

@@ -7,6 +7,7 @@ stays responsive. Outputs that would not fit comfortably in memory are memory ma
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import threading
@@ -201,6 +202,18 @@ class SegmentWidget(QWidget):
         self.split_button.clicked.connect(self.split_layer)
         row.addWidget(self.split_button)
         split_form.addRow("Objects of", row)
+        self.pixel_size = QDoubleSpinBox()
+        self.pixel_size.setRange(0.0, 10_000.0)
+        self.pixel_size.setDecimals(4)
+        self.pixel_size.setSingleStep(0.05)
+        self.pixel_size.setSuffix(" µm")
+        self.pixel_size.setSpecialValueText("the layer's scale")  # shown at 0
+        self.pixel_size.setToolTip(
+            "The side of a pixel, for areas in µm² and diameters in µm beside those in pixels (e.g. 0.25 at "
+            "40x, 0.5 at 20x). At 0 the objects layer's scale is used where it is not 1."
+        )
+        self.pixel_size.valueChanged.connect(self._pixel_size_changed)
+        split_form.addRow("Pixel size", self.pixel_size)
         layout.addLayout(split_form)
         self.save_table_button = QPushButton("Save measurements…")
         self.save_table_button.setToolTip(
@@ -478,10 +491,9 @@ class SegmentWidget(QWidget):
         hold_read_only(classes)
         # this run's layers and names, not whichever the next Segment has made current
         output_name, names = classes.name, class_names_of(classes) or []
-        scale = tuple(float(v) for v in source.scale[-2:])  # the objects' layer is placed as ``source``
         worker = create_worker(
             _split_classes, labels, self._instance_output(labels.shape), self._instance_stop,
-            source.name if check_ids else None, bool(names), scale, _ignore_errors=True,
+            source.name if check_ids else None, bool(names), _ignore_errors=True,
         )
         worker.yielded.connect(self._on_instance_progress)
         worker.returned.connect(lambda result: self._add_instances(*result, source, output_name, names))
@@ -558,12 +570,32 @@ class SegmentWidget(QWidget):
         return None
 
     def _set_table(self, layer, table, class_names: list[str]) -> None:
-        layer.features = measurement_features(table, class_names)  # shown on hover in the status bar
-        layer.metadata[MEASUREMENTS_KEY] = table
-        layer.metadata[NAMES_KEY] = list(class_names)
+        self._show_table(layer, table, class_names)
         layer.metadata[STALE_KEY] = False
         self._last_measured = layer
         self._update_save_button()
+
+    def _show_table(self, layer, table, class_names: list[str]) -> None:
+        """The table in the pixel size set (or the layer's scale), as the layer's features."""
+        spacing, unit = self._pixel_size_of(layer)
+        table = dataclasses.replace(table, spacing=spacing, unit=unit)
+        layer.features = measurement_features(table, class_names)  # shown on hover in the status bar
+        layer.metadata[MEASUREMENTS_KEY] = table
+        layer.metadata[NAMES_KEY] = list(class_names)
+
+    def _pixel_size_of(self, layer) -> tuple[tuple[float, float] | None, str | None]:
+        side = self.pixel_size.value()
+        if side > 0:
+            return (side, side), "um"
+        scale = tuple(float(v) for v in layer.scale[-2:])
+        return (None, None) if np.allclose(scale, 1.0) else (scale, _unit_of(layer))
+
+    def _pixel_size_changed(self, *_) -> None:
+        """Sizes follow the setting at once: only the units change, nothing is measured again."""
+        for layer in self.viewer.layers:
+            table = layer.metadata.get(MEASUREMENTS_KEY)
+            if table is not None:
+                self._show_table(layer, table, layer.metadata.get(NAMES_KEY, []))
 
     def _update_save_button(self, *_) -> None:
         self.save_table_button.setEnabled(self.measured_layer() is not None and self.measure_worker is None)
@@ -597,8 +629,7 @@ class SegmentWidget(QWidget):
         held = [layer] + ([classes_layer] if classes is not None else [])
         for each in held:
             hold_read_only(each)  # a stroke painted mid-measure would be half in the table
-        scale = tuple(float(v) for v in layer.scale[-2:])
-        worker = create_worker(_measure, layer_data(layer), classes, scale, table, _ignore_errors=True)
+        worker = create_worker(_measure, layer_data(layer), classes, table, _ignore_errors=True)
         worker.yielded.connect(self._on_instance_progress)
 
         def measured(new_table) -> None:
@@ -707,23 +738,34 @@ def measurement_features(table, class_names: list[str]):
     return pd.DataFrame(features | columns)
 
 
-def _measure(objects, classes, scale, before):
+def _unit_of(layer) -> str | None:
+    """The unit of a layer's scale where napari knows one (0.6 and later), "um" for micrometres."""
+    units = getattr(layer, "units", None)
+    if not units:
+        return None
+    text = f"{units[-1]:~}" if hasattr(units[-1], "dimensionality") else str(units[-1])
+    if text in ("", "px", "pixel", "pixels"):
+        return None
+    return text.replace("µ", "u").replace("μ", "u")
+
+
+def _measure(objects, classes, before):
     """The worker's measurement of corrected objects. Without a class map each object keeps the
     class ``before`` gave it (a new id, painted by the user, gets 0: unknown)."""
     from ..core.measurements import measure_objects
 
-    table = yield from measure_objects(objects, classes, scale)
+    table = yield from measure_objects(objects, classes)
     if classes is None:
         known = dict(zip(before.ids.tolist(), before.class_ids.tolist(), strict=True))
         table.class_ids = np.array([known.get(i, 0) for i in table.ids.tolist()], np.int64)
     return table
 
 
-def _split_classes(labels, out, stop, check_name: str | None, named: bool = False, scale=None):
-    """The worker's split, then the objects' measurements (None when stopped), with ``scale``
-    as the pixel size; with ``check_name``, first refuses a map whose ids are objects, or
-    one with 0 as background (a GlaS annotation of 9 glands, a 0/1 mask), where id 1 would be
-    taken for background and its object lost, unless ``named`` classes say it is a class map."""
+def _split_classes(labels, out, stop, check_name: str | None, named: bool = False):
+    """The worker's split, then the objects' measurements in pixels (None when stopped); with
+    ``check_name``, first refuses a map whose ids are objects, or one with 0 as background (a
+    GlaS annotation of 9 glands, a 0/1 mask), where id 1 would be taken for background and its
+    object lost, unless ``named`` classes say it is a class map."""
     from ..core.data import InputError
     from ..core.instances import id_counts, split_instances
     from ..core.measurements import measure_objects
@@ -741,5 +783,5 @@ def _split_classes(labels, out, stop, check_name: str | None, named: bool = Fals
     split = yield from split_instances(labels, out, stop=stop)
     if not split.complete:
         return split, None
-    table = yield from measure_objects(split.instances, labels, scale, stop)
+    table = yield from measure_objects(split.instances, labels, stop=stop)
     return split, table if table.complete else None
