@@ -25,8 +25,7 @@ SETTINGS = {
 def main(argv: list[str] | None = None) -> int:
     from napari_selfreg.bench.baselines import otsu_segment, random_forest_segment
     from napari_selfreg.bench.datasets import SharedDataMissing, load_split
-    from napari_selfreg.bench.interactive import stroke_seed
-    from napari_selfreg.bench.strokes import simulate_strokes
+    from napari_selfreg.bench.interactive import protocol_strokes
     from napari_selfreg.core.config import ModelConfig, TrainConfig
     from napari_selfreg.core.metrics import binary_dice
     from napari_selfreg.core.predict import predict
@@ -47,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for index in args.images:
         sample = split.train[index]
-        image, instances = sample.image(), sample.instances()
-        strokes = simulate_strokes(instances, stroke_seed(sample.name, 0))
+        image, instances, strokes = protocol_strokes(sample)
         truth = instances > 0
         row = {
             "image": sample.name,

@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     import napari_selfreg.core.train as core_train
     from napari_selfreg.bench.baselines import otsu_segment
     from napari_selfreg.bench.datasets import SharedDataMissing, load_split
-    from napari_selfreg.bench.interactive import stroke_seed
-    from napari_selfreg.bench.strokes import simulate_strokes
+    from napari_selfreg.bench.interactive import protocol_strokes
     from napari_selfreg.core.config import ModelConfig, TrainConfig
     from napari_selfreg.core.device import autocast
     from napari_selfreg.core.losses import selfreg_total
@@ -110,9 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for index in args.images:
         sample = getattr(split, args.split)[index]
-        image, instances = sample.image(), sample.instances()
+        image, instances, strokes = protocol_strokes(sample)
         truth = instances > 0
-        strokes = simulate_strokes(instances, stroke_seed(sample.name, 0))
         run.clear()
         result = core_train.train_to_end(
             [image], [strokes], TrainConfig(steps=args.steps, seed=0, validation_fraction=0.0), ModelConfig()

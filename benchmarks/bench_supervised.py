@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from napari_selfreg.bench.baselines import otsu_segment
     from napari_selfreg.bench.datasets import SharedDataMissing, load_split
-    from napari_selfreg.bench.interactive import stroke_seed
-    from napari_selfreg.bench.strokes import simulate_strokes
+    from napari_selfreg.bench.interactive import protocol_strokes
     from napari_selfreg.core.checkpoint import load_model, save_model
     from napari_selfreg.core.config import ModelConfig, TrainConfig
     from napari_selfreg.core.metrics import binary_dice
@@ -89,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for sample in split.test[: args.images]:
-        image, instances = sample.image(), sample.instances()
+        image, instances, strokes = protocol_strokes(sample)
         truth = instances > 0
-        strokes = simulate_strokes(instances, stroke_seed(sample.name, 0))
         row = {
             "image": sample.name,
             "supervised": scored(predict(model, image, probabilities=False).labels >= 2, truth),

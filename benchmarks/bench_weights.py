@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from napari_selfreg.bench.baselines import otsu_segment
     from napari_selfreg.bench.datasets import SharedDataMissing, load_split
-    from napari_selfreg.bench.interactive import stroke_seed
-    from napari_selfreg.bench.strokes import simulate_strokes
+    from napari_selfreg.bench.interactive import protocol_strokes
     from napari_selfreg.core.config import ModelConfig, PredictConfig, TrainConfig
     from napari_selfreg.core.data import PatchSampler, PatchSet, intensity_range, normalize
     from napari_selfreg.core.metrics import binary_dice
@@ -83,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for index in args.images:
         sample = getattr(split, args.split)[index]
-        image, instances = sample.image(), sample.instances()
+        image, instances, strokes = protocol_strokes(sample)
         truth = instances > 0
-        strokes = simulate_strokes(instances, stroke_seed(sample.name, 0))
         painted = np.where(truth, 2, 1).astype(np.uint8) if args.dense else strokes
         marks = {int(args.steps * f) for f in (0.5, 0.625, 0.75, 0.875)}
         snapshots = []

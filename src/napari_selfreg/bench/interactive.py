@@ -110,6 +110,13 @@ def stroke_seed(name: str, seed: int) -> int:
     return (zlib.crc32(name.encode()) + 7919 * seed) % 2**31
 
 
+def protocol_strokes(sample: Sample, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, instances, strokes): a sample as the interactive protocol paints it, for the
+    benchmark scripts that train on the same strokes outside it."""
+    instances = sample.instances()
+    return sample.image(), instances, simulate_strokes(instances, stroke_seed(sample.name, seed))
+
+
 def _load(sample: Sample, crop: int | None) -> tuple[np.ndarray, np.ndarray]:
     return center_crop(sample.image(), crop), center_crop(sample.instances(), crop)
 
