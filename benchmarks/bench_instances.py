@@ -14,7 +14,8 @@ without it.
     python benchmarks/bench_instances.py --slide 6000 --check --out /tmp/slide.json
 
 ``--slide SIZE`` times ``split_instances`` (the window-by-window split that Segment and
-``predict --instances`` run) on a SIZE x SIZE class map in a zarr store, made by repeating
+``predict --instances`` run), then ``measure_objects`` (the objects' table) on a SIZE x SIZE
+class map in a zarr store, made by repeating
 the 14 MoNuSeg test masks side by side, and records the peak memory of the process that
 splits it (a fresh one, whose outputs go to zarr too). ``--check`` also splits the whole map
 at once and compares the objects (feasible up to about 8000 x 8000). ``--map LABELS.tif`` splits
@@ -39,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_selfreg.core.instances import SPLIT_MARGIN, SPLIT_TILE, separate_instances, split_instances
+from napari_selfreg.core.measurements import measure_to_end
 from napari_selfreg.core.metrics import object_scores
 from napari_selfreg.core.progress import drain
 
@@ -137,7 +139,7 @@ def split_child(store: Path, tile: int, margin: int, workers: int | None) -> dic
     threads = {"workers": workers} if workers else {}  # (code from before the threads takes none)
     split = drain(split_instances(labels, out, tile=tile, margin=margin, **threads), windows.append)
     seconds = time.perf_counter() - started
-    return {
+    row = {
         "seconds": seconds,
         "megapixels_per_s": labels.shape[0] * labels.shape[1] / seconds / 1e6,
         "windows": windows[-1].total,
@@ -146,6 +148,11 @@ def split_child(store: Path, tile: int, margin: int, workers: int | None) -> dic
         "peak_rss_bytes": peak_rss(),
         "peak_rss_before_split_bytes": before,
     }
+    started = time.perf_counter()  # then the objects' table, as Segment and predict --measurements make it
+    table = measure_to_end(out, labels)
+    row |= {"measure_seconds": time.perf_counter() - started, "measured_objects": len(table),
+            "peak_rss_after_measure_bytes": peak_rss()}
+    return row
 
 
 def whole_map_check(store: Path) -> dict:

@@ -484,6 +484,7 @@ def test_instance_slide_benchmark_smoke_run_checks_against_the_whole_map(shared_
     assert row["windows"] == 9 and row["same_objects"] is True
     assert row["objects"] == row["whole_map_objects"] > 500 and row["truncated"] == 0
     assert row["peak_rss_bytes"] >= row["peak_rss_before_split_bytes"] > 0
+    assert row["measured_objects"] == row["objects"] and row["measure_seconds"] > 0  # the table of every object
 
 
 def test_slide_benchmark_smoke_run_predicts_and_counts_objects(shared_data, tmp_path, monkeypatch):
