@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         run["step"] = run.get("step", 0) + 1
         if args.weight and "teacher" not in run:
             run["teacher"] = copy.deepcopy(network).requires_grad_(False)
+            run["noise"] = torch.Generator().manual_seed(0)  # the same draws in every run
         elif args.weight:  # the teacher follows the weights of the step before
             decay = min(1 - 1 / run["step"], 0.99)
             with torch.no_grad():
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 return terms
             with torch.no_grad():
                 views = x.repeat(args.passes, 1, 1, 1)
-                noise = torch.randn_like(views) * args.noise
+                noise = torch.randn(views.shape, generator=run["noise"]).to(views) * args.noise
                 views = views + noise.clamp(-2 * args.noise, 2 * args.noise)
                 target = F.softmax(run["teacher"](views).float(), 1).view(args.passes, *logits.shape).mean(0)
                 entropy = -(target * torch.log(target + 1e-6)).sum(1)
