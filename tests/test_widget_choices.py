@@ -874,7 +874,7 @@ def test_a_prediction_split_while_training_writes_it_is_paintable_once_both_end(
     real = segment_widget._split_classes
 
     def held_back(*args, **kwargs):
-        release.wait(60)  # the split ends after training
+        release.wait(180)  # the split ends after training (wait_idle gives training 120 s)
         return (yield from real(*args, **kwargs))
 
     monkeypatch.setattr(segment_widget, "_split_classes", held_back)

@@ -129,11 +129,12 @@ def tiny(widget, steps: int = 30) -> None:
 
 
 def wait_idle(qtbot, *widgets, timeout: int = 120_000) -> None:
-    """Wait until no worker of the widgets runs (training, final preview, devices, instances)."""
+    """Wait until no worker of the widgets runs (training, final preview, devices, instances,
+    measurements)."""
 
     def idle() -> bool:
         for widget in widgets:
-            for name in ("worker", "final_worker", "instance_worker"):
+            for name in ("worker", "final_worker", "instance_worker", "measure_worker"):
                 worker = getattr(widget, name, None)
                 if worker is not None:  # the widgets reset these when their workers finish
                     return False
