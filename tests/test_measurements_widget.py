@@ -135,7 +135,28 @@ def test_separate_objects_measures_in_the_layers_units_and_saves_the_selected_la
     segment.pixel_size.setValue(0)  # back to the layers' scales
     assert "area_um2" not in placed.features and "area_scaled" in placed.features
     assert list(plain.features.columns[:4]) == ["index", "class_name", "area_px", "equivalent_diameter_px"]
+
+    # a copy made with napari's Duplicate layer carries the table: painting on it makes it stale too
+    from napari.layers._layer_actions import _duplicate_layer
+
+    he_viewer.layers.selection.active = plain
+    _duplicate_layer(he_viewer.layers)
+    copy = he_viewer.layers["ground truth instances copy"]
+    assert same_layer(segment.measured_layer(), copy)
+    copy.paint((0, 0), 900)
+    assert segment.save_measurements(tmp_path / "copy.csv") is not None
+    qtbot.waitUntil(lambda: (tmp_path / "copy.csv").exists() and segment.measure_worker is None, timeout=30_000)
+    rows = _read(tmp_path / "copy.csv")
+    assert len(rows) == 56 and rows[-1]["id"] == "900"
+    assert len(_read_fresh(plain, segment, tmp_path / "plain.csv")) == 55  # the original is untouched
     assert not messages.errors
+
+
+def _read_fresh(layer, segment, path):
+    """Save ``layer``'s table, selected, and read it back."""
+    segment.viewer.layers.selection.active = layer
+    assert segment.save_measurements(path) == path
+    return _read(path)
 
 
 def test_objects_measured_again_without_their_class_map_keep_their_classes():

@@ -12,6 +12,7 @@ import os
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -112,11 +113,13 @@ class SegmentWidget(QWidget):
         self._newest: str | None = None  # the registry's newest model at the last refresh
         self._last_measured = None  # the objects layer measured last
         self.measure_worker = None  # measuring a corrected objects layer again before saving it
+        self._watched = weakref.WeakSet()  # measured layers whose paint marks their table stale
         self._table_folder = ""  # where the last table was saved
         self._build()
         connect_while_alive(
             self, (self.registry.changed, self._refresh_models),
             (self.viewer.layers.events.removed, self._update_save_button),
+            (self.viewer.layers.events.inserted, self._watch_inserted),
             (self.viewer.layers.selection.events.active, self._update_save_button),
         )
         self._close_watcher = stop_when_closed(self, lambda: self.running and self.stop(), self._stop_events)
@@ -549,7 +552,7 @@ class SegmentWidget(QWidget):
         else:
             layer.metadata[CLASSES_KEY] = output_name
             self._set_table(layer, table, class_names)
-            layer.events.paint.connect(lambda _event: layer.metadata.__setitem__(STALE_KEY, True))
+            self._watch(layer)
             self.status.setText(f"{done} Hover an object for its measurements; Save measurements… writes them.")
         if split.truncated:
             show_warning(f"{split.truncated} groups of objects are wider than the widest window of the split; "
@@ -568,6 +571,19 @@ class SegmentWidget(QWidget):
             return last
         self._last_measured = None  # removed: its table goes with it
         return None
+
+    def _watch(self, layer) -> None:
+        """Painting on a measured layer makes its table stale (measured again on save)."""
+        layer = getattr(layer, "__wrapped__", layer)  # docked, the viewer hands out a new proxy each time
+        if layer not in self._watched:
+            self._watched.add(layer)
+            layer.events.paint.connect(lambda _event: layer.metadata.__setitem__(STALE_KEY, True))
+
+    def _watch_inserted(self, event) -> None:
+        """A measured layer napari duplicated carries the table in its metadata, not the watch."""
+        layer = event.value
+        if layer.metadata.get(MEASUREMENTS_KEY) is not None:
+            self._watch(layer)
 
     def _set_table(self, layer, table, class_names: list[str]) -> None:
         self._show_table(layer, table, class_names)
