@@ -233,6 +233,49 @@ def test_agrees_with_regionprops_on_a_real_mask(monuseg_pair):
     assert set(table.ids[table.touches_edge].tolist()) == edge and 0 < len(edge) < len(table)
 
 
+@pytest.mark.data
+def test_intensities_agree_with_regionprops_and_the_stains_with_rgb2hed(monuseg_pair):
+    """With the H&E image: each nucleus's mean red, green and blue (regionprops' intensity_mean)
+    and its mean hematoxylin and eosin optical density (skimage's rgb2hed of its pixels)."""
+    from skimage.color import rgb2hed
+    from skimage.measure import regionprops
+
+    from napari_selfreg.core.instances import separate_instances
+
+    image, mask = monuseg_pair
+    classes = mask.astype(np.uint8) + 1
+    instances = separate_instances(classes)
+    table = measure_to_end(instances, classes, band=37, image=image)
+    assert table.intensity_names == ("mean_red", "mean_green", "mean_blue", "hematoxylin_od", "eosin_od")
+    props = regionprops(instances, intensity_image=image)
+    np.testing.assert_allclose(table.intensity[:, :3], [p.intensity_mean for p in props], rtol=1e-9)
+    hed = rgb2hed(image)
+    stains = regionprops(instances, intensity_image=hed)
+    np.testing.assert_allclose(table.intensity[:, 3:], [p.intensity_mean[:2] for p in stains], rtol=1e-6, atol=1e-9)
+    # nuclei take up haematoxylin: denser in it than the background around them
+    assert table.intensity[:, 3].mean() > hed[..., 0][instances == 0].mean()
+    assert list(table.columns())[-5:] == list(table.intensity_names)
+    # RGBA: the alpha is left out; the same table
+    rgba = np.concatenate([image, np.full((*image.shape[:2], 1), 255, np.uint8)], axis=2)
+    np.testing.assert_allclose(measure_to_end(instances, classes, image=rgba).intensity, table.intensity)
+
+
+def test_intensities_of_gray_and_float_images_and_the_wrong_picture():
+    instances, classes = _hand_built()
+    gray = np.arange(120, dtype=np.uint16).reshape(10, 12)
+    table = measure_to_end(instances, classes, image=gray, band=3)
+    assert table.intensity_names == ("mean_intensity",)
+    expected = [gray[instances == i].mean() for i in (3, 7, 40, 1000)]
+    np.testing.assert_allclose(table.intensity[:, 0], expected)
+    floats = np.stack([gray, 2 * gray, 3 * gray], axis=2).astype(np.float32)  # no stains: not 8/16-bit RGB
+    table = measure_to_end(instances, classes, image=floats)
+    assert table.intensity_names == ("mean_red", "mean_green", "mean_blue")
+    np.testing.assert_allclose(table.intensity, np.outer(expected, [1, 2, 3]), rtol=1e-6)
+    with pytest.raises(InputError, match="not the picture of the objects"):
+        measure_to_end(instances, classes, image=gray.T)
+    assert measure_to_end(instances, classes).intensity is None
+
+
 # ------------------------------------------------------------------------------ command line
 
 
@@ -285,6 +328,11 @@ def test_predict_writes_measurements_that_match_its_instances(real_model, tmp_pa
         assert measured["per_label"]["2"]["count"] == len(ids) == summary["instances_per_label"]["2"]
         assert measured["per_label"]["2"]["mean_area_px"] == pytest.approx(counts[ids].mean(), abs=0.01)
         assert measured["per_label"]["2"]["area_fraction"] == pytest.approx(counts[ids].sum() / labels.size, abs=1e-6)
+        # each object's mean colour, from the image it was segmented from
+        for row in rows[:: max(1, len(rows) // 5)]:
+            inside = image[instances == int(row["id"])]
+            assert [float(row[f"mean_{c}"]) for c in ("red", "green", "blue")] == pytest.approx(inside.mean(axis=0))
+        assert all(float(r["hematoxylin_od"]) > 0 for r in rows)
     # the file's pixel size (0.25 along x, 0.5 along y) gives areas in its units; the plain TIFF has none
     assert "pixel_size" not in summaries[0]["measurements"] and summaries[1]["measurements"]["pixel_size"] == [0.5,
                                                                                                                 0.25]

@@ -49,6 +49,11 @@ def test_segment_measures_its_objects_and_saves_them(he_viewer, qtbot, messages,
     assert "class" not in features  # the layer holds objects, not class names
     rows, cols = np.nonzero(data == ids[0])
     np.testing.assert_allclose(features[["centroid_row", "centroid_col"]].iloc[0], [rows.mean(), cols.mean()])
+    # the colours of the image it segmented, and the stains' densities
+    picture = np.asarray(he_viewer.layers["H&E tissue"].data)
+    np.testing.assert_allclose(features[["mean_red", "mean_green", "mean_blue"]].iloc[0],
+                               picture[data == ids[0]].mean(axis=0))
+    assert "hematoxylin_od" in features and "eosin_od" in features
     # hovering an object shows its measurements in napari's status bar
     status = layer.get_status(position=(rows[0], cols[0]), world=True)["coordinates"]
     assert f"area_px: {len(rows)}" in status and f"class_name: {structure}" in status
@@ -82,6 +87,7 @@ def test_segment_measures_its_objects_and_saves_them(he_viewer, qtbot, messages,
     assert int(rows[5000]["area_px"]) == int((now == 5000).sum()) > 0
     assert rows[5000]["class_id"] == "1"  # painted on background: the segmentation's class there
     assert sorted(rows) == np.unique(now[now > 0]).tolist()
+    assert float(rows[5000]["mean_red"]) == pytest.approx(picture[now == 5000, 0].mean())  # with colours
     assert layer.features.set_index("index").loc[second, "area_px"] == before[first] + before[second]
     assert "measured again" in segment.status.text() and layer.editable
     assert len(messages.errors) == 1  # the unwritable folder's, above

@@ -427,7 +427,7 @@ def predict_one(model, job: PredictJob, config, desc: str = "predicting") -> dic
             summary["instances"] = split.count
             summary["instances_per_label"] = {str(c): n for c, n in split.per_class.items()}
             if job.measurements is not None:
-                summary["measurements"] = _measure(split.instances, prediction.labels, job)
+                summary["measurements"] = _measure(split.instances, prediction.labels, job, image)
             if split.truncated:
                 print(f"napari-selfreg predict: warning: {job.image}: {split.truncated} groups of objects are "
                       "wider than the widest window and were split only near where they start", file=sys.stderr)
@@ -468,17 +468,20 @@ def _split_instances(labels, scratch: Path | None):
     return _with_bar(split_instances(labels, out), "instances", "window")
 
 
-def _measure(instances, labels, job: PredictJob) -> dict:
+def _measure(instances, labels, job: PredictJob, image) -> dict:
     """Write the objects' table (read band by band: a slide's objects stay in their memory
     map); the summary's per-class counts and sizes. The pixel size is the job's, in
     micrometres (--pixel-size), else the image file's, where it has one (NIfTI, MHA, NRRD, or a TIFF that
-    predict wrote), in its own unknown unit."""
+    predict wrote), in its own unknown unit. The image adds each object's mean colour (and
+    hematoxylin and eosin density for RGB), read band by band like the objects."""
     from .core.measurements import class_summary, measure_objects, write_csv
     from .io import pixel_size
 
     side = job.pixel_size
     spacing, unit = ((side, side), "um") if side else (pixel_size(job.image), None)
-    table = _with_bar(measure_objects(instances, labels, spacing, unit=unit), "measuring", "band")
+    if tuple(image.shape[:2]) != tuple(instances.shape) or len(image.shape) > 3:
+        image = None  # e.g. a volume of one slice: the plane's values are not where the table looks
+    table = _with_bar(measure_objects(instances, labels, spacing, unit=unit, image=image), "measuring", "band")
     write_csv(table, job.measurements)
     summary: dict = {"file": str(job.measurements), "objects": len(table)}
     if table.spacing is not None:
@@ -689,8 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the summary gives its mean per image")
     p.add_argument("--measurements", type=Path,
                    help="also write a CSV table of the --instances objects (id, class, area, centroid, bounding "
-                   "box, equivalent diameter, whether it touches the edge); the summary gives count and mean area "
-                   "per class")
+                   "box, equivalent diameter, whether it touches the edge, mean colour, and for RGB the mean "
+                   "hematoxylin and eosin optical density); the summary gives count and mean area per class")
     p.add_argument("--pixel-size", type=float,
                    help="side of a pixel in micrometres (e.g. 0.25 at 40x) for --measurements: adds area_um2 and "
                    "equivalent_diameter_um (default: the image file's pixel size where it records one)")

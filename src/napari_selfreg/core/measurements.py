@@ -40,6 +40,9 @@ class ObjectTable:
     pixels have in the class map (the smallest on a tie; 0 when no class map was given).
     ``spacing``: the pixel size (row, col) that the ``*_scaled`` values use, None for pixels;
     ``unit`` its unit where known (e.g. "um"), which then names those columns ("area_um2").
+    ``intensity``: with the image, each object's mean per channel and, for an 8- or 16-bit RGB
+    image, its mean hematoxylin and eosin optical density (colour deconvolution, as QuPath's
+    nucleus measurements have them); the columns are ``intensity_names``.
     ``complete`` is False when a stop came first: the table then holds the rows read so far.
     """
 
@@ -52,6 +55,8 @@ class ObjectTable:
     spacing: tuple[float, float] | None = None
     complete: bool = True
     unit: str | None = None
+    intensity: np.ndarray | None = None  # (n, len(intensity_names)) float64: means over each object
+    intensity_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -95,6 +100,8 @@ class ObjectTable:
             "max_row": self.bbox[:, 2], "max_col": self.bbox[:, 3],
             "touches_edge": self.touches_edge,
         }
+        if self.intensity is not None:
+            columns |= {name: self.intensity[:, k] for k, name in enumerate(self.intensity_names)}
         return columns
 
 
@@ -130,6 +137,7 @@ def measure_objects(
     stop: StopRequest = None,
     band: int | None = None,
     unit: str | None = None,
+    image=None,
 ) -> Generator[MeasureProgress, None, ObjectTable]:
     """Measure every object of ``instances`` (H, W; 0 = no object, ids need not be consecutive);
     yields progress per band of ``band`` rows (default: about ``BAND_PIXELS``, whole chunk rows
@@ -139,7 +147,9 @@ def measure_objects(
     the pixel size (row, col), e.g. a layer's scale; a size of 1 is left out unless ``unit``
     names its unit (a pixel of 1 um is a size, a scale of 1 is pixels). Each band adds up
     its objects' pixels, coordinates and class votes with ``bincount``; the partial sums are
-    merged at the end, so an object that spans bands is measured as a whole.
+    merged at the end, so an object that spans bands is measured as a whole. ``image``: the
+    picture the objects lie on, (H, W) or (H, W, C), read band by band too: adds the mean
+    intensities (``ObjectTable.intensity``).
     """
     instances = _two_d(instances, "instances")
     h, w = (int(n) for n in instances.shape)
@@ -157,6 +167,7 @@ def measure_objects(
         if any(not math.isfinite(s) or s <= 0 for s in spacing or ()):
             raise InputError(f"a pixel size must be above 0, not {spacing}")
     unit = unit if spacing is not None else None
+    names = _intensity_names(image, (h, w)) if image is not None else ()
     rows = _band_rows(instances, w, band)
     tops = range(0, h, rows)
     parts: list[tuple] = []
@@ -165,13 +176,16 @@ def measure_objects(
         if stop_requested(stop):
             complete = False
             break
-        part = _measure_band(instances, classes, top, min(h, top + rows))
+        part = _measure_band(instances, classes, top, min(h, top + rows), image if names else None)
         if part is not None:
             parts.append(part)
         yield MeasureProgress(done + 1, len(tops))
     table = _merge(parts, (h, w), spacing)
     table.complete = complete
     table.unit = unit
+    if names:
+        table.intensity_names = names
+        table.intensity = _merge_intensity(parts, table.ids, len(names))
     return table
 
 
@@ -217,9 +231,52 @@ def _compact(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return distinct.astype(np.int64), index.ravel()
 
 
-def _measure_band(instances, classes, top: int, bottom: int):
+def _intensity_names(image, shape: tuple[int, int]) -> tuple[str, ...]:
+    """The intensity columns an image gives; its shape must be the objects'."""
+    found = tuple(int(n) for n in image.shape)
+    if found[:2] != shape or len(found) not in (2, 3):
+        raise InputError(f"the image {found} is not the picture of the objects {shape}; give the image they were "
+                         "segmented from, (H, W) or (H, W, channels)")
+    channels = 1 if len(found) == 2 else found[2]
+    if channels == 1:
+        return ("mean_intensity",)
+    if channels in (3, 4):  # RGB, or RGBA whose alpha is left out (as training leaves it out)
+        names = ("mean_red", "mean_green", "mean_blue")
+        stains = np.dtype(image.dtype) in (np.dtype(np.uint8), np.dtype(np.uint16))
+        return names + (("hematoxylin_od", "eosin_od") if stains else ())
+    return tuple(f"mean_channel_{k + 1}" for k in range(channels))
+
+
+def _intensity_sums(image, top: int, bottom: int, rows, cols, index, n: int) -> np.ndarray:
+    """Per object of a band: the sums of its pixels' channels (and stain densities, for RGB)."""
+    pixels = np.asarray(image[top:bottom])
+    values = pixels[rows, cols].reshape(rows.size, -1)  # (object pixels, channels)
+    if values.shape[1] == 4:
+        values = values[:, :3]
+    columns = [values[:, k].astype(np.float64) for k in range(values.shape[1])]
+    if values.shape[1] == 3 and values.dtype in (np.uint8, np.uint16):
+        from skimage.color import rgb2hed
+
+        densities = rgb2hed(values[None])[0]
+        columns += [densities[:, 0], densities[:, 1]]
+    return np.stack([np.bincount(index, weights=c, minlength=n) for c in columns], axis=1)
+
+
+def _merge_intensity(parts: list[tuple], ids: np.ndarray, k: int) -> np.ndarray:
+    """Each object's means from the bands' sums (its area is the bands' pixel counts)."""
+    sums = np.zeros((ids.size, k))
+    area = np.zeros(ids.size)
+    for part in parts:
+        at = np.searchsorted(ids, part[0])
+        np.add.at(sums, at, part[7])
+        np.add.at(area, at, part[1])
+    return sums / np.maximum(area, 1)[:, None]
+
+
+def _measure_band(instances, classes, top: int, bottom: int, image=None):
     """Partial sums of the objects in rows ``top:bottom``: ids, area, row and column sums, the
-    bounding box, and class votes (distinct class ids, votes per object and class)."""
+    bounding box, class votes (distinct class ids, votes per object and class), and with
+    ``image`` the sums of its intensities."""
     ids_map = np.asarray(instances[top:bottom])
     if ids_map.dtype.kind == "i" and ids_map.size and ids_map.min() < 0:
         raise InputError("object ids must be 0 (no object) or more; this map holds negative ids")
@@ -251,7 +308,8 @@ def _measure_band(instances, classes, top: int, bottom: int):
             raise InputError(f"the class map holds more than {MAX_CLASS_VALUES} ids under the objects: give the "
                              "map of classes (1 = background, 2.. = structures), not object ids")
         votes = np.bincount(index * values.size + rank, minlength=n * values.size).reshape(n, values.size)
-    return ids, area, row_sum, col_sum, box, values, votes
+    sums = None if image is None else _intensity_sums(image, top, bottom, rows, cols, index, n)
+    return ids, area, row_sum, col_sum, box, values, votes, sums
 
 
 def _merge(parts: list[tuple], shape: tuple[int, int], spacing) -> ObjectTable:

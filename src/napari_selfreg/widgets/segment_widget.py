@@ -70,6 +70,7 @@ MEASUREMENTS_KEY = "napari_selfreg_measurements"  # layer metadata of objects: t
 STALE_KEY = "napari_selfreg_measurements_stale"  # layer metadata: painted on since it was measured
 CLASSES_KEY = "napari_selfreg_classes_layer"  # layer metadata of objects: the name of their class map
 NAMES_KEY = "napari_selfreg_object_classes"  # layer metadata of objects: the class names of their table
+PICTURE_KEY = "napari_selfreg_objects_image"  # layer metadata of objects: the image layer they were measured on
 
 
 def _edited(layer) -> bool:
@@ -494,9 +495,10 @@ class SegmentWidget(QWidget):
         hold_read_only(classes)
         # this run's layers and names, not whichever the next Segment has made current
         output_name, names = classes.name, class_names_of(classes) or []
+        picture = _picture_of(source, labels.shape)  # Segment's image: the objects' colours too
         worker = create_worker(
             _split_classes, labels, self._instance_output(labels.shape), self._instance_stop,
-            source.name if check_ids else None, bool(names), _ignore_errors=True,
+            source.name if check_ids else None, bool(names), picture, _ignore_errors=True,
         )
         worker.yielded.connect(self._on_instance_progress)
         worker.returned.connect(lambda result: self._add_instances(*result, source, output_name, names))
@@ -551,6 +553,7 @@ class SegmentWidget(QWidget):
             self.status.setText(f"{done} Measuring them was stopped.")
         else:
             layer.metadata[CLASSES_KEY] = output_name
+            layer.metadata[PICTURE_KEY] = source.name if table.intensity is not None else None
             self._set_table(layer, table, class_names)
             self._watch(layer)
             self.status.setText(f"{done} Hover an object for its measurements; Save measurements… writes them.")
@@ -642,10 +645,14 @@ class SegmentWidget(QWidget):
         if classes_layer is not None and image_shape_2d(classes_layer) == image_shape_2d(layer):
             classes = layer_data(classes_layer)
         names = (class_names_of(classes_layer) if classes is not None else None) or layer.metadata.get(NAMES_KEY, [])
+        picture_name = layer.metadata.get(PICTURE_KEY)
+        picture = None
+        if picture_name in self.viewer.layers:
+            picture = _picture_of(self.viewer.layers[picture_name], image_shape_2d(layer))
         held = [layer] + ([classes_layer] if classes is not None else [])
         for each in held:
             hold_read_only(each)  # a stroke painted mid-measure would be half in the table
-        worker = create_worker(_measure, layer_data(layer), classes, table, _ignore_errors=True)
+        worker = create_worker(_measure, layer_data(layer), classes, table, picture, _ignore_errors=True)
         worker.yielded.connect(self._on_instance_progress)
 
         def measured(new_table) -> None:
@@ -765,20 +772,32 @@ def _unit_of(layer) -> str | None:
     return text.replace("µ", "u").replace("μ", "u")
 
 
-def _measure(objects, classes, before):
+def _picture_of(layer, shape: tuple[int, int]):
+    """An image layer's pixels, (H, W) or (H, W, C), where they lie under objects of ``shape``;
+    else None (a labels layer, a stack, channels first): the table then has no colours."""
+    if not isinstance(getattr(layer, "__wrapped__", layer), Image):
+        return None
+    data = layer_data(layer)
+    if len(data.shape) not in (2, 3) or tuple(int(n) for n in data.shape[:2]) != tuple(shape):
+        return None
+    return data
+
+
+def _measure(objects, classes, before, picture=None):
     """The worker's measurement of corrected objects. Without a class map each object keeps the
     class ``before`` gave it (a new id, painted by the user, gets 0: unknown)."""
     from ..core.measurements import measure_objects
 
-    table = yield from measure_objects(objects, classes)
+    table = yield from measure_objects(objects, classes, image=picture)
     if classes is None:
         known = dict(zip(before.ids.tolist(), before.class_ids.tolist(), strict=True))
         table.class_ids = np.array([known.get(i, 0) for i in table.ids.tolist()], np.int64)
     return table
 
 
-def _split_classes(labels, out, stop, check_name: str | None, named: bool = False):
-    """The worker's split, then the objects' measurements in pixels (None when stopped); with
+def _split_classes(labels, out, stop, check_name: str | None, named: bool = False, picture=None):
+    """The worker's split, then the objects' measurements in pixels, with the colours of
+    ``picture`` when given (None when stopped); with
     ``check_name``, first refuses a map whose ids are objects, or one with 0 as background (a
     GlaS annotation of 9 glands, a 0/1 mask), where id 1 would be taken for background and its
     object lost, unless ``named`` classes say it is a class map."""
@@ -799,5 +818,5 @@ def _split_classes(labels, out, stop, check_name: str | None, named: bool = Fals
     split = yield from split_instances(labels, out, stop=stop)
     if not split.complete:
         return split, None
-    table = yield from measure_objects(split.instances, labels, stop=stop)
+    table = yield from measure_objects(split.instances, labels, stop=stop, image=picture)
     return split, table if table.complete else None
