@@ -122,6 +122,11 @@ def test_separate_objects_measures_in_the_layers_units_and_saves_the_selected_la
     wait_idle(qtbot, segment, timeout=30_000)
     plain = he_viewer.layers["ground truth instances"]
     assert "area_scaled" not in plain.features  # a scale of 1: pixels only
+    # the one image of the layer's shape gives the objects' colours
+    picture = np.asarray(he_viewer.layers["H&E tissue"].data)
+    first = plain.features.iloc[0]
+    np.testing.assert_allclose(first[["mean_red", "mean_green", "mean_blue"]].to_numpy(float),
+                               picture[np.asarray(plain.data) == first["index"]].mean(axis=0))
     # the last measured layer is saved, unless another measured layer is selected
     assert same_layer(segment.measured_layer(), plain)
     he_viewer.layers.selection.active = placed
@@ -155,6 +160,14 @@ def test_separate_objects_measures_in_the_layers_units_and_saves_the_selected_la
     rows = _read(tmp_path / "copy.csv")
     assert len(rows) == 56 and rows[-1]["id"] == "900"
     assert len(_read_fresh(plain, segment, tmp_path / "plain.csv")) == 55  # the original is untouched
+
+    # two images of that shape: which one the objects lie on is unknown, so no colours
+    he_viewer.add_image(picture[..., 0], name="red channel")
+    segment.split_source.select("ground truth")
+    segment.split_button.click()
+    wait_idle(qtbot, segment, timeout=30_000)
+    assert "mean_red" not in he_viewer.layers["ground truth instances"].features
+    assert "mean_intensity" not in he_viewer.layers["ground truth instances"].features
     assert not messages.errors
 
 

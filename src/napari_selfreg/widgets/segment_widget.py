@@ -35,6 +35,7 @@ from ..core.config import PredictConfig
 from ._common import (
     EDITED_KEY,
     OURS_KEY,
+    UNCERTAINTY_KEY,
     DeviceCombo,
     LayerCombo,
     NameCombo,
@@ -481,11 +482,24 @@ class SegmentWidget(QWidget):
             show_error(_holds_objects(layer.name))
             return None
         self.status.setText(f"Separating the objects of '{layer.name}' (read-only until then)…")
-        return self._start_instances(layer_data(layer), layer, layer, check_ids=True)
+        return self._start_instances(layer_data(layer), layer, layer, check_ids=True, picture=self._image_under(layer))
 
-    def _start_instances(self, labels, source, classes, check_ids: bool = False):
+    def _image_under(self, layer):
+        """The one image a layer of classes can have been made on, for the objects' colours:
+        the user's image layers of its shape (not probability or uncertainty maps), if one."""
+        shape = image_shape_2d(layer)
+        found = [
+            other for other in self.viewer.layers
+            if isinstance(getattr(other, "__wrapped__", other), Image) and not other.metadata.get(OURS_KEY)
+            and not other.metadata.get(UNCERTAINTY_KEY) and _picture_of(other, shape) is not None
+        ]
+        return found[0] if len(found) == 1 else None
+
+    def _start_instances(self, labels, source, classes, check_ids: bool = False, picture=None):
         """Split ``labels`` into objects in a worker; the layer is named after ``source`` and
-        placed as it is; ``classes`` is the labels layer whose class names the counts take.
+        placed as it is; ``classes`` is the labels layer whose class names the counts take;
+        ``picture`` the image layer whose colours the objects are measured in (default: ``source``
+        when it is an image).
         ``check_ids``: refuse ids beyond painting's (a layer of objects, not classes), checked
         in the worker, since reading a slide's ids takes seconds."""
         self._instance_stop = threading.Event()
@@ -495,13 +509,17 @@ class SegmentWidget(QWidget):
         hold_read_only(classes)
         # this run's layers and names, not whichever the next Segment has made current
         output_name, names = classes.name, class_names_of(classes) or []
-        picture = _picture_of(source, labels.shape)  # Segment's image: the objects' colours too
+        picture = picture if picture is not None else source
+        pixels = _picture_of(picture, labels.shape)  # Segment's image: the objects' colours too
+        picture_name = picture.name if pixels is not None else None
         worker = create_worker(
             _split_classes, labels, self._instance_output(labels.shape), self._instance_stop,
-            source.name if check_ids else None, bool(names), picture, _ignore_errors=True,
+            source.name if check_ids else None, bool(names), pixels, _ignore_errors=True,
         )
         worker.yielded.connect(self._on_instance_progress)
-        worker.returned.connect(lambda result: self._add_instances(*result, source, output_name, names))
+        worker.returned.connect(
+            lambda result: self._add_instances(*result, source, output_name, names, picture_name)
+        )
         worker.errored.connect(self._on_instances_error)
         worker.finished.connect(self._on_instances_finished)
         self.instance_worker = worker
@@ -535,7 +553,8 @@ class SegmentWidget(QWidget):
         if self.worker is None:
             self.run_button.setText("Segment")
 
-    def _add_instances(self, split, table, source, output_name: str, class_names: list[str]) -> None:
+    def _add_instances(self, split, table, source, output_name: str, class_names: list[str],
+                       picture_name: str | None = None) -> None:
         name = f"{source.name} instances"
         if name in self.viewer.layers:
             self._drop_unless_edited(self.viewer.layers[name])  # instances the user corrected stay
@@ -553,7 +572,7 @@ class SegmentWidget(QWidget):
             self.status.setText(f"{done} Measuring them was stopped.")
         else:
             layer.metadata[CLASSES_KEY] = output_name
-            layer.metadata[PICTURE_KEY] = source.name if table.intensity is not None else None
+            layer.metadata[PICTURE_KEY] = picture_name if table.intensity is not None else None
             self._set_table(layer, table, class_names)
             self._watch(layer)
             self.status.setText(f"{done} Hover an object for its measurements; Save measurements… writes them.")
