@@ -474,13 +474,12 @@ def _measure(instances, labels, job: PredictJob, image) -> dict:
     micrometres (--pixel-size), else the image file's, where it has one (NIfTI, MHA, NRRD, or a TIFF that
     predict wrote), in its own unknown unit. The image adds each object's mean colour (and
     hematoxylin and eosin density for RGB), read band by band like the objects."""
-    from .core.measurements import class_summary, measure_objects, write_csv
+    from .core.measurements import class_summary, image_under, measure_objects, write_csv
     from .io import pixel_size
 
     side = job.pixel_size
     spacing, unit = ((side, side), "um") if side else (pixel_size(job.image), None)
-    if tuple(image.shape[:2]) != tuple(instances.shape) or len(image.shape) > 3:
-        image = None  # e.g. a volume of one slice: the plane's values are not where the table looks
+    image = image_under(image, instances.shape)  # None for e.g. a volume of one slice: no colours then
     table = _with_bar(measure_objects(instances, labels, spacing, unit=unit, image=image), "measuring", "band")
     write_csv(table, job.measurements)
     summary: dict = {"file": str(job.measurements), "objects": len(table)}

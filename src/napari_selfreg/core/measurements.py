@@ -183,9 +183,8 @@ def measure_objects(
     table = _merge(parts, (h, w), spacing)
     table.complete = complete
     table.unit = unit
-    if names:
+    if table.intensity is not None:
         table.intensity_names = names
-        table.intensity = _merge_intensity(parts, table.ids, len(names))
     return table
 
 
@@ -231,10 +230,17 @@ def _compact(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return distinct.astype(np.int64), index.ravel()
 
 
+def image_under(image, shape: tuple[int, int]):
+    """``image`` where its pixels lie under objects of ``shape``, (H, W) or (H, W, C); else
+    None (a one-slice volume, channels first): callers then measure without colours."""
+    found = tuple(int(n) for n in image.shape)
+    return image if found[:2] == tuple(shape) and len(found) in (2, 3) else None
+
+
 def _intensity_names(image, shape: tuple[int, int]) -> tuple[str, ...]:
     """The intensity columns an image gives; its shape must be the objects'."""
     found = tuple(int(n) for n in image.shape)
-    if found[:2] != shape or len(found) not in (2, 3):
+    if image_under(image, shape) is None:
         raise InputError(f"the image {found} is not the picture of the objects {shape}; give the image they were "
                          "segmented from, (H, W) or (H, W, channels)")
     channels = 1 if len(found) == 2 else found[2]
@@ -260,17 +266,6 @@ def _intensity_sums(image, top: int, bottom: int, rows, cols, index, n: int) -> 
         densities = rgb2hed(values[None])[0]
         columns += [densities[:, 0], densities[:, 1]]
     return np.stack([np.bincount(index, weights=c, minlength=n) for c in columns], axis=1)
-
-
-def _merge_intensity(parts: list[tuple], ids: np.ndarray, k: int) -> np.ndarray:
-    """Each object's means from the bands' sums (its area is the bands' pixel counts)."""
-    sums = np.zeros((ids.size, k))
-    area = np.zeros(ids.size)
-    for part in parts:
-        at = np.searchsorted(ids, part[0])
-        np.add.at(sums, at, part[7])
-        np.add.at(area, at, part[1])
-    return sums / np.maximum(area, 1)[:, None]
 
 
 def _measure_band(instances, classes, top: int, bottom: int, image=None):
@@ -341,7 +336,11 @@ def _merge(parts: list[tuple], shape: tuple[int, int], spacing) -> ObjectTable:
         start += part[0].size
     class_ids = values[np.argmax(votes, axis=1)].astype(np.int64)  # the first (smallest) class on a tie
     centroid = np.stack([row_sum / area, col_sum / area], axis=1)
-    return ObjectTable(ids.astype(np.int64), class_ids, area, centroid, bbox, shape, spacing)
+    intensity = None
+    if parts[0][7] is not None:  # each object's mean intensities, from the bands' sums
+        sums = np.concatenate([p[7] for p in parts])
+        intensity = np.stack([np.bincount(index, weights=c, minlength=n) for c in sums.T], axis=1) / area[:, None]
+    return ObjectTable(ids.astype(np.int64), class_ids, area, centroid, bbox, shape, spacing, intensity=intensity)
 
 
 def _texts(column: np.ndarray) -> list[str]:

@@ -658,8 +658,8 @@ class SegmentWidget(QWidget):
         """Measure the corrected objects with their class map as it is now (its layer may be
         corrected too); without it, each object keeps the class it was measured with."""
         table = layer.metadata[MEASUREMENTS_KEY]
-        classes_layer = self.viewer.layers[layer.metadata.get(CLASSES_KEY)] if layer.metadata.get(
-            CLASSES_KEY) in self.viewer.layers else None
+        classes_name = layer.metadata.get(CLASSES_KEY)
+        classes_layer = self.viewer.layers[classes_name] if classes_name in self.viewer.layers else None
         classes = None
         if classes_layer is not None and image_shape_2d(classes_layer) == image_shape_2d(layer):
             classes = layer_data(classes_layer)
@@ -796,10 +796,9 @@ def _picture_of(layer, shape: tuple[int, int]):
     else None (a labels layer, a stack, channels first): the table then has no colours."""
     if not isinstance(getattr(layer, "__wrapped__", layer), Image):
         return None
-    data = layer_data(layer)
-    if len(data.shape) not in (2, 3) or tuple(int(n) for n in data.shape[:2]) != tuple(shape):
-        return None
-    return data
+    from ..core.measurements import image_under
+
+    return image_under(layer_data(layer), shape)
 
 
 def _measure(objects, classes, before, picture=None):
