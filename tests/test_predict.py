@@ -354,17 +354,21 @@ def test_nan_image_is_refused(gray16_model):
 
 @pytest.mark.parametrize("kind", ["zarr", "memmap"])
 def test_outputs_on_disk(colour_model, tmp_path, kind):
+    """Labels, probabilities and the uncertainty beside them, in one zarr group or memory-map
+    folder; the uncertainty does not disturb the labels."""
     if kind == "zarr":
         pytest.importorskip("zarr")
     image = _image(140, 200)
     config = PredictConfig(tile_size=64, **F32)
-    reference = predict(colour_model, image, config)
+    reference = predict(colour_model, image, config, uncertainty=True)
     _assert_several_classes(reference.labels)
     labels, probs = allocate_outputs((140, 200), 3, store=tmp_path / "out", kind=kind, chunk=64)
-    result = predict(colour_model, image, config, out_labels=labels, out_probabilities=probs)
-    assert result.labels is labels and result.probabilities is probs
+    unsure = allocate_uncertainty((140, 200), store=tmp_path / "out", kind=kind, chunk=64)
+    result = predict(colour_model, image, config, out_labels=labels, out_probabilities=probs, out_uncertainty=unsure)
+    assert result.labels is labels and result.probabilities is probs and result.uncertainty is unsure
     np.testing.assert_array_equal(np.asarray(labels[:]), reference.labels)
     np.testing.assert_allclose(np.asarray(probs[:]), reference.probabilities, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(unsure[:]), reference.uncertainty, atol=1e-6)
 
 
 def test_outputs_written_into_the_images_zarr_group_leave_the_image_alone(colour_model, tmp_path):
@@ -384,21 +388,6 @@ def test_outputs_written_into_the_images_zarr_group_leave_the_image_alone(colour
     np.testing.assert_array_equal(np.asarray(root["image"][:]), pixels)
     assert (tmp_path / "slide.zarr" / "notes.txt").read_text() == "the user's"
     np.testing.assert_array_equal(np.asarray(labels[:]), predict(colour_model, pixels, config).labels)
-
-
-@pytest.mark.parametrize("kind", ["zarr", "memmap"])
-def test_uncertainty_on_disk_beside_the_other_outputs(colour_model, tmp_path, kind):
-    if kind == "zarr":
-        pytest.importorskip("zarr")
-    image = _image(140, 200)
-    config = PredictConfig(tile_size=64, **F32)
-    reference = predict(colour_model, image, config, uncertainty=True)
-    labels, probs = allocate_outputs((140, 200), 3, store=tmp_path / "out", kind=kind, chunk=64)
-    unsure = allocate_uncertainty((140, 200), store=tmp_path / "out", kind=kind, chunk=64)
-    result = predict(colour_model, image, config, out_labels=labels, out_probabilities=probs, out_uncertainty=unsure)
-    assert result.uncertainty is unsure
-    np.testing.assert_allclose(np.asarray(unsure[:]), reference.uncertainty, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(labels[:]), reference.labels)  # the labels are not disturbed
 
 
 def test_uncertainty_of_known_probabilities():
