@@ -53,9 +53,60 @@ def test_hand_built_objects_have_their_exact_measurements():
     np.testing.assert_allclose(table.equivalent_diameter, np.sqrt(4 * np.array([7, 6, 1, 5]) / math.pi))
     assert table.spacing is None and table.area_scaled is None
     columns = table.columns()
-    assert list(columns) == ["id", "class_id", "area_px", "equivalent_diameter_px", "centroid_row", "centroid_col",
-                             "min_row", "min_col", "max_row", "max_col", "touches_edge"]
+    assert list(columns) == ["id", "class_id", "area_px", "equivalent_diameter_px", "perimeter_px",
+                             "major_axis_length_px", "minor_axis_length_px", "eccentricity", "circularity",
+                             "centroid_row", "centroid_col", "min_row", "min_col", "max_row", "max_col", "touches_edge"]
     assert all(len(v) == 4 for v in columns.values())
+
+
+def test_hand_built_objects_have_their_exact_shapes():
+    """The shape columns by hand: Crofton's perimeter of a pixel is the sum of the weights of the
+    four windows it is a corner of; a 2 x 3 block's second moments are those of its rows and
+    columns; a one-pixel-wide bar is a line (eccentricity 1); a pixel has no axes."""
+    instances, classes = _hand_built()
+    table = measure_to_end(instances, classes)
+    pixel = math.pi / 2 * (1 + 1 / math.sqrt(2))  # windows coded 1, 2, 8 and 4 (weight 0)
+    assert table.perimeter[2] == pytest.approx(pixel, rel=1e-12)
+    # object 7 (rows 0-1, cols 0-2): row variance 1/4, column variance 2/3, no covariance
+    major, minor = table.ellipse_axes()
+    assert major[1] == pytest.approx(4 * math.sqrt(2 / 3)) and minor[1] == pytest.approx(4 * math.sqrt(1 / 4))
+    assert table.eccentricity[1] == pytest.approx(math.sqrt(1 - (1 / 4) / (2 / 3)))
+    # object 1000: 5 pixels in one column, row variance 2; object 40: one pixel
+    assert (major[3], minor[3], table.eccentricity[3]) == (pytest.approx(4 * math.sqrt(2)), 0.0, 1.0)
+    assert (major[2], minor[2], table.eccentricity[2]) == (0.0, 0.0, 0.0)
+    # a pixel's estimated outline is short for its area: capped at 1; the bar is far from round
+    assert table.circularity[2] == 1.0
+    assert table.circularity[3] == pytest.approx(4 * math.pi * 5 / table.perimeter[3] ** 2)
+    assert table.circularity[3] < 0.7
+
+
+def test_circularity_and_eccentricity_of_digital_discs_ellipses_and_touching_objects():
+    """A disc is round (circularity within 6 % of 1 from radius 3 up, eccentricity ~0); an
+    ellipse of axes 2a and 2b has eccentricity sqrt(1 - b^2/a^2); objects that touch are each
+    measured whole, as when alone."""
+    from skimage.draw import disk, ellipse
+
+    for radius in (3, 5, 12, 30):
+        instances = np.zeros((2 * radius + 9,) * 2, np.int32)
+        instances[disk((radius + 4, radius + 4), radius + 0.5)] = 9
+        table = measure_to_end(instances, band=4)
+        assert abs(table.circularity[0] - 1) < 0.06 and table.eccentricity[0] < 1e-6, radius
+    instances = np.zeros((90, 90), np.int32)
+    instances[ellipse(45, 45, 30.5, 10.5)] = 1  # long axis along the rows
+    alone = measure_to_end(instances, band=7)
+    assert alone.eccentricity[0] == pytest.approx(math.sqrt(1 - (10.5 / 30.5) ** 2), abs=0.01)
+    assert alone.ellipse_axes()[0][0] == pytest.approx(61, rel=0.01)
+    a, b = 30.5, 10.5  # the continuous ellipse: Ramanujan's perimeter, circularity 0.677
+    h = ((a - b) / (a + b)) ** 2
+    outline = math.pi * (a + b) * (1 + 3 * h / (10 + math.sqrt(4 - 3 * h)))
+    assert alone.circularity[0] == pytest.approx(4 * math.pi * math.pi * a * b / outline**2, abs=0.02)
+    touching = instances.copy()
+    touching[:, 46:][touching[:, 46:] == 1] = 2  # cut in two halves that touch along a column
+    touching[10:80, 56:70] = 3  # and a block beside them
+    halves = measure_to_end(touching, band=5)
+    for k, object_id in enumerate(halves.ids):
+        single = measure_to_end(np.where(touching == object_id, object_id, 0))
+        assert halves.perimeter[k] == pytest.approx(single.perimeter[0], rel=1e-12), object_id
 
 
 def test_a_class_tie_takes_the_smaller_class_and_no_class_map_gives_0():
@@ -81,6 +132,15 @@ def test_a_pixel_size_adds_areas_and_diameters_in_its_units():
     assert in_um.spacing == (1.0, 1.0) and in_um.unit == "um"
     assert list(in_um.columns())[3:6] == ["area_um2", "equivalent_diameter_px", "equivalent_diameter_um"]
     np.testing.assert_array_equal(in_um.columns()["area_um2"], [7, 6, 1, 5])
+    # lengths along the outline need square pixels; the ellipse's axes are taken in the pixel size's frame
+    assert "perimeter_scaled" not in table.columns() and "perimeter_px" in table.columns()
+    # object 7: in pixels the columns spread more (2/3 against 1/4); in 0.5 x 0.25 pixels, the rows
+    np.testing.assert_allclose(table.columns()["major_axis_length_scaled"][[1, 3]],
+                               [4 * math.sqrt(1 / 4 * 0.5**2), 4 * math.sqrt(2 * 0.5**2)])
+    square = measure_to_end(instances, classes, spacing=(0.5, 0.5), unit="um")
+    np.testing.assert_allclose(square.columns()["perimeter_um"], square.perimeter / 2)
+    np.testing.assert_allclose(square.columns()["minor_axis_length_um"], square.ellipse_axes()[1] / 2)
+    np.testing.assert_array_equal(square.columns()["eccentricity"], measure_to_end(instances, classes).eccentricity)
     with pytest.raises(InputError, match="above 0"):
         measure_to_end(instances, classes, spacing=(0.0, 0.5), unit="um")
     # a layer's scale of ones (or a volume's, of which the plane's two count) is pixels
@@ -116,7 +176,10 @@ def _many_objects(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def _same_tables(a, b) -> None:
     assert list(a.columns()) == list(b.columns())
     for name, column in a.columns().items():
-        np.testing.assert_array_equal(column, b.columns()[name], err_msg=name)
+        if np.asarray(column).dtype.kind == "f":  # sums of the bands' parts, in another order
+            np.testing.assert_allclose(column, b.columns()[name], rtol=1e-12, atol=1e-12, err_msg=name)
+        else:
+            np.testing.assert_array_equal(column, b.columns()[name], err_msg=name)
 
 
 @pytest.mark.parametrize("band", [1, 3, 10, 40])
@@ -202,9 +265,11 @@ def test_write_csv_writes_one_row_per_object(tmp_path):
     with open(path, newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == list(table.columns())
+    shape = [format(v[0], ".10g") for v in (table.perimeter, table.perimeter / 2, *table.ellipse_axes(),
+                                             *table.ellipse_axes(scaled=True), table.eccentricity, table.circularity)]
     assert rows[1] == ["3", "2", "7", "1.75", format(math.sqrt(28 / math.pi), ".10g"),
-                       format(math.sqrt(7 / math.pi), ".10g"), "5", format(40 / 7, ".10g"), "4", "5", "7", "8",
-                       "False"]
+                       format(math.sqrt(7 / math.pi), ".10g"), *shape[:2], shape[2], shape[4], shape[3], shape[5],
+                       *shape[6:], "5", format(40 / 7, ".10g"), "4", "5", "7", "8", "False"]
     assert [r[0] for r in rows[1:]] == ["3", "7", "40", "1000"] and rows[2][-1] == "True"
     assert [p.name for p in tmp_path.iterdir()] == ["objects.csv"]  # no partial file left
     with pytest.raises(OSError):
@@ -228,6 +293,13 @@ def test_agrees_with_regionprops_on_a_real_mask(monuseg_pair):
     np.testing.assert_array_equal(table.bbox, [p.bbox for p in props])
     np.testing.assert_allclose(table.centroid, [p.centroid for p in props], rtol=0, atol=1e-9)
     np.testing.assert_allclose(table.equivalent_diameter, [p.equivalent_diameter_area for p in props])
+    np.testing.assert_allclose(table.perimeter, [p.perimeter_crofton for p in props], rtol=1e-12)
+    major, minor = table.ellipse_axes()
+    np.testing.assert_allclose(major, [p.axis_major_length for p in props], rtol=1e-9)
+    np.testing.assert_allclose(minor, [p.axis_minor_length for p in props], rtol=1e-9)
+    np.testing.assert_allclose(table.eccentricity, [p.eccentricity for p in props], rtol=0, atol=1e-9)
+    # nuclei are roundish: most between 0.6 and 1
+    assert 0.6 < np.median(table.circularity) < 1 and 0.3 < np.median(table.eccentricity) < 0.9
     assert set(table.class_ids.tolist()) == {2}
     edge = {int(v) for v in np.concatenate([instances[0], instances[-1], instances[:, 0], instances[:, -1]])} - {0}
     assert set(table.ids[table.touches_edge].tolist()) == edge and 0 < len(edge) < len(table)

@@ -57,6 +57,8 @@ def test_segment_measures_its_objects_and_saves_them(he_viewer, qtbot, messages,
     # hovering an object shows its measurements in napari's status bar
     status = layer.get_status(position=(rows[0], cols[0]), world=True)["coordinates"]
     assert f"area_px: {len(rows)}" in status and f"class_name: {structure}" in status
+    assert status.index("area_px") < status.index("circularity") < status.index("touches_edge") < status.index(
+        "perimeter_px")  # the sizes, the roundness and the edge flag before the rest
     assert "Hover an object" in segment.status.text()
 
     assert segment.save_table_button.isEnabled()

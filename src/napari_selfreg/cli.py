@@ -690,12 +690,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write where the model is unsure, (H, W) float32 from 0 (sure) to 1 (classes tie); "
                    "the summary gives its mean per image")
     p.add_argument("--measurements", type=Path,
-                   help="also write a CSV table of the --instances objects (id, class, area, centroid, bounding "
-                   "box, equivalent diameter, whether it touches the edge, mean colour, and for RGB the mean "
+                   help="also write a CSV table of the --instances objects (id, class, area, equivalent diameter, "
+                   "perimeter, ellipse axes, eccentricity, circularity, centroid, bounding box, whether it touches "
+                   "the edge, mean colour, and for RGB the mean "
                    "hematoxylin and eosin optical density); the summary gives count and mean area per class")
     p.add_argument("--pixel-size", type=float,
-                   help="side of a pixel in micrometres (e.g. 0.25 at 40x) for --measurements: adds area_um2 and "
-                   "equivalent_diameter_um (default: the image file's pixel size where it records one)")
+                   help="side of a pixel in micrometres (e.g. 0.25 at 40x) for --measurements: adds area_um2, "
+                   "equivalent_diameter_um, perimeter_um and the axes in um (default: the image file's pixel size "
+                   "where it records one)")
     p.add_argument("--tile-size", type=int, default=PredictConfig.tile_size, help="pixels per tile side")
     p.add_argument("--overlap", type=float, default=PredictConfig.overlap, help="fraction shared by neighbours")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")

@@ -14,6 +14,7 @@ import os
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,6 +44,9 @@ class ObjectTable:
     ``intensity``: with the image, each object's mean per channel and, for an 8- or 16-bit RGB
     image, its mean hematoxylin and eosin optical density (colour deconvolution, as QuPath's
     nucleus measurements have them); the columns are ``intensity_names``.
+    ``perimeter``: the outline's length in pixels, Crofton's estimate as ``regionprops`` gives it
+    (``perimeter_crofton``); ``moments``: each object's row variance, column variance and
+    row-column covariance in pixels squared, which give its ellipse (``ellipse_axes``).
     ``complete`` is False when a stop came first: the table then holds the rows read so far.
     """
 
@@ -57,6 +61,8 @@ class ObjectTable:
     unit: str | None = None
     intensity: np.ndarray | None = None  # (n, len(intensity_names)) float64: means over each object
     intensity_names: tuple[str, ...] = ()
+    perimeter: np.ndarray | None = None  # (n,) float64, pixels
+    moments: np.ndarray | None = None  # (n, 3) float64: var(row), var(col), cov(row, col)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -85,6 +91,52 @@ class ObjectTable:
         area = self.area_scaled
         return None if area is None else np.sqrt(4.0 * area / math.pi)
 
+    @property
+    def square_pixels(self) -> bool:
+        """Whether a pixel's size is the same along rows and columns: lengths along an outline
+        are then the pixels' lengths times one size (regionprops refuses them otherwise)."""
+        return self.spacing is None or math.isclose(self.spacing[0], self.spacing[1], rel_tol=1e-6)
+
+    @property
+    def perimeter_scaled(self) -> np.ndarray | None:
+        """The perimeter in the units of ``spacing``; None without a pixel size or with pixels
+        that are not square (an outline's length then depends on its directions)."""
+        if self.spacing is None or self.perimeter is None or not self.square_pixels:
+            return None
+        return self.perimeter * float(self.spacing[0])
+
+    @property
+    def circularity(self) -> np.ndarray | None:
+        """4 pi area / perimeter^2: 1 for a disc, lower for elongated or ragged outlines. Capped at
+        1, as ImageJ caps it: the outline of an object of a few pixels is estimated short (a
+        lone pixel's, 2.68, gives 1.75)."""
+        if self.perimeter is None:
+            return None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = 4.0 * math.pi * self.area / np.square(self.perimeter)
+        return np.where(self.perimeter > 0, np.minimum(ratio, 1.0), np.nan)
+
+    def ellipse_axes(self, scaled: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+        """The major and minor axis lengths of the ellipse with the object's second moments
+        (4 times the square roots of the inertia tensor's eigenvalues, as regionprops), in pixels,
+        or with ``scaled`` in the units of ``spacing`` (None without one)."""
+        if self.moments is None or (scaled and self.spacing is None):
+            return None
+        sr, sc = (float(self.spacing[0]), float(self.spacing[1])) if scaled else (1.0, 1.0)
+        var_r, var_c, cov = self.moments[:, 0] * sr * sr, self.moments[:, 1] * sc * sc, self.moments[:, 2] * sr * sc
+        mean, spread = (var_r + var_c) / 2.0, np.hypot((var_r - var_c) / 2.0, cov)
+        return 4.0 * np.sqrt(np.maximum(mean + spread, 0.0)), 4.0 * np.sqrt(np.maximum(mean - spread, 0.0))
+
+    @property
+    def eccentricity(self) -> np.ndarray | None:
+        """0 for a disc, towards 1 for a line: the ellipse's, in the pixel size's frame when there is one."""
+        axes = self.ellipse_axes(scaled=self.spacing is not None)
+        if axes is None:
+            return None
+        major, minor = axes
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(major > 0, np.sqrt(np.maximum(1.0 - np.square(minor / major), 0.0)), 0.0)
+
     def columns(self) -> dict[str, np.ndarray]:
         """The table as named columns, in the CSV's order (the widget makes napari's features of them)."""
         columns = {"id": self.ids, "class_id": self.class_ids, "area_px": self.area}
@@ -94,6 +146,19 @@ class ObjectTable:
         columns["equivalent_diameter_px"] = self.equivalent_diameter
         if self.spacing is not None:
             columns[f"equivalent_diameter_{length}"] = self.equivalent_diameter_scaled
+        if self.perimeter is not None:
+            columns["perimeter_px"] = self.perimeter
+            if self.perimeter_scaled is not None:
+                columns[f"perimeter_{length}"] = self.perimeter_scaled
+        if self.moments is not None:
+            pixels, scaled = self.ellipse_axes(), self.ellipse_axes(scaled=True)
+            for k, axis in enumerate(("major", "minor")):
+                columns[f"{axis}_axis_length_px"] = pixels[k]
+                if scaled is not None:
+                    columns[f"{axis}_axis_length_{length}"] = scaled[k]
+            columns["eccentricity"] = self.eccentricity
+        if self.perimeter is not None:
+            columns["circularity"] = self.circularity
         columns |= {
             "centroid_row": self.centroid[:, 0], "centroid_col": self.centroid[:, 1],
             "min_row": self.bbox[:, 0], "min_col": self.bbox[:, 1],
@@ -170,17 +235,24 @@ def measure_objects(
     names = _intensity_names(image, (h, w)) if image is not None else ()
     rows = _band_rows(instances, w, band)
     tops = range(0, h, rows)
-    parts: list[tuple] = []
+    parts: list[_BandSums] = []
+    outlines: list[tuple[np.ndarray, np.ndarray]] = []
+    context = None  # the last row read, which the next band's outline lengths need
     complete = True
     for done, top in enumerate(tops):
         if stop_requested(stop):
             complete = False
             break
-        part = _measure_band(instances, classes, top, min(h, top + rows), image if names else None)
+        bottom = min(h, top + rows)
+        ids_map = np.asarray(instances[top:bottom])
+        part = _measure_band(ids_map, classes, top, bottom, image if names else None)
         if part is not None:
             parts.append(part)
+        outline, context = _outline_lengths(ids_map, context, last=bottom == h)
+        if outline is not None:
+            outlines.append(outline)
         yield MeasureProgress(done + 1, len(tops))
-    table = _merge(parts, (h, w), spacing)
+    table = _merge(parts, outlines, (h, w), spacing)
     table.complete = complete
     table.unit = unit
     if table.intensity is not None:
@@ -268,11 +340,25 @@ def _intensity_sums(image, top: int, bottom: int, rows, cols, index, n: int) -> 
     return np.stack([np.bincount(index, weights=c, minlength=n) for c in columns], axis=1)
 
 
-def _measure_band(instances, classes, top: int, bottom: int, image=None):
-    """Partial sums of the objects in rows ``top:bottom``: ids, area, row and column sums, the
-    bounding box, class votes (distinct class ids, votes per object and class), and with
-    ``image`` the sums of its intensities."""
-    ids_map = np.asarray(instances[top:bottom])
+class _BandSums(NamedTuple):
+    """One band's partial sums per object, which ``_merge`` adds up by id."""
+
+    ids: np.ndarray
+    area: np.ndarray
+    row_sum: np.ndarray
+    col_sum: np.ndarray
+    spread: np.ndarray  # (n, 3): sums of d_row^2, d_col^2 and d_row * d_col about the band's own means
+    box: np.ndarray
+    class_values: np.ndarray  # the distinct class ids under the band's objects
+    votes: np.ndarray  # (n, class_values.size)
+    intensity: np.ndarray | None
+
+
+def _measure_band(ids_map: np.ndarray, classes, top: int, bottom: int, image=None) -> _BandSums | None:
+    """Partial sums of the objects in rows ``top:bottom`` (``ids_map``): ids, area, coordinate
+    sums, squared deviations from the band's means (not raw squares, whose difference from the
+    squared mean loses a round disc's zero eccentricity to rounding), the bounding box, class
+    votes, and with ``image`` the sums of its intensities."""
     if ids_map.dtype.kind == "i" and ids_map.size and ids_map.min() < 0:
         raise InputError("object ids must be 0 (no object) or more; this map holds negative ids")
     rows, cols = np.nonzero(ids_map)
@@ -281,8 +367,12 @@ def _measure_band(instances, classes, top: int, bottom: int, image=None):
     ids, index = _compact(ids_map[rows, cols])
     n = ids.size
     area = np.bincount(index, minlength=n)
-    row_sum = np.bincount(index, weights=rows, minlength=n) + top * area
-    col_sum = np.bincount(index, weights=cols, minlength=n)
+    grow, gcol = rows.astype(np.float64) + top, cols.astype(np.float64)
+    row_sum = np.bincount(index, weights=grow, minlength=n)
+    col_sum = np.bincount(index, weights=gcol, minlength=n)
+    d_row, d_col = grow - (row_sum / area)[index], gcol - (col_sum / area)[index]
+    products = (d_row * d_row, d_col * d_col, d_row * d_col)
+    spread = np.stack([np.bincount(index, weights=v, minlength=n) for v in products], axis=1)
     box = np.empty((n, 4), np.int64)
     box[:, :2] = np.iinfo(np.int64).max
     box[:, 2:] = -1
@@ -304,22 +394,80 @@ def _measure_band(instances, classes, top: int, bottom: int, image=None):
                              "map of classes (1 = background, 2.. = structures), not object ids")
         votes = np.bincount(index * values.size + rank, minlength=n * values.size).reshape(n, values.size)
     sums = None if image is None else _intensity_sums(image, top, bottom, rows, cols, index, n)
-    return ids, area, row_sum, col_sum, box, values, votes, sums
+    return _BandSums(ids, area, row_sum, col_sum, spread, box, values, votes, sums)
 
 
-def _merge(parts: list[tuple], shape: tuple[int, int], spacing) -> ObjectTable:
+# Crofton's perimeter estimate, as skimage's ``perimeter_crofton`` (4 directions) makes it: each
+# 2 x 2 window contributes by which of its pixels, coded 1 (bottom right) + 2 (top right) + 4
+# (bottom left) + 8 (top left), belong to the object. It counts how often lines in 4
+# directions cross the outline; unlike a sum of steps between border pixels' centres, it puts
+# a digital disc's circularity within about 5 % of 1 from a radius of 3 pixels up.
+_CROFTON_WEIGHTS = np.array([
+    0, math.pi / 4 * (1 + 1 / math.sqrt(2)), math.pi / (4 * math.sqrt(2)), math.pi / (2 * math.sqrt(2)),
+    0, math.pi / 4 * (1 + 1 / math.sqrt(2)), 0, math.pi / (4 * math.sqrt(2)),
+    math.pi / 4, math.pi / 2, math.pi / (4 * math.sqrt(2)), math.pi / (4 * math.sqrt(2)),
+    math.pi / 4, math.pi / 2, 0, 0,
+])
+
+
+def _outline_lengths(ids_map: np.ndarray, context: np.ndarray | None, last: bool):
+    """Outline lengths (ids, lengths) from the 2 x 2 windows whose lower row lies in ``ids_map``
+    (and, for the ``last`` band, the window row below the image), and the row the next band's
+    windows need above them.
+
+    Outside the image counts as no object, as skimage's padding has it. Each object is weighed
+    on its own: in a window it is coded by which pixels hold its id, so objects that touch are
+    each outlined whole, as ``regionprops`` outlines them.
+    """
+    width = ids_map.shape[1]
+    above = np.zeros((1, width), ids_map.dtype) if context is None else context  # the row above the image
+    parts = [above, ids_map] + ([np.zeros((1, width), ids_map.dtype)] if last else [])
+    window = np.pad(np.concatenate(parts), ((0, 0), (1, 1)))  # a column of no object either side
+    following = ids_map[-1:]
+    corners = (window[1:, 1:], window[:-1, 1:], window[1:, :-1], window[:-1, :-1])  # bits 1, 2, 4, 8
+    bottom_right, top_right, bottom_left, top_left = corners
+    mixed = np.flatnonzero((bottom_right != top_right) | (bottom_right != bottom_left) | (bottom_right != top_left))
+    if mixed.size == 0:
+        return None, following
+    pixels = [corner.ravel()[mixed] for corner in corners]
+    ids_parts, length_parts = [], []
+    for k, own in enumerate(pixels):
+        counted = own != 0
+        for earlier in pixels[:k]:  # a window's object is weighed once, at its first corner
+            counted &= earlier != own
+        own = own[counted]
+        code = sum((1 << bit) * (pixel[counted] == own) for bit, pixel in enumerate(pixels))
+        ids_parts.append(own)
+        length_parts.append(_CROFTON_WEIGHTS[code])
+    ids, index = _compact(np.concatenate(ids_parts))
+    return (ids, np.bincount(index, weights=np.concatenate(length_parts), minlength=ids.size)), following
+
+
+def _merge(parts: list[_BandSums], outlines: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int],
+           spacing) -> ObjectTable:
     """One row per id from the bands' partial sums."""
     if not parts:
         empty = np.zeros(0, np.int64)
         return ObjectTable(empty, empty.copy(), empty.copy(), np.zeros((0, 2)), np.zeros((0, 4), np.int64),
-                           shape, spacing)
-    ids, index = np.unique(np.concatenate([p[0] for p in parts]), return_inverse=True)
+                           shape, spacing, perimeter=np.zeros(0), moments=np.zeros((0, 3)))
+    ids, index = np.unique(np.concatenate([p.ids for p in parts]), return_inverse=True)
     index = index.ravel()
     n = ids.size
-    area = np.bincount(index, weights=np.concatenate([p[1] for p in parts]), minlength=n).astype(np.int64)
-    row_sum = np.bincount(index, weights=np.concatenate([p[2] for p in parts]), minlength=n)
-    col_sum = np.bincount(index, weights=np.concatenate([p[3] for p in parts]), minlength=n)
-    boxes = np.concatenate([p[4] for p in parts])
+
+    def total(values: np.ndarray) -> np.ndarray:
+        return np.bincount(index, weights=values, minlength=n)
+
+    part_area = np.concatenate([p.area for p in parts])
+    part_sums = np.stack([np.concatenate([p.row_sum for p in parts]), np.concatenate([p.col_sum for p in parts])], 1)
+    area = total(part_area).astype(np.int64)
+    centroid = np.stack([total(part_sums[:, 0]), total(part_sums[:, 1])], axis=1) / area[:, None]
+    shift = part_sums / part_area[:, None] - centroid[index]  # each band's means from the object's
+    spread = np.concatenate([p.spread for p in parts])
+    spread[:, 0] += part_area * shift[:, 0] * shift[:, 0]  # the parallel axis theorem
+    spread[:, 1] += part_area * shift[:, 1] * shift[:, 1]
+    spread[:, 2] += part_area * shift[:, 0] * shift[:, 1]
+    moments = np.stack([total(spread[:, k]) for k in range(3)], axis=1) / area[:, None]
+    boxes = np.concatenate([p.box for p in parts])
     bbox = np.empty((n, 4), np.int64)
     bbox[:, :2] = np.iinfo(np.int64).max
     bbox[:, 2:] = -1
@@ -327,20 +475,25 @@ def _merge(parts: list[tuple], shape: tuple[int, int], spacing) -> ObjectTable:
         column = bbox[:, k].copy()
         op.at(column, index, boxes[:, k])
         bbox[:, k] = column
-    values = np.unique(np.concatenate([p[5] for p in parts]))
+    values = np.unique(np.concatenate([p.class_values for p in parts]))
     votes = np.zeros((n, values.size), np.int64)
     start = 0
     for part in parts:
-        rows = index[start : start + part[0].size]
-        np.add.at(votes, (rows[:, None], np.searchsorted(values, part[5])[None, :]), part[6])
-        start += part[0].size
+        rows = index[start : start + part.ids.size]
+        np.add.at(votes, (rows[:, None], np.searchsorted(values, part.class_values)[None, :]), part.votes)
+        start += part.ids.size
     class_ids = values[np.argmax(votes, axis=1)].astype(np.int64)  # the first (smallest) class on a tie
-    centroid = np.stack([row_sum / area, col_sum / area], axis=1)
+    perimeter = np.zeros(n)
+    for outline_ids, lengths in outlines:  # a stop may leave the last rows' ids without an object row
+        at = np.searchsorted(ids, outline_ids)
+        known = (at < n) & (ids[np.minimum(at, n - 1)] == outline_ids)
+        np.add.at(perimeter, at[known], lengths[known])
     intensity = None
-    if parts[0][7] is not None:  # each object's mean intensities, from the bands' sums
-        sums = np.concatenate([p[7] for p in parts])
-        intensity = np.stack([np.bincount(index, weights=c, minlength=n) for c in sums.T], axis=1) / area[:, None]
-    return ObjectTable(ids.astype(np.int64), class_ids, area, centroid, bbox, shape, spacing, intensity=intensity)
+    if parts[0].intensity is not None:  # each object's mean intensities, from the bands' sums
+        sums = np.concatenate([p.intensity for p in parts])
+        intensity = np.stack([total(c) for c in sums.T], axis=1) / area[:, None]
+    return ObjectTable(ids.astype(np.int64), class_ids, area, centroid, bbox, shape, spacing, intensity=intensity,
+                       perimeter=perimeter, moments=moments)
 
 
 def _texts(column: np.ndarray) -> list[str]:

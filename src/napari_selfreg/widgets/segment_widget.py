@@ -765,9 +765,9 @@ def _mapped_file(folder: Path, stem: str, dtype, shape: tuple[int, ...]) -> np.m
 def measurement_features(table, class_names: list[str]):
     """napari's features of an objects layer: one row per object id (the "index" column), so
     hovering an object shows its measurements. Not a "class" column: that holds a layer's class
-    names (``class_names_of``), and the writer would save object rows as class names. The sizes
-    and the edge flag come first: napari's status bar shows the columns in order, and cuts the
-    line at the window's width."""
+    names (``class_names_of``), and the writer would save object rows as class names. The sizes,
+    the circularity and the edge flag come first: napari's status bar shows the columns in order,
+    and cuts the line at the window's width."""
     import pandas as pd
 
     columns = table.columns()
@@ -775,7 +775,7 @@ def measurement_features(table, class_names: list[str]):
     if class_names:
         features["class_name"] = [class_names[c - 1] if 0 < c <= len(class_names) else f"class {c}"
                                   for c in table.class_ids.tolist()]
-    first = [name for name in columns if "area" in name or "diameter" in name] + ["touches_edge"]
+    first = [name for name in columns if "area" in name or "diameter" in name] + ["circularity", "touches_edge"]
     features |= {name: columns.pop(name) for name in first}
     return pd.DataFrame(features | columns)
 
