@@ -308,7 +308,8 @@ def test_agrees_with_regionprops_on_a_real_mask(monuseg_pair):
 @pytest.mark.data
 def test_intensities_agree_with_regionprops_and_the_stains_with_rgb2hed(monuseg_pair):
     """With the H&E image: each nucleus's mean red, green and blue (regionprops' intensity_mean)
-    and its mean hematoxylin and eosin optical density (skimage's rgb2hed of its pixels)."""
+    and its mean hematoxylin and eosin optical density (skimage's rgb2hed of its pixels), and
+    their standard deviations (intensity_std)."""
     from skimage.color import rgb2hed
     from skimage.measure import regionprops
 
@@ -324,9 +325,14 @@ def test_intensities_agree_with_regionprops_and_the_stains_with_rgb2hed(monuseg_
     hed = rgb2hed(image)
     stains = regionprops(instances, intensity_image=hed)
     np.testing.assert_allclose(table.intensity[:, 3:], [p.intensity_mean[:2] for p in stains], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(table.intensity_std[:, :3], [p.intensity_std for p in props], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(table.intensity_std[:, 3:], [p.intensity_std[:2] for p in stains], rtol=1e-5,
+                               atol=1e-9)
+    assert (table.intensity_std > 0).all()  # no nucleus is one flat colour
     # nuclei take up haematoxylin: denser in it than the background around them
     assert table.intensity[:, 3].mean() > hed[..., 0][instances == 0].mean()
-    assert list(table.columns())[-5:] == list(table.intensity_names)
+    assert list(table.columns())[-10:] == [*table.intensity_names, "std_red", "std_green", "std_blue",
+                                            "hematoxylin_od_std", "eosin_od_std"]
     # RGBA: the alpha is left out; the same table
     rgba = np.concatenate([image, np.full((*image.shape[:2], 1), 255, np.uint8)], axis=2)
     np.testing.assert_allclose(measure_to_end(instances, classes, image=rgba).intensity, table.intensity)
@@ -339,6 +345,9 @@ def test_intensities_of_gray_and_float_images_and_the_wrong_picture():
     assert table.intensity_names == ("mean_intensity",)
     expected = [gray[instances == i].mean() for i in (3, 7, 40, 1000)]
     np.testing.assert_allclose(table.intensity[:, 0], expected)
+    np.testing.assert_allclose(table.columns()["std_intensity"], [gray[instances == i].std() for i in (3, 7, 40, 1000)],
+                               atol=1e-9)
+    assert table.columns()["std_intensity"][2] == 0  # one pixel
     floats = np.stack([gray, 2 * gray, 3 * gray], axis=2).astype(np.float32)  # no stains: not 8/16-bit RGB
     table = measure_to_end(instances, classes, image=floats)
     assert table.intensity_names == ("mean_red", "mean_green", "mean_blue")

@@ -43,7 +43,8 @@ class ObjectTable:
     ``unit`` its unit where known (e.g. "um"), which then names those columns ("area_um2").
     ``intensity``: with the image, each object's mean per channel and, for an 8- or 16-bit RGB
     image, its mean hematoxylin and eosin optical density (colour deconvolution, as QuPath's
-    nucleus measurements have them); the columns are ``intensity_names``.
+    nucleus measurements have them); the columns are ``intensity_names``. ``intensity_std``:
+    their standard deviations over the object's pixels (how even its staining is).
     ``perimeter``: the outline's length in pixels, Crofton's estimate as ``regionprops`` gives it
     (``perimeter_crofton``); ``moments``: each object's row variance, column variance and
     row-column covariance in pixels squared, which give its ellipse (``ellipse_axes``).
@@ -61,6 +62,7 @@ class ObjectTable:
     unit: str | None = None
     intensity: np.ndarray | None = None  # (n, len(intensity_names)) float64: means over each object
     intensity_names: tuple[str, ...] = ()
+    intensity_std: np.ndarray | None = None  # (n, len(intensity_names)) float64
     perimeter: np.ndarray | None = None  # (n,) float64, pixels
     moments: np.ndarray | None = None  # (n, 3) float64: var(row), var(col), cov(row, col)
 
@@ -167,6 +169,8 @@ class ObjectTable:
         }
         if self.intensity is not None:
             columns |= {name: self.intensity[:, k] for k, name in enumerate(self.intensity_names)}
+        if self.intensity_std is not None:
+            columns |= {_std_name(name): self.intensity_std[:, k] for k, name in enumerate(self.intensity_names)}
         return columns
 
 
@@ -325,8 +329,14 @@ def _intensity_names(image, shape: tuple[int, int]) -> tuple[str, ...]:
     return tuple(f"mean_channel_{k + 1}" for k in range(channels))
 
 
+def _std_name(mean_name: str) -> str:
+    """The column of a mean's spread: mean_red -> std_red, hematoxylin_od -> hematoxylin_od_std."""
+    return f"std_{mean_name[5:]}" if mean_name.startswith("mean_") else f"{mean_name}_std"
+
+
 def _intensity_sums(image, top: int, bottom: int, rows, cols, index, n: int) -> np.ndarray:
-    """Per object of a band: the sums of its pixels' channels (and stain densities, for RGB)."""
+    """Per object of a band: the sums of its pixels' channels (and stain densities, for RGB),
+    then the sums of their squares."""
     pixels = np.asarray(image[top:bottom])
     values = pixels[rows, cols].reshape(rows.size, -1)  # (object pixels, channels)
     if values.shape[1] == 4:
@@ -337,6 +347,7 @@ def _intensity_sums(image, top: int, bottom: int, rows, cols, index, n: int) -> 
 
         densities = rgb2hed(values[None])[0]
         columns += [densities[:, 0], densities[:, 1]]
+    columns += [c * c for c in columns]
     return np.stack([np.bincount(index, weights=c, minlength=n) for c in columns], axis=1)
 
 
@@ -488,11 +499,15 @@ def _merge(parts: list[_BandSums], outlines: list[tuple[np.ndarray, np.ndarray]]
         at = np.searchsorted(ids, outline_ids)
         known = (at < n) & (ids[np.minimum(at, n - 1)] == outline_ids)
         np.add.at(perimeter, at[known], lengths[known])
-    intensity = None
+    intensity = intensity_std = None
     if parts[0].intensity is not None:  # each object's mean intensities, from the bands' sums
         sums = np.concatenate([p.intensity for p in parts])
-        intensity = np.stack([total(c) for c in sums.T], axis=1) / area[:, None]
+        means = np.stack([total(c) for c in sums.T], axis=1) / area[:, None]
+        k = means.shape[1] // 2
+        intensity = means[:, :k]
+        intensity_std = np.sqrt(np.maximum(means[:, k:] - intensity * intensity, 0.0))
     return ObjectTable(ids.astype(np.int64), class_ids, area, centroid, bbox, shape, spacing, intensity=intensity,
+                       intensity_std=intensity_std,
                        perimeter=perimeter, moments=moments)
 
 
