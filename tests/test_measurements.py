@@ -55,7 +55,8 @@ def test_hand_built_objects_have_their_exact_measurements():
     columns = table.columns()
     assert list(columns) == ["id", "class_id", "area_px", "equivalent_diameter_px", "perimeter_px",
                              "major_axis_length_px", "minor_axis_length_px", "eccentricity", "circularity",
-                             "centroid_row", "centroid_col", "min_row", "min_col", "max_row", "max_col", "touches_edge"]
+                             "solidity", "centroid_row", "centroid_col", "min_row", "min_col", "max_row", "max_col",
+                             "touches_edge"]
     assert all(len(v) == 4 for v in columns.values())
 
 
@@ -78,6 +79,10 @@ def test_hand_built_objects_have_their_exact_shapes():
     assert table.circularity[2] == 1.0
     assert table.circularity[3] == pytest.approx(4 * math.pi * 5 / table.perimeter[3] ** 2)
     assert table.circularity[3] < 0.7
+    # all four are convex as pixels go: the hull of object 3's pixel edge midpoints (a 3 x 2 block and
+    # a pixel beside its middle row) passes outside the pixel centres (4, 7) and (6, 7)
+    np.testing.assert_array_equal(table.convex_area, [7, 6, 1, 5])
+    np.testing.assert_array_equal(table.solidity, [1, 1, 1, 1])
 
 
 def test_circularity_and_eccentricity_of_digital_discs_ellipses_and_touching_objects():
@@ -192,7 +197,8 @@ def test_bands_give_the_table_of_one_band(band):
     progress = []
     banded = drain(measure_objects(instances, classes, band=band), progress.append)
     _same_tables(banded, whole)
-    assert progress == [MeasureProgress(k, math.ceil(97 / band)) for k in range(1, math.ceil(97 / band) + 1)]
+    steps = math.ceil(97 / band) + 1  # the bands, then the convex hulls
+    assert progress == [MeasureProgress(k, steps) for k in range(1, steps + 1)]
 
 
 def test_a_memory_map_a_zarr_and_a_dask_array_give_the_same_table(tmp_path):
@@ -240,7 +246,44 @@ def test_a_stop_ends_between_bands():
         next(run)
     table = ended.value.value
     assert not table.complete and 0 < len(table) and table.bbox[:, 0].max() < 10  # the first band's objects
+    assert np.isnan(table.solidity).all()  # a hull needs all of an object's rows: none is guessed
     assert measure_to_end(instances, classes, stop=True).complete is False
+
+
+@pytest.mark.parametrize("density", [0.4, 0.55, 0.7])
+def test_convex_areas_are_regionprops_on_ragged_objects(density):
+    """Random blobs, from specks to one sprawling object, some ids shared by pieces far apart (one
+    hull over both, as regionprops makes it): the convex area pixel for pixel."""
+    from scipy import ndimage
+    from skimage.measure import regionprops
+
+    rng = np.random.default_rng(int(density * 10))
+    blobs, _ = ndimage.label(rng.random((160, 140)) < density)
+    instances = (blobs % 53).astype(np.int32)  # ids reused across the map
+    table = measure_to_end(instances, band=13)
+    props = regionprops(instances)
+    np.testing.assert_array_equal(table.convex_area, [p.area_convex for p in props])
+    assert (table.solidity <= 1).all() and table.solidity.min() < 0.5  # pieces far apart: a hull mostly empty
+
+
+def test_a_stop_during_the_convex_hulls():
+    """The hulls are made for objects grouped by height, the shortest first, with a look at the
+    stop between groups: the groups done keep their solidity, the others have none (NaN)."""
+    instances, classes = _many_objects()
+    whole = measure_to_end(instances, classes, band=10)
+    looks = []
+
+    def stop() -> bool:  # asked once per band (10 bands), then once per group of heights
+        looks.append(1)
+        return len(looks) > 10 + 1
+
+    table = measure_to_end(instances, classes, band=10, stop=stop)
+    assert not table.complete
+    heights = table.bbox[:, 2] - table.bbox[:, 0]
+    first = np.ceil(np.log2(2 * heights + 1)) == np.ceil(np.log2(2 * heights.min() + 1))
+    assert 0 < first.sum() < len(table)
+    np.testing.assert_array_equal(table.solidity[first], whole.solidity[first])
+    assert np.isnan(table.solidity[~first]).all()
 
 
 def test_maps_that_are_not_objects_are_refused():
@@ -266,7 +309,8 @@ def test_write_csv_writes_one_row_per_object(tmp_path):
         rows = list(csv.reader(handle))
     assert rows[0] == list(table.columns())
     shape = [format(v[0], ".10g") for v in (table.perimeter, table.perimeter / 2, *table.ellipse_axes(),
-                                             *table.ellipse_axes(scaled=True), table.eccentricity, table.circularity)]
+                                             *table.ellipse_axes(scaled=True), table.eccentricity, table.circularity,
+                                             table.solidity)]
     assert rows[1] == ["3", "2", "7", "1.75", format(math.sqrt(28 / math.pi), ".10g"),
                        format(math.sqrt(7 / math.pi), ".10g"), *shape[:2], shape[2], shape[4], shape[3], shape[5],
                        *shape[6:], "5", format(40 / 7, ".10g"), "4", "5", "7", "8", "False"]
@@ -298,6 +342,8 @@ def test_agrees_with_regionprops_on_a_real_mask(monuseg_pair):
     np.testing.assert_allclose(major, [p.axis_major_length for p in props], rtol=1e-9)
     np.testing.assert_allclose(minor, [p.axis_minor_length for p in props], rtol=1e-9)
     np.testing.assert_allclose(table.eccentricity, [p.eccentricity for p in props], rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(table.convex_area, [p.area_convex for p in props])
+    np.testing.assert_allclose(table.solidity, [p.solidity for p in props], rtol=1e-12)
     # nuclei are roundish: most between 0.6 and 1
     assert 0.6 < np.median(table.circularity) < 1 and 0.3 < np.median(table.eccentricity) < 0.9
     assert set(table.class_ids.tolist()) == {2}

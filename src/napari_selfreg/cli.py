@@ -691,9 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the summary gives its mean per image")
     p.add_argument("--measurements", type=Path,
                    help="also write a CSV table of the --instances objects (id, class, area, equivalent diameter, "
-                   "perimeter, ellipse axes, eccentricity, circularity, centroid, bounding box, whether it touches "
-                   "the edge, mean colour, and for RGB the mean "
-                   "hematoxylin and eosin optical density); the summary gives count and mean area per class")
+                   "perimeter, ellipse axes, eccentricity, circularity, solidity, centroid, bounding box, whether "
+                   "it touches the edge, mean colour and its spread, and for RGB the mean hematoxylin and eosin "
+                   "optical density); the summary gives count and mean area per class")
     p.add_argument("--pixel-size", type=float,
                    help="side of a pixel in micrometres (e.g. 0.25 at 40x) for --measurements: adds area_um2, "
                    "equivalent_diameter_um, perimeter_um and the axes in um (default: the image file's pixel size "

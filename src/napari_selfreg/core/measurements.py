@@ -47,7 +47,8 @@ class ObjectTable:
     their standard deviations over the object's pixels (how even its staining is).
     ``perimeter``: the outline's length in pixels, Crofton's estimate as ``regionprops`` gives it
     (``perimeter_crofton``); ``moments``: each object's row variance, column variance and
-    row-column covariance in pixels squared, which give its ellipse (``ellipse_axes``).
+    row-column covariance in pixels squared, which give its ellipse (``ellipse_axes``);
+    ``convex_area``: the pixels within its convex hull, as ``regionprops``' ``area_convex``.
     ``complete`` is False when a stop came first: the table then holds the rows read so far.
     """
 
@@ -64,6 +65,7 @@ class ObjectTable:
     intensity_names: tuple[str, ...] = ()
     intensity_std: np.ndarray | None = None  # (n, len(intensity_names)) float64
     perimeter: np.ndarray | None = None  # (n,) float64, pixels
+    convex_area: np.ndarray | None = None  # (n,) float64, pixels in the convex hull; NaN where a stop came first
     moments: np.ndarray | None = None  # (n, 3) float64: var(row), var(col), cov(row, col)
 
     def __len__(self) -> int:
@@ -139,6 +141,11 @@ class ObjectTable:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(major > 0, np.sqrt(np.maximum(1.0 - np.square(minor / major), 0.0)), 0.0)
 
+    @property
+    def solidity(self) -> np.ndarray | None:
+        """Area over convex area: 1 for a convex object, lower for notched or lobed outlines."""
+        return None if self.convex_area is None else self.area / self.convex_area
+
     def columns(self) -> dict[str, np.ndarray]:
         """The table as named columns, in the CSV's order (the widget makes napari's features of them)."""
         columns = {"id": self.ids, "class_id": self.class_ids, "area_px": self.area}
@@ -161,6 +168,8 @@ class ObjectTable:
             columns["eccentricity"] = self.eccentricity
         if self.perimeter is not None:
             columns["circularity"] = self.circularity
+        if self.convex_area is not None:
+            columns["solidity"] = self.solidity
         columns |= {
             "centroid_row": self.centroid[:, 0], "centroid_col": self.centroid[:, 1],
             "min_row": self.bbox[:, 0], "min_col": self.bbox[:, 1],
@@ -255,8 +264,14 @@ def measure_objects(
         outline, context = _outline_lengths(ids_map, context, last=bottom == h)
         if outline is not None:
             outlines.append(outline)
-        yield MeasureProgress(done + 1, len(tops))
+        yield MeasureProgress(done + 1, len(tops) + 1)  # and a last step: the convex hulls
     table = _merge(parts, outlines, (h, w), spacing)
+    table.convex_area = np.full(len(table), np.nan)
+    if complete and parts:  # a hull needs all of its object's rows
+        table.convex_area = _convex_areas(table.ids, table.bbox, parts, stop)
+        complete = not np.isnan(table.convex_area).any()
+    if complete:
+        yield MeasureProgress(len(tops) + 1, len(tops) + 1)
     table.complete = complete
     table.unit = unit
     if table.intensity is not None:
@@ -363,6 +378,7 @@ class _BandSums(NamedTuple):
     class_values: np.ndarray  # the distinct class ids under the band's objects
     votes: np.ndarray  # (n, class_values.size)
     intensity: np.ndarray | None
+    extremes: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # id, row, first and last column per object row
 
 
 def _measure_band(ids_map: np.ndarray, classes, top: int, bottom: int, image=None) -> _BandSums | None:
@@ -405,7 +421,105 @@ def _measure_band(ids_map: np.ndarray, classes, top: int, bottom: int, image=Non
                              "map of classes (1 = background, 2.. = structures), not object ids")
         votes = np.bincount(index * values.size + rank, minlength=n * values.size).reshape(n, values.size)
     sums = None if image is None else _intensity_sums(image, top, bottom, rows, cols, index, n)
-    return _BandSums(ids, area, row_sum, col_sum, spread, box, values, votes, sums)
+    return _BandSums(ids, area, row_sum, col_sum, spread, box, values, votes, sums,
+                     _row_extremes(ids, index, rows, cols, top))
+
+
+def _row_extremes(ids, index, rows, cols, top: int):
+    """Each object row's first and last column: all a convex hull needs. From the ends of runs
+    (pixels whose left or right neighbour is not theirs in ``np.nonzero``'s row-major order), so
+    only those few are sorted."""
+    n = rows.size
+    starts = np.ones(n, bool)
+    starts[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1) | (index[1:] != index[:-1])
+    ends = np.ones(n, bool)
+    ends[:-1] = starts[1:]
+    at = np.flatnonzero(starts | ends)
+    keys, group = np.unique(rows[at].astype(np.int64) * ids.size + index[at], return_inverse=True)
+    first = np.full(keys.size, np.iinfo(np.int64).max)
+    last = np.full(keys.size, -1)
+    np.minimum.at(first, group.ravel(), cols[at])
+    np.maximum.at(last, group.ravel(), cols[at])
+    return ids[keys % ids.size], keys // ids.size + top, first, last
+
+
+def _convex_areas(ids: np.ndarray, bbox: np.ndarray, parts: list[_BandSums], stop: StopRequest) -> np.ndarray:
+    """Pixels of each object's convex hull, counted as skimage's ``convex_hull_image`` counts
+    them: the hull of its pixels' edge midpoints, and every pixel centre inside it or on it.
+
+    The hull's right side is the least concave majorant of the rightmost midpoints, sampled
+    every half row (y = row - 0.5, row, row + 0.5: the last column, that + 0.5, the last
+    column), its left side the same of the leftmost, mirrored; the pixel centres between the
+    two sides at each row are counted. The majorants of all objects are built at once, a
+    sample position at a time, with objects grouped by height (powers of 2) so that short
+    nuclei do not wait on a tall gland; a stop is looked at between groups. NaN for the
+    objects a stop left out.
+    """
+    owner = np.searchsorted(ids, np.concatenate([p.extremes[0] for p in parts]))
+    rows, first, last = (np.concatenate([p.extremes[k] for p in parts]) for k in (1, 2, 3))
+    heights = bbox[:, 2] - bbox[:, 0]
+    groups = np.ceil(np.log2(2 * heights + 1)).astype(np.int64)
+    areas = np.full(ids.size, np.nan)
+    for group in np.unique(groups):
+        if stop_requested(stop):
+            break
+        members = np.flatnonzero(groups == group)
+        slot = np.full(ids.size, -1)
+        slot[members] = np.arange(members.size)
+        mine = slot[owner] >= 0
+        k, centre = slot[owner[mine]], 2 * (rows[mine] - bbox[owner[mine], 0]) + 1
+        length = int(2 * heights[members].max() + 1)
+        right = np.full((members.size, length), -np.inf)
+        left = np.full((members.size, length), -np.inf)  # mirrored: the majorant of -column
+        for offset, r_value, l_value in ((0, last[mine] + 0.5, 0.5 - first[mine]), (-1, last[mine], -first[mine]),
+                                         (1, last[mine], -first[mine])):
+            np.maximum.at(right, (k, centre + offset), r_value)
+            np.maximum.at(left, (k, centre + offset), l_value)
+        span = heights[members]
+        targets = 2 * np.arange(int(span.max()))[None, :] + 1
+        targets = np.where(targets < 2 * span[:, None], targets, -1)  # row centres, -1 past the object
+        x_right, x_left = _concave_majorant(right, targets), -_concave_majorant(left, targets)
+        inside = np.floor(x_right + 1e-9) - np.ceil(x_left - 1e-9) + 1.0
+        areas[members] = np.where(targets >= 0, np.maximum(inside, 0.0), 0.0).sum(axis=1)
+    return areas
+
+
+def _concave_majorant(values: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Each row's least concave majorant of its finite ``values`` (samples at 0, 1, ..., -inf
+    where none), at the positions ``targets`` (-1: none, NaN out). Andrew's monotone chain,
+    run for every row at once: a sample position at a time, each row's stack dropping its
+    last vertex while that lies on or below the chord to the new sample."""
+    n, length = values.shape
+    stack = np.zeros((n, length), np.int64)
+    top = np.zeros(n, np.int64)
+    for j in range(length):
+        new = values[:, j]
+        active = np.flatnonzero(np.isfinite(new))
+        while True:
+            rows = active[top[active] >= 2]
+            if rows.size == 0:
+                break
+            b, a = stack[rows, top[rows] - 1], stack[rows, top[rows] - 2]
+            vb, va = values[rows, b], values[rows, a]
+            drop = (vb - va) * (j - b) <= (new[rows] - vb) * (b - a)
+            if not drop.any():
+                break
+            top[rows[drop]] -= 1
+        stack[active, top[active]] = j
+        top[active] += 1
+    # each position's last vertex at or before it, then the chord from there to the next vertex
+    owner = np.repeat(np.arange(n), top)
+    rank = np.arange(owner.size) - np.repeat(np.cumsum(top) - top, top)
+    last_vertex = np.full((n, length), -1)
+    last_vertex[owner, stack[owner, rank]] = rank
+    last_vertex = np.maximum.accumulate(last_vertex, axis=1)
+    at = np.maximum(targets, 0)
+    k = np.maximum(np.take_along_axis(last_vertex, at, axis=1), 0)
+    j0 = np.take_along_axis(stack, k, axis=1)
+    j1 = np.take_along_axis(stack, np.minimum(k + 1, np.maximum(top, 1)[:, None] - 1), axis=1)
+    v0, v1 = np.take_along_axis(values, j0, axis=1), np.take_along_axis(values, j1, axis=1)
+    step = np.where(j1 > j0, (at - j0) / np.maximum(j1 - j0, 1), 0.0)
+    return np.where(targets >= 0, v0 + step * (v1 - v0), np.nan)
 
 
 # Crofton's perimeter estimate, as skimage's ``perimeter_crofton`` (4 directions) makes it: each
