@@ -1,9 +1,11 @@
 """Per-object measurements of an instance map: one row per object, for counting and sizing
 nuclei or glands (what QuPath calls detection measurements).
 
-numpy + scipy only. ``measure_objects`` reads the instance and class maps a band of rows at a
-time, so a slide's memory map, zarr or dask array is measured in the memory of a band plus a
-few numbers per object; it yields progress per band and honours a stop between bands.
+numpy only (scikit-image's colour deconvolution for the stains). ``measure_objects`` reads the
+instance and class maps a band of rows at a time, so a slide's memory map, zarr or dask array
+is measured in the memory of a band plus a few numbers per object and per object row (its
+first and last column, for the convex hull); it yields progress per band, then once for the
+hulls, and honours a stop between bands and between groups of hulls.
 """
 
 from __future__ import annotations
