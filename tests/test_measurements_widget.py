@@ -194,3 +194,123 @@ def test_objects_measured_again_without_their_class_map_keep_their_classes():
     table = drain(_measure(objects, None, before))
     assert table.ids.tolist() == [1, 2, 9]
     assert table.class_ids.tolist() == [2, 3, 0] and table.area.tolist() == [4, 2, 1]
+
+
+@pytest.mark.gui
+def test_objects_are_coloured_by_a_measurement(he_viewer, qtbot, messages, tmp_path):
+    """Colour objects by: each object's colour on viridis between the column's 2nd and 98th
+    percentiles, following the selection, the pixel size, a new table and a removed layer; the
+    first entry gives the objects their own colours back."""
+    import dataclasses
+    import importlib.util
+
+    from napari.layers._layer_actions import _duplicate_layer
+    from napari.utils.colormaps import CyclicLabelColormap, DirectLabelColormap, ensure_colormap
+
+    from napari_selfreg.core.measurements import measure_to_end
+    from napari_selfreg.widgets.measurement_colours import NO_VALUE_COLOUR, UNMEASURED_COLOUR, number_text
+    from napari_selfreg.widgets.segment_widget import MEASUREMENTS_KEY, NAMES_KEY, OWN_COLOURS
+
+    viridis = np.asarray(ensure_colormap("viridis").colors)
+    _, segment = docked(he_viewer, "Segment")
+    assert segment.colour_by.count() == 1 and not segment.colour_by.isEnabled()  # nothing measured yet
+    segment.split_source.select("ground truth")
+    segment.split_button.click()
+    wait_idle(qtbot, segment, timeout=30_000)
+    layer = he_viewer.layers["ground truth instances"]
+    choices = [segment.colour_by.itemText(k) for k in range(segment.colour_by.count())]
+    assert choices[0] == OWN_COLOURS and segment.colour_by.currentIndex() == 0 and segment.colour_by.isEnabled()
+    assert {"area_px", "equivalent_diameter_px", "circularity", "eccentricity", "mean_red", "eosin_od"} <= set(choices)
+    assert not {"index", "class_id", "class_name", "centroid_row", "min_row", "max_col", "touches_edge"} & set(choices)
+
+    own = layer.colormap
+    ids = layer.features["index"].to_numpy()
+    own_colours = own.map(ids)
+    areas = layer.features["area_px"].to_numpy().astype(float)
+    segment.colour_by.setCurrentText("area_px")
+    assert isinstance(layer.colormap, DirectLabelColormap)
+    colours = layer.colormap.map(ids)
+    np.testing.assert_allclose(colours[np.argmax(areas)], viridis[-1])  # the largest: the bright end
+    np.testing.assert_allclose(colours[np.argmin(areas)], viridis[0])  # the smallest: the dark end
+    low, high = np.percentile(areas, [2, 98])
+    steps = np.rint(np.clip((areas - low) / (high - low), 0, 1) * 255).astype(int)
+    np.testing.assert_allclose(colours, viridis[steps])  # every object, in between
+    assert len(np.unique(steps)) > 10
+    np.testing.assert_allclose(layer.colormap.map(np.array([0, ids.max() + 1])),
+                               [[0, 0, 0, 0], UNMEASURED_COLOUR])  # background; an id painted later
+    assert f"area_px: dark {number_text(low)} … bright {number_text(high)}" in segment.status.text()
+    he_viewer.screenshot(canvas_only=True, flash=False)  # napari draws it
+
+    # a new table (as measuring again gives) with an object without a value: grey
+    table = layer.metadata[MEASUREMENTS_KEY]
+    perimeter = table.perimeter.copy()
+    perimeter[0] = np.nan
+    segment.colour_by.setCurrentText("circularity")
+    scale = segment._set_table(layer, dataclasses.replace(table, perimeter=perimeter), layer.metadata[NAMES_KEY])
+    np.testing.assert_allclose(layer.colormap.map(ids[:1]), [NO_VALUE_COLOUR])
+    assert "circularity: dark" in scale and "grey: no value (1)" in scale
+    segment._set_table(layer, table, layer.metadata[NAMES_KEY])
+    segment.colour_by.setCurrentText("area_px")
+
+    # a pixel size: the areas in µm² (the same colours, the scale in µm²); back at 0, in pixels again
+    segment.pixel_size.setValue(0.5)
+    assert segment.colour_by.currentText() == "area_px" and segment.colour_by.findText("area_um2") > 0
+    segment.colour_by.setCurrentText("area_um2")
+    np.testing.assert_allclose(layer.colormap.map(ids), colours)
+    assert f"area_um2: dark {number_text(low / 4)} … bright {number_text(high / 4)}" in segment.status.text()
+    segment.pixel_size.setValue(0.25)
+    assert segment.colour_by.currentText() == "area_um2"
+    assert f"area_um2: dark {number_text(low / 16)}" in segment.status.text()
+    segment.pixel_size.setValue(0)
+    assert segment.colour_by.currentText() == "area_px" and "area_um2" not in segment.status.text()
+    np.testing.assert_allclose(layer.colormap.map(ids), colours)
+
+    # a copy carries its colours and gets its own choice; the choices follow the selection
+    he_viewer.layers.selection.active = layer
+    _duplicate_layer(he_viewer.layers)
+    copy = he_viewer.layers["ground truth instances copy"]
+    assert same_layer(segment.measured_layer(), copy) and segment.colour_by.currentText() == "area_px"
+    segment.colour_by.setCurrentText("eccentricity")
+    assert not np.allclose(copy.colormap.map(ids), colours)
+    np.testing.assert_allclose(layer.colormap.map(ids), colours)  # the original keeps the areas
+    he_viewer.layers.selection.active = layer
+    assert segment.colour_by.currentText() == "area_px"
+    he_viewer.layers.selection.active = copy
+    segment.colour_by.setCurrentIndex(0)
+    np.testing.assert_allclose(copy.colormap.map(ids), own_colours)
+    he_viewer.layers.remove(copy)
+
+    # a new object painted: magenta until measured again, then coloured by its area (the largest)
+    he_viewer.layers.selection.active = layer
+    layer.brush_size = 40
+    layer.paint((20, 20), 5000)
+    np.testing.assert_allclose(layer.colormap.map(np.array([5000])), [UNMEASURED_COLOUR])
+    assert segment.save_measurements(tmp_path / "painted.csv") is not None
+    qtbot.waitUntil(lambda: segment.measure_worker is None, timeout=30_000)
+    painted = layer.features.set_index("index")["area_px"]
+    assert painted.idxmax() == 5000 and painted.size != ids.size  # objects under the brush are gone
+    np.testing.assert_allclose(layer.colormap.map(np.array([5000])), [viridis[-1]])
+    assert "Wrote" in segment.status.text() and "coloured by area_px: dark" in segment.status.text()
+    assert segment.colour_by.currentText() == "area_px"
+
+    # the first entry: the colours the objects had
+    segment.colour_by.setCurrentIndex(0)
+    assert layer.colormap is own
+    np.testing.assert_allclose(layer.colormap.map(ids), own_colours)
+    assert "own colours" in segment.status.text()
+
+    # removed while coloured: nothing left to colour, and no error
+    segment.colour_by.setCurrentText("circularity")
+    he_viewer.layers.remove(layer)
+    assert segment.colour_by.count() == 1 and not segment.colour_by.isEnabled()
+    assert not messages.errors
+
+    if importlib.util.find_spec("numba") is None:  # napari draws ids above 2**16 one by one only with numba
+        objects = np.zeros((8, 8), np.int32)
+        objects[:3, :3], objects[5:, 5:] = 70_000, 3
+        large = he_viewer.add_labels(objects, name="large ids")
+        segment._set_table(large, measure_to_end(objects, None), [])
+        segment.colour_by.setCurrentText("area_px")
+        assert "numba" in messages.errors[-1] and segment.colour_by.currentIndex() == 0
+        assert isinstance(large.colormap, CyclicLabelColormap)
+        he_viewer.screenshot(canvas_only=True, flash=False)

@@ -19,6 +19,7 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
+    QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
@@ -59,6 +60,7 @@ from ._common import (
 )
 from ._workers import run_prediction
 from .classes import class_colormap, class_features, class_names_of
+from .measurement_colours import colour_by_values, colour_table, follow_column, measurement_columns, scale_text
 from .model_registry import model_registry
 
 MEMMAP_PIXELS = 64_000_000  # outputs above this many pixels go to memory-mapped files
@@ -72,6 +74,10 @@ STALE_KEY = "napari_selfreg_measurements_stale"  # layer metadata: painted on si
 CLASSES_KEY = "napari_selfreg_classes_layer"  # layer metadata of objects: the name of their class map
 NAMES_KEY = "napari_selfreg_object_classes"  # layer metadata of objects: the class names of their table
 PICTURE_KEY = "napari_selfreg_objects_image"  # layer metadata of objects: the image layer they were measured on
+COLOURED_BY_KEY = "napari_selfreg_coloured_by"  # layer metadata of objects: the measurement their colours show
+OWN_COLOURS_KEY = "napari_selfreg_own_colours"  # layer metadata of objects coloured by one: the colormap they had
+OWN_COLOURS = "their own colours"  # the first entry of Colour objects by
+LARGEST_ID_WITHOUT_NUMBA = 2**16  # napari draws a DirectLabelColormap of larger ids only with numba
 
 
 def _edited(layer) -> bool:
@@ -120,12 +126,13 @@ class SegmentWidget(QWidget):
         self._build()
         connect_while_alive(
             self, (self.registry.changed, self._refresh_models),
-            (self.viewer.layers.events.removed, self._update_save_button),
+            (self.viewer.layers.events.removed, self._measured_changed),
             (self.viewer.layers.events.inserted, self._watch_inserted),
-            (self.viewer.layers.selection.events.active, self._update_save_button),
+            (self.viewer.layers.selection.events.active, self._measured_changed),
         )
         self._close_watcher = stop_when_closed(self, lambda: self.running and self.stop(), self._stop_events)
         self._refresh_models()
+        self._update_colour_choices()
 
     def _build(self) -> None:
         layout = QVBoxLayout(self)
@@ -219,6 +226,15 @@ class SegmentWidget(QWidget):
         )
         self.pixel_size.valueChanged.connect(self._pixel_size_changed)
         split_form.addRow("Pixel size", self.pixel_size)
+        self.colour_by = QComboBox()
+        self.colour_by.setToolTip(
+            "Colour the objects of the selected objects layer (else the last one measured) by one of their "
+            "measurements, from dark (low) to bright (high) on the viridis scale between the 2nd and 98th "
+            "percentiles, which the status line gives; grey: no value; magenta: painted since they were measured "
+            "(Save measurements… measures them). The first entry gives the objects their own colours back."
+        )
+        self.colour_by.currentIndexChanged.connect(self._colour_chosen)
+        split_form.addRow("Colour objects by", self.colour_by)
         layout.addLayout(split_form)
         self.save_table_button = QPushButton("Save measurements…")
         self.save_table_button.setToolTip(
@@ -607,19 +623,24 @@ class SegmentWidget(QWidget):
         if layer.metadata.get(MEASUREMENTS_KEY) is not None:
             self._watch(layer)
 
-    def _set_table(self, layer, table, class_names: list[str]) -> None:
-        self._show_table(layer, table, class_names)
+    def _set_table(self, layer, table, class_names: list[str]) -> str | None:
+        """Show a new table; the colours' scale when the objects are coloured by a measurement."""
         layer.metadata[STALE_KEY] = False
+        scale = self._show_table(layer, table, class_names)
         self._last_measured = layer
-        self._update_save_button()
+        self._measured_changed()
+        return scale
 
-    def _show_table(self, layer, table, class_names: list[str]) -> None:
-        """The table in the pixel size set (or the layer's scale), as the layer's features."""
+    def _show_table(self, layer, table, class_names: list[str]) -> str | None:
+        """The table in the pixel size set (or the layer's scale), as the layer's features; objects
+        coloured by a measurement take its new values (the colours' scale is returned)."""
         spacing, unit = self._pixel_size_of(layer)
         table = dataclasses.replace(table, spacing=spacing, unit=unit)
         layer.features = measurement_features(table, class_names)  # shown on hover in the status bar
         layer.metadata[MEASUREMENTS_KEY] = table
         layer.metadata[NAMES_KEY] = list(class_names)
+        column = layer.metadata.get(COLOURED_BY_KEY)
+        return None if column is None else self._colour_objects(layer, column)
 
     def _pixel_size_of(self, layer) -> tuple[tuple[float, float] | None, str | None]:
         side = self.pixel_size.value()
@@ -629,14 +650,78 @@ class SegmentWidget(QWidget):
         return (None, None) if np.allclose(scale, 1.0) else (scale, _unit_of(layer))
 
     def _pixel_size_changed(self, *_) -> None:
-        """Sizes follow the setting at once: only the units change, nothing is measured again."""
+        """Sizes follow the setting at once: only the units change, nothing is measured again.
+        Objects coloured by a size keep it, in the new unit."""
+        measured = self.measured_layer()
         for layer in self.viewer.layers:
             table = layer.metadata.get(MEASUREMENTS_KEY)
             if table is not None:
-                self._show_table(layer, table, layer.metadata.get(NAMES_KEY, []))
+                scale = self._show_table(layer, table, layer.metadata.get(NAMES_KEY, []))
+                if scale and same_layer(layer, measured):
+                    self.status.setText(scale)
+        self._update_colour_choices()
 
     def _update_save_button(self, *_) -> None:
         self.save_table_button.setEnabled(self.measured_layer() is not None and self.measure_worker is None)
+
+    def _measured_changed(self, *_) -> None:
+        """Another layer selected, one removed, or a table made: the buttons and choices of the
+        measured layer."""
+        self._update_save_button()
+        self._update_colour_choices()
+
+    # ------------------------------------------------------------------ colour objects by a measurement
+
+    def _update_colour_choices(self) -> None:
+        """Colour objects by lists the measured layer's measurements, with the one its objects show."""
+        layer = self.measured_layer()
+        table = None if layer is None else layer.metadata.get(MEASUREMENTS_KEY)
+        names = list(measurement_columns(table.columns())) if table is not None and len(table) else []
+        chosen = layer.metadata.get(COLOURED_BY_KEY) if names else None
+        self.colour_by.blockSignals(True)  # listing is not choosing
+        self.colour_by.clear()
+        self.colour_by.addItem(OWN_COLOURS, None)
+        for name in names:
+            self.colour_by.addItem(name, name)
+        self.colour_by.setCurrentIndex(names.index(chosen) + 1 if chosen in names else 0)
+        self.colour_by.blockSignals(False)
+        self.colour_by.setEnabled(bool(names))
+
+    def _colour_chosen(self, index: int) -> None:
+        layer = self.measured_layer()
+        if layer is None or index < 0:
+            return
+        column = self.colour_by.itemData(index)
+        scale = self._colour_objects(layer, column)
+        if layer.metadata.get(COLOURED_BY_KEY) != column:
+            self._update_colour_choices()  # refused: the objects keep their own colours
+        self.status.setText(scale or f"The objects of '{layer.name}' have their own colours.")
+
+    def _colour_objects(self, layer, column: str | None) -> str | None:
+        """Colour ``layer``'s objects by ``column`` of its table (the same measurement in the
+        pixel size's unit when that relabelled it), and say how to read the colours; with None,
+        or a measurement the table no longer has, give them back the colours they had."""
+        layer = getattr(layer, "__wrapped__", layer)  # not a proxy's colormap kept in the metadata
+        table = layer.metadata.get(MEASUREMENTS_KEY)
+        columns = measurement_columns(table.columns()) if column is not None and table is not None else {}
+        found = follow_column(column, list(columns)) if columns else None
+        if found is not None and _needs_numba(table.ids):
+            show_error(f"'{layer.name}' has object ids above {LARGEST_ID_WITHOUT_NUMBA}: napari colours such ids one "
+                       "by one only with numba. Install it (pip install numba) to colour these objects.")
+            found = None
+        if found is None:
+            own = layer.metadata.pop(OWN_COLOURS_KEY, None)
+            layer.metadata.pop(COLOURED_BY_KEY, None)
+            if own is not None:
+                layer.colormap = own
+            return None
+        coloured = colour_by_values(columns[found], _viridis())
+        if OWN_COLOURS_KEY not in layer.metadata:
+            layer.metadata[OWN_COLOURS_KEY] = layer.colormap
+        layer.metadata[COLOURED_BY_KEY] = found
+        layer.colormap = _direct_colormap(colour_table(table.ids, coloured.colours))
+        painted = "; magenta: painted since they were measured" if layer.metadata.get(STALE_KEY) else ""
+        return f"'{layer.name}' coloured by {scale_text(found, coloured)}{painted}."
 
     def save_measurements(self, path: str | Path):
         """Write the measured layer's table as CSV; an unwritable place is an error message, not a
@@ -677,8 +762,9 @@ class SegmentWidget(QWidget):
         def measured(new_table) -> None:
             if not any(same_layer(layer, other) for other in self.viewer.layers):
                 return  # removed meanwhile: nothing to save
-            self._set_table(layer, new_table, names)
-            self._write_table(layer, path, again=True)
+            scale = self._set_table(layer, new_table, names)
+            if self._write_table(layer, path, again=True) is not None and scale:
+                self.status.setText(f"{self.status.text()} {scale}")
 
         def failed(error) -> None:
             message = f"Measuring the objects again failed: {explain(error)}"
@@ -742,6 +828,33 @@ class SegmentWidget(QWidget):
         if self.output_layer is not None:
             let_go(self.output_layer)  # (a split of its objects holds it until that ends)
         self.run_button.setText("Stop" if self.instance_worker is not None else "Segment")
+
+
+def _viridis() -> np.ndarray:
+    """napari's viridis, dark to bright: (256, 4) RGBA."""
+    from napari.utils.colormaps import ensure_colormap
+
+    return np.asarray(ensure_colormap("viridis").colors)
+
+
+def _needs_numba(ids: np.ndarray) -> bool:
+    """Whether napari can colour these ids one by one only with numba: without it, its
+    ``DirectLabelColormap`` maps ids through an array, and refuses ids above 2**16 when it draws."""
+    import importlib.util
+
+    return bool(ids.size) and int(ids.max()) > LARGEST_ID_WITHOUT_NUMBA and importlib.util.find_spec("numba") is None
+
+
+def _direct_colormap(colours: dict):
+    """napari's ``DirectLabelColormap`` of ``{id: RGBA}`` (with the None and 0 entries). Its
+    validator converts colours one by one, a quarter of a second for 50 000 objects; these are
+    float32 RGBA already, the form it makes, so the map is made with the two special entries and
+    the objects' colours go in before anything reads the map (and caches what it read)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colormap = DirectLabelColormap(color_dict={key: colours[key] for key in (None, 0)})
+    colormap.color_dict.update(colours)
+    return colormap
 
 
 def _holds_objects(name: str) -> str:
