@@ -12,6 +12,7 @@ in Colour objects by:
   CPU and uploads the texture, minus a repaint without a change.
 
     xvfb-run -a python benchmarks/bench_measurement_colours.py          # prints a JSON summary
+    xvfb-run -a python benchmarks/bench_measurement_colours.py --out benchmarks/results/measurement_colours.json
     xvfb-run -a python benchmarks/bench_measurement_colours.py --cells 100 --repeats 3   # quicker
 
 Under Xvfb napari draws with Mesa's software OpenGL: read ``draw`` as an upper bound.
@@ -23,7 +24,9 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -49,6 +52,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=int, default=226, help="cells per side: about cells^2 objects")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON summary here")
     args = parser.parse_args(argv)
 
     import napari
@@ -110,7 +114,11 @@ def main(argv=None) -> int:
         "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
         "napari": napari.__version__,
     }
-    print(json.dumps(result, indent=2))
+    text = json.dumps({"command": "xvfb-run -a python benchmarks/bench_measurement_colours.py "
+                       + " ".join(argv if argv is not None else sys.argv[1:]), **result}, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
     viewer.close()
     return 0
 

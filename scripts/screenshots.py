@@ -147,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         largest = objects.features.sort_values("area_px").iloc[-1]
         viewer.cursor.position = (float(largest["centroid_row"]), float(largest["centroid_col"]))
     _shot(viewer, args.out / "segment_instances.png")
+    if segment.colour_by.findText("circularity") > 0:  # the same objects coloured by how round they are
+        segment.colour_by.setCurrentText("circularity")
+        _pause(1)
+        _shot(viewer, args.out / "segment_circularity.png")
+        segment.colour_by.setCurrentIndex(0)
 
     # 4. feature redundancy of the trained model
     redundancy = widgets.get("Feature redundancy")

@@ -542,6 +542,24 @@ def test_gui_benchmark_smoke_run_records_every_phase(tmp_path):
         assert phase["ticks"] > 0 and phase["max_gap_ms"] >= phase["median_gap_ms"] > 0
 
 
+@pytest.mark.gui
+def test_measurement_colours_benchmark_smoke_run(tmp_path):
+    """benchmarks/bench_measurement_colours.py on a small grid: the grid's objects were separated
+    and measured, and each timing is recorded."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "colours.json"
+    ran = subprocess.run([sys.executable, str(_script("bench_measurement_colours.py")), "--cells", "12",
+                          "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert 0.9 * 12 * 12 < result["objects"] <= 12 * 12 and result["columns"][:2] == ["area_px", "circularity"]
+    assert "--cells 12" in result["command"] and "coloured by area_px: dark" in ran.stdout
+    for phase in ("values", "choose", "draw_extra"):
+        assert result[phase]["max_s"] >= result[phase]["median_s"]
+
+
 def test_the_pretrained_cache_is_per_pretraining_setting(tmp_path):
     """A run with another learning rate fine-tuned the model pretrained at the old one."""
     from dataclasses import replace
