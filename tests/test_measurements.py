@@ -528,3 +528,101 @@ def test_measurement_options_that_cannot_work_exit_2_in_one_line(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"napari-selfreg predict: error: {message}"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.tif"]
+
+
+# ------------------------------------------------------------------------------ measure
+
+
+def test_measure_tables_instance_files_as_predict_does(real_model, tmp_path, capsys):
+    """`measure` on predict's files gives predict's table, character for character; on an
+    objects file corrected afterwards, the corrected objects; several files with {stem}."""
+    from napari_selfreg.cli import main
+    from napari_selfreg.io import write_image
+
+    image = tifffile.imread(real_model / "crop.tif")
+    write_image(tmp_path / "placed.tif", image, geometry=((0.25, 0.5), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)))
+    assert main(["predict", "--model", str(real_model / "model.safetensors"), "--device", "cpu", "--precision",
+                 "float32", "--image", str(real_model / "crop.tif"), str(tmp_path / "placed.tif"),
+                 "--out", str(tmp_path / "{stem}_labels.tif"), "--instances", str(tmp_path / "{stem}_inst.tif"),
+                 "--measurements", str(tmp_path / "{stem}.csv")]) == 0
+    capsys.readouterr()
+    assert main(["measure", "--instances", str(tmp_path / "crop_inst.tif"), "--labels",
+                 str(tmp_path / "crop_labels.tif"), "--image", str(real_model / "crop.tif"),
+                 "--out", str(tmp_path / "again.csv")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "again.csv").read_text() == (tmp_path / "crop.csv").read_text()
+    assert summary["instances"] == str(tmp_path / "crop_inst.tif") and summary["measurements"]["objects"] > 5
+    # the objects file carries the placed image's pixel size (0.5 x 0.25): areas in its units
+    assert main(["measure", "--instances", str(tmp_path / "placed_inst.tif"), "--labels",
+                 str(tmp_path / "placed_labels.tif"), "--image", str(tmp_path / "placed.tif"),
+                 "--out", str(tmp_path / "placed_again.csv")]) == 0
+    assert json.loads(capsys.readouterr().out)["measurements"]["pixel_size"] == [0.5, 0.25]
+    assert (tmp_path / "placed_again.csv").read_text() == (tmp_path / "placed.csv").read_text()
+
+    # corrected in napari: two objects merged, one erased; without --labels and --image, sizes and shapes only
+    instances = tifffile.imread(tmp_path / "crop_inst.tif")
+    ids = np.unique(instances[instances > 0])
+    corrected = instances.copy()
+    corrected[corrected == ids[1]] = ids[0]
+    corrected[corrected == ids[2]] = 0
+    tifffile.imwrite(tmp_path / "corrected.tif", corrected)
+    assert main(["measure", "--instances", str(tmp_path / "corrected.tif"), str(tmp_path / "crop_inst.tif"),
+                 "--out", str(tmp_path / "{stem}_objects.csv"), "--pixel-size", "0.5"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [line["measurements"]["objects"] for line in lines] == [len(ids) - 2, len(ids)]
+    with open(tmp_path / "corrected_objects.csv", newline="") as handle:
+        rows = {int(r["id"]): r for r in csv.DictReader(handle)}
+    assert ids[1] not in rows and ids[2] not in rows
+    assert int(rows[ids[0]]["area_px"]) == int(np.sum(instances == ids[0]) + np.sum(instances == ids[1]))
+    assert float(rows[ids[0]]["area_um2"]) == int(rows[ids[0]]["area_px"]) * 0.25
+    assert {r["class_id"] for r in rows.values()} == {"0"} and "mean_red" not in rows[ids[0]]
+    assert (tmp_path / "crop_inst_objects.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--labels", "{tmp}/a.tif", "{tmp}/a.tif"], "1 --instances files but 2 --labels files"),
+        (["--out", "{tmp}/o.txt"], "--out o.txt: cannot write this format; use one of .csv"),
+        (["--labels", "{tmp}/a.tif", "--out", "{tmp}/a.tif"], "--out and --labels name the same file"),
+        (["--labels", "{tmp}/small.tif"], "--labels small.tif (8, 8) and --instances objects.tif (16, 16) differ"),
+        (["--image", "{tmp}/small.tif"], "--image small.tif (8, 8) is not the picture of --instances objects.tif"),
+        (["--labels", "{tmp}/missing.tif"], "--labels {tmp}/missing.tif does not exist"),
+        (["--pixel-size", "-1"], "--pixel-size must be the side of a pixel in micrometres"),
+    ],
+    ids=["count", "not-csv", "overwrites-input", "labels-shape", "image-shape", "missing", "pixel-size"],
+)
+def test_measure_options_that_cannot_work_exit_2_in_one_line(tmp_path, capsys, extra, message):
+    from napari_selfreg.cli import main
+
+    objects = np.zeros((16, 16), np.uint16)
+    objects[2:6, 2:6] = 4
+    tifffile.imwrite(tmp_path / "objects.tif", objects)
+    tifffile.imwrite(tmp_path / "small.tif", np.ones((8, 8), np.uint8))
+    tifffile.imwrite(tmp_path / "a.tif", np.ones((16, 16), np.uint8))
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    out = [] if "--out" in extra else ["--out", str(tmp_path / "o.csv")]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["measure", "--instances", str(tmp_path / "objects.tif"), *out, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    message = message.replace("{tmp}", str(tmp_path))
+    assert len(err) == 1 and err[0].startswith(f"napari-selfreg measure: error: {message}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_measure_of_several_files_skips_one_that_fails(tmp_path, capsys):
+    """A float map among object files: said in one line, the others measured, exit code 2."""
+    from napari_selfreg.cli import main
+
+    objects = np.zeros((16, 16), np.uint16)
+    objects[2:6, 2:6], objects[9:14, 8:15] = 4, 9
+    tifffile.imwrite(tmp_path / "good.tif", objects)
+    tifffile.imwrite(tmp_path / "float.tif", objects.astype(np.float32) + 0.5)
+    assert main(["measure", "--instances", str(tmp_path / "float.tif"), str(tmp_path / "good.tif"),
+                 "--out", str(tmp_path / "{stem}.csv")]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["measurements"]["objects"] == 2
+    err = captured.err.strip().splitlines()
+    assert err[0].startswith(f"napari-selfreg measure: error: {tmp_path / 'float.tif'}: ") and "integers" in err[0]
+    assert err[-1] == "napari-selfreg measure: 1 of 2 files failed (see above)"
+    assert (tmp_path / "good.csv").exists() and not (tmp_path / "float.csv").exists()

@@ -266,6 +266,22 @@ def check_model_name(out: Path) -> None:
                          f"name it e.g. {stem}.safetensors")
 
 
+def check_stems(inputs: list[Path], command: str) -> None:
+    """Refuse inputs whose {stem} outputs would overwrite each other."""
+    from .core.data import InputError
+
+    stems: dict[str, Path] = {}
+    for path in inputs:
+        # letter case too: the folders of macOS and Windows take A_labels.tif for a_labels.tif
+        key = image_stem(path).casefold()
+        if key in stems:
+            same = image_stem(stems[key]) == image_stem(path)
+            how = f"share the name {image_stem(path)}" if same else "have names that differ only in letter case"
+            raise InputError(f"{stems[key]} and {path} {how}, so their outputs would overwrite each other; "
+                             f"{command} them in separate runs")
+        stems[key] = path
+
+
 def output_for(template: Path | None, image: Path, option: str, several: bool) -> Path | None:
     """An output path of one image: ``{stem}`` in the template becomes the image's stem."""
     from .core.data import InputError
@@ -312,17 +328,9 @@ def predict_jobs(args: argparse.Namespace) -> list[PredictJob]:
         raise InputError(f"--pixel-size must be the side of a pixel in micrometres (e.g. 0.25), not {args.pixel_size}")
     if len({image.resolve() for image in images}) < len(images):
         raise InputError("an --image is given twice; name each image once")
-    stems: dict[str, Path] = {}
     named = f"{args.out}{args.probabilities}{args.instances}{args.uncertainty}{args.measurements}"
-    for image in images if STEM in named else ():
-        # letter case too: the folders of macOS and Windows take A_labels.tif for a_labels.tif
-        key = image_stem(image).casefold()
-        if key in stems:
-            same = image_stem(stems[key]) == image_stem(image)
-            how = f"share the name {image_stem(image)}" if same else "have names that differ only in letter case"
-            raise InputError(f"{stems[key]} and {image} {how}, so their outputs would overwrite each other; "
-                             "predict them in separate runs")
-        stems[key] = image
+    if STEM in named:
+        check_stems(images, "predict")
     jobs = [
         PredictJob(image, *(output_for(t, image, o, several) for t, o in (
             (args.out, "--out"), (args.probabilities, "--probabilities"), (args.instances, "--instances"),
@@ -427,7 +435,8 @@ def predict_one(model, job: PredictJob, config, desc: str = "predicting") -> dic
             summary["instances"] = split.count
             summary["instances_per_label"] = {str(c): n for c, n in split.per_class.items()}
             if job.measurements is not None:
-                summary["measurements"] = _measure(split.instances, prediction.labels, job, image)
+                summary["measurements"] = _measure(split.instances, prediction.labels, image, job.measurements,
+                                                   job.pixel_size, [job.image])
             if split.truncated:
                 print(f"napari-selfreg predict: warning: {job.image}: {split.truncated} groups of objects are "
                       "wider than the widest window and were split only near where they start", file=sys.stderr)
@@ -468,21 +477,20 @@ def _split_instances(labels, scratch: Path | None):
     return _with_bar(split_instances(labels, out), "instances", "window")
 
 
-def _measure(instances, labels, job: PredictJob, image) -> dict:
+def _measure(instances, labels, image, out: Path, side: float | None, sized_by: list[Path]) -> dict:
     """Write the objects' table (read band by band: a slide's objects stay in their memory
-    map); the summary's per-class counts and sizes. The pixel size is the job's, in
-    micrometres (--pixel-size), else the image file's, where it has one (NIfTI, MHA, NRRD, or a TIFF that
-    predict wrote), in its own unknown unit. The image adds each object's mean colour (and
-    hematoxylin and eosin density for RGB), read band by band like the objects."""
+    map); the summary's per-class counts and sizes. The pixel size is ``side`` in micrometres
+    (--pixel-size), else that of the first file of ``sized_by`` that records one (NIfTI, MHA,
+    NRRD, or a TIFF that predict wrote), in its own unknown unit. The image adds each object's
+    mean colour (and hematoxylin and eosin density for RGB), read band by band like the objects."""
     from .core.measurements import class_summary, image_under, measure_objects, write_csv
     from .io import pixel_size
 
-    side = job.pixel_size
-    spacing, unit = ((side, side), "um") if side else (pixel_size(job.image), None)
-    image = image_under(image, instances.shape)  # None for e.g. a volume of one slice: no colours then
+    spacing, unit = ((side, side), "um") if side else (next(filter(None, map(pixel_size, sized_by)), None), None)
+    image = None if image is None else image_under(image, instances.shape)  # e.g. a one-slice volume: no colours
     table = _with_bar(measure_objects(instances, labels, spacing, unit=unit, image=image), "measuring", "band")
-    write_csv(table, job.measurements)
-    summary: dict = {"file": str(job.measurements), "objects": len(table)}
+    write_csv(table, out)
+    summary: dict = {"file": str(out), "objects": len(table)}
     if table.spacing is not None:
         summary["pixel_size"] = list(table.spacing)
         if table.unit:
@@ -496,6 +504,101 @@ def _measure(instances, labels, job: PredictJob, image) -> dict:
 
 
 # --------------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class MeasureJob:
+    """One objects file of a ``measure`` run, what goes with it, and where its table goes."""
+
+    instances: Path
+    labels: Path | None
+    image: Path | None
+    out: Path
+
+
+def measure_jobs(args: argparse.Namespace) -> list[MeasureJob]:
+    """Each objects file with its class map and image (paired in the order given) and its
+    table, refused before any work as ``predict_jobs`` refuses."""
+    from .core.data import InputError
+    from .io import check_planar
+
+    objects = [Path(p) for p in args.instances]
+    several = len(objects) > 1
+    paired = {}
+    for option, given in (("--labels", args.labels), ("--image", args.image)):
+        if given and len(given) != len(objects):
+            raise InputError(f"{len(objects)} --instances files but {len(given)} {option} files; give one "
+                             f"{option} per --instances, in the same order")
+        paired[option] = [Path(p) for p in given] if given else [None] * len(objects)
+    if args.pixel_size is not None and not (math.isfinite(args.pixel_size) and args.pixel_size > 0):
+        raise InputError(f"--pixel-size must be the side of a pixel in micrometres (e.g. 0.25), not {args.pixel_size}")
+    if len({path.resolve() for path in objects}) < len(objects):
+        raise InputError("an --instances file is given twice; name each once")
+    if STEM in str(args.out):
+        check_stems(objects, "measure")
+    jobs = [MeasureJob(path, labels, image, output_for(args.out, path, "--out", several))
+            for path, labels, image in zip(objects, paired["--labels"], paired["--image"], strict=True)]
+    def named(option: str, job: MeasureJob) -> str:
+        return f"{option} of {job.instances}" if several else option
+
+    inputs = {named(option, job): path for job in jobs
+              for option, path in (("--instances", job.instances), ("--labels", job.labels), ("--image", job.image))
+              if path is not None}
+    check_distinct(inputs, {named("--out", job): job.out for job in jobs})
+    for job in jobs:
+        check_output(job.out, named("--out", job), (".csv",))
+        for option, path in (("--instances", job.instances), ("--labels", job.labels), ("--image", job.image)):
+            if path is not None:
+                if not path.exists():
+                    raise FileNotFoundError(f"{option} {path} does not exist")
+                check_planar(path)
+    return jobs
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    """The objects of instance files (e.g. predict's, corrected in napari) measured into CSV
+    tables; with several, a file that fails is reported and skipped (exit code 2 at the end)."""
+    jobs = measure_jobs(args)
+    if len(jobs) == 1:
+        print(json.dumps(measure_one(jobs[0], args.pixel_size)))
+        return 0
+    failed = 0
+    for job in jobs:
+        try:
+            summary = measure_one(job, args.pixel_size)
+        except _user_errors() as error:
+            failed += 1
+            print(f"napari-selfreg measure: error: {job.instances}: {error}", file=sys.stderr)
+            continue
+        print(json.dumps(summary), flush=True)
+    if failed:
+        print(f"napari-selfreg measure: {failed} of {len(jobs)} files failed (see above)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def measure_one(job: MeasureJob, side: float | None) -> dict:
+    """Read one objects file (with its class map and image) and write its table."""
+    from .core.data import InputError
+    from .core.measurements import image_under
+    from .io import open_image, read_image
+
+    instances = one_channel_labels(read_image(job.instances, labels=True), job.instances)
+    labels = None
+    if job.labels is not None:
+        labels = one_channel_labels(read_image(job.labels, labels=True), job.labels)
+        if labels.shape != instances.shape:
+            raise InputError(f"--labels {job.labels.name} {labels.shape} and --instances {job.instances.name} "
+                             f"{instances.shape} differ in shape; give the class map the objects came from")
+    image = None
+    if job.image is not None:
+        image = open_image(job.image)  # a slide lazily: its colours are read band by band
+        if image_under(image, instances.shape) is None:
+            raise InputError(f"--image {job.image.name} {tuple(image.shape)} is not the picture of --instances "
+                             f"{job.instances.name} {instances.shape}; give the image they were segmented from")
+    sized_by = [p for p in (job.instances, job.image) if p is not None]
+    return {"instances": str(job.instances),
+            "measurements": _measure(instances, labels, image, job.out, side, sized_by)}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -642,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .core.config import PredictConfig, TrainConfig  # torch-free
     parser = argparse.ArgumentParser(
         prog="napari-selfreg",
-        description="Train a SelfReg UNet on painted strokes, predict, evaluate, inspect. "
+        description="Train a SelfReg UNet on painted strokes, predict, measure, evaluate, inspect. "
         "Labels: 0 = not painted, 1 = background, 2.. = structures.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -705,6 +808,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto | float32 | bfloat16 | float16 (float16 needs CUDA or MPS; on a CPU it runs bfloat16)")
     p.add_argument("--flips", action="store_true", help="average the four flipped views of every tile (4x slower)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("measure", help="measure the objects of instance files (e.g. corrected in napari) into "
+                       "CSV tables", **shown)
+    p.add_argument("--instances", required=True, type=Path, nargs="+", action="extend",
+                   help="object ids (0 = no object), e.g. written by predict --instances and corrected in napari")
+    p.add_argument("--out", required=True, type=Path,
+                   help="CSV table to write, one row per object (the columns of predict --measurements); "
+                   "{stem} becomes each --instances file's name")
+    p.add_argument("--labels", type=Path, nargs="+", action="extend",
+                   help="the class map of each --instances file, in the same order (painting ids, e.g. predict's "
+                   "--out): each object's class_id is the id most of its pixels have there (0 without it)")
+    p.add_argument("--image", type=Path, nargs="+", action="extend",
+                   help="the image of each --instances file, in the same order: adds each object's mean colour and "
+                   "its spread, and for RGB the hematoxylin and eosin optical densities")
+    p.add_argument("--pixel-size", type=float,
+                   help="side of a pixel in micrometres (e.g. 0.25 at 40x): adds area_um2, equivalent_diameter_um, "
+                   "perimeter_um and the axes in um (default: the --instances or --image file's pixel size where it "
+                   "records one)")
+    p.set_defaults(func=cmd_measure)
 
     p = sub.add_parser("evaluate", help="Dice and IoU per class of predictions against masks (JSON)", **shown)
     p.add_argument("--prediction", required=True, type=Path, nargs="+", action="extend",
