@@ -558,6 +558,26 @@ def test_measure_tables_instance_files_as_predict_does(real_model, tmp_path, cap
                  "--out", str(tmp_path / "placed_again.csv")]) == 0
     assert json.loads(capsys.readouterr().out)["measurements"]["pixel_size"] == [0.5, 0.25]
     assert (tmp_path / "placed_again.csv").read_text() == (tmp_path / "placed.csv").read_text()
+    # a slide's files are read lazily, band by band, into the same table
+    import napari_selfreg.core.measurements as measurements
+    import napari_selfreg.io as io
+
+    read_from = []
+    real = measurements.measure_objects
+
+    def recorded(instances, classes, *args, **kwargs):
+        read_from.append((type(instances).__name__, type(classes).__name__, type(kwargs["image"]).__name__))
+        return real(instances, classes, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(measurements, "measure_objects", recorded)
+        patch.setattr(io, "LAZY_PIXELS", 1000)
+        assert main(["measure", "--instances", str(tmp_path / "crop_inst.tif"), "--labels",
+                     str(tmp_path / "crop_labels.tif"), "--image", str(real_model / "crop.tif"),
+                     "--out", str(tmp_path / "lazy.csv")]) == 0
+    capsys.readouterr()
+    assert read_from == [("Array", "Array", "Array")]  # dask arrays over the files' strips
+    assert (tmp_path / "lazy.csv").read_text() == (tmp_path / "crop.csv").read_text()
 
     # corrected in napari: two objects merged, one erased; without --labels and --image, sizes and shapes only
     instances = tifffile.imread(tmp_path / "crop_inst.tif")

@@ -581,21 +581,23 @@ def measure_one(job: MeasureJob, side: float | None) -> dict:
     """Read one objects file (with its class map and image) and write its table."""
     from .core.data import InputError
     from .core.measurements import image_under
-    from .io import open_image, read_image
+    from .io import open_image, open_labels
 
-    instances = one_channel_labels(read_image(job.instances, labels=True), job.instances)
+    instances = one_channel_labels(open_labels(job.instances), job.instances)  # a slide's lazily
     labels = None
     if job.labels is not None:
-        labels = one_channel_labels(read_image(job.labels, labels=True), job.labels)
+        labels = one_channel_labels(open_labels(job.labels), job.labels)
         if labels.shape != instances.shape:
-            raise InputError(f"--labels {job.labels.name} {labels.shape} and --instances {job.instances.name} "
-                             f"{instances.shape} differ in shape; give the class map the objects came from")
+            raise InputError(f"--labels {job.labels.name} {tuple(labels.shape)} and --instances "
+                             f"{job.instances.name} {tuple(instances.shape)} differ in shape; give the class map "
+                             "the objects came from")
     image = None
     if job.image is not None:
         image = open_image(job.image)  # a slide lazily: its colours are read band by band
         if image_under(image, instances.shape) is None:
             raise InputError(f"--image {job.image.name} {tuple(image.shape)} is not the picture of --instances "
-                             f"{job.instances.name} {instances.shape}; give the image they were segmented from")
+                             f"{job.instances.name} {tuple(instances.shape)}; give the image they were segmented "
+                             "from")
     sized_by = [p for p in (job.instances, job.image) if p is not None]
     return {"instances": str(job.instances),
             "measurements": _measure(instances, labels, image, job.out, side, sized_by)}

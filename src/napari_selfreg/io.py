@@ -457,6 +457,12 @@ def open_image(path: str | Path, lazy_above: int | None = None):
     return _open(Path(path), lazy_above, every_level=False)[0]
 
 
+def open_labels(path: str | Path, lazy_above: int | None = None):
+    """``read_image(path, labels=True)``, except that a large TIFF comes back lazily, as from
+    ``open_image``: a slide's objects measured band by band are never held whole."""
+    return _open(Path(path), lazy_above, every_level=False, labels=True)[0]
+
+
 def open_levels(path: str | Path, lazy_above: int | None = None) -> list:
     """The resolution levels of an image, full resolution first.
 
