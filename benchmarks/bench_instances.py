@@ -22,7 +22,9 @@ at once and compares the objects (feasible up to about 8000 x 8000). ``--map LAB
 the top left of a model's class map instead (``bench_slide.py --keep`` keeps one). ``--grow N`` widens every
 nucleus by N pixels first: a denser map whose nuclei touch in long chains, as a one-minute
 model's over-segmented nuclei do (28.5 % of the slide in `bench_slide.py`'s run, against 18 %
-in the masks); the split then needs windows wider than the first.
+in the masks); the split then needs windows wider than the first. ``--measure-cli`` then
+writes the objects and the class map as tiled TIFFs and times ``napari-selfreg measure`` on
+them in a fresh process, with its peak memory (the files are read lazily, band by band).
 """
 
 from __future__ import annotations
@@ -155,6 +157,30 @@ def split_child(store: Path, tile: int, margin: int, workers: int | None) -> dic
     return row
 
 
+def measure_files(store: Path) -> None:
+    """The split's objects and the class map as tiled TIFFs, as a user's saved files would be."""
+    import tifffile
+    import zarr
+
+    for name in ("instances", "labels"):
+        data = np.asarray(zarr.open_array(str(store / f"{name}.zarr"), mode="r")[:])
+        tifffile.imwrite(store / f"{name}.tif", data, tile=(512, 512), bigtiff=True)
+
+
+def measure_child(store: Path) -> dict:
+    """Runs in a fresh process: ``napari-selfreg measure`` on the TIFFs, its time and peak RSS."""
+    from napari_selfreg.cli import main as cli
+
+    started = time.perf_counter()
+    code = cli(["measure", "--instances", str(store / "instances.tif"), "--labels", str(store / "labels.tif"),
+                "--out", str(store / "objects.csv")])
+    seconds = time.perf_counter() - started
+    with open(store / "objects.csv") as handle:
+        rows = sum(1 for _ in handle) - 1
+    return {"cli_exit_code": code, "cli_measure_seconds": seconds, "cli_objects": rows,
+            "cli_peak_rss_bytes": peak_rss()}
+
+
 def whole_map_check(store: Path) -> dict:
     """The whole map split at once against the windows' split: the same objects?"""
     import zarr
@@ -194,6 +220,11 @@ def slide(args) -> int:
                **json.loads(child.stdout.strip().splitlines()[-1])}
         if args.check:
             row.update(whole_map_check(store))
+        if args.measure_cli:
+            measure_files(store)
+            child = subprocess.run([sys.executable, __file__, "--measure-child", folder],
+                                   capture_output=True, text=True, check=True)
+            row.update(json.loads(child.stdout.strip().splitlines()[-1]))
     kind = f"the top left of {args.map}" if args.map else "MoNuSeg test masks (2 = nucleus) repeated"
     kind += f", nuclei widened by {args.grow} pixels" if args.grow else ""
     doc = {"command": " ".join(["python", *sys.argv]), "map": kind,
@@ -217,11 +248,17 @@ def main(argv=None) -> int:
     parser.add_argument("--grow", type=int, default=0, help="with --slide: widen each nucleus by N pixels")
     parser.add_argument("--workers", type=int, default=None, help="with --slide: splitting threads")
     parser.add_argument("--check", action="store_true", help="with --slide: compare with the whole map's split")
+    parser.add_argument("--measure-cli", action="store_true",
+                        help="with --slide: also time napari-selfreg measure on the objects saved as TIFF")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--split-child", type=Path, default=None, help=argparse.SUPPRESS)  # the measured process
+    parser.add_argument("--measure-child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.split_child:
         print(json.dumps(split_child(args.split_child, args.tile, args.margin, args.workers)))
+        return 0
+    if args.measure_child:
+        print(json.dumps(measure_child(args.measure_child)))
         return 0
     if args.slide:
         return slide(args)

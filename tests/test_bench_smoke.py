@@ -472,16 +472,17 @@ def test_batch_benchmark_smoke_run_compares_like_with_like(shared_data, tmp_path
 
 def test_instance_slide_benchmark_smoke_run_checks_against_the_whole_map(shared_data, tmp_path, monkeypatch):
     """benchmarks/bench_instances.py --slide: a map of several windows, split in a child process,
-    gives the objects of the whole map's split."""
+    gives the objects of the whole map's split; napari-selfreg measure tables each of them."""
     import subprocess
     import sys
 
     monkeypatch.setenv("SELFREG_SHARED_DATA", str(shared_data))
     out = tmp_path / "slide.json"
     subprocess.run([sys.executable, str(_script("bench_instances.py")), "--slide", "1500", "--tile", "512",
-                    "--check", "--out", str(out)], check=True, capture_output=True)
+                    "--check", "--measure-cli", "--out", str(out)], check=True, capture_output=True)
     row = json.loads(out.read_text())["result"]
     assert row["windows"] == 9 and row["same_objects"] is True
+    assert row["cli_exit_code"] == 0 and row["cli_objects"] == row["objects"]  # measure on the saved TIFFs
     assert row["objects"] == row["whole_map_objects"] > 500 and row["truncated"] == 0
     assert row["peak_rss_bytes"] >= row["peak_rss_before_split_bytes"] > 0
     assert row["measured_objects"] == row["objects"] and row["measure_seconds"] > 0  # the table of every object
