@@ -5,7 +5,7 @@ numpy only (scikit-image's colour deconvolution for the stains). ``measure_objec
 instance and class maps a band of rows at a time, so a slide's memory map, zarr or dask array
 is measured in the memory of a band plus a few numbers per object and per object row (its
 first and last column, for the convex hull); it yields progress per band, then once for the
-hulls, and honours a stop between bands and between groups of hulls.
+hulls, and honours a stop between bands and between batches of hulls.
 """
 
 from __future__ import annotations
@@ -445,6 +445,9 @@ def _row_extremes(ids, index, rows, cols, top: int):
     return ids[keys % ids.size], keys // ids.size + top, first, last
 
 
+HULL_CELLS = 2_000_000  # samples (objects x half rows) per batch of hulls: four arrays of 16 MB each
+
+
 def _convex_areas(ids: np.ndarray, bbox: np.ndarray, parts: list[_BandSums], stop: StopRequest) -> np.ndarray:
     """Pixels of each object's convex hull, counted as skimage's ``convex_hull_image`` counts
     them: the hull of its pixels' edge midpoints, and every pixel centre inside it or on it.
@@ -452,20 +455,25 @@ def _convex_areas(ids: np.ndarray, bbox: np.ndarray, parts: list[_BandSums], sto
     The hull's right side is the least concave majorant of the rightmost midpoints, sampled
     every half row (y = row - 0.5, row, row + 0.5: the last column, that + 0.5, the last
     column), its left side the same of the leftmost, mirrored; the pixel centres between the
-    two sides at each row are counted. The majorants of all objects are built at once, a
+    two sides at each row are counted. The majorants of many objects are built at once, a
     sample position at a time, with objects grouped by height (powers of 2) so that short
-    nuclei do not wait on a tall gland; a stop is looked at between groups. NaN for the
-    objects a stop left out.
+    nuclei do not wait on a tall gland, and a group cut into batches of at most
+    ``HULL_CELLS`` samples, which bounds the memory; a stop is looked at between batches. NaN
+    for the objects a stop left out.
     """
     owner = np.searchsorted(ids, np.concatenate([p.extremes[0] for p in parts]))
     rows, first, last = (np.concatenate([p.extremes[k] for p in parts]) for k in (1, 2, 3))
     heights = bbox[:, 2] - bbox[:, 0]
     groups = np.ceil(np.log2(2 * heights + 1)).astype(np.int64)
     areas = np.full(ids.size, np.nan)
+    batches = []  # each group, in batches of at most HULL_CELLS samples (objects x half rows)
     for group in np.unique(groups):
+        members = np.flatnonzero(groups == group)
+        size = max(1, HULL_CELLS // int(2 * heights[members].max() + 1))
+        batches += [members[start : start + size] for start in range(0, members.size, size)]
+    for members in batches:
         if stop_requested(stop):
             break
-        members = np.flatnonzero(groups == group)
         slot = np.full(ids.size, -1)
         slot[members] = np.arange(members.size)
         mine = slot[owner] >= 0
