@@ -581,7 +581,7 @@ def test_stop_reaches_the_instance_split_and_keeps_the_objects_found(he_viewer, 
     assert not messages.errors
 
 
-def test_the_objects_of_a_corrected_labels_layer_are_separated_on_demand(he_viewer, qtbot, messages):
+def test_the_objects_of_a_corrected_labels_layer_are_separated_on_demand(he_viewer, qtbot, messages, tmp_path):
     """"Objects of" a labels layer: its classes split into objects; painting on it and splitting
     again replaces the objects, unless the user edited them; an instance layer is refused."""
     from napari_selfreg.core.instances import separate_instances
@@ -618,16 +618,40 @@ def test_the_objects_of_a_corrected_labels_layer_are_separated_on_demand(he_view
     counts = f"{whole.max()} objects: {(kinds == 2).sum()} nucleus, {(kinds == 3).sum()} lymphocyte"
     assert (kinds == 3).sum() > 10 and counts in segment.status.text()
 
+    # a layer of objects is measured as it is, not split again: ours, and one made elsewhere
+    from napari_selfreg.widgets.segment_widget import MEASUREMENTS_KEY
+
+    errors = len(messages.errors)
+    objects = he_viewer.layers["ground truth instances"]
+    objects.data[objects.data == 7] = 0  # erased since it was measured
     segment.split_source.select("ground truth instances")
-    assert segment.split_layer() is None and "holds objects already" in messages.errors[-1]
-    ids = np.arange(256 * 256, dtype=np.int32).reshape(256, 256) % 100  # objects made elsewhere
-    he_viewer.add_labels(ids, name="objects from elsewhere")
+    assert segment.split_layer() is not None
+    wait_idle(qtbot, segment, timeout=30_000)
+    assert 7 not in objects.metadata[MEASUREMENTS_KEY].ids.tolist()
+    assert len(objects.features) == len(np.unique(objects.data)) - 1
+    assert "measured its" in segment.status.text() and "ground truth instances instances" not in he_viewer.layers
+    ids = (np.arange(256 * 256, dtype=np.int32).reshape(256, 256) // 7) % 100 + 1  # objects made elsewhere
+    elsewhere = he_viewer.add_labels(ids, name="objects from elsewhere")
     segment.split_source.select("objects from elsewhere")
     assert segment.split_layer() is not None  # its ids are read in the worker: a slide's take seconds
+    assert not elsewhere.editable  # read-only while measured
     wait_idle(qtbot, segment, timeout=30_000)
-    assert "'objects from elsewhere' holds objects" in messages.errors[-1]
-    assert "holds objects" in segment.status.text() and "objects from elsewhere instances" not in he_viewer.layers
+    assert len(messages.errors) == errors and elsewhere.editable
+    assert "'objects from elsewhere' holds objects already: measured its 100 objects" in segment.status.text()
+    np.testing.assert_array_equal(elsewhere.features["area_px"], np.bincount(ids.ravel())[1:])
+    assert set(elsewhere.features["class_id"]) == {0}  # no class map: unknown
+    assert "objects from elsewhere instances" not in he_viewer.layers
     assert not segment.running and segment.run_button.text() == "Segment"
+    from napari_selfreg.widgets._common import same_layer
+
+    assert segment.colour_by.isEnabled() and same_layer(segment.measured_layer(), elsewhere)
+    # painted on, then saved: measured again without a class map, the new object of class 0
+    he_viewer.layers.selection.active = elsewhere
+    elsewhere.paint((128, 128), 500)
+    assert segment.save_measurements(tmp_path / "elsewhere.csv") is not None
+    qtbot.waitUntil(lambda: segment.measure_worker is None, timeout=30_000)
+    assert elsewhere.features.set_index("index").loc[500, "class_id"] == 0
+    assert "500," in (tmp_path / "elsewhere.csv").read_text() and len(messages.errors) == errors
 
     # a GlaS-like annotation of a few objects (ids 1..9 on 0): object 1 was taken for background
     few = np.zeros((256, 256), np.uint8)

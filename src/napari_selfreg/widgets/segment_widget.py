@@ -206,11 +206,13 @@ class SegmentWidget(QWidget):
         row = QHBoxLayout()
         self.split_source = LayerCombo(self.viewer, Labels)
         self.split_source.setToolTip(
-            "A labels layer of classes (1 = background, 2.. = structures), e.g. a segmentation you corrected."
+            "A labels layer of classes (1 = background, 2.. = structures), e.g. a segmentation you corrected; "
+            "or a layer of objects (e.g. a saved objects file opened again), which is measured as it is."
         )
         row.addWidget(self.split_source, 1)
         self.split_button = QPushButton("Separate objects")
-        self.split_button.setToolTip("Add a labels layer with one id per object of this layer's structure classes.")
+        self.split_button.setToolTip("Add a labels layer with one id per object of this layer's structure classes, "
+                                     "measured; a layer that holds objects already is measured as it is.")
         self.split_button.clicked.connect(self.split_layer)
         row.addWidget(self.split_button)
         split_form.addRow("Objects of", row)
@@ -482,7 +484,9 @@ class SegmentWidget(QWidget):
             )
 
     def split_layer(self):
-        """Separate the objects of the chosen labels layer (a corrected segmentation, say)."""
+        """Separate the objects of the chosen labels layer (a corrected segmentation, say); a
+        layer that holds objects already (ours, or more ids than classes can be) is measured
+        as it is instead, so objects saved and opened again can be hovered, coloured and saved."""
         layer = self.split_source.layer()
         if layer is None:
             show_error("Choose the labels layer whose objects to separate (a segmentation, corrected or not).")
@@ -494,11 +498,12 @@ class SegmentWidget(QWidget):
         if problem:
             show_error(problem)
             return None
-        if layer.metadata.get(INSTANCES_KEY):
-            show_error(_holds_objects(layer.name))
-            return None
-        self.status.setText(f"Separating the objects of '{layer.name}' (read-only until then)…")
-        return self._start_instances(layer_data(layer), layer, layer, check_ids=True, picture=self._image_under(layer))
+        # ours, or measured as objects before (not marked ours: Segment would drop it with its outputs)
+        objects = bool(layer.metadata.get(INSTANCES_KEY)) or layer.metadata.get(MEASUREMENTS_KEY) is not None
+        doing = "Measuring" if objects else "Separating"
+        self.status.setText(f"{doing} the objects of '{layer.name}' (read-only until then)…")
+        return self._start_instances(layer_data(layer), layer, layer, check_ids=True, picture=self._image_under(layer),
+                                     objects=objects)
 
     def _image_under(self, layer):
         """The one image a layer of classes can have been made on, for the objects' colours:
@@ -511,13 +516,13 @@ class SegmentWidget(QWidget):
         ]
         return found[0] if len(found) == 1 else None
 
-    def _start_instances(self, labels, source, classes, check_ids: bool = False, picture=None):
+    def _start_instances(self, labels, source, classes, check_ids: bool = False, picture=None, objects=False):
         """Split ``labels`` into objects in a worker; the layer is named after ``source`` and
         placed as it is; ``classes`` is the labels layer whose class names the counts take;
         ``picture`` the image layer whose colours the objects are measured in (default: ``source``
         when it is an image).
-        ``check_ids``: refuse ids beyond painting's (a layer of objects, not classes), checked
-        in the worker, since reading a slide's ids takes seconds."""
+        ``check_ids``: measure a map of ids beyond painting's as objects, without a split, as for
+        ``objects`` (checked in the worker, since reading a slide's ids takes seconds)."""
         self._instance_stop = threading.Event()
         # A stroke painted now would reach the windows split later and not those split
         # before: objects lost or split in two. Read-only until the split ends.
@@ -530,7 +535,7 @@ class SegmentWidget(QWidget):
         picture_name = picture.name if pixels is not None else None
         worker = create_worker(
             _split_classes, labels, self._instance_output(labels.shape), self._instance_stop,
-            source.name if check_ids else None, bool(names), pixels, _ignore_errors=True,
+            source.name if check_ids else None, bool(names), pixels, objects, _ignore_errors=True,
         )
         worker.yielded.connect(self._on_instance_progress)
         worker.returned.connect(
@@ -571,6 +576,9 @@ class SegmentWidget(QWidget):
 
     def _add_instances(self, split, table, source, output_name: str, class_names: list[str],
                        picture_name: str | None = None) -> None:
+        if split is None:  # the source held objects: measured as they are
+            self._add_measured_objects(source, table, picture_name)
+            return
         name = f"{source.name} instances"
         if name in self.viewer.layers:
             self._drop_unless_edited(self.viewer.layers[name])  # instances the user corrected stay
@@ -595,6 +603,20 @@ class SegmentWidget(QWidget):
         if split.truncated:
             show_warning(f"{split.truncated} groups of objects are wider than the widest window of the split; "
                          "they are split only near where they start.")
+
+    def _add_measured_objects(self, layer, table, picture_name: str | None) -> None:
+        """A layer of objects measured as it is: its table, its hover, its colours by measurement."""
+        if not any(same_layer(layer, other) for other in self.viewer.layers):
+            return  # removed meanwhile
+        if table is None:
+            self.status.setText(f"Measuring the objects of '{layer.name}' was stopped.")
+            return
+        layer.metadata[CLASSES_KEY] = None  # no class map: each object's class is 0 (unknown)
+        layer.metadata[PICTURE_KEY] = picture_name if table.intensity is not None else None
+        self._set_table(layer, table, [])
+        self._watch(layer)
+        self.status.setText(f"'{layer.name}' holds objects already: measured its {len(table)} objects as they are. "
+                            "Hover an object for its measurements; Save measurements… writes them.")
 
     # ------------------------------------------------------------------ measurements
 
@@ -857,11 +879,6 @@ def _direct_colormap(colours: dict):
     return colormap
 
 
-def _holds_objects(name: str) -> str:
-    return (f"'{name}' holds objects already, not classes. Choose a layer of classes "
-            "(1 = background, 2.. = structures), e.g. a segmentation.")
-
-
 def _temporary_folder() -> tempfile.TemporaryDirectory:
     # Windows cannot delete a file a kept layer still maps: the folder is then left behind
     return tempfile.TemporaryDirectory(prefix="napari-selfreg-", ignore_cleanup_errors=True)
@@ -926,26 +943,30 @@ def _measure(objects, classes, before, picture=None):
     return table
 
 
-def _split_classes(labels, out, stop, check_name: str | None, named: bool = False, picture=None):
+def _split_classes(labels, out, stop, check_name: str | None, named: bool = False, picture=None,
+                   objects: bool = False):
     """The worker's split, then the objects' measurements in pixels, with the colours of
-    ``picture`` when given (None when stopped); with
-    ``check_name``, first refuses a map whose ids are objects, or one with 0 as background (a
-    GlaS annotation of 9 glands, a 0/1 mask), where id 1 would be taken for background and its
-    object lost, unless ``named`` classes say it is a class map."""
+    ``picture`` when given (None when stopped). A map of ``objects``, or with ``check_name``
+    one whose ids go beyond painting's, is measured as it is: (None, table). With
+    ``check_name``, a map with 0 as background (a GlaS annotation of 9 glands, a 0/1 mask),
+    where id 1 would be taken for background and its object lost, is refused unless ``named``
+    classes say it is a class map."""
     from ..core.data import InputError
     from ..core.instances import id_counts, split_instances
     from ..core.measurements import measure_objects
     from ..core.metrics import MAX_PAINTING_ID
 
-    if check_name is not None:
+    if check_name is not None and not objects:
         counts = id_counts(labels)
-        if counts.largest > MAX_PAINTING_ID:
-            raise InputError(_holds_objects(check_name))
-        if counts.zero_background and not named:
+        objects = counts.largest > MAX_PAINTING_ID
+        if counts.zero_background and not named and not objects:
             raise InputError(
                 f"'{check_name}' looks like a mask or objects with 0 as background (0 covers more of it than 1, "
                 "and 1 is used). Choose a layer of classes (1 = background, 2.. = structures), e.g. a segmentation."
             )
+    if objects:
+        table = yield from measure_objects(labels, None, stop=stop, image=picture)
+        return None, table if table.complete else None
     split = yield from split_instances(labels, out, stop=stop)
     if not split.complete:
         return split, None
