@@ -374,17 +374,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if len(jobs) == 1:
         print(json.dumps(predict_one(model, jobs[0], config)))
         return 0
+    return run_each("predict", [(job.image, job) for job in jobs], "images",
+                     lambda number, job: predict_one(model, job, config, f"{job.image.name} ({number}/{len(jobs)})"))
+
+
+def run_each(command: str, jobs: list[tuple[Path, object]], noun: str, one) -> int:
+    """Run ``one(number, job)`` for each (input, job), printing one JSON line each; a job that
+    fails with a user error is reported with its input and skipped (exit code 2 at the end)."""
     failed = 0
-    for number, job in enumerate(jobs, 1):
+    for number, (source, job) in enumerate(jobs, 1):
         try:
-            summary = predict_one(model, job, config, f"{job.image.name} ({number}/{len(jobs)})")
+            summary = one(number, job)
         except _user_errors() as error:
             failed += 1
-            print(f"napari-selfreg predict: error: {job.image}: {error}", file=sys.stderr)
+            print(f"napari-selfreg {command}: error: {source}: {error}", file=sys.stderr)
             continue
         print(json.dumps(summary), flush=True)
     if failed:
-        print(f"napari-selfreg predict: {failed} of {len(jobs)} images failed (see above)", file=sys.stderr)
+        print(f"napari-selfreg {command}: {failed} of {len(jobs)} {noun} failed (see above)", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
 
@@ -562,19 +569,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
     if len(jobs) == 1:
         print(json.dumps(measure_one(jobs[0], args.pixel_size)))
         return 0
-    failed = 0
-    for job in jobs:
-        try:
-            summary = measure_one(job, args.pixel_size)
-        except _user_errors() as error:
-            failed += 1
-            print(f"napari-selfreg measure: error: {job.instances}: {error}", file=sys.stderr)
-            continue
-        print(json.dumps(summary), flush=True)
-    if failed:
-        print(f"napari-selfreg measure: {failed} of {len(jobs)} files failed (see above)", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+    return run_each("measure", [(job.instances, job) for job in jobs], "files",
+                    lambda _number, job: measure_one(job, args.pixel_size))
 
 
 def measure_one(job: MeasureJob, side: float | None) -> dict:
