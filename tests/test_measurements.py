@@ -162,6 +162,11 @@ def test_the_per_class_summary():
     assert (two.count, two.total_area, two.mean_area, two.median_area) == (2, 13, 6.5, 6.5)
     assert (three.count, three.total_area, three.mean_area, three.median_area) == (2, 6, 3.0, 3.0)
     assert two.area_fraction == pytest.approx(13 / 120) and three.area_fraction == pytest.approx(6 / 120)
+    table = measure_to_end(instances, classes)
+    circularity = table.circularity
+    assert two.median_circularity == pytest.approx(np.median(circularity[table.class_ids == 2]))
+    assert three.median_circularity == pytest.approx(np.median(circularity[table.class_ids == 3]))
+    assert two.median_solidity == three.median_solidity == 1.0
     assert class_summary(measure_to_end(np.zeros((5, 5), np.int32))) == {}
 
 
@@ -461,6 +466,10 @@ def test_predict_writes_measurements_that_match_its_instances(real_model, tmp_pa
         assert measured["per_label"]["2"]["count"] == len(ids) == summary["instances_per_label"]["2"]
         assert measured["per_label"]["2"]["mean_area_px"] == pytest.approx(counts[ids].mean(), abs=0.01)
         assert measured["per_label"]["2"]["area_fraction"] == pytest.approx(counts[ids].sum() / labels.size, abs=1e-6)
+        for shape in ("circularity", "solidity"):  # the typical nucleus's roundness and convexity
+            values = [float(r[shape]) for r in rows]
+            assert measured["per_label"]["2"][f"median_{shape}"] == pytest.approx(np.median(values), abs=1e-4)
+            assert 0.3 < measured["per_label"]["2"][f"median_{shape}"] <= 1
         # each object's mean colour, from the image it was segmented from
         for row in rows[:: max(1, len(rows) // 5)]:
             inside = image[instances == int(row["id"])]

@@ -504,7 +504,10 @@ def _measure(instances, labels, image, out: Path, side: float | None, sized_by: 
             summary["unit"] = table.unit
     summary["per_label"] = {
         str(c): {"count": s.count, "mean_area_px": round(s.mean_area, 2), "median_area_px": round(s.median_area, 2),
-                 "area_fraction": round(s.area_fraction, 6)}
+                 "area_fraction": round(s.area_fraction, 6),
+                 **{name: round(value, 4) for name, value in (("median_circularity", s.median_circularity),
+                                                              ("median_solidity", s.median_solidity))
+                    if math.isfinite(value)}}
         for c, s in class_summary(table).items()
     }
     return summary
@@ -794,7 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a CSV table of the --instances objects (id, class, area, equivalent diameter, "
                    "perimeter, ellipse axes, eccentricity, circularity, solidity, centroid, bounding box, whether "
                    "it touches the edge, mean colour and its spread, and for RGB the mean hematoxylin and eosin "
-                   "optical density); the summary gives count and mean area per class")
+                   "optical density); the summary gives per class the count, mean and median area, area fraction, and "
+                   "median circularity and solidity")
     p.add_argument("--pixel-size", type=float,
                    help="side of a pixel in micrometres (e.g. 0.25 at 40x) for --measurements: adds area_um2, "
                    "equivalent_diameter_um, perimeter_um and the axes in um (default: the image file's pixel size "

@@ -187,7 +187,8 @@ class ObjectTable:
 
 @dataclass
 class ClassSummary:
-    """The objects of one class: how many, and how large (pixels); ``area_fraction`` of the image."""
+    """The objects of one class: how many, how large (pixels), ``area_fraction`` of the image,
+    and how round and how convex the typical one is (medians; NaN where none has a value)."""
 
     class_id: int
     count: int
@@ -195,6 +196,8 @@ class ClassSummary:
     mean_area: float
     median_area: float
     area_fraction: float
+    median_circularity: float = math.nan
+    median_solidity: float = math.nan
 
 
 def class_summary(table: ObjectTable) -> dict[int, ClassSummary]:
@@ -202,12 +205,20 @@ def class_summary(table: ObjectTable) -> dict[int, ClassSummary]:
     pixels = max(1, table.shape[0] * table.shape[1])
     summaries = {}
     for cls in np.unique(table.class_ids):
-        area = table.area[table.class_ids == cls]
+        mine = table.class_ids == cls
+        area = table.area[mine]
+        shapes = [_median(values[mine]) if values is not None else math.nan
+                  for values in (table.circularity, table.solidity)]
         summaries[int(cls)] = ClassSummary(
             int(cls), int(area.size), int(area.sum()), float(area.mean()), float(np.median(area)),
-            float(area.sum()) / pixels,
+            float(area.sum()) / pixels, *shapes,
         )
     return summaries
+
+
+def _median(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if finite.size else math.nan
 
 
 def measure_objects(
