@@ -266,6 +266,14 @@ def check_model_name(out: Path) -> None:
                          f"name it e.g. {stem}.safetensors")
 
 
+def check_pixel_size(side: float | None) -> None:
+    """--pixel-size, where given, is a side in micrometres: finite and above 0."""
+    from .core.data import InputError
+
+    if side is not None and not (math.isfinite(side) and side > 0):
+        raise InputError(f"--pixel-size must be the side of a pixel in micrometres (e.g. 0.25), not {side}")
+
+
 def check_stems(inputs: list[Path], command: str) -> None:
     """Refuse inputs whose {stem} outputs would overwrite each other."""
     from .core.data import InputError
@@ -324,8 +332,7 @@ def predict_jobs(args: argparse.Namespace) -> list[PredictJob]:
         raise InputError("--measurements measures the objects of --instances; add --instances INSTANCES.tif")
     if args.pixel_size is not None and args.measurements is None:
         raise InputError("--pixel-size sizes the objects of --measurements; add --measurements OBJECTS.csv")
-    if args.pixel_size is not None and not (math.isfinite(args.pixel_size) and args.pixel_size > 0):
-        raise InputError(f"--pixel-size must be the side of a pixel in micrometres (e.g. 0.25), not {args.pixel_size}")
+    check_pixel_size(args.pixel_size)
     if len({image.resolve() for image in images}) < len(images):
         raise InputError("an --image is given twice; name each image once")
     named = f"{args.out}{args.probabilities}{args.instances}{args.uncertainty}{args.measurements}"
@@ -540,8 +547,7 @@ def measure_jobs(args: argparse.Namespace) -> list[MeasureJob]:
             raise InputError(f"{len(objects)} --instances files but {len(given)} {option} files; give one "
                              f"{option} per --instances, in the same order")
         paired[option] = [Path(p) for p in given] if given else [None] * len(objects)
-    if args.pixel_size is not None and not (math.isfinite(args.pixel_size) and args.pixel_size > 0):
-        raise InputError(f"--pixel-size must be the side of a pixel in micrometres (e.g. 0.25), not {args.pixel_size}")
+    check_pixel_size(args.pixel_size)
     if len({path.resolve() for path in objects}) < len(objects):
         raise InputError("an --instances file is given twice; name each once")
     if STEM in str(args.out):

@@ -30,7 +30,7 @@ MAX_CLASS_VALUES = 256  # distinct class ids inside objects: more means object i
 
 @dataclass
 class MeasureProgress:
-    done: int  # bands of rows measured
+    done: int  # bands of rows measured, then 1 for the convex hulls
     total: int
 
 
@@ -379,6 +379,19 @@ def _intensity_sums(image, top: int, bottom: int, rows, cols, index, n: int) -> 
     return np.stack([np.bincount(index, weights=c, minlength=n) for c in columns], axis=1)
 
 
+def _bounding_boxes(index: np.ndarray, n: int, corners) -> np.ndarray:
+    """(n, 4) int64: per object (``index``) the least of ``corners[0]`` and ``corners[1]`` and the
+    greatest of ``corners[2]`` and ``corners[3]`` (pixels' rows and columns, or bands' boxes)."""
+    box = np.empty((n, 4), np.int64)
+    box[:, :2] = np.iinfo(np.int64).max
+    box[:, 2:] = -1
+    for k, op in enumerate((np.minimum, np.minimum, np.maximum, np.maximum)):
+        column = box[:, k].copy()  # ufunc.at on a contiguous copy, not the strided column
+        op.at(column, index, corners[k])
+        box[:, k] = column
+    return box
+
+
 class _BandSums(NamedTuple):
     """One band's partial sums per object, which ``_merge`` adds up by id."""
 
@@ -413,13 +426,7 @@ def _measure_band(ids_map: np.ndarray, classes, top: int, bottom: int, image=Non
     d_row, d_col = grow - (row_sum / area)[index], gcol - (col_sum / area)[index]
     products = (d_row * d_row, d_col * d_col, d_row * d_col)
     spread = np.stack([np.bincount(index, weights=v, minlength=n) for v in products], axis=1)
-    box = np.empty((n, 4), np.int64)
-    box[:, :2] = np.iinfo(np.int64).max
-    box[:, 2:] = -1
-    for k, (op, coords) in enumerate(((np.minimum, rows), (np.minimum, cols), (np.maximum, rows), (np.maximum, cols))):
-        column = box[:, k].copy()
-        op.at(column, index, coords)
-        box[:, k] = column
+    box = _bounding_boxes(index, n, (rows, cols, rows, cols))
     box[:, [0, 2]] += top
     box[:, 2:] += 1  # exclusive ends
     if classes is None:
@@ -614,13 +621,7 @@ def _merge(parts: list[_BandSums], outlines: list[tuple[np.ndarray, np.ndarray]]
     spread[:, 2] += part_area * shift[:, 0] * shift[:, 1]
     moments = np.stack([total(spread[:, k]) for k in range(3)], axis=1) / area[:, None]
     boxes = np.concatenate([p.box for p in parts])
-    bbox = np.empty((n, 4), np.int64)
-    bbox[:, :2] = np.iinfo(np.int64).max
-    bbox[:, 2:] = -1
-    for k, op in enumerate((np.minimum, np.minimum, np.maximum, np.maximum)):
-        column = bbox[:, k].copy()
-        op.at(column, index, boxes[:, k])
-        bbox[:, k] = column
+    bbox = _bounding_boxes(index, n, boxes.T)
     values = np.unique(np.concatenate([p.class_values for p in parts]))
     votes = np.zeros((n, values.size), np.int64)
     start = 0

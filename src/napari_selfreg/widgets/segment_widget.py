@@ -223,8 +223,8 @@ class SegmentWidget(QWidget):
         self.pixel_size.setSuffix(" µm")
         self.pixel_size.setSpecialValueText("the layer's scale")  # shown at 0
         self.pixel_size.setToolTip(
-            "The side of a pixel, for areas in µm² and diameters in µm beside those in pixels (e.g. 0.25 at "
-            "40x, 0.5 at 20x). At 0 the objects layer's scale is used where it is not 1."
+            "The side of a pixel, for areas in µm² and diameters, perimeters and axes in µm beside those in "
+            "pixels (e.g. 0.25 at 40x, 0.5 at 20x). At 0 the objects layer's scale is used where it is not 1."
         )
         self.pixel_size.valueChanged.connect(self._pixel_size_changed)
         split_form.addRow("Pixel size", self.pixel_size)
@@ -241,8 +241,9 @@ class SegmentWidget(QWidget):
         self.save_table_button = QPushButton("Save measurements…")
         self.save_table_button.setToolTip(
             "Write the measurements of the selected objects layer (else the last one measured) as a CSV table: "
-            "one row per object with its class, area, centroid, bounding box, equivalent diameter and whether it "
-            "touches the image edge."
+            "one row per object with its class, sizes, shape (perimeter, ellipse, circularity, solidity), "
+            "centroid, bounding box, whether it touches the image edge, and its colours where it was measured "
+            "on an image."
         )
         self.save_table_button.clicked.connect(self._save_table_dialog)
         self.save_table_button.setEnabled(False)
@@ -595,10 +596,7 @@ class SegmentWidget(QWidget):
         if table is None:
             self.status.setText(f"{done} Measuring them was stopped.")
         else:
-            layer.metadata[CLASSES_KEY] = output_name
-            layer.metadata[PICTURE_KEY] = picture_name if table.intensity is not None else None
-            self._set_table(layer, table, class_names)
-            self._watch(layer)
+            self._attach_table(layer, table, output_name, picture_name, class_names)
             self.status.setText(f"{done} Hover an object for its measurements; Save measurements… writes them.")
         if split.truncated:
             show_warning(f"{split.truncated} groups of objects are wider than the widest window of the split; "
@@ -611,14 +609,20 @@ class SegmentWidget(QWidget):
         if table is None:
             self.status.setText(f"Measuring the objects of '{layer.name}' was stopped.")
             return
-        layer.metadata[CLASSES_KEY] = None  # no class map: each object's class is 0 (unknown)
-        layer.metadata[PICTURE_KEY] = picture_name if table.intensity is not None else None
-        self._set_table(layer, table, [])
-        self._watch(layer)
+        self._attach_table(layer, table, None, picture_name, [])  # no class map: each object's class is 0
         self.status.setText(f"'{layer.name}' holds objects already: measured its {len(table)} objects as they are. "
                             "Hover an object for its measurements; Save measurements… writes them.")
 
     # ------------------------------------------------------------------ measurements
+
+    def _attach_table(self, layer, table, classes_name: str | None, picture_name: str | None,
+                      class_names: list[str]) -> None:
+        """A new objects table on ``layer``, with what measuring it again needs: the names of its
+        class map and image layers; painting on the layer then makes the table stale."""
+        layer.metadata[CLASSES_KEY] = classes_name
+        layer.metadata[PICTURE_KEY] = picture_name if table.intensity is not None else None
+        self._set_table(layer, table, class_names)
+        self._watch(layer)
 
     def measured_layer(self):
         """The objects layer whose table Save measurements… writes: the selected layer when it
